@@ -1,0 +1,3076 @@
+"""contexta-ops: keep Contexta workspaces alive when something has gone wrong.
+
+One self-contained module (standard library only, CPython 3.8+) that backs up a
+Contexta 1.0.0 workspace, proves a backup is restorable, restores it, re-delivers
+failed outbox messages, and verifies and moves artifacts between stores.  It
+reads and writes the same bytes as Contexta, and fixes the defects listed in
+Contexta's format notes instead of repeating them.
+
+Commands (each also a public function a rescue script can import)::
+
+    backup plan | create | list | verify BACKUP
+    restore [BACKUP] --verify-only      prove a backup restorable, change nothing
+    restore plan BACKUP                 what would be replaced, kept and lost
+    restore BACKUP [--target DIR]       verify, safety-backup, switch over atomically
+
+Every command takes the global flags ``--workspace --config --backup-root
+--staging-root --outbox-root --json --quiet`` before or after its name.
+``--json`` prints exactly one JSON object on stdout.  Exit codes: 0 success,
+1 ran but found problems, 2 usage, 3 could not run (nothing changed), 4 locked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
+
+try:  # POSIX only; every lock degrades to a clear error without it.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__version__ = "0.1.0"
+TOOL_NAME = "contexta-ops"
+
+__all__ = [
+    # errors and exit codes
+    "OpsError", "ConfigError", "BackupError", "RestoreError", "LockedError", "UsageError",
+    "EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "EXIT_CANNOT_RUN", "EXIT_LOCKED",
+    # primitives
+    "atomic_write_bytes", "sha256_file", "safe_join", "Problem",
+    # configuration
+    "UnifiedConfig", "WorkspaceConfig", "MetadataStoreConfig", "RecordStoreConfig",
+    "ArtifactStoreConfig", "RecoveryConfig", "load_config",
+    # reading Contexta's stores
+    "scan_records", "RecordsReport", "check_metadata_file", "MetadataReport",
+    "scan_artifact_bindings", "ArtifactsReport",
+    # backup
+    "BackupPlan", "BackupResult", "BackupVerifyResult", "BackupListEntry",
+    "plan_workspace_backup", "create_workspace_backup", "list_backups", "verify_backup",
+    # restore
+    "RestorePlan", "RestoreResult", "plan_restore", "restore_workspace",
+    # command line
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+EXIT_CANNOT_RUN = 3
+EXIT_LOCKED = 4
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+class OpsError(Exception):
+    """A failure that stops a command cleanly: one line, a stable code, an exit status.
+
+    ``code`` is stable across releases (scripts may match on it); ``path`` names
+    the file or directory at fault when there is one.
+    """
+
+    code = "ops_error"
+    exit_code = EXIT_CANNOT_RUN
+
+    def __init__(self, message: str, code: Optional[str] = None, path: Any = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.path = None if path is None else str(path)
+
+    def to_dict(self) -> Dict[str, Any]:
+        payload = {"code": self.code, "message": str(self)}
+        if self.path is not None:
+            payload["path"] = self.path
+        return payload
+
+
+class UsageError(OpsError):
+    code = "usage"
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(OpsError):
+    code = "config_invalid"
+
+
+class BackupError(OpsError):
+    code = "backup_failed"
+
+
+class RestoreError(OpsError):
+    code = "restore_failed"
+
+
+class LockedError(OpsError):
+    code = "locked"
+    exit_code = EXIT_LOCKED
+
+
+# ---------------------------------------------------------------------------
+# Shared primitives: time, JSON, durable writes, hashing, paths, locks, progress
+# ---------------------------------------------------------------------------
+
+_CHUNK = 1 << 20
+
+
+def _utc_timestamp(moment: Optional[datetime] = None) -> str:
+    """Contexta's TS: UTC isoformat with ``Z``; no fraction when microseconds are 0."""
+    moment = moment or datetime.now(timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _path_safe_timestamp(ts: str) -> str:
+    """Contexta's T: a TS usable in file names."""
+    return ts.replace(":", "-").replace(".", "_")
+
+
+def _parse_timestamp(ts: str) -> Optional[datetime]:
+    if not isinstance(ts, str) or not ts.endswith("Z"):
+        return None
+    try:
+        return datetime.fromisoformat(ts[:-1] + "+00:00")
+    except ValueError:
+        return None
+
+
+def _pretty_json(payload: Any) -> bytes:
+    """Contexta's P-JSON bytes.  Names that are not UTF-8 fall back to \\u escapes."""
+    try:
+        text = json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=True, default=str)
+        return (text + "\n").encode("ascii")
+
+
+def _compact_json(payload: Any) -> str:
+    """Contexta's C-JSONL line, without the newline."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn result objects into plain JSON values (paths become strings)."""
+    if hasattr(value, "to_dict") and not isinstance(value, type):
+        return value.to_dict()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def _fields_dict(obj: Any) -> Dict[str, Any]:
+    """``to_dict`` for our dataclasses: every field, in declaration order."""
+    return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def _fsync_dir(path: Any) -> None:
+    fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Any, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so a crash leaves the old file or the new one.
+
+    Temp file in the same directory, fsync, rename over, fsync the directory.
+    The temp name starts with ``tmp`` so Contexta's readers ignore a stray one.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix="tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, mode & ~_umask())
+        os.replace(tmp_name, str(path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+_UMASK: Optional[int] = None
+
+
+def _umask() -> int:
+    global _UMASK
+    if _UMASK is None:
+        current = os.umask(0o022)
+        os.umask(current)
+        _UMASK = current
+    return _UMASK
+
+
+def _hash_stream(handle: Any) -> Tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    while True:
+        count = handle.readinto(buffer)
+        if not count:
+            break
+        digest.update(view[:count])
+        size += count
+    return size, digest.hexdigest()
+
+
+def sha256_file(path: Any) -> Tuple[int, str]:
+    """Size and lowercase sha256 of a file, read in constant memory."""
+    with open(path, "rb") as handle:
+        return _hash_stream(handle)
+
+
+def _copy_file_hashed(source: Any, destination: Any, *, reader: Any = None) -> Tuple[int, str]:
+    """Copy one file (or a readable stream) to a new file, hashing on the way; fsync it.
+
+    One read of the source serves both the copy and the proof of it.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with contextlib.ExitStack() as stack:
+        src = reader if reader is not None else stack.enter_context(open(source, "rb"))
+        dst = stack.enter_context(open(destination, "xb"))
+        while True:
+            count = src.readinto(buffer)
+            if not count:
+                break
+            chunk = view[:count]
+            digest.update(chunk)
+            dst.write(chunk)
+            size += count
+        dst.flush()
+        os.fsync(dst.fileno())
+    return size, digest.hexdigest()
+
+
+def _set_file_times_and_mode(path: Any, mode: int, mtime_ns: int) -> None:
+    os.chmod(path, stat.S_IMODE(mode))
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def safe_join(root: Any, relative: str) -> Path:
+    """Join a relative path from untrusted input under ``root``, or refuse.
+
+    Refuses absolute paths, ``..`` components, empty names and NUL bytes, so a
+    manifest, archive or package can never make us write outside ``root``.
+    """
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise OpsError("unsafe path %r" % (relative,), code="unsafe_path")
+    if relative.startswith("/") or relative.startswith("\\") or re.match(r"^[A-Za-z]:", relative):
+        raise OpsError("unsafe absolute path %r" % (relative,), code="unsafe_path")
+    parts = relative.replace("\\", "/").split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise OpsError("unsafe path %r" % (relative,), code="unsafe_path")
+    return Path(root).joinpath(*parts)
+
+
+def _is_within(path: Any, root: Any) -> bool:
+    """True when ``path`` is ``root`` or lies below it (both taken as given, absolute)."""
+    path_text = os.path.normpath(str(path))
+    root_text = os.path.normpath(str(root))
+    if path_text == root_text:
+        return True
+    return path_text.startswith(root_text.rstrip(os.sep) + os.sep)
+
+
+def _relative_posix(path: Any, root: Any) -> str:
+    return Path(os.path.relpath(str(path), str(root))).as_posix()
+
+
+def _remove_tree(path: Any) -> None:
+    """Remove a file or a tree; missing is fine.  Read-only dirs are made writable first."""
+    path = str(path)
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+        return
+    if not os.path.isdir(path):
+        return
+
+    def _retry_writable(func: Callable[..., Any], failed: str, _exc: Any) -> None:
+        parent = os.path.dirname(failed)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, stat.S_IRWXU)
+        func(failed)
+
+    shutil.rmtree(path, onerror=_retry_writable)
+
+
+def _tree_size(root: Any, excludes: Sequence[Path] = ()) -> Tuple[int, int]:
+    """(file count, byte count) below ``root``, not following symlinks."""
+    count = 0
+    total = 0
+    for _relative, entry_stat, kind in _walk_tree(Path(root), excludes):
+        if kind == "file":
+            count += 1
+            total += entry_stat.st_size
+    return count, total
+
+
+def _walk_tree(root: Path, excludes: Sequence[Path] = ()) -> Iterator[Tuple[str, os.stat_result, str]]:
+    """Yield ``(relative posix path, lstat, kind)`` for everything below ``root``, sorted.
+
+    ``kind`` is ``dir``, ``file``, ``symlink`` or ``special``.  Symlinks are never
+    followed; paths in ``excludes`` (and everything below them) are skipped.
+    """
+    excluded = {os.path.normpath(str(path)) for path in excludes}
+    stack: List[Tuple[str, str]] = [(str(root), "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            with os.scandir(directory) as handle:
+                entries = sorted(handle, key=lambda item: item.name)
+        except FileNotFoundError:
+            continue
+        subdirs: List[Tuple[str, str]] = []
+        for entry in entries:
+            if os.path.normpath(entry.path) in excluded:
+                continue
+            relative = prefix + entry.name
+            entry_stat = entry.stat(follow_symlinks=False)
+            mode = entry_stat.st_mode
+            if stat.S_ISDIR(mode):
+                yield relative, entry_stat, "dir"
+                subdirs.append((entry.path, relative + "/"))
+            elif stat.S_ISREG(mode):
+                yield relative, entry_stat, "file"
+            elif stat.S_ISLNK(mode):
+                yield relative, entry_stat, "symlink"
+            else:
+                yield relative, entry_stat, "special"
+        stack.extend(reversed(subdirs))
+
+
+class _Lock:
+    """An exclusive or shared ``flock`` held for the life of a ``with`` block.
+
+    Locks a lock file (created if needed) or a directory itself.  When the lock
+    is held elsewhere we raise :class:`LockedError` at once (exit 4) and have
+    changed nothing.  ``flock`` locks vanish with the process, so a kill -9
+    never leaves a stale lock behind.
+    """
+
+    def __init__(self, path: Any, *, what: str, exclusive: bool = True, directory: bool = False) -> None:
+        self.path = Path(path)
+        self.what = what
+        self.exclusive = exclusive
+        self.directory = directory
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "_Lock":
+        if fcntl is None:  # pragma: no cover - not POSIX
+            raise OpsError("locking needs a POSIX system (fcntl)", code="unsupported_platform")
+        if self.directory:
+            self.fd = os.open(str(self.path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        else:
+            self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self.fd)
+            self.fd = None
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise LockedError("%s is locked by another run (%s)" % (self.what, self.path), path=self.path)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock_is_held(path: Any, *, directory: bool = False) -> bool:
+    """True when another process holds a flock on ``path`` (checked without blocking)."""
+    if fcntl is None or not os.path.exists(str(path)):
+        return False
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(str(path), flags)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _posix_lock_is_held(path: Any) -> bool:
+    """True when another process holds a POSIX write lock on ``path``.
+
+    DuckDB takes an ``fcntl`` record lock on its database file while a
+    read-write connection is open; that is how we see a live writer.
+    """
+    if fcntl is None or not os.path.isfile(str(path)):
+        return False
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    return False
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: ``CONTEXTA_OPS_CRASH_AT=N`` kills the process at its Nth durable step.
+
+    Lets the crash campaign stop a run right before or after any rename or
+    fsync that matters, deterministically, with a real SIGKILL.
+    ``CONTEXTA_OPS_CRASH_TRACE=FILE`` appends the name of every step reached.
+    """
+    target = os.environ.get("CONTEXTA_OPS_CRASH_AT")
+    trace = os.environ.get("CONTEXTA_OPS_CRASH_TRACE")
+    if not target and not trace:
+        return
+    _crash_point.count += 1  # type: ignore[attr-defined]
+    if trace:
+        with open(trace, "a", encoding="utf-8") as handle:
+            handle.write(name + "\n")
+    if target and _crash_point.count == int(target):  # type: ignore[attr-defined]
+        os.kill(os.getpid(), 9)
+
+
+_crash_point.count = 0  # type: ignore[attr-defined]
+
+
+class _Progress:
+    """Progress on stderr, only when stderr is a terminal and the CLI allows it."""
+
+    enabled = False
+
+    def __init__(self, label: str, total_bytes: int = 0) -> None:
+        self.label = label
+        self.total_bytes = total_bytes
+        self.files = 0
+        self.bytes = 0
+        self._last = 0.0
+
+    def advance(self, nbytes: int) -> None:
+        self.files += 1
+        self.bytes += nbytes
+        if not _Progress.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.2:
+            return
+        self._last = now
+        if self.total_bytes:
+            share = " (%d%%)" % min(100, self.bytes * 100 // max(self.total_bytes, 1))
+        else:
+            share = ""
+        sys.stderr.write("\r%s: %d files, %s%s   " % (self.label, self.files, _human_bytes(self.bytes), share))
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if _Progress.enabled and self.files:
+            sys.stderr.write("\r%s: %d files, %s done.   \n" % (self.label, self.files, _human_bytes(self.bytes)))
+            sys.stderr.flush()
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return ("%d %s" % (value, unit)) if unit == "B" else ("%.1f %s" % (value, unit))
+        value /= 1024
+    return "%d B" % count  # pragma: no cover
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing found wrong, naming the file: what a verifier reports."""
+
+    code: str
+    path: str
+    message: str
+    expected: Any = None
+    actual: Any = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        payload = {"code": self.code, "path": self.path, "message": self.message}
+        if self.expected is not None or self.actual is not None:
+            payload["expected"] = self.expected
+            payload["actual"] = self.actual
+        return payload
+
+    def line(self) -> str:
+        return "%s: %s" % (self.path, self.message)
+
+
+# ---------------------------------------------------------------------------
+# Configuration, resolved the way Contexta resolves it
+# ---------------------------------------------------------------------------
+#
+# Defaults -> profile -> --config FILE -> CONTEXTA_* environment -> flags.
+# Relative paths resolve against the process cwd (never the config file's
+# directory), derived paths follow their parents, exactly as in Contexta.
+
+def _resolve_path(value: Any) -> Path:
+    raw = Path(os.path.expanduser(str(value))) if str(value).startswith("~") else Path(value)
+    if not raw.is_absolute():
+        raw = Path.cwd() / raw
+    return raw.resolve()
+
+
+def _optional_path(value: Any) -> Optional[Path]:
+    return None if value is None else _resolve_path(value)
+
+
+class _PathSection:
+    """A config table whose path settings become absolute when it is built, as in Contexta."""
+
+    _path_fields: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in self._path_fields:
+            object.__setattr__(self, name, _optional_path(getattr(self, name)))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkspaceConfig(_PathSection):
+    """Workspace root and its derived store paths (Contexta's ``workspace`` table)."""
+
+    root_path: Path = Path(".contexta")
+    metadata_path: Optional[Path] = None
+    records_path: Optional[Path] = None
+    artifacts_path: Optional[Path] = None
+    reports_path: Optional[Path] = None
+    exports_path: Optional[Path] = None
+    cache_path: Optional[Path] = None
+    create_missing_dirs: bool = True
+
+    def __post_init__(self) -> None:
+        root = _resolve_path(self.root_path)
+        object.__setattr__(self, "root_path", root)
+        for name in ("metadata", "records", "artifacts", "reports", "exports", "cache"):
+            field_name = name + "_path"
+            value = getattr(self, field_name)
+            object.__setattr__(self, field_name, _optional_path(value) or root / name)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataStoreConfig(_PathSection):
+    _path_fields = ("database_path",)
+
+    storage_adapter: str = "duckdb"
+    database_path: Optional[Path] = None
+    auto_create: bool = True
+    read_only: bool = False
+    auto_migrate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordStoreConfig(_PathSection):
+    _path_fields = ("root_path",)
+
+    root_path: Optional[Path] = None
+    max_segment_bytes: int = 1048576
+    durability_mode: str = "fsync"
+    layout_mode: str = "jsonl_segments"
+    layout_version: str = "1"
+    enable_indexes: bool = True
+    read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactStoreConfig(_PathSection):
+    _path_fields = ("root_path",)
+
+    root_path: Optional[Path] = None
+    default_ingest_mode: str = "copy"
+    verification_mode: str = "manifest_if_available"
+    create_missing_dirs: bool = True
+    layout_version: str = "v1"
+    chunk_size_bytes: int = 1048576
+    read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryConfig(_PathSection):
+    """Where backups, restore staging and the outbox live (Contexta's ``recovery`` table)."""
+
+    _path_fields = ("outbox_root", "backup_root", "restore_staging_root")
+
+    outbox_root: Optional[Path] = None
+    backup_root: Optional[Path] = None
+    restore_staging_root: Optional[Path] = None
+    replay_mode_default: str = "tolerant"
+    require_plan_before_apply: bool = True
+    create_backup_before_restore: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class UnifiedConfig:
+    """The parts of Contexta's configuration this tool uses, with Contexta's names.
+
+    Build one in code exactly as the guide's programs do::
+
+        UnifiedConfig(project_name="p", workspace=WorkspaceConfig(root_path=ws),
+                      recovery=RecoveryConfig(backup_root=bk))
+    """
+
+    config_version: str = "1"
+    profile_name: str = "local"
+    project_name: str = "default"
+    workspace: WorkspaceConfig = dataclasses.field(default_factory=WorkspaceConfig)
+    metadata: MetadataStoreConfig = dataclasses.field(default_factory=MetadataStoreConfig)
+    records: RecordStoreConfig = dataclasses.field(default_factory=RecordStoreConfig)
+    artifacts: ArtifactStoreConfig = dataclasses.field(default_factory=ArtifactStoreConfig)
+    recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
+
+    def __post_init__(self) -> None:
+        if self.profile_name not in ("local", "test"):
+            raise ConfigError("unsupported profile_name %r (local or test)" % (self.profile_name,))
+        ws = self.workspace
+        if self.metadata.database_path is None:
+            object.__setattr__(self, "metadata", dataclasses.replace(
+                self.metadata, database_path=ws.metadata_path / "ledger.db"))
+        if self.records.root_path is None:
+            object.__setattr__(self, "records", dataclasses.replace(self.records, root_path=ws.records_path))
+        if self.artifacts.root_path is None:
+            object.__setattr__(self, "artifacts", dataclasses.replace(self.artifacts, root_path=ws.artifacts_path))
+        recovery = self.recovery
+        if recovery.outbox_root is None:
+            recovery = dataclasses.replace(recovery, outbox_root=ws.cache_path / "outbox")
+        if recovery.backup_root is None:
+            recovery = dataclasses.replace(recovery, backup_root=ws.exports_path / "backups")
+        if recovery.restore_staging_root is None:
+            recovery = dataclasses.replace(recovery, restore_staging_root=ws.cache_path / "restore")
+        object.__setattr__(self, "recovery", recovery)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+# Field types of every setting we read from a file or the environment.
+_CONFIG_SCHEMA: Dict[str, Dict[str, str]] = {
+    "workspace": {"root_path": "path", "metadata_path": "path", "records_path": "path",
+                  "artifacts_path": "path", "reports_path": "path", "exports_path": "path",
+                  "cache_path": "path", "create_missing_dirs": "bool"},
+    "metadata": {"storage_adapter": "str", "database_path": "path", "auto_create": "bool",
+                 "read_only": "bool", "auto_migrate": "bool"},
+    "records": {"root_path": "path", "max_segment_bytes": "int", "durability_mode": "str",
+                "layout_mode": "str", "layout_version": "str", "enable_indexes": "bool", "read_only": "bool"},
+    "artifacts": {"root_path": "path", "default_ingest_mode": "str", "verification_mode": "str",
+                  "create_missing_dirs": "bool", "layout_version": "str", "chunk_size_bytes": "int",
+                  "read_only": "bool"},
+    "recovery": {"outbox_root": "path", "backup_root": "path", "restore_staging_root": "path",
+                 "replay_mode_default": "str", "require_plan_before_apply": "bool",
+                 "create_backup_before_restore": "bool"},
+}
+_SECTION_CLASSES = {"workspace": WorkspaceConfig, "metadata": MetadataStoreConfig, "records": RecordStoreConfig,
+                    "artifacts": ArtifactStoreConfig, "recovery": RecoveryConfig}
+# Contexta sections this tool does not use: accepted in a config file, not read.
+_FOREIGN_SECTIONS = ("contract", "capture", "interpretation", "surfaces", "retention", "security")
+_TOP_LEVEL_KEYS = ("config_version", "profile_name", "project_name", "profile", "overlays")
+# Flags and the setting each one overrides.
+_FLAG_SETTINGS = {"workspace": "workspace.root_path", "backup_root": "recovery.backup_root",
+                  "staging_root": "recovery.restore_staging_root", "outbox_root": "recovery.outbox_root"}
+_DERIVED_FROM = {
+    "workspace.metadata_path": "workspace.root_path", "workspace.records_path": "workspace.root_path",
+    "workspace.artifacts_path": "workspace.root_path", "workspace.reports_path": "workspace.root_path",
+    "workspace.exports_path": "workspace.root_path", "workspace.cache_path": "workspace.root_path",
+    "metadata.database_path": "workspace.metadata_path", "records.root_path": "workspace.records_path",
+    "artifacts.root_path": "workspace.artifacts_path", "recovery.outbox_root": "workspace.cache_path",
+    "recovery.backup_root": "workspace.exports_path", "recovery.restore_staging_root": "workspace.cache_path",
+}
+
+
+def _env_name(dotted: str) -> str:
+    return "CONTEXTA_" + dotted.upper().replace(".", "_")
+
+
+def _coerce_setting(dotted: str, kind: str, value: Any, origin: str) -> Any:
+    """Check one value's type; strings from the environment are converted."""
+    if value is None:
+        return None
+    if isinstance(value, str) and origin.startswith("environment"):
+        text = value.strip()
+        if kind == "bool":
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+        elif kind == "int":
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        else:
+            return text
+        raise ConfigError("%s: %s=%r is not a valid %s" % (origin, dotted, value, kind))
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind in ("str", "path") and isinstance(value, str) and value.strip():
+        return value
+    raise ConfigError("%s: %s must be a %s, not %r" % (origin, dotted, "string" if kind == "path" else kind, value))
+
+
+def _read_config_file(path: Path) -> Dict[str, Any]:
+    suffix = path.suffix.lower()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("cannot read config file %s: %s" % (path, exc.strerror or exc), path=path)
+    try:
+        if suffix == ".json":
+            data = json.loads(raw.decode("utf-8"))
+        elif suffix == ".toml":
+            try:
+                import tomllib  # type: ignore[import-not-found]
+            except ImportError:
+                raise ConfigError("config file %s is TOML, which needs Python 3.11+; use JSON here" % path,
+                                  code="config_toml_unsupported", path=path)
+            data = tomllib.loads(raw.decode("utf-8"))
+        else:
+            raise ConfigError("config file %s must end in .json or .toml" % path, path=path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError("config file %s is not valid: %s" % (path, exc), path=path)
+    if not isinstance(data, dict):
+        raise ConfigError("config file %s must hold a table/object at the top" % path, path=path)
+    return data
+
+
+def _load_config_with_sources(
+    config_file: Any = None,
+    *,
+    environ: Optional[Mapping[str, str]] = None,
+    flags: Optional[Mapping[str, Any]] = None,
+) -> Tuple[UnifiedConfig, Dict[str, str], List[str]]:
+    """Resolve the configuration; also say where each path came from.
+
+    Returns ``(config, sources, notes)``: ``sources`` maps dotted names to
+    ``default``, ``config file …``, ``environment CONTEXTA_…`` or ``flag --…``;
+    ``notes`` lists ignored ``CONTEXTA_*`` names.
+    """
+    environ = os.environ if environ is None else environ
+    settings: Dict[str, Dict[str, Any]] = {section: {} for section in _CONFIG_SCHEMA}
+    top: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    notes: List[str] = []
+
+    def put(dotted: str, value: Any, origin: str) -> None:
+        section, key = dotted.split(".", 1)
+        value = _coerce_setting(dotted, _CONFIG_SCHEMA[section][key], value, origin)
+        if value is None:  # null/none clears a path back to its derived default
+            settings[section].pop(key, None)
+            sources.pop(dotted, None)
+        else:
+            settings[section][key] = value
+            sources[dotted] = origin
+
+    profile = "local"
+    if config_file is not None:
+        path = _resolve_path(config_file)
+        data = _read_config_file(path)
+        origin = "config file %s" % path
+        for key, value in data.items():
+            if key in _CONFIG_SCHEMA:
+                if not isinstance(value, dict):
+                    raise ConfigError("%s: [%s] must be a table" % (origin, key), path=path)
+                for inner_key, inner_value in value.items():
+                    if inner_key not in _CONFIG_SCHEMA[key]:
+                        raise ConfigError("%s: unknown setting %s.%s" % (origin, key, inner_key),
+                                          code="unknown_config_field", path=path)
+                    put("%s.%s" % (key, inner_key), inner_value, origin)
+            elif key in _FOREIGN_SECTIONS:
+                continue
+            elif key in ("profile", "profile_name"):
+                profile = value
+            elif key in _TOP_LEVEL_KEYS:
+                top[key] = value
+            else:
+                raise ConfigError("%s: unknown setting %s" % (origin, key), code="unknown_config_field", path=path)
+
+    known_env = {_env_name("%s.%s" % (section, key)): "%s.%s" % (section, key)
+                 for section, keys in _CONFIG_SCHEMA.items() for key in keys}
+    for name in sorted(environ):
+        if not name.startswith("CONTEXTA_"):
+            continue
+        value = environ[name]
+        if name in known_env:
+            if value == "":
+                continue
+            cleared = value.strip().lower() in ("null", "none")
+            put(known_env[name], None if cleared else value, "environment %s" % name)
+        elif name == "CONTEXTA_PROFILE" and value:
+            profile = value.strip()
+        elif name == "CONTEXTA_PROJECT_NAME" and value:
+            top["project_name"] = value
+        elif not name.startswith("CONTEXTA_OPS_"):
+            notes.append("ignored_environment:%s" % name)
+
+    for flag, dotted in _FLAG_SETTINGS.items():
+        value = (flags or {}).get(flag)
+        if value is not None:
+            put(dotted, str(value), "flag --%s" % flag.replace("_", "-"))
+
+    if profile not in ("local", "test"):
+        raise ConfigError("unsupported profile %r (local or test)" % (profile,))
+    if profile == "test":
+        settings["workspace"].setdefault("root_path", ".contexta-test")
+        settings["recovery"].setdefault("create_backup_before_restore", False)
+    sections = {name: cls(**settings[name]) for name, cls in _SECTION_CLASSES.items()}
+    project = top.get("project_name", "default")
+    if not isinstance(project, str) or not project.strip():
+        raise ConfigError("project_name must be a non-blank string")
+    config = UnifiedConfig(profile_name=profile, project_name=project, **sections)
+    for section, keys in _CONFIG_SCHEMA.items():
+        for key, kind in keys.items():
+            dotted = "%s.%s" % (section, key)
+            if kind == "path" and dotted not in sources:
+                parent = _DERIVED_FROM.get(dotted)
+                sources[dotted] = "default" if parent is None else "default (follows %s)" % parent
+    return config, sources, notes
+
+
+def load_config(
+    config_file: Any = None,
+    *,
+    environ: Optional[Mapping[str, str]] = None,
+    workspace: Any = None,
+    backup_root: Any = None,
+    staging_root: Any = None,
+    outbox_root: Any = None,
+) -> UnifiedConfig:
+    """Resolve a :class:`UnifiedConfig` from defaults, a file, ``CONTEXTA_*`` and overrides.
+
+    Unrelated ``CONTEXTA_*`` variables are ignored (Contexta fails on them).
+    """
+    flags = {"workspace": workspace, "backup_root": backup_root,
+             "staging_root": staging_root, "outbox_root": outbox_root}
+    return _load_config_with_sources(config_file, environ=environ, flags=flags)[0]
+
+
+# ---------------------------------------------------------------------------
+# Reading Contexta's stores: records, metadata header, artifact bindings
+# ---------------------------------------------------------------------------
+#
+# These checks read files only (no DuckDB needed) and report problems that
+# name the file.  Restore verification runs them on a staged backup; `check`
+# runs the very same functions on a live workspace.
+
+_PROBLEMS_PER_FILE = 20
+
+
+def _display_under(root: Path, display: Optional[Callable[[str], str]]) -> Callable[[str], str]:
+    if display is not None:
+        return display
+    return lambda relative: str(root / relative) if relative else str(root)
+
+
+@dataclasses.dataclass
+class RecordsReport:
+    """What a scan of a record store found (Contexta's TOLERANT replay, plus index checks)."""
+
+    present: bool = False
+    record_count: int = 0
+    integrity_state: str = "HEALTHY"
+    segment_count: int = 0
+    highest_sequence: int = 0
+    last_committed_sequence: Optional[int] = None
+    index_pointer_count: int = 0
+    problems: List[Problem] = dataclasses.field(default_factory=list)
+
+    def plane_result(self) -> Dict[str, Any]:
+        return {"record_count": self.record_count, "integrity_state": self.integrity_state,
+                "segment_count": self.segment_count, "last_committed_sequence": self.last_committed_sequence,
+                "highest_sequence": self.highest_sequence}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+_CORRUPTING_RECORD_CODES = {"invalid_json_line", "truncated_line", "records_manifest_invalid",
+                            "record_store_layout_mismatch"}
+
+
+class _ProblemSink:
+    """Collects problems, capping how many one file may contribute."""
+
+    def __init__(self, problems: List[Problem]) -> None:
+        self.problems = problems
+        self.per_file: Dict[str, int] = {}
+
+    def add(self, problem: Problem) -> None:
+        seen = self.per_file.get(problem.path, 0)
+        self.per_file[problem.path] = seen + 1
+        if seen < _PROBLEMS_PER_FILE:
+            self.problems.append(problem)
+        elif seen == _PROBLEMS_PER_FILE:
+            self.problems.append(Problem("more_problems", problem.path,
+                                         "further problems in this file are not listed"))
+
+
+def scan_records(records_root: Any, *, check_indexes: bool = False,
+                 display: Optional[Callable[[str], str]] = None) -> RecordsReport:
+    """Scan a Contexta record store line by line, in constant memory per line.
+
+    Mirrors Contexta's integrity rules: bad UTF-8/JSON or a line without an
+    integer ``sequence`` is ``invalid_json_line`` (``truncated_line`` when it is
+    the unterminated last line), a non-contiguous sequence is ``sequence_gap``,
+    and the manifest must agree with the highest sequence.  With
+    ``check_indexes`` every index pointer must name a real line whose sequence
+    matches.
+    """
+    root = Path(records_root)
+    show = _display_under(root, display)
+    report = RecordsReport()
+    if not root.is_dir():
+        return report
+    report.present = True
+    sink = _ProblemSink(report.problems)
+
+    manifest_rel = "manifest.json"
+    manifest_path = root / manifest_rel
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            manifest = None
+        if not isinstance(manifest, dict):
+            sink.add(Problem("records_manifest_invalid", show(manifest_rel), "record manifest is not a JSON object"))
+        else:
+            if manifest.get("layout_mode") != "jsonl_segments" or str(manifest.get("layout_version")) != "1":
+                sink.add(Problem("record_store_layout_mismatch", show(manifest_rel),
+                                 "record manifest layout is not jsonl_segments version 1",
+                                 expected="jsonl_segments/1",
+                                 actual="%s/%s" % (manifest.get("layout_mode"), manifest.get("layout_version"))))
+            committed = manifest.get("last_committed_sequence")
+            if isinstance(committed, int) and not isinstance(committed, bool):
+                report.last_committed_sequence = committed
+            else:
+                sink.add(Problem("records_manifest_invalid", show(manifest_rel),
+                                 "last_committed_sequence is not an integer"))
+
+    segment_sequences: Dict[int, List[int]] = {}
+    expected_sequence: Optional[int] = None
+    segments_dir = root / "segments"
+    segment_paths = sorted(segments_dir.glob("segment-*.jsonl")) if segments_dir.is_dir() else []
+    report.segment_count = len(segment_paths)
+    for segment_path in segment_paths:
+        rel = "segments/" + segment_path.name
+        try:
+            segment_id = int(segment_path.stem[len("segment-"):])
+        except ValueError:
+            sink.add(Problem("segment_name_invalid", show(rel), "segment file name has no number"))
+            continue
+        # Kept only for index checks: one int per line, never the lines themselves.
+        line_sequences: List[int] = []
+        segment_sequences[segment_id] = line_sequences
+        with open(segment_path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                sequence = _parse_segment_line(raw, line_number, show(rel), sink)
+                if check_indexes:
+                    line_sequences.append(-1 if sequence is None else sequence)
+                if sequence is None:
+                    continue
+                if expected_sequence is not None and sequence != expected_sequence:
+                    sink.add(Problem("sequence_gap", show(rel),
+                                     "line %d: sequence %d follows %d" % (line_number, sequence, expected_sequence - 1),
+                                     expected=expected_sequence, actual=sequence))
+                expected_sequence = sequence + 1
+                report.highest_sequence = max(report.highest_sequence, sequence)
+                report.record_count += 1
+
+    if manifest_path.is_file():
+        committed = report.last_committed_sequence
+        if committed is not None and committed != report.highest_sequence:
+            sink.add(Problem("manifest_sequence_mismatch", show(manifest_rel),
+                             "last_committed_sequence %d but the segments end at %d"
+                             % (committed, report.highest_sequence),
+                             expected=committed, actual=report.highest_sequence))
+    elif report.record_count:
+        sink.add(Problem("records_manifest_missing", show(manifest_rel), "record manifest is missing"))
+
+    if check_indexes:
+        _check_record_indexes(root, segment_sequences, report, sink, show)
+
+    codes = {problem.code for problem in report.problems}
+    if codes & _CORRUPTING_RECORD_CODES:
+        report.integrity_state = "CORRUPTED"
+    elif codes:
+        report.integrity_state = "DEGRADED"
+    return report
+
+
+def _parse_segment_line(raw: bytes, line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
+    """The sequence of one segment line, or None (blank lines silently, bad ones with a problem)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        sink.add(Problem("invalid_json_line", where, "line %d is not valid UTF-8" % line_number))
+        return None
+    if not text.strip():
+        return None
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        if not raw.endswith(b"\n"):
+            sink.add(Problem("truncated_line", where, "line %d is cut off (no newline, not JSON)" % line_number))
+        else:
+            sink.add(Problem("invalid_json_line", where, "line %d is not JSON" % line_number))
+        return None
+    try:
+        sequence = int(payload["sequence"])
+        record = payload["record"]
+        if not isinstance(record, dict) or "appended_at" not in payload:
+            raise ValueError
+    except (KeyError, TypeError, ValueError, OverflowError):
+        sink.add(Problem("invalid_json_line", where,
+                         "line %d is not a record line (sequence, appended_at, record)" % line_number))
+        return None
+    return sequence
+
+
+def _check_record_indexes(root: Path, segment_sequences: Mapping[int, List[int]], report: RecordsReport,
+                          sink: _ProblemSink, show: Callable[[str], str]) -> None:
+    indexes_dir = root / "indexes"
+    if not indexes_dir.is_dir():
+        return
+    for index_path in sorted(indexes_dir.glob("*/*.jsonl")):
+        rel = _relative_posix(index_path, root)
+        with open(index_path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                report.index_pointer_count += 1
+                try:
+                    pointer = json.loads(raw.decode("utf-8"))
+                    offset = int(pointer["offset"])
+                    segment_id = int(pointer["segment_id"])
+                    sequence = int(pointer["sequence"])
+                except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError):
+                    sink.add(Problem("index_line_invalid", show(rel), "line %d is not an index pointer" % line_number))
+                    continue
+                lines = segment_sequences.get(segment_id)
+                if lines is None:
+                    sink.add(Problem("index_pointer_invalid", show(rel),
+                                     "line %d points into segment %d, which does not exist" % (line_number, segment_id)))
+                elif not 1 <= offset <= len(lines):
+                    sink.add(Problem("index_pointer_invalid", show(rel),
+                                     "line %d points at line %d of segment %d, which has %d lines"
+                                     % (line_number, offset, segment_id, len(lines))))
+                elif lines[offset - 1] != sequence:
+                    sink.add(Problem("index_pointer_invalid", show(rel),
+                                     "line %d expects sequence %d at segment %d line %d, found %s"
+                                     % (line_number, sequence, segment_id, offset,
+                                        lines[offset - 1] if lines[offset - 1] >= 0 else "no record"),
+                                     expected=sequence, actual=lines[offset - 1]))
+
+
+@dataclasses.dataclass
+class MetadataReport:
+    """What we can tell about the DuckDB ledger without (or with) DuckDB."""
+
+    present: bool = False
+    database_file: str = ""
+    size_bytes: int = 0
+    storage_version: Optional[int] = None
+    creator_version: Optional[str] = None
+    wal_present: bool = False
+    run_count: Optional[int] = None
+    check: str = "file_level"
+    problems: List[Problem] = dataclasses.field(default_factory=list)
+
+    def plane_result(self) -> Dict[str, Any]:
+        return {"run_count": self.run_count, "check": self.check, "database_file": self.database_file,
+                "size_bytes": self.size_bytes, "storage_version": self.storage_version,
+                "wal_present": self.wal_present}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+_DUCKDB_MAGIC = b"DUCK"
+_DUCKDB_MIN_SIZE = 3 * 4096  # main header plus two database headers
+
+
+def check_metadata_file(database_path: Any, *, display: Optional[Callable[[str], str]] = None,
+                        use_duckdb: bool = True) -> MetadataReport:
+    """Check the metadata ledger: present, DuckDB magic, plausible size; count runs if DuckDB is importable.
+
+    Bytes 8-11 of a DuckDB file are ``DUCK`` and bytes 12-19 the storage version;
+    a stdlib tool can prove no more than that, and says so (``check: file_level``).
+    """
+    path = Path(database_path)
+    shown = display(path.name) if display else str(path)
+    report = MetadataReport(database_file=shown)
+    report.wal_present = os.path.isfile(str(path) + ".wal")
+    if not path.is_file():
+        report.problems.append(Problem("metadata_missing", shown, "metadata ledger is missing"))
+        return report
+    report.present = True
+    report.size_bytes = path.stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(128)
+    if len(header) < 20 or header[8:12] != _DUCKDB_MAGIC:
+        report.problems.append(Problem("metadata_not_duckdb", shown, "not a DuckDB file (no DUCK magic at byte 8)",
+                                       expected="DUCK", actual=header[8:12].hex() if len(header) >= 12 else None))
+        return report
+    report.storage_version = struct.unpack("<Q", header[12:20])[0]
+    creator = header[52:84].split(b"\x00", 1)[0]
+    report.creator_version = creator.decode("ascii", "replace") or None
+    if report.size_bytes < _DUCKDB_MIN_SIZE:
+        report.problems.append(Problem("metadata_truncated", shown, "ledger is %d bytes, shorter than its headers"
+                                       % report.size_bytes, expected=_DUCKDB_MIN_SIZE, actual=report.size_bytes))
+        return report
+    if use_duckdb:
+        _count_runs_with_duckdb(path, report, shown)
+    return report
+
+
+def _count_runs_with_duckdb(path: Path, report: MetadataReport, shown: str) -> None:
+    try:
+        import duckdb  # type: ignore[import-not-found]  # optional, never required
+    except ImportError:
+        return
+    try:
+        connection = duckdb.connect(str(path), read_only=True)
+        try:
+            report.run_count = int(connection.execute("SELECT count(*) FROM runs").fetchone()[0])
+        finally:
+            connection.close()
+        report.check = "duckdb"
+    except Exception as exc:  # duckdb raises its own hierarchy; any failure is a finding
+        report.problems.append(Problem("metadata_unreadable", shown,
+                                       "DuckDB could not read the ledger: %s" % str(exc).splitlines()[0]))
+
+
+_UNSAFE_COMPONENT = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def sanitize_component(value: str) -> str:
+    """Contexta's S(x): ``:`` -> ``__``, other unsafe runs -> ``_``, stripped of ``._``."""
+    cleaned = _UNSAFE_COMPONENT.sub("_", value.replace(":", "__")).strip("._")
+    return cleaned or "artifact"
+
+
+def _location_suffix(location_ref: Any) -> str:
+    """``"".join(PurePath(location_ref).suffixes)`` with CPython 3.8-3.13 rules, on any version."""
+    if not isinstance(location_ref, str):
+        return ""
+    parts = [part for part in location_ref.split("/") if part]
+    name = parts[-1] if parts else ""
+    if not name or name.endswith("."):
+        return ""
+    name = name.lstrip(".")
+    return "".join("." + suffix for suffix in name.split(".")[1:])
+
+
+def artifact_object_relpath(artifact_ref: str, artifact_kind: str, location_ref: Any) -> str:
+    """Where Contexta keeps an artifact's body, relative to the store root."""
+    ref_hash = hashlib.sha256(artifact_ref.encode("utf-8")).hexdigest()
+    return "objects/%s/%s/%s%s" % (sanitize_component(artifact_kind), ref_hash[:2],
+                                   sanitize_component(artifact_ref), _location_suffix(location_ref))
+
+
+@dataclasses.dataclass
+class ArtifactCheck:
+    """The verification of one bound artifact body (Contexta's VerificationReport fields)."""
+
+    artifact_ref: str
+    artifact_kind: str
+    path: str
+    status: str
+    expected_size_bytes: Optional[int]
+    actual_size_bytes: Optional[int]
+    expected_hash_value: Optional[str]
+    actual_hash_value: Optional[str]
+    binding_size_bytes: int = 0
+
+    @property
+    def verified(self) -> bool:
+        return self.status == "verified"
+
+    def to_dict(self) -> Dict[str, Any]:
+        payload = _fields_dict(self)
+        payload["verified"] = self.verified
+        return payload
+
+
+@dataclasses.dataclass
+class ArtifactsReport:
+    """A sweep of an artifact store: Contexta's StoreSummary counts plus every finding."""
+
+    present: bool = False
+    artifact_count: int = 0
+    total_size_bytes: int = 0
+    kinds: Dict[str, int] = dataclasses.field(default_factory=dict)
+    verified_count: int = 0
+    missing_count: int = 0
+    drift_count: int = 0
+    orphan_count: int = 0
+    checks: List[ArtifactCheck] = dataclasses.field(default_factory=list)
+    orphan_paths: List[str] = dataclasses.field(default_factory=list)
+    stray_temp_paths: List[str] = dataclasses.field(default_factory=list)
+    problems: List[Problem] = dataclasses.field(default_factory=list)
+
+    def plane_result(self) -> Dict[str, Any]:
+        return {"artifact_count": self.artifact_count, "verified_count": self.verified_count,
+                "missing_count": self.missing_count, "drift_count": self.drift_count,
+                "orphan_count": self.orphan_count}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+def _read_binding(path: Path) -> Dict[str, Any]:
+    """A binding file's object, checked for the keys verification needs (ValueError if not)."""
+    binding = json.loads(path.read_bytes().decode("utf-8"))
+    if not isinstance(binding, dict):
+        raise ValueError("binding is not a JSON object")
+    snapshot = binding.get("manifest_snapshot")
+    if not isinstance(snapshot, dict):
+        raise ValueError("binding has no manifest_snapshot object")
+    for key in ("artifact_ref", "artifact_kind"):
+        if not isinstance(binding.get(key), str) or not isinstance(snapshot.get(key), str):
+            raise ValueError("binding or its snapshot lacks %s" % key)
+        if binding[key] != snapshot[key]:
+            raise ValueError("%s differs between binding and manifest snapshot" % key)
+    size = binding.get("size_bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError("size_bytes is not a non-negative integer")
+    if not isinstance(snapshot.get("location_ref"), str):
+        raise ValueError("manifest snapshot has no location_ref")
+    return binding
+
+
+def _expected_claims(binding: Mapping[str, Any]) -> Tuple[Optional[int], Optional[str]]:
+    """Contexta verifies against the manifest's claims when present, else the binding's."""
+    snapshot = binding["manifest_snapshot"]
+    size = snapshot.get("size_bytes")
+    digest = snapshot.get("hash_value")
+    return (size if size is not None else binding.get("size_bytes"),
+            digest if digest is not None else binding.get("hash_value"))
+
+
+def _evaluate_body(root: Path, binding: Mapping[str, Any],
+                   digests: Optional[Mapping[str, Tuple[int, str]]] = None) -> ArtifactCheck:
+    snapshot = binding["manifest_snapshot"]
+    rel = artifact_object_relpath(snapshot["artifact_ref"], snapshot["artifact_kind"], snapshot.get("location_ref"))
+    expected_size, expected_hash = _expected_claims(binding)
+    check = ArtifactCheck(artifact_ref=binding["artifact_ref"], artifact_kind=binding["artifact_kind"], path=rel,
+                          status="missing", expected_size_bytes=expected_size, actual_size_bytes=None,
+                          expected_hash_value=expected_hash, actual_hash_value=None,
+                          binding_size_bytes=binding["size_bytes"])
+    body = root / rel
+    try:
+        body_stat = os.lstat(str(body))
+    except OSError:
+        return check
+    if not stat.S_ISREG(body_stat.st_mode):
+        return check
+    if digests is not None and rel in digests:
+        check.actual_size_bytes, check.actual_hash_value = digests[rel]
+    else:
+        check.actual_size_bytes, check.actual_hash_value = sha256_file(body)
+    if expected_size is not None and check.actual_size_bytes != expected_size:
+        check.status = "size_mismatch"
+    elif expected_hash is not None and check.actual_hash_value != expected_hash:
+        check.status = "hash_mismatch"
+    else:
+        check.status = "verified"
+    return check
+
+
+def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tuple[int, str]]] = None,
+                           display: Optional[Callable[[str], str]] = None) -> ArtifactsReport:
+    """Verify every bound body of an artifact store and find orphans (Contexta's rules).
+
+    Bodies are hashed in chunks; ``digests`` (store-relative path -> (size,
+    sha256)) lets a caller that has just hashed the files skip a second read.
+    An orphan is any file under ``objects/`` that no binding points at; stray
+    ``*.tmp`` files are orphans too and are also listed as temp files.
+    """
+    root = Path(store_root)
+    show = _display_under(root, display)
+    report = ArtifactsReport()
+    if not root.is_dir():
+        return report
+    report.present = True
+    canonical: Set[str] = set()
+    bindings_dir = root / "bindings"
+    binding_paths = sorted(bindings_dir.glob("*.binding.json")) if bindings_dir.is_dir() else []
+    for binding_path in binding_paths:
+        rel = "bindings/" + binding_path.name
+        report.artifact_count += 1
+        try:
+            binding = _read_binding(binding_path)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            report.problems.append(Problem("binding_invalid", show(rel), "unreadable binding: %s" % exc))
+            continue
+        report.kinds[binding["artifact_kind"]] = report.kinds.get(binding["artifact_kind"], 0) + 1
+        report.total_size_bytes += binding["size_bytes"]
+        check = _evaluate_body(root, binding, digests)
+        canonical.add(check.path)
+        report.checks.append(check)
+        _count_artifact_check(report, check, show)
+    report.kinds = dict(sorted(report.kinds.items()))
+    for rel in _find_orphans(root, canonical):
+        report.orphan_paths.append(show(rel))
+        is_temp = rel.endswith(".tmp")
+        if is_temp:
+            report.stray_temp_paths.append(show(rel))
+        report.problems.append(Problem("artifact_stray_temp" if is_temp else "artifact_orphan", show(rel),
+                                       "interrupted write left a temp file" if is_temp
+                                       else "body that no binding points at"))
+    report.orphan_count = len(report.orphan_paths)
+    return report
+
+
+def _count_artifact_check(report: ArtifactsReport, check: ArtifactCheck, show: Callable[[str], str]) -> None:
+    if check.status == "verified":
+        report.verified_count += 1
+        return
+    if check.status == "missing":
+        report.missing_count += 1
+        report.problems.append(Problem("artifact_missing", show(check.path),
+                                       "body of %s is missing" % check.artifact_ref))
+        return
+    report.drift_count += 1
+    if check.status == "size_mismatch":
+        report.problems.append(Problem("artifact_size_mismatch", show(check.path),
+                                       "body of %s is %d bytes, bound as %d" % (
+                                           check.artifact_ref, check.actual_size_bytes, check.expected_size_bytes),
+                                       expected=check.expected_size_bytes, actual=check.actual_size_bytes))
+    else:
+        report.problems.append(Problem("artifact_hash_mismatch", show(check.path),
+                                       "body of %s has sha256 %s, bound as %s" % (
+                                           check.artifact_ref, check.actual_hash_value, check.expected_hash_value),
+                                       expected=check.expected_hash_value, actual=check.actual_hash_value))
+
+
+def _find_orphans(root: Path, canonical: Set[str]) -> List[str]:
+    objects = root / "objects"
+    if not objects.is_dir():
+        return []
+    return ["objects/" + rel for rel, _st, kind in _walk_tree(objects)
+            if kind != "dir" and "objects/" + rel not in canonical]
+
+
+# ---------------------------------------------------------------------------
+# Backup
+# ---------------------------------------------------------------------------
+#
+# Layout (Contexta's, so contexta 1.0.0's own restore verifies it):
+#
+#   <backup_root>/<backup_ref>/manifest.json        written last
+#   <backup_root>/<backup_ref>/workspace/config/resolved.config.json
+#   <backup_root>/<backup_ref>/workspace/<path each section has in the live workspace>
+#
+# Unlike Contexta, the outbox is stored where it lives (``cache/outbox``), not
+# as the whole parent directory; relocated stores are stored at their default
+# place; the manifest lists every file with size and sha256.  A backup is
+# built as ``.<ref>.partial`` beside its final name and renamed into place
+# only when complete, so an interrupted one never looks like a backup.
+
+BACKUP_FORMAT = "contexta-ops-backup-v1"
+_MANIFEST_NAME = "manifest.json"
+_PARTIAL_SUFFIX = ".partial"
+_BACKUP_REF_PATTERN = re.compile(r"^(?P<label>.+)-(?P<ts>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:_\d{6})?Z)$")
+_SAFETY_LABEL = "pre-restore-safety"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupSection:
+    """One source copied into a backup: Contexta's section name, where from, where to."""
+
+    name: str
+    source: Path
+    path: str
+    kind: str = "dir"
+    relocated: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupPlan:
+    """What ``create_workspace_backup`` will copy (Contexta's fields first).  Planning changes nothing."""
+
+    backup_ref: str
+    workspace_root: Path
+    backup_root: Path
+    included_sections: Tuple[str, ...]
+    estimated_bytes: int
+    notes: Tuple[str, ...] = ()
+    sections: Tuple[BackupSection, ...] = ()
+    excluded_paths: Tuple[Path, ...] = ()
+    warnings: Tuple[str, ...] = ()
+    estimated_files: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupResult:
+    """Contexta's BackupResult fields; status is DEGRADED (exit 1) when the copy may be inconsistent."""
+
+    status: str
+    warnings: Tuple[str, ...] = ()
+    notes: Tuple[str, ...] = ()
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    backup_ref: str = ""
+    created_at: str = ""
+    location: Optional[Path] = None
+    included_sections: Tuple[str, ...] = ()
+    bytes_written: int = 0
+    verification_notes: Tuple[str, ...] = ()
+    file_count: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+def _build_backup_ref(label: Optional[str], moment: Optional[datetime] = None) -> str:
+    """``<label>-<T>`` with Contexta's label cleaning (Unicode letters and digits, ``-``, ``_``)."""
+    stem = (label or "backup").strip() or "backup"
+    safe = "".join(char if char.isalnum() or char in "-_" else "-" for char in stem).strip("-_") or "backup"
+    return "%s-%s" % (safe, _path_safe_timestamp(_utc_timestamp(moment)))
+
+
+def _stored_path(path: Path, workspace_root: Path, default: str) -> Tuple[str, bool]:
+    """Where a section goes in the backup: its live path when inside the workspace."""
+    if _is_within(path, workspace_root) and os.path.normpath(str(path)) != os.path.normpath(str(workspace_root)):
+        return "workspace/" + _relative_posix(path, workspace_root), False
+    return "workspace/" + default, True
+
+
+def _backup_sections(config: UnifiedConfig, include_cache: bool, include_exports: bool) -> List[BackupSection]:
+    ws = config.workspace.root_path
+    sections: List[BackupSection] = []
+
+    def add(name: str, source: Path, default: str, kind: str = "dir") -> BackupSection:
+        path, relocated = _stored_path(source, ws, default)
+        section = BackupSection(name, source, path, kind, relocated)
+        sections.append(section)
+        return section
+
+    metadata_dir = add("metadata", config.workspace.metadata_path, "metadata")
+    database = config.metadata.database_path
+    if not _is_within(database, config.workspace.metadata_path):
+        # The ledger lives elsewhere: keep it (and its WAL, as one unit) with the metadata section.
+        if _is_within(database, ws):
+            add("metadata", database, "metadata/ledger.db", "file")
+            add("metadata", Path(str(database) + ".wal"), "metadata/ledger.db.wal", "file")
+        else:
+            sections.append(BackupSection("metadata", database, metadata_dir.path + "/ledger.db", "file", True))
+            sections.append(BackupSection("metadata", Path(str(database) + ".wal"),
+                                          metadata_dir.path + "/ledger.db.wal", "file", True))
+    add("records", config.records.root_path, "records")
+    add("artifacts", config.artifacts.root_path, "artifacts")
+    add("recovery", config.recovery.outbox_root, "cache/outbox")
+    if include_cache:
+        add("cache", config.workspace.cache_path, "cache")
+    if include_exports:
+        add("exports", config.workspace.exports_path, "exports")
+    return sections
+
+
+def _section_excludes(config: UnifiedConfig, sections: Sequence[BackupSection], section: BackupSection,
+                      extra: Sequence[Path] = ()) -> List[Path]:
+    """Never copy our own output, staging, or another section's source into a section."""
+    excludes = [config.recovery.backup_root, config.recovery.restore_staging_root] + list(extra)
+    for other in sections:
+        if other is not section and other.source != section.source and _is_within(other.source, section.source):
+            excludes.append(other.source)
+    return [path for path in excludes if _is_within(path, section.source)]
+
+
+def _metadata_in_use_warnings(config: UnifiedConfig) -> Tuple[List[str], List[str]]:
+    """(warnings, notes) about a ledger a writer may have open."""
+    database = config.metadata.database_path
+    warnings: List[str] = []
+    notes: List[str] = []
+    if _posix_lock_is_held(database):
+        warnings.append("metadata_in_use: %s is locked by another process (a DuckDB writer); "
+                        "the copy may not be consistent - close the writer and back up again" % database)
+    if os.path.isfile(str(database) + ".wal"):
+        notes.append("metadata_wal_included")
+    return warnings, notes
+
+
+def plan_workspace_backup(config: UnifiedConfig, *, label: Optional[str] = None, include_cache: bool = False,
+                          include_exports: bool = False) -> BackupPlan:
+    """Plan a backup of the configured workspace.  Reads sizes only; creates nothing."""
+    ws = config.workspace.root_path
+    if not ws.is_dir():
+        raise BackupError("workspace %s does not exist" % ws, code="workspace_missing", path=ws)
+    sections = _backup_sections(config, include_cache, include_exports)
+    names = ["config", "metadata", "records", "artifacts", "recovery"]
+    names += ["cache"] if include_cache else []
+    names += ["exports"] if include_exports else []
+    notes = [] if include_cache else ["cache_excluded"]
+    notes += [] if include_exports else ["exports_excluded"]
+    warnings, in_use_notes = _metadata_in_use_warnings(config)
+    notes += in_use_notes
+    excluded: List[Path] = []
+    for root_name, root in (("backup_root", config.recovery.backup_root),
+                            ("restore_staging_root", config.recovery.restore_staging_root)):
+        if _is_within(root, ws):
+            notes.append("%s_inside_workspace_excluded" % root_name)
+            excluded.append(root)
+    files = 0
+    total = 0
+    seen: Set[str] = set()
+    for section in sections:
+        if section.relocated:
+            notes.append("relocated:%s:%s" % (section.name, section.source))
+        if str(section.source) in seen:
+            continue
+        seen.add(str(section.source))
+        if section.kind == "file":
+            if section.source.is_file():
+                files += 1
+                total += section.source.stat().st_size
+        elif section.source.is_dir():
+            count, size = _tree_size(section.source, _section_excludes(config, sections, section))
+            files += count
+            total += size
+    return BackupPlan(backup_ref=_build_backup_ref(label), workspace_root=ws, backup_root=config.recovery.backup_root,
+                      included_sections=tuple(names), estimated_bytes=total, notes=tuple(notes),
+                      sections=tuple(sections), excluded_paths=tuple(excluded), warnings=tuple(warnings),
+                      estimated_files=files)
+
+
+def _resolved_config_mapping(config: UnifiedConfig) -> Dict[str, Any]:
+    return _jsonable(config.to_dict())
+
+
+class _BackupWriter:
+    """Copies sections into a partial backup directory, hashing every byte it writes."""
+
+    def __init__(self, partial: Path, progress: _Progress) -> None:
+        self.partial = partial
+        self.progress = progress
+        self.files: List[Dict[str, Any]] = []
+        self.directories: List[Tuple[Path, os.stat_result]] = []
+        self.bytes_written = 0
+        self.warnings: List[str] = []
+
+    def add_file(self, source: Path, relative: str, source_stat: os.stat_result) -> None:
+        destination = safe_join(self.partial, relative)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        size, digest = _copy_file_hashed(source, destination)
+        _crash_point("backup:file-copied")
+        after = os.lstat(str(source))
+        if (size != source_stat.st_size or after.st_size != source_stat.st_size
+                or after.st_mtime_ns != source_stat.st_mtime_ns):
+            self.warnings.append("changed_during_backup: %s changed while it was copied" % source)
+        _set_file_times_and_mode(destination, source_stat.st_mode, source_stat.st_mtime_ns)
+        self.files.append({"path": relative, "size": size, "sha256": digest,
+                           "mode": stat.S_IMODE(source_stat.st_mode), "mtime_ns": source_stat.st_mtime_ns})
+        self.bytes_written += size
+        self.progress.advance(size)
+
+    def add_tree(self, source: Path, relative: str, excludes: Sequence[Path]) -> None:
+        top = safe_join(self.partial, relative)
+        top.mkdir(parents=True, exist_ok=True)
+        self.directories.append((top, os.stat(str(source))))
+        for rel, entry_stat, kind in _walk_tree(source, excludes):
+            if kind == "dir":
+                target = safe_join(top, rel)
+                target.mkdir(exist_ok=True)
+                self.directories.append((target, entry_stat))
+            elif kind == "file":
+                self.add_file(source / rel, relative + "/" + rel, entry_stat)
+            else:
+                self.warnings.append("skipped_%s: %s is a %s and was not copied" % (kind, source / rel, kind))
+
+    def finish_directories(self) -> None:
+        """Give directories their source modes and times, then make every entry durable."""
+        for directory, dir_stat in reversed(self.directories):
+            os.chmod(str(directory), stat.S_IMODE(dir_stat.st_mode) | stat.S_IRWXU)
+            os.utime(str(directory), ns=(dir_stat.st_mtime_ns, dir_stat.st_mtime_ns))
+        synced: Set[str] = set()
+        for entry in self.files:
+            parent = os.path.dirname(str(safe_join(self.partial, entry["path"])))
+            if parent not in synced:
+                synced.add(parent)
+                _fsync_dir(parent)
+        for directory, _dir_stat in self.directories:
+            if str(directory) not in synced:
+                synced.add(str(directory))
+                _fsync_dir(directory)
+
+
+def _clean_stale_partials(backup_root: Path) -> List[str]:
+    """Remove ``.<ref>.partial`` leftovers of killed runs (a running one holds its lock)."""
+    removed = []
+    if not backup_root.is_dir():
+        return removed
+    for entry in sorted(os.listdir(str(backup_root))):
+        path = backup_root / entry
+        if entry.startswith(".") and entry.endswith(_PARTIAL_SUFFIX) and path.is_dir():
+            if not _lock_is_held(path, directory=True):
+                _remove_tree(path)
+                removed.append(entry)
+    return removed
+
+
+def _workspace_lock_path(workspace_root: Path) -> Path:
+    """The lock beside (not inside) a workspace, so it survives the workspace being swapped."""
+    return workspace_root.parent / (".%s.contexta-ops.lock" % workspace_root.name)
+
+
+def _workspace_lock(workspace_root: Path) -> _Lock:
+    return _Lock(_workspace_lock_path(workspace_root), what="workspace %s" % workspace_root)
+
+
+def create_workspace_backup(config: UnifiedConfig, plan: BackupPlan) -> BackupResult:
+    """Write the planned backup: every file hashed and fsynced, manifest last, renamed into place.
+
+    Holds the workspace lock (exit 4 if another backup or restore runs) and
+    finishes or rolls back an interrupted restore of this workspace first.
+    """
+    workspace_root = Path(plan.workspace_root)
+    if not workspace_root.is_dir():
+        raise BackupError("workspace %s does not exist" % workspace_root, code="workspace_missing",
+                          path=workspace_root)
+    with _workspace_lock(workspace_root):
+        _resume_interrupted_restore(workspace_root)
+        return _write_backup(config, plan)
+
+
+def _write_backup(config: UnifiedConfig, plan: BackupPlan) -> BackupResult:
+    backup_root = Path(plan.backup_root)
+    backup_root.mkdir(parents=True, exist_ok=True)
+    cleaned = _clean_stale_partials(backup_root)
+    final = backup_root / plan.backup_ref
+    if final.exists():
+        raise BackupError("backup %s already exists" % final, code="backup_exists", path=final)
+    partial = backup_root / (".%s%s" % (plan.backup_ref, _PARTIAL_SUFFIX))
+    partial.mkdir()
+    progress = _Progress("backup %s" % plan.backup_ref, plan.estimated_bytes)
+    try:
+        with _Lock(partial, what="partial backup %s" % partial, directory=True):
+            result = _fill_backup(config, plan, partial, final, progress)
+    except BaseException:
+        _remove_tree(partial)
+        raise
+    finally:
+        progress.finish()
+    if cleaned:
+        result = dataclasses.replace(result, notes=result.notes + tuple("removed_stale_partial:%s" % name
+                                                                        for name in cleaned))
+    return result
+
+
+def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: Path,
+                 progress: _Progress) -> BackupResult:
+    writer = _BackupWriter(partial, progress)
+    warnings, notes = _metadata_in_use_warnings(config)
+    config_dir = partial / "workspace" / "config"
+    config_dir.mkdir(parents=True)
+    writer.directories.append((config_dir, os.stat(str(partial))))
+    config_bytes = _pretty_json(_resolved_config_mapping(config))
+    config_file = config_dir / "resolved.config.json"
+    with open(config_file, "wb") as handle:
+        handle.write(config_bytes)
+        handle.flush()
+        os.fsync(handle.fileno())
+    config_stat = config_file.stat()
+    writer.files.append({"path": "workspace/config/resolved.config.json", "size": len(config_bytes),
+                         "sha256": hashlib.sha256(config_bytes).hexdigest(),
+                         "mode": stat.S_IMODE(config_stat.st_mode), "mtime_ns": config_stat.st_mtime_ns})
+    writer.bytes_written += len(config_bytes)
+
+    copied = ["config"]
+    copied_sections: List[BackupSection] = []
+    done_sources: Set[str] = set()
+    partial_and_roots = [partial]
+    for section in plan.sections:
+        if str(section.source) in done_sources:
+            continue
+        done_sources.add(str(section.source))
+        try:
+            source_stat = os.lstat(str(section.source))
+        except FileNotFoundError:
+            continue
+        if section.kind == "file" and stat.S_ISREG(source_stat.st_mode):
+            writer.add_file(section.source, section.path, source_stat)
+        elif section.kind == "dir" and stat.S_ISDIR(source_stat.st_mode):
+            excludes = _section_excludes(config, plan.sections, section, partial_and_roots)
+            writer.add_tree(section.source, section.path, excludes)
+        else:
+            writer.warnings.append("skipped_section: %s (%s) is not a %s" % (section.name, section.source,
+                                                                             section.kind))
+            continue
+        copied_sections.append(section)
+        if section.name not in copied:
+            copied.append(section.name)
+    writer.finish_directories()
+    _crash_point("backup:files-durable")
+
+    created_at = _utc_timestamp()
+    warnings += writer.warnings
+    manifest = {
+        "backup_ref": plan.backup_ref,
+        "created_at": created_at,
+        "workspace_root": str(plan.workspace_root),
+        "profile_name": config.profile_name,
+        "included_sections": copied,
+        "store_schema_versions": {"metadata": "1", "records": config.records.layout_version,
+                                  "artifacts": config.artifacts.layout_version},
+        "notes": [note for note in plan.notes if note in ("cache_excluded", "exports_excluded")],
+        # Ours, beyond Contexta's keys:
+        "format": BACKUP_FORMAT,
+        "tool": {"name": TOOL_NAME, "version": __version__},
+        "sections": [section.to_dict() for section in copied_sections],
+        "files": writer.files,
+        "file_count": len(writer.files),
+        "total_bytes": sum(entry["size"] for entry in writer.files),
+        "warnings": warnings,
+    }
+    manifest_bytes = _pretty_json(manifest)
+    manifest_path = partial / _MANIFEST_NAME
+    with open(manifest_path, "wb") as handle:
+        handle.write(manifest_bytes)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_dir(partial)
+    _crash_point("backup:manifest-written")
+    os.rename(str(partial), str(final))
+    _crash_point("backup:renamed")
+    _fsync_dir(final.parent)
+    _crash_point("backup:complete")
+    return BackupResult(
+        status="DEGRADED" if warnings else "SUCCESS",
+        warnings=tuple(warnings),
+        notes=tuple(plan.notes) + tuple(note for note in notes if note not in plan.notes),
+        details={"format": BACKUP_FORMAT, "sections": [section.to_dict() for section in copied_sections]},
+        backup_ref=plan.backup_ref,
+        created_at=created_at,
+        location=final,
+        included_sections=tuple(copied),
+        bytes_written=writer.bytes_written + len(manifest_bytes),
+        verification_notes=("manifest_written", "checksums_recorded:%d" % len(writer.files)),
+        file_count=len(writer.files),
+    )
+
+
+# -- reading a backup back ---------------------------------------------------
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+    """One entry of a backup, whatever holds it (directory now; archives share the shape)."""
+
+    path: str
+    kind: str
+    size: int
+    mode: int
+    mtime_ns: int
+    source: Optional[Path] = None
+
+    def open(self) -> Any:
+        assert self.source is not None
+        return open(self.source, "rb")
+
+
+def _manifest_error(location: Any, message: str) -> RestoreError:
+    return RestoreError("backup manifest %s: %s" % (Path(location) / _MANIFEST_NAME, message),
+                        code="recovery_manifest_invalid", path=Path(location) / _MANIFEST_NAME)
+
+
+def _validate_manifest(manifest: Any, location: Any) -> Dict[str, Any]:
+    """Check every manifest key we rely on, so bad input stops us before we write anything."""
+    if not isinstance(manifest, dict):
+        raise _manifest_error(location, "is not a JSON object")
+    if "backup_ref" in manifest and (not isinstance(manifest["backup_ref"], str) or not manifest["backup_ref"]):
+        raise _manifest_error(location, "backup_ref is not a non-empty string")
+    sections = manifest.get("included_sections", [])
+    if not isinstance(sections, list) or not all(isinstance(item, str) for item in sections):
+        raise _manifest_error(location, "included_sections is not a list of strings")
+    if "files" in manifest:
+        files = manifest["files"]
+        if not isinstance(files, list):
+            raise _manifest_error(location, "files is not a list")
+        seen: Set[str] = set()
+        for index, entry in enumerate(files):
+            if not isinstance(entry, dict):
+                raise _manifest_error(location, "files[%d] is not an object" % index)
+            path, size, digest = entry.get("path"), entry.get("size"), entry.get("sha256")
+            try:
+                safe_join("/", path)
+            except OpsError:
+                raise _manifest_error(location, "files[%d].path %r is not a safe relative path" % (index, path))
+            if not path.startswith("workspace/"):
+                raise _manifest_error(location, "files[%d].path %r is outside workspace/" % (index, path))
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise _manifest_error(location, "files[%d].size is not a non-negative integer" % index)
+            if not isinstance(digest, str) or not _SHA256_HEX.match(digest):
+                raise _manifest_error(location, "files[%d].sha256 is not a sha256 hex digest" % index)
+            for key in ("mode", "mtime_ns"):
+                if key in entry and (not isinstance(entry[key], int) or isinstance(entry[key], bool)):
+                    raise _manifest_error(location, "files[%d].%s is not an integer" % (index, key))
+            if path in seen:
+                raise _manifest_error(location, "files lists %r twice" % path)
+            seen.add(path)
+    if "sections" in manifest:
+        if not isinstance(manifest["sections"], list):
+            raise _manifest_error(location, "sections is not a list")
+        for index, entry in enumerate(manifest["sections"]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise _manifest_error(location, "sections[%d] is not a section object" % index)
+            try:
+                safe_join("/", entry.get("path"))
+            except OpsError:
+                raise _manifest_error(location, "sections[%d].path is not a safe relative path" % index)
+    return manifest
+
+
+def _parse_manifest_bytes(raw: bytes, location: Any) -> Dict[str, Any]:
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _manifest_error(location, "is not valid JSON (%s)" % exc)
+    return _validate_manifest(manifest, location)
+
+
+class _DirectoryBackup:
+    """A backup directory (ours or Contexta's), opened and validated without changing it."""
+
+    kind = "directory"
+
+    def __init__(self, location: Path) -> None:
+        self.location = location
+        manifest_path = location / _MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise RestoreError("backup %s has no manifest.json (incomplete or not a backup)" % location,
+                               code="recovery_manifest_missing", path=manifest_path)
+        try:
+            raw = manifest_path.read_bytes()
+        except OSError as exc:
+            raise RestoreError("cannot read %s: %s" % (manifest_path, exc.strerror or exc),
+                               code="recovery_manifest_unreadable", path=manifest_path)
+        self.manifest = _parse_manifest_bytes(raw, location)
+        if not (location / "workspace").is_dir():
+            raise RestoreError("backup %s has no workspace/ directory" % location,
+                               code="recovery_backup_workspace_missing", path=location / "workspace")
+        self.backup_ref = self.manifest.get("backup_ref") or location.name
+
+    @property
+    def made_by(self) -> str:
+        return TOOL_NAME if self.manifest.get("format") == BACKUP_FORMAT else "contexta"
+
+    @property
+    def expected_files(self) -> Optional[Dict[str, Dict[str, Any]]]:
+        files = self.manifest.get("files")
+        return None if files is None else {entry["path"]: entry for entry in files}
+
+    def members(self) -> Iterator[_Member]:
+        root = self.location / "workspace"
+        yield _Member("workspace", "dir", 0, stat.S_IMODE(root.stat().st_mode), root.stat().st_mtime_ns)
+        for rel, entry_stat, kind in _walk_tree(root):
+            yield _Member("workspace/" + rel, kind, entry_stat.st_size, entry_stat.st_mode,
+                          entry_stat.st_mtime_ns, root / rel)
+
+    def read_member(self, path: str) -> Optional[bytes]:
+        target = self.location / path
+        try:
+            return target.read_bytes() if target.is_file() and not target.is_symlink() else None
+        except OSError:
+            return None
+
+
+def _looks_like_path(backup: str) -> bool:
+    return "/" in backup or os.sep in backup or backup.startswith(".") or backup.startswith("~")
+
+
+def _locate_backup(config: UnifiedConfig, backup: Optional[str]) -> Path:
+    """A backup ref under the backup root, or a path to a backup; None means the newest complete one."""
+    backup_root = config.recovery.backup_root
+    if backup is None:
+        complete = [entry for entry in list_backups(config) if entry.complete]
+        if not complete:
+            raise RestoreError("no complete backup under %s" % backup_root, code="recovery_backup_not_found",
+                               path=backup_root)
+        return Path(complete[-1].location)
+    if not isinstance(backup, str) or not backup or "\x00" in backup:
+        raise RestoreError("invalid backup reference %r" % (backup,), code="recovery_invalid_backup_ref")
+    if _looks_like_path(backup):
+        location = _resolve_path(backup)
+    else:
+        location = backup_root / backup
+    if not location.exists():
+        raise RestoreError("backup %s not found%s" % (
+            backup, "" if _looks_like_path(backup) else " under %s" % backup_root),
+            code="recovery_backup_not_found", path=location)
+    if not location.is_dir():
+        raise RestoreError("backup %s is not a backup directory" % location, code="recovery_backup_invalid",
+                           path=location)
+    return location
+
+
+def _open_backup(config: UnifiedConfig, backup: Optional[str]) -> _DirectoryBackup:
+    return _DirectoryBackup(_locate_backup(config, backup))
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupListEntry:
+    """One row of ``backup list``."""
+
+    backup_ref: str
+    location: Path
+    created_at: Optional[str]
+    complete: bool
+    in_progress: bool
+    size_bytes: int
+    file_count: int
+    included_sections: Tuple[str, ...]
+    has_checksums: bool
+    made_by: Optional[str]
+    problem: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+def _ref_timestamp(name: str) -> str:
+    match = _BACKUP_REF_PATTERN.match(name)
+    return match.group("ts") if match else ""
+
+
+def list_backups(config: UnifiedConfig) -> List[BackupListEntry]:
+    """Every backup and leftover under the backup root, oldest first (complete or not)."""
+    backup_root = config.recovery.backup_root
+    entries: List[BackupListEntry] = []
+    if not backup_root.is_dir():
+        return entries
+    for name in os.listdir(str(backup_root)):
+        location = backup_root / name
+        if not location.is_dir() or location.is_symlink():
+            continue
+        if name.startswith("."):
+            if name.endswith(_PARTIAL_SUFFIX):
+                count, size = _tree_size(location)
+                entries.append(BackupListEntry(name[1:-len(_PARTIAL_SUFFIX)], location, None, False,
+                                               _lock_is_held(location, directory=True), size, count, (), False,
+                                               None, "partial backup (interrupted or still being written)"))
+            continue
+        try:
+            backup = _DirectoryBackup(location)
+        except RestoreError as exc:
+            count, size = _tree_size(location)
+            entries.append(BackupListEntry(name, location, None, False, False, size, count, (), False, None,
+                                           str(exc)))
+            continue
+        manifest = backup.manifest
+        if "total_bytes" in manifest and "file_count" in manifest:
+            count, size = manifest["file_count"], manifest["total_bytes"]
+        else:
+            count, size = _tree_size(location / "workspace")
+        entries.append(BackupListEntry(backup.backup_ref, location, manifest.get("created_at"), True, False, size,
+                                       count, tuple(manifest.get("included_sections", [])),
+                                       "files" in manifest, backup.made_by))
+    entries.sort(key=lambda entry: (entry.created_at or "", _ref_timestamp(entry.location.name), entry.location.name))
+    return entries
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupVerifyResult:
+    """``backup verify``: every file re-hashed against the manifest."""
+
+    status: str
+    backup_ref: str
+    location: Path
+    checked_files: int = 0
+    checked_bytes: int = 0
+    missing: Tuple[str, ...] = ()
+    extra: Tuple[str, ...] = ()
+    changed: Tuple[str, ...] = ()
+    problems: Tuple[Problem, ...] = ()
+    warnings: Tuple[str, ...] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, Mapping[str, Any]]],
+                   on_file: Callable[[_Member, Optional[Mapping[str, Any]]], Tuple[int, str]],
+                   problems: List[Problem]) -> Tuple[int, int, Set[str]]:
+    """Walk a backup's members once, hashing each file through ``on_file`` and comparing to the manifest.
+
+    Records missing, extra and changed files as problems; returns (files, bytes, paths seen).
+    """
+    seen: Set[str] = set()
+    files = 0
+    total = 0
+    for member in members:
+        if member.kind == "dir":
+            continue
+        if member.kind != "file":
+            problems.append(Problem("unexpected_%s" % member.kind, member.path,
+                                    "a backup holds only files and directories; this is a %s" % member.kind))
+            continue
+        entry = None if expected is None else expected.get(member.path)
+        if expected is not None and entry is None:
+            problems.append(Problem("unexpected_file", member.path, "file is not listed in the manifest"))
+            continue
+        seen.add(member.path)
+        size, digest = on_file(member, entry)
+        files += 1
+        total += size
+        if entry is not None:
+            if size != entry["size"]:
+                problems.append(Problem("checksum_mismatch", member.path, "size %d, manifest says %d"
+                                        % (size, entry["size"]), expected=entry["size"], actual=size))
+            elif digest != entry["sha256"]:
+                problems.append(Problem("checksum_mismatch", member.path, "sha256 %s, manifest says %s"
+                                        % (digest, entry["sha256"]), expected=entry["sha256"], actual=digest))
+    for path in sorted(set(expected or ()) - seen):
+        problems.append(Problem("missing_file", path, "file listed in the manifest is missing"))
+    return files, total, seen
+
+
+def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyResult:
+    """Re-hash every file of a backup against its manifest: missing, extra, changed.  Changes nothing."""
+    source = _open_backup(config, backup)
+    progress = _Progress("verify %s" % source.backup_ref, int(source.manifest.get("total_bytes") or 0))
+    problems: List[Problem] = []
+    warnings: List[str] = []
+    expected = source.expected_files
+    if expected is None:
+        warnings.append("checksums_absent: this backup was made by %s and records no checksums; "
+                        "`restore --verify-only` checks it by planes instead" % source.made_by)
+
+    def hash_member(member: _Member, _entry: Any) -> Tuple[int, str]:
+        with member.open() as handle:
+            size, digest = _hash_stream(handle)
+        progress.advance(size)
+        return size, digest
+
+    with _Lock(source.location, what="backup %s" % source.location, exclusive=False, directory=True):
+        files, total, _seen = _check_members(source.members(), expected, hash_member, problems)
+    progress.finish()
+    status = "FAILURE" if problems else ("DEGRADED" if expected is None else "SUCCESS")
+    return BackupVerifyResult(
+        status=status, backup_ref=source.backup_ref, location=source.location, checked_files=files,
+        checked_bytes=total,
+        missing=tuple(p.path for p in problems if p.code == "missing_file"),
+        extra=tuple(p.path for p in problems if p.code == "unexpected_file" or p.code.startswith("unexpected_")),
+        changed=tuple(p.path for p in problems if p.code == "checksum_mismatch"),
+        problems=tuple(problems), warnings=tuple(warnings))
+
+
+
+# ---------------------------------------------------------------------------
+# Restore
+# ---------------------------------------------------------------------------
+#
+# Verify-only copies the backup into a staging directory outside the target,
+# hashing every byte against the manifest, then checks each plane there
+# (records, artifacts, metadata) and removes the staging.  Apply builds the
+# new workspace beside the target (same filesystem), verified the same way,
+# hard-links in what the backup does not hold (exports/, reports/, the rest
+# of cache/), writes a journal, and swaps the two directories - atomically
+# with renameat2(RENAME_EXCHANGE) where the kernel has it, else with two
+# renames.  A kill -9 at any moment leaves the complete old or the complete
+# restored workspace, and the next run finishes or rolls back from the journal.
+
+_PLANES = ("artifacts", "metadata", "records")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where each part of a backup goes in a workspace, and which paths a restore replaces."""
+
+    recovery_dest: Optional[str]          # Contexta's `recovery` section -> this workspace path
+    replaced: Tuple[str, ...]             # workspace-relative paths the restore replaces whole
+    metadata_db: str
+    records_root: str
+    artifacts_root: str
+    outbox_root: str
+    notes: Tuple[str, ...] = ()
+
+    def workspace_path(self, member_path: str) -> Optional[str]:
+        """The workspace-relative path of a backup member, or None when it is not restored."""
+        if member_path == "workspace":
+            return ""
+        rest = member_path[len("workspace/"):]
+        if rest == "config" or rest.startswith("config/"):
+            return None  # resolved.config.json documents the backup; nothing reads it back
+        if rest == "recovery" or rest.startswith("recovery/"):
+            if self.recovery_dest is None:
+                return None
+            return (self.recovery_dest + rest[len("recovery"):]).strip("/")
+        return rest
+
+
+def _layout_for(backup: _DirectoryBackup, member_dirs: Sequence[str]) -> _Layout:
+    manifest = backup.manifest
+    if backup.made_by == TOOL_NAME and manifest.get("sections") is not None:
+        paths: Dict[str, List[str]] = {}
+        for section in manifest["sections"]:
+            paths.setdefault(section["name"], []).append(section["path"][len("workspace/"):])
+        replaced = _outermost(rel for rels in paths.values() for rel in rels)
+        metadata_dirs = [rel for rel in paths.get("metadata", []) if not rel.endswith((".db", ".wal"))]
+        files = [rel for rel in paths.get("metadata", []) if rel.endswith(".db")]
+        metadata_db = files[0] if files else (metadata_dirs[0] if metadata_dirs else "metadata") + "/ledger.db"
+        return _Layout(None, replaced, metadata_db, (paths.get("records") or ["records"])[0],
+                       (paths.get("artifacts") or ["artifacts"])[0],
+                       (paths.get("recovery") or ["cache/outbox"])[0])
+    # A backup made by Contexta: sections sit at fixed names; `recovery` is the
+    # parent of the outbox, which we put back where it came from (formats 11.3).
+    live = _contexta_backup_config(backup)
+    included = manifest.get("included_sections", [])
+    notes: List[str] = []
+    root = live.get("root_path")
+
+    def live_rel(key: str, default: str) -> str:
+        value = live.get(key)
+        if root and value and _is_within(value, root) and os.path.normpath(value) != os.path.normpath(root):
+            return _relative_posix(value, root)
+        return default
+
+    replaced = [name for name in ("metadata", "records", "artifacts", "cache", "exports") if name in included]
+    outbox_root = live.get("outbox_root")
+    recovery_dest: Optional[str] = "cache"
+    outbox_rel = "cache/outbox"
+    if outbox_root and root:
+        parent = os.path.dirname(os.path.normpath(outbox_root))
+        if _is_within(parent, root) and os.path.normpath(parent) != os.path.normpath(root):
+            recovery_dest = _relative_posix(parent, root)
+        outbox_rel = recovery_dest + "/" + os.path.basename(os.path.normpath(outbox_root))
+    if "recovery" in included:
+        if "cache" in included and recovery_dest is not None and _is_within("/" + recovery_dest, "/cache"):
+            recovery_dest = None
+            notes.append("recovery_section_covered_by_cache")
+        else:
+            replaced += [recovery_dest + "/" + name for name in member_dirs]
+            notes.append("recovery_section_restored_to:%s" % recovery_dest)
+    return _Layout(recovery_dest, _outermost(replaced), "metadata/ledger.db", live_rel("records_path", "records"),
+                   live_rel("artifacts_path", "artifacts"), outbox_rel, tuple(notes))
+
+
+def _outermost(paths: Iterable[str]) -> Tuple[str, ...]:
+    """Drop paths that lie inside another path of the set."""
+    unique = sorted(set(paths))
+    kept: List[str] = []
+    for path in unique:
+        if not any(path == outer or path.startswith(outer + "/") for outer in kept):
+            kept.append(path)
+    return tuple(kept)
+
+
+def _contexta_backup_config(backup: _DirectoryBackup) -> Dict[str, str]:
+    """Workspace paths from a Contexta backup's resolved.config.json, when it is readable."""
+    raw = backup.read_member("workspace/config/resolved.config.json")
+    try:
+        data = json.loads(raw.decode("utf-8")) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        data = {}
+    workspace = data.get("workspace") if isinstance(data, dict) else None
+    recovery = data.get("recovery") if isinstance(data, dict) else None
+    live: Dict[str, str] = {}
+    if isinstance(workspace, dict):
+        for key in ("root_path", "records_path", "artifacts_path"):
+            if isinstance(workspace.get(key), str):
+                live[key] = workspace[key]
+    if isinstance(recovery, dict) and isinstance(recovery.get("outbox_root"), str):
+        live["outbox_root"] = recovery["outbox_root"]
+    return live
+
+
+def _recovery_children(backup: _DirectoryBackup) -> List[str]:
+    recovery = backup.location / "workspace" / "recovery"
+    return sorted(os.listdir(str(recovery))) if recovery.is_dir() else []
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorePlan:
+    """What a restore will do (Contexta's fields first).  Planning changes nothing."""
+
+    backup_ref: str
+    source_root: Path
+    target_workspace: Path
+    staging_root: Path
+    create_safety_backup: bool
+    verify_only: bool = False
+    notes: Tuple[str, ...] = ()
+    made_by: str = TOOL_NAME
+    has_checksums: bool = True
+    replaced: Tuple[str, ...] = ()
+    kept: Tuple[str, ...] = ()
+    lost: Tuple[str, ...] = ()
+    lost_count: int = 0
+    replaced_file_count: int = 0
+    backup_file_count: int = 0
+    warnings: Tuple[str, ...] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreResult:
+    """Contexta's RestoreResult fields, plus every problem found (each naming its file)."""
+
+    status: str
+    warnings: Tuple[str, ...] = ()
+    notes: Tuple[str, ...] = ()
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    backup_ref: str = ""
+    target_workspace: Optional[Path] = None
+    applied: bool = False
+    plane_results: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    safety_backup_ref: Optional[str] = None
+    verification_notes: Tuple[str, ...] = ()
+    problems: Tuple[Problem, ...] = ()
+    source_root: Optional[Path] = None
+    post_apply_check: Optional[Mapping[str, Any]] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+_LOST_LISTED = 200
+
+
+def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target_workspace: Any = None,
+                 verify_only: bool = False) -> RestorePlan:
+    """Open and validate a backup and say what a restore would replace, keep and lose.  Changes nothing.
+
+    ``backup_ref`` is a ref under the backup root or a path to a backup
+    directory; None picks the newest complete backup.
+    """
+    backup = _open_backup(config, backup_ref)
+    target = _resolve_path(target_workspace) if target_workspace is not None else config.workspace.root_path
+    warnings: List[str] = []
+    notes = ["verify_only" if verify_only else "apply_restore"]
+    if backup_ref is None:
+        notes.append("newest_complete_backup:%s" % backup.backup_ref)
+    if _is_within(target, backup.location):
+        raise RestoreError("target %s lies inside the backup %s" % (target, backup.location),
+                           code="restore_target_inside_backup", path=target)
+    if _is_within(backup.location, target):
+        warnings.append("backup_inside_target: %s is inside %s; it is kept through the restore, "
+                        "but copy backups off this disk" % (backup.location, target))
+    staging_root = config.recovery.restore_staging_root
+    if verify_only and _is_within(staging_root, target):
+        staging_root = Path(tempfile.gettempdir())
+        warnings.append("staging_root_inside_target: staging in %s instead of %s (set --staging-root)"
+                        % (staging_root, config.recovery.restore_staging_root))
+    if backup.expected_files is None:
+        warnings.append("checksums_absent: backup made by %s carries no checksums; "
+                        "it is verified structurally and by planes" % backup.made_by)
+    if not verify_only:
+        notes.append("new_tree_built_beside_target")
+
+    layout = _layout_for(backup, _recovery_children(backup))
+    notes += list(layout.notes)
+    backup_paths = _backup_workspace_files(backup, layout)
+    replaced_count = 0
+    lost: List[str] = []
+    lost_count = 0
+    kept: List[str] = []
+    if target.is_dir():
+        kept = _kept_roots(target, layout.replaced)
+        for rel in layout.replaced:
+            base = target / rel
+            if base.is_file():
+                candidates: Iterable[str] = [rel]
+            elif base.is_dir():
+                candidates = (rel + "/" + sub for sub, _st, kind in _walk_tree(base) if kind != "dir")
+            else:
+                candidates = []
+            for path in candidates:
+                replaced_count += 1
+                if path not in backup_paths:
+                    lost_count += 1
+                    if len(lost) < _LOST_LISTED:
+                        lost.append(path)
+    safety = bool(config.recovery.create_backup_before_restore) and not verify_only
+    return RestorePlan(
+        backup_ref=backup.backup_ref, source_root=backup.location, target_workspace=target,
+        staging_root=staging_root, create_safety_backup=safety, verify_only=verify_only, notes=tuple(notes),
+        made_by=backup.made_by, has_checksums=backup.expected_files is not None, replaced=layout.replaced,
+        kept=tuple(kept), lost=tuple(lost), lost_count=lost_count, replaced_file_count=replaced_count,
+        backup_file_count=len(backup_paths), warnings=tuple(warnings))
+
+
+def _backup_workspace_files(backup: _DirectoryBackup, layout: _Layout) -> Set[str]:
+    expected = backup.expected_files
+    member_paths: Iterable[str]
+    if expected is not None:
+        member_paths = expected.keys()
+    else:
+        member_paths = (member.path for member in backup.members() if member.kind == "file")
+    mapped = (layout.workspace_path(path) for path in member_paths)
+    return {path for path in mapped if path}
+
+
+def _kept_roots(target: Path, replaced: Sequence[str], prefix: str = "") -> List[str]:
+    """The largest subtrees of the target a restore leaves alone."""
+    kept: List[str] = []
+    directory = target / prefix if prefix else target
+    try:
+        names = sorted(os.listdir(str(directory)))
+    except OSError:
+        return kept
+    for name in names:
+        rel = prefix + name
+        if rel in replaced:
+            continue
+        if any(path.startswith(rel + "/") for path in replaced) and (target / rel).is_dir():
+            kept += _kept_roots(target, replaced, rel + "/")
+        else:
+            kept.append(rel)
+    return kept
+
+
+class _Verification:
+    """What materializing and checking one backup (or a restored workspace) found.
+
+    Problems are named by backup member while verifying a backup, and by
+    absolute path when ``live_root`` is the workspace being checked.
+    """
+
+    def __init__(self, live_root: Optional[Path] = None) -> None:
+        self.live_root = live_root
+        self.problems: List[Problem] = []
+        self.digests: Dict[str, Tuple[int, str]] = {}
+        self.member_of: Dict[str, str] = {}
+        self.files = 0
+        self.bytes = 0
+        self.plane_results: Dict[str, Any] = {}
+        self.plane_notes: List[str] = []
+
+    def display(self, store_root: str) -> Callable[[str], str]:
+        def show(rel: str) -> str:
+            ws_rel = (store_root + "/" + rel).strip("/") if rel else store_root
+            if self.live_root is not None:
+                return str(self.live_root / ws_rel)
+            return self.member_of.get(ws_rel, "workspace/" + ws_rel)
+        return show
+
+
+def _materialize(backup: _DirectoryBackup, layout: _Layout, stage: Path, verification: _Verification,
+                 label: str) -> None:
+    """Copy the backup into ``stage`` as a workspace tree, hashing each file against the manifest."""
+    progress = _Progress(label, int(backup.manifest.get("total_bytes") or 0))
+    directories: List[Tuple[Path, _Member]] = []
+    expected = backup.expected_files
+
+    def copy_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Tuple[int, str]:
+        ws_rel = layout.workspace_path(member.path)
+        if ws_rel is None:
+            with member.open() as handle:
+                size, digest = _hash_stream(handle)
+        else:
+            destination = safe_join(stage, ws_rel)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with member.open() as handle:
+                size, digest = _copy_file_hashed(None, destination, reader=handle)
+            mode = entry.get("mode", member.mode) if entry else member.mode
+            mtime_ns = entry.get("mtime_ns", member.mtime_ns) if entry else member.mtime_ns
+            _set_file_times_and_mode(destination, mode, mtime_ns)
+            verification.digests[ws_rel] = (size, digest)
+            verification.member_of[ws_rel] = member.path
+        progress.advance(size)
+        return size, digest
+
+    def members_making_directories() -> Iterator[_Member]:
+        """Create directories as the walk meets them, so empty ones survive too."""
+        for member in backup.members():
+            if member.kind == "dir":
+                ws_rel = layout.workspace_path(member.path)
+                if ws_rel is not None:
+                    directory = safe_join(stage, ws_rel) if ws_rel else stage
+                    directory.mkdir(parents=True, exist_ok=True)
+                    directories.append((directory, member))
+            yield member
+
+    try:
+        files, total, _seen = _check_members(members_making_directories(), expected, copy_member,
+                                             verification.problems)
+    finally:
+        progress.finish()
+    verification.files += files
+    verification.bytes += total
+    for directory, member in reversed(directories):
+        os.chmod(str(directory), stat.S_IMODE(member.mode) | stat.S_IRWXU)
+        os.utime(str(directory), ns=(member.mtime_ns, member.mtime_ns))
+
+
+def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, has_metadata: bool,
+                  digests: Optional[Mapping[str, Tuple[int, str]]] = None) -> None:
+    """Records, artifacts and metadata of a workspace-shaped tree, into plane_results (Contexta's shape)."""
+    records = scan_records(tree / layout.records_root, display=verification.display(layout.records_root))
+    verification.plane_results["records"] = records.plane_result()
+    verification.problems += records.problems
+    if not records.present:
+        verification.plane_notes.append("records_absent")
+
+    artifact_digests = None
+    if digests is not None:
+        prefix = layout.artifacts_root + "/"
+        artifact_digests = {rel[len(prefix):]: value for rel, value in digests.items() if rel.startswith(prefix)}
+    artifacts = scan_artifact_bindings(tree / layout.artifacts_root, digests=artifact_digests,
+                                       display=verification.display(layout.artifacts_root))
+    verification.plane_results["artifacts"] = artifacts.plane_result()
+    verification.problems += artifacts.problems
+
+    metadata_dir = os.path.dirname(layout.metadata_db)
+    database = tree / layout.metadata_db
+    if has_metadata or database.exists():
+        metadata = check_metadata_file(database, display=lambda _name: verification.display(metadata_dir)(
+            os.path.basename(layout.metadata_db)))
+        verification.plane_results["metadata"] = metadata.plane_result()
+        verification.problems += metadata.problems
+        if metadata.run_count is not None:
+            verification.plane_notes.append("metadata_runs:%d" % metadata.run_count)
+        else:
+            verification.plane_notes.append("metadata_file_level:%s" % ("ok" if not metadata.problems else "failed"))
+    else:
+        verification.plane_results["metadata"] = {"run_count": None, "check": "absent"}
+        verification.plane_notes.append("metadata_absent")
+    verification.plane_notes += ["record_replay:%d" % records.record_count,
+                                 "artifact_count:%d" % artifacts.artifact_count]
+    verification.plane_results = {key: verification.plane_results[key] for key in _PLANES}
+
+
+def _verify_into(backup: _DirectoryBackup, layout: _Layout, stage: Path, label: str) -> _Verification:
+    verification = _Verification()
+    _materialize(backup, layout, stage, verification, label)
+    has_metadata = "metadata" in backup.manifest.get("included_sections", [])
+    _check_planes(stage, layout, verification, has_metadata=has_metadata, digests=verification.digests)
+    return verification
+
+
+def _verification_notes(backup: _DirectoryBackup, verification: _Verification) -> Tuple[str, ...]:
+    notes = list(verification.plane_notes)
+    notes.append("manifest:%s" % backup.backup_ref)
+    if backup.expected_files is not None:
+        notes.append("checksums_verified:%d" % verification.files)
+    else:
+        notes.append("checksums_absent")
+    return tuple(notes)
+
+
+def _stale_dirs(parent: Path, prefix: str) -> List[Path]:
+    try:
+        names = os.listdir(str(parent))
+    except OSError:
+        return []
+    return [parent / name for name in sorted(names)
+            if name.startswith(prefix) and (parent / name).is_dir() and not (parent / name).is_symlink()]
+
+
+def restore_workspace(config: UnifiedConfig, plan: RestorePlan) -> RestoreResult:
+    """Verify a backup (always) and, unless ``plan.verify_only``, apply it to the target.
+
+    Verification failure gives status FAILURE (exit 1) and, for an apply,
+    leaves the target untouched.  Use :func:`restore_workspace_forced` to apply
+    a backup that failed verification.
+    """
+    return _restore(config, plan, force=False)
+
+
+def restore_workspace_forced(config: UnifiedConfig, plan: RestorePlan) -> RestoreResult:
+    """Apply even when verification finds problems (the result still lists them)."""
+    return _restore(config, plan, force=True)
+
+
+def _restore(config: UnifiedConfig, plan: RestorePlan, force: bool) -> RestoreResult:
+    backup = _DirectoryBackup(Path(plan.source_root))
+    layout = _layout_for(backup, _recovery_children(backup))
+    with _Lock(backup.location, what="backup %s" % backup.location, exclusive=False, directory=True):
+        if plan.verify_only:
+            return _verify_only(backup, layout, plan)
+        target = Path(plan.target_workspace)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _workspace_lock(target):
+            _resume_interrupted_restore(target)
+            return _apply(config, backup, layout, plan, target, force)
+
+
+def _verify_only(backup: _DirectoryBackup, layout: _Layout, plan: RestorePlan) -> RestoreResult:
+    staging_root = Path(plan.staging_root)
+    staging_root.mkdir(parents=True, exist_ok=True)
+    prefix = ".contexta-ops-verify-"
+    for stale in _stale_dirs(staging_root, prefix):
+        if not _lock_is_held(stale, directory=True):
+            _remove_tree(stale)
+    stage = staging_root / ("%s%s-%s" % (prefix, backup.backup_ref, uuid.uuid4().hex[:12]))
+    stage.mkdir()
+    try:
+        with _Lock(stage, what="staging %s" % stage, directory=True):
+            verification = _verify_into(backup, layout, stage, "verify %s" % backup.backup_ref)
+    finally:
+        _remove_tree(stage)
+    return RestoreResult(
+        status="FAILURE" if verification.problems else "SUCCESS", warnings=plan.warnings, notes=plan.notes,
+        details={"made_by": backup.made_by, "staged_files": verification.files, "staged_bytes": verification.bytes},
+        backup_ref=backup.backup_ref, target_workspace=plan.target_workspace, applied=False,
+        plane_results=verification.plane_results, verification_notes=_verification_notes(backup, verification),
+        problems=tuple(verification.problems), source_root=backup.location)
+
+
+def _journal_path(target: Path) -> Path:
+    return target.parent / (".%s.contexta-ops-restore.json" % target.name)
+
+
+def _new_tree_prefix(target: Path) -> str:
+    return ".%s.contexta-ops-restore-" % target.name
+
+
+def _apply(config: UnifiedConfig, backup: _DirectoryBackup, layout: _Layout, plan: RestorePlan, target: Path,
+           force: bool) -> RestoreResult:
+    token = uuid.uuid4().hex[:12]
+    new_tree = target.parent / (_new_tree_prefix(target) + token)
+    new_tree.mkdir()
+    warnings = list(plan.warnings)
+    notes = list(plan.notes)
+    safety_ref = None
+    try:
+        verification = _verify_into(backup, layout, new_tree, "restore %s" % backup.backup_ref)
+        verification_notes = _verification_notes(backup, verification)
+        if verification.problems and not force:
+            _remove_tree(new_tree)
+            return RestoreResult(
+                status="FAILURE", warnings=tuple(warnings), notes=tuple(notes + ["refused_verification_failed"]),
+                details={"made_by": backup.made_by}, backup_ref=backup.backup_ref, target_workspace=target,
+                applied=False, plane_results=verification.plane_results, verification_notes=verification_notes,
+                problems=tuple(verification.problems), source_root=backup.location)
+        if verification.problems:
+            warnings.append("forced: applied although verification found %d problem(s)" % len(verification.problems))
+        if plan.create_safety_backup and target.is_dir() and any(os.scandir(str(target))):
+            safety_ref = _safety_backup(config, target)
+            notes.append("safety_backup:%s" % safety_ref)
+        if target.is_dir():
+            linked = _link_kept(target, new_tree, layout.replaced, skip=[new_tree])
+            notes.append("kept_entries:%d" % linked)
+        _fsync_tree_dirs(new_tree)
+        _crash_point("restore:new-tree-durable")
+    except BaseException:
+        _remove_tree(new_tree)
+        raise
+    try:
+        _switch_over(target, new_tree, backup.backup_ref)
+    except OSError:
+        _resume_interrupted_restore(target)  # undo at once what the journal describes
+        raise
+    post = _post_apply_check(target, layout, backup)
+    _finish_restore(target)
+    problems = list(verification.problems) + list(post.problems)
+    return RestoreResult(
+        status="FAILURE" if problems else "SUCCESS", warnings=tuple(warnings), notes=tuple(notes),
+        details={"made_by": backup.made_by, "staged_files": verification.files},
+        backup_ref=backup.backup_ref, target_workspace=target, applied=True,
+        plane_results=verification.plane_results, safety_backup_ref=safety_ref,
+        verification_notes=verification_notes, problems=tuple(problems), source_root=backup.location,
+        post_apply_check={"status": "FAILURE" if post.problems else "SUCCESS",
+                          "plane_results": post.plane_results,
+                          "problems": [problem.to_dict() for problem in post.problems]})
+
+
+def _safety_backup(config: UnifiedConfig, target: Path) -> str:
+    """Back up the target actually being replaced (not the configured workspace, formats 11.6)."""
+    if target == config.workspace.root_path:
+        target_config = config
+    else:
+        target_config = UnifiedConfig(
+            profile_name=config.profile_name, project_name=config.project_name,
+            workspace=WorkspaceConfig(root_path=target),
+            recovery=RecoveryConfig(backup_root=config.recovery.backup_root,
+                                    restore_staging_root=config.recovery.restore_staging_root))
+    plan = plan_workspace_backup(target_config, label=_SAFETY_LABEL)
+    result = _write_backup(target_config, plan)
+    return result.backup_ref
+
+
+def _link_kept(old_root: Path, new_root: Path, replaced: Sequence[str], skip: Sequence[Path]) -> int:
+    """Carry over what the backup does not hold: hard links (copies across devices), never the data twice."""
+    excludes = [old_root / rel for rel in replaced] + list(skip)
+    directories: List[Tuple[Path, os.stat_result]] = []
+    count = 0
+    for rel, entry_stat, kind in _walk_tree(old_root, excludes):
+        source = old_root / rel
+        destination = new_root / rel
+        if kind == "dir":
+            if not destination.exists():
+                destination.mkdir()
+                directories.append((destination, entry_stat))
+            continue
+        if os.path.lexists(str(destination)):
+            continue  # the backup's copy wins
+        if kind == "file":
+            try:
+                os.link(str(source), str(destination))
+            except OSError:
+                shutil.copy2(str(source), str(destination))
+        elif kind == "symlink":
+            os.symlink(os.readlink(str(source)), str(destination))
+        else:
+            continue
+        count += 1
+    for directory, dir_stat in reversed(directories):
+        os.chmod(str(directory), stat.S_IMODE(dir_stat.st_mode))
+        os.utime(str(directory), ns=(dir_stat.st_mtime_ns, dir_stat.st_mtime_ns))
+    return count
+
+
+def _fsync_tree_dirs(root: Path) -> None:
+    _fsync_dir(root)
+    for rel, _st, kind in _walk_tree(root):
+        if kind == "dir":
+            _fsync_dir(root / rel)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _rename_exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    result = renameat2(_AT_FDCWD, os.fsencode(str(first)), _AT_FDCWD, os.fsencode(str(second)), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+        return False
+    raise OSError(error, os.strerror(error), str(first))
+
+
+def _switch_over(target: Path, new_tree: Path, backup_ref: str) -> None:
+    """Make ``new_tree`` the target; the journal lets any later run finish or undo this."""
+    old_tree = target.parent / (_new_tree_prefix(target) + "old-" + new_tree.name.rsplit("-", 1)[-1])
+    old_ino = os.stat(str(target)).st_ino if target.is_dir() else None
+    journal = {"target": str(target), "new": str(new_tree), "old": str(old_tree), "backup_ref": backup_ref,
+               "old_ino": old_ino, "new_ino": os.stat(str(new_tree)).st_ino, "started_at": _utc_timestamp()}
+    atomic_write_bytes(_journal_path(target), _pretty_json(journal))
+    _crash_point("restore:journal-written")
+    if old_ino is None:
+        os.rename(str(new_tree), str(target))
+    elif _rename_exchange(new_tree, target):
+        pass  # new_tree's path now holds the old workspace
+    else:
+        os.rename(str(target), str(old_tree))
+        _crash_point("restore:old-moved-aside")
+        os.rename(str(new_tree), str(target))
+    _crash_point("restore:switched")
+    _fsync_dir(target.parent)
+
+
+def _finish_restore(target: Path) -> None:
+    """Remove the replaced workspace and the journal once the new one is in place."""
+    journal_path = _journal_path(target)
+    journal = json.loads(journal_path.read_bytes().decode("utf-8"))
+    for leftover in (journal["new"], journal["old"]):
+        if os.path.lexists(leftover):
+            _remove_tree(leftover)
+            _crash_point("restore:old-removed")
+    os.unlink(str(journal_path))
+    _fsync_dir(target.parent)
+
+
+def _resume_interrupted_restore(target: Path) -> Optional[str]:
+    """Finish or roll back a restore of ``target`` that was killed; caller holds the workspace lock.
+
+    Decides by inode which tree sits at the target path, so it is right at
+    every point of the switch-over.  Returns what it did, or None.
+    """
+    journal_path = _journal_path(target)
+    if not journal_path.exists():
+        for stale in _stale_dirs(target.parent, _new_tree_prefix(target)):
+            _remove_tree(stale)  # a new tree from a run killed before its journal existed
+        return None
+    try:
+        journal = json.loads(journal_path.read_bytes().decode("utf-8"))
+        new_tree, old_tree = Path(journal["new"]), Path(journal["old"])
+        new_ino, old_ino = journal["new_ino"], journal["old_ino"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise RestoreError("restore journal %s is unreadable; inspect %s by hand" % (journal_path, target.parent),
+                           code="restore_journal_invalid", path=journal_path)
+    current = os.stat(str(target)).st_ino if target.exists() else None
+    if current is not None and current == new_ino:
+        outcome = "finished"
+    elif current is not None and current == old_ino:
+        outcome = "rolled_back"
+        if new_tree.exists() and os.stat(str(new_tree)).st_ino == new_ino:
+            _remove_tree(new_tree)
+    elif current is None and new_tree.exists():
+        os.rename(str(new_tree), str(target))
+        outcome = "finished"
+    elif current is None and old_tree.exists():
+        os.rename(str(old_tree), str(target))
+        outcome = "rolled_back"
+    else:
+        raise RestoreError("cannot tell how the restore of %s ended (journal %s); inspect by hand"
+                           % (target, journal_path), code="restore_journal_inconsistent", path=journal_path)
+    _fsync_dir(target.parent)
+    if outcome == "finished":
+        _finish_restore(target)
+    else:
+        os.unlink(str(journal_path))
+        _fsync_dir(target.parent)
+    return outcome
+
+
+def _post_apply_check(target: Path, layout: _Layout, backup: _DirectoryBackup) -> _Verification:
+    """The guide's last step, run at once: check the restored workspace itself."""
+    verification = _Verification(live_root=target)
+    has_metadata = "metadata" in backup.manifest.get("included_sections", [])
+    _check_planes(target, layout, verification, has_metadata=has_metadata)
+    return verification
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+#
+# Thin: parse, resolve the configuration, call the public function a script
+# would call, print its result.  Text goes to stdout for people; with --json
+# exactly one JSON object goes to stdout and everything else to stderr.
+
+_PROG = "contexta.pyz"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors raise instead of exiting, so --json can still answer in JSON."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError("%s (see `%s --help`)" % (message, self.prog))
+
+
+def _global_options() -> argparse.ArgumentParser:
+    """Flags every command accepts, before or after its name (SUPPRESS keeps either placement)."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("global options")
+    group.add_argument("--workspace", metavar="DIR", default=argparse.SUPPRESS,
+                       help="workspace root (default .contexta)")
+    group.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                       help="Contexta config file (.json; .toml on Python 3.11+)")
+    group.add_argument("--backup-root", metavar="DIR", default=argparse.SUPPRESS, help="where backups live")
+    group.add_argument("--staging-root", metavar="DIR", default=argparse.SUPPRESS,
+                       help="scratch space for verify-only restores")
+    group.add_argument("--outbox-root", metavar="DIR", default=argparse.SUPPRESS, help="recovery outbox directory")
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print exactly one JSON object on stdout")
+    group.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress and no report on success")
+    return common
+
+
+def _add_command(subparsers: Any, name: str, purpose: str, example: str, common: argparse.ArgumentParser,
+                 **kwargs: Any) -> argparse.ArgumentParser:
+    return subparsers.add_parser(name, help=purpose, description=purpose, parents=[common],
+                                 epilog="example:\n  " + example,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = _global_options()
+    parser = _Parser(prog=_PROG, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description=__doc__.split("\n\n")[0],
+                     epilog="exit codes: 0 success, 1 problems found, 2 usage, 3 could not run, 4 locked")
+    parser.add_argument("--version", action="version", version="%s %s" % (TOOL_NAME, __version__))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    backup = _add_command(commands, "backup", "Back up a workspace, list and verify backups.",
+                          "%s backup create --label nightly" % _PROG, common)
+    backup_commands = backup.add_subparsers(dest="backup_command", metavar="ACTION", parser_class=_Parser)
+    for action, purpose, example in (
+            ("plan", "Show what a backup would copy; changes nothing.", "backup plan --include-exports"),
+            ("create", "Write a complete, checksummed backup.", "backup create --label before-upgrade")):
+        sub = _add_command(backup_commands, action, purpose, "%s %s" % (_PROG, example), common)
+        sub.add_argument("--label", help="label that starts the backup ref")
+        sub.add_argument("--include-cache", action="store_true", help="also copy cache/ (the outbox always is)")
+        sub.add_argument("--include-exports", action="store_true", help="also copy exports/")
+    _add_command(backup_commands, "list", "List backups: ref, time, size, sections, checksums, complete.",
+                 "%s backup list --json" % _PROG, common)
+    verify = _add_command(backup_commands, "verify", "Re-hash every file of a backup against its manifest.",
+                          "%s backup verify nightly-2026-11-26T03-00-00Z" % _PROG, common)
+    verify.add_argument("backup", metavar="BACKUP", help="backup ref under the backup root, or a path")
+
+    restore = _add_command(
+        commands, "restore", "Prove a backup restorable (--verify-only), plan a restore, or apply one.",
+        "%s restore --verify-only\n  %s restore plan nightly-2026-11-26T03-00-00Z\n"
+        "  %s restore nightly-2026-11-26T03-00-00Z --target /srv/ml/.contexta" % (_PROG, _PROG, _PROG), common,
+        usage="%s restore [plan|apply] [BACKUP] [--verify-only] [--target DIR] [--force]" % _PROG)
+    restore.add_argument("words", nargs="*", metavar="[plan|apply] BACKUP", help=argparse.SUPPRESS)
+    restore.add_argument("--verify-only", action="store_true",
+                         help="materialize and verify in staging; never touch the target")
+    restore.add_argument("--target", metavar="DIR", help="workspace to restore into (default: --workspace)")
+    restore.add_argument("--force", action="store_true", help="apply even when verification finds problems")
+    return parser
+
+
+def _option(args: argparse.Namespace, name: str, default: Any = None) -> Any:
+    return getattr(args, name, default)
+
+
+def _config_from_args(args: argparse.Namespace) -> UnifiedConfig:
+    flags = {name: _option(args, name) for name in _FLAG_SETTINGS}
+    return _load_config_with_sources(_option(args, "config"), flags=flags)[0]
+
+
+class _Output:
+    """Where a command's words go: stdout for the report, stderr for notes; JSON keeps stdout to itself."""
+
+    def __init__(self, as_json: bool, quiet: bool) -> None:
+        self.as_json = as_json
+        self.quiet = quiet
+        self.lines: List[str] = []
+
+    def say(self, line: str = "") -> None:
+        self.lines.append(line)
+
+    def note(self, line: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(line + "\n")
+
+    def finish(self, payload: Mapping[str, Any], ok: bool) -> None:
+        if self.as_json:
+            sys.stdout.write(json.dumps(_jsonable(payload), sort_keys=False, default=str) + "\n")
+            if not ok:
+                for line in self.lines:
+                    sys.stderr.write(line + "\n")
+        elif not self.quiet or not ok:
+            stream = sys.stdout
+            for line in self.lines:
+                stream.write(line + "\n")
+        sys.stdout.flush()
+
+
+def _status_exit(status: str) -> int:
+    return EXIT_OK if status == "SUCCESS" else EXIT_PROBLEMS
+
+
+def _say_list(out: _Output, title: str, items: Sequence[Any]) -> None:
+    if items:
+        out.say(title)
+        for item in items:
+            out.say("  " + (item.line() if isinstance(item, Problem) else str(item)))
+
+
+def _cmd_backup(args: argparse.Namespace, out: _Output) -> int:
+    action = _option(args, "backup_command")
+    if action is None:
+        raise UsageError("backup needs an action: plan, create, list or verify (see `%s backup --help`)" % _PROG)
+    config = _config_from_args(args)
+    if action in ("plan", "create"):
+        plan = plan_workspace_backup(config, label=args.label, include_cache=args.include_cache,
+                                     include_exports=args.include_exports)
+        if action == "plan":
+            out.say("Backup plan %s" % plan.backup_ref)
+            out.say("  workspace: %s" % plan.workspace_root)
+            out.say("  into:      %s" % (plan.backup_root / plan.backup_ref))
+            for section in plan.sections:
+                out.say("  %-9s %s -> %s%s" % (section.name, section.source, section.path,
+                                               "  (relocated)" if section.relocated else ""))
+            out.say("  about %d files, %s" % (plan.estimated_files, _human_bytes(plan.estimated_bytes)))
+            _say_list(out, "Notes:", plan.notes)
+            _say_list(out, "Warnings:", plan.warnings)
+            out.finish(plan.to_dict(), True)
+            return EXIT_OK
+        result = create_workspace_backup(config, plan)
+        out.say("Backup %s: %s" % (result.backup_ref, result.status))
+        out.say("  location: %s" % result.location)
+        out.say("  sections: %s" % ", ".join(result.included_sections))
+        out.say("  %d files, %s, every file checksummed" % (result.file_count, _human_bytes(result.bytes_written)))
+        _say_list(out, "Warnings:", result.warnings)
+        out.finish(result.to_dict(), result.status == "SUCCESS")
+        return _status_exit(result.status)
+    if action == "list":
+        entries = list_backups(config)
+        out.say("Backups in %s" % config.recovery.backup_root)
+        if not entries:
+            out.say("  (none)")
+        for entry in entries:
+            state = "complete" if entry.complete else ("in progress" if entry.in_progress else "INCOMPLETE")
+            out.say("  %-48s %-28s %10s  %-10s %s  %s" % (
+                entry.backup_ref, entry.created_at or "-", _human_bytes(entry.size_bytes), state,
+                "checksums" if entry.has_checksums else "no-checksums", ",".join(entry.included_sections)))
+        out.finish({"status": "SUCCESS", "backup_root": config.recovery.backup_root,
+                    "backups": [entry.to_dict() for entry in entries]}, True)
+        return EXIT_OK
+    result = verify_backup(config, args.backup)
+    out.say("Backup %s: %s" % (result.backup_ref, result.status))
+    out.say("  %d files, %s re-hashed" % (result.checked_files, _human_bytes(result.checked_bytes)))
+    _say_list(out, "Problems:", result.problems)
+    _say_list(out, "Warnings:", result.warnings)
+    out.finish(result.to_dict(), result.status == "SUCCESS")
+    return _status_exit(result.status)
+
+
+def _say_planes(out: _Output, plane_results: Mapping[str, Any]) -> None:
+    metadata = plane_results.get("metadata", {})
+    if metadata.get("check") == "duckdb":
+        out.say("  metadata:  %s runs (read with DuckDB)" % metadata.get("run_count"))
+    elif metadata.get("check") == "absent":
+        out.say("  metadata:  not in this backup")
+    else:
+        out.say("  metadata:  checked at file level (DuckDB header; DuckDB not importable here)")
+    records = plane_results.get("records", {})
+    out.say("  records:   %s records, %s" % (records.get("record_count"), records.get("integrity_state")))
+    artifacts = plane_results.get("artifacts", {})
+    out.say("  artifacts: %s bound, %s verified, %s missing, %s drifted, %s orphans" % (
+        artifacts.get("artifact_count"), artifacts.get("verified_count"), artifacts.get("missing_count"),
+        artifacts.get("drift_count"), artifacts.get("orphan_count")))
+
+
+def _cmd_restore(args: argparse.Namespace, out: _Output) -> int:
+    words = list(args.words)
+    mode = words.pop(0) if words and words[0] in ("plan", "apply") else "run"
+    if len(words) > 1:
+        raise UsageError("restore takes one BACKUP, got %d: %s" % (len(words), " ".join(words)))
+    backup = words[0] if words else None
+    verify_only = bool(args.verify_only)
+    if backup is None and mode != "run":
+        raise UsageError("restore %s needs a BACKUP" % mode)
+    if backup is None and not verify_only:
+        raise UsageError("restore needs a BACKUP to apply; `restore --verify-only` alone checks the newest")
+    config = _config_from_args(args)
+    plan = plan_restore(config, backup, args.target, verify_only=verify_only or mode == "plan")
+    if backup is None:
+        out.note("using the newest complete backup: %s" % plan.backup_ref)
+    if mode == "plan":
+        plan = dataclasses.replace(plan, verify_only=False,
+                                   create_safety_backup=bool(config.recovery.create_backup_before_restore))
+        out.say("Restore plan: %s (made by %s%s) -> %s" % (plan.backup_ref, plan.made_by,
+                                                           "" if plan.has_checksums else ", no checksums",
+                                                           plan.target_workspace))
+        _say_list(out, "Replaced:", plan.replaced)
+        _say_list(out, "Kept as they are:", plan.kept)
+        out.say("Lost: %d file(s) in replaced sections that the backup does not have" % plan.lost_count)
+        for path in plan.lost:
+            out.say("  " + path)
+        out.say("Safety backup first: %s" % ("yes" if plan.create_safety_backup else "no"))
+        _say_list(out, "Warnings:", plan.warnings)
+        out.finish(plan.to_dict(), True)
+        return EXIT_OK
+    result = restore_workspace_forced(config, plan) if args.force else restore_workspace(config, plan)
+    what = "verify-only" if verify_only else ("applied to %s" % result.target_workspace if result.applied
+                                              else "NOT applied")
+    out.say("Restore %s, %s: %s" % (result.backup_ref, what, result.status))
+    _say_planes(out, result.plane_results)
+    if result.safety_backup_ref:
+        out.say("  safety backup: %s" % result.safety_backup_ref)
+    _say_list(out, "Problems:", result.problems)
+    _say_list(out, "Warnings:", result.warnings)
+    out.finish(result.to_dict(), result.status == "SUCCESS")
+    return _status_exit(result.status)
+
+
+_COMMANDS: Dict[str, Callable[[argparse.Namespace, _Output], int]] = {
+    "backup": _cmd_backup,
+    "restore": _cmd_restore,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; return its exit code (also the entry point of ``contexta.pyz``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    out = _Output(as_json, "--quiet" in argv)
+    try:
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+        out = _Output(bool(_option(args, "json")), bool(_option(args, "quiet")))
+        _Progress.enabled = sys.stderr.isatty() and not out.as_json and not out.quiet
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            raise UsageError("a command is needed")
+        return _COMMANDS[args.command](args, out)
+    except OpsError as exc:
+        return _report_error(out, exc.code, str(exc), exc.exit_code, exc.path)
+    except OSError as exc:
+        message = "%s%s" % (exc.strerror or exc, ": %s" % exc.filename if exc.filename else "")
+        return _report_error(out, "os_error", message, EXIT_CANNOT_RUN, exc.filename)
+    except KeyboardInterrupt:
+        return _report_error(out, "interrupted", "interrupted", 130)
+    except Exception as exc:  # a bug: still one line, with a way to see the traceback
+        if os.environ.get("CONTEXTA_OPS_DEBUG"):
+            raise
+        return _report_error(out, "internal_error", "%s: %s (CONTEXTA_OPS_DEBUG=1 shows the traceback)"
+                             % (type(exc).__name__, exc), EXIT_CANNOT_RUN)
+
+
+def _report_error(out: _Output, code: str, message: str, exit_code: int, path: Any = None) -> int:
+    sys.stderr.write("%s: error: %s\n" % (TOOL_NAME, message))
+    if out.as_json:
+        error = {"code": code, "message": message}
+        if path is not None:
+            error["path"] = str(path)
+        sys.stdout.write(json.dumps({"status": "ERROR", "exit_code": exit_code, "error": error}) + "\n")
+        sys.stdout.flush()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
