@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The whole test suite on every supported CPython (3.8-3.13): builds contexta.pyz once, then runs
+# pytest under each interpreter (two at a time) against that same file.  Extra arguments go to pytest.
+# Interpreters: $CONTEXTA_OPS_PYTHONS (space-separated), else ~/.pyenv/versions/3.{8..13}.*/bin/python.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+BUILD=$REPO/.build
+mkdir -p "$BUILD/logs"
+
+if [[ -n ${CONTEXTA_OPS_PYTHONS:-} ]]; then
+  read -r -a pythons <<<"$CONTEXTA_OPS_PYTHONS"
+else
+  pythons=()
+  for minor in 8 9 10 11 12 13; do
+    found=$(ls -d "$HOME"/.pyenv/versions/3.$minor.*/bin/python 2>/dev/null | sort -V | tail -n 1)
+    if [[ -z $found ]]; then echo "run_all: no Python 3.$minor under ~/.pyenv/versions" >&2; exit 3; fi
+    pythons+=("$found")
+  done
+fi
+
+bash build.sh "$BUILD/contexta.pyz" || { echo "run_all: build failed" >&2; exit 3; }
+export OPS_TEST_PYZ=$BUILD/contexta.pyz
+
+run_one() {
+  local python=$1 version venv log
+  version=$("$python" -c 'import sys;print("%d.%d" % sys.version_info[:2])')
+  venv=$BUILD/venv-$version
+  log=$BUILD/logs/pytest-$version.log
+  if [[ ! -x $venv/bin/pytest ]]; then
+    rm -rf "$venv"
+    "$python" -m venv "$venv" >"$log" 2>&1 &&
+      "$venv/bin/pip" install -q --disable-pip-version-check pytest >>"$log" 2>&1 ||
+      { echo "FAIL  $version  (could not install pytest; see $log)"; return 1; }
+  fi
+  local start=$SECONDS
+  if (cd "$REPO" && "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:2}") >"$log" 2>&1; then
+    echo "ok    $version  $(tail -n 1 "$log")  [$((SECONDS - start))s]"
+  else
+    echo "FAIL  $version  $(tail -n 1 "$log")  [$((SECONDS - start))s]"
+    tail -n 25 "$log" | sed "s/^/  $version| /"
+    return 1
+  fi
+}
+
+status=0
+pids=()
+for python in "${pythons[@]}"; do
+  run_one "$python" "$@" &
+  pids+=($!)
+  if (( ${#pids[@]} >= ${CONTEXTA_OPS_JOBS:-2} )); then
+    wait "${pids[0]}" || status=1
+    pids=("${pids[@]:1}")
+  fi
+done
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
