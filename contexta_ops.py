@@ -22,6 +22,7 @@ Every command takes the global flags ``--workspace --config --backup-root
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import ctypes.util
@@ -176,18 +177,25 @@ def _pretty_json(payload: Any) -> bytes:
         return (text + "\n").encode("ascii")
 
 
+# One encoder each: json.dumps with options builds a new encoder per call, which dominates hot loops.
+_COMPACT_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+_COMPACT_ASCII_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
 def _compact_json(payload: Any) -> str:
     """Contexta's C-JSONL line, without the newline."""
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return _COMPACT_ENCODER.encode(payload)
 
 
 def _jsonable(value: Any) -> Any:
     """Turn result objects into plain JSON values (paths become strings)."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
     if hasattr(value, "to_dict") and not isinstance(value, type):
         return value.to_dict()
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, Mapping):
+    if isinstance(value, (dict, Mapping)):
         return {str(key): _jsonable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_jsonable(item) for item in value]
@@ -2790,6 +2798,929 @@ def _post_apply_check(target: Path, layout: _Layout, backup: _DirectoryBackup) -
 
 
 # ---------------------------------------------------------------------------
+# Outbox replay
+# ---------------------------------------------------------------------------
+#
+# Same contract as contexta.recovery.replay_outbox, none of its losses:
+# the outbox is streamed once (flat memory); unchanged lines keep their bytes
+# and their order; a malformed line is dead-lettered with its raw text instead
+# of stopping the batch.  Exactly-once delivery to the built-in file sink
+# comes from checkpoints: sink files, the kept-lines and dead-letter temp files
+# are fsynced, then ``replay.journal.json`` records their sizes and the outbox
+# offset reached.  A run killed at any moment is finished by the next one,
+# which first truncates everything back to the last checkpoint, so nothing
+# past a checkpoint is ever written twice.  The outbox is replaced atomically
+# and lines a writer appends meanwhile are carried over.
+
+OUTBOX_FILE = "failed_deliveries.jsonl"
+DEAD_LETTER_FILE = "dead_letter.jsonl"
+REPLAY_LOCK_FILE = "replay.lock"
+_REPLAY_JOURNAL = "replay.journal.json"
+_REPLAY_KEPT_TMP = ".replay-kept.tmp"
+_REPLAY_DEAD_TMP = ".replay-dead.tmp"
+PAYLOAD_FAMILIES = ("CONTEXT", "RECORD", "ARTIFACT", "DEGRADATION")
+DEFAULT_REPLAY_SINK = "local-jsonl-replay"
+_CHECKPOINT_LINES = 4096
+_CHECKPOINT_BYTES = 8 << 20
+_IN_FLIGHT_SECONDS = 2.0
+_ENTRY_RESULTS_KEPT = 10000
+
+
+class ReplayError(OpsError):
+    code = "replay_failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayEntryResult:
+    """One entry's outcome (Contexta's fields)."""
+
+    replay_ref: str
+    family: str
+    target: str
+    status: str
+    detail: str = ""
+    attempts: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayBatchResult:
+    """Contexta's ReplayBatchResult fields (and a ``to_dict`` that works), plus our counts.
+
+    ``entries`` holds the first 10,000 entry results; counts cover them all.
+    """
+
+    status: str
+    warnings: Tuple[str, ...] = ()
+    notes: Tuple[str, ...] = ()
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    entries: Tuple[ReplayEntryResult, ...] = ()
+    acknowledged_count: int = 0
+    pending_count: int = 0
+    dead_lettered_count: int = 0
+    delivered_count: int = 0
+    failed_count: int = 0
+    skipped_count: int = 0
+    malformed_count: int = 0
+    dry_run: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """0 when everything selected was delivered; 1 when anything failed or was dead-lettered."""
+        return EXIT_PROBLEMS if (self.failed_count or self.dead_lettered_count) else EXIT_OK
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkReceipt:
+    status: str = "SUCCESS"
+    detail: str = ""
+
+
+def _json_line(payload: Any) -> bytes:
+    """C-JSONL bytes; a lone surrogate falls back to a \\u escape instead of failing (formats 11.15)."""
+    try:
+        return (_compact_json(payload) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (_COMPACT_ASCII_ENCODER.encode(payload) + "\n").encode("ascii")
+
+
+def _sink_line(family: str, payload: Any, payload_type: Any, payload_ref: Any, sink_name: str,
+               replay_ref: Optional[str] = None) -> bytes:
+    """Contexta's sink line; replays also say which outbox entry they delivered."""
+    line = {"captured_at": _capture_timestamp(), "family": family, "payload": payload,
+            "payload_ref": payload_ref, "payload_type": payload_type, "sink_name": sink_name}
+    if replay_ref is not None:
+        line["replay_ref"] = replay_ref
+    return _json_line(line)
+
+
+_TIMESTAMP_CACHE = [0, ""]
+
+
+def _capture_timestamp() -> str:
+    """A TS for sink lines, formatted afresh once per millisecond (formatting dominated the replay loop)."""
+    now = time.time_ns()
+    if now // 1000000 != _TIMESTAMP_CACHE[0]:
+        _TIMESTAMP_CACHE[0] = now // 1000000
+        _TIMESTAMP_CACHE[1] = _utc_timestamp(datetime.fromtimestamp(now / 1e9, timezone.utc))
+    return _TIMESTAMP_CACHE[1]
+
+
+class LocalJsonlSink:
+    """Contexta's local JSONL sink: one line per payload in ``<root>/<family lower>.jsonl``.
+
+    ``capture`` is there for scripts; replay recognizes this sink and writes
+    through its own journaled path instead, which is what makes delivery
+    exactly-once.
+    """
+
+    def __init__(self, storage_root: Any, *, name: str = "local-jsonl") -> None:
+        self.storage_root = Path(storage_root)
+        self.name = name
+
+    def file_path_for(self, family: str) -> Path:
+        return self.storage_root / ("%s.jsonl" % family.lower())
+
+    def capture(self, *, family: str, payload: Any) -> SinkReceipt:
+        family = str(family).upper()
+        if family not in PAYLOAD_FAMILIES:
+            raise ReplayError("unknown payload family %r" % family, code="sink_family_not_supported")
+        self.storage_root.mkdir(parents=True, exist_ok=True)
+        target = self.file_path_for(family)
+        with open(target, "ab") as handle:
+            handle.write(_sink_line(family, payload, type(payload).__name__, None, self.name))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return SinkReceipt("SUCCESS", "appended payload to %s" % target.name)
+
+
+_FILE_SINK_RECEIPTS = {family: SinkReceipt("SUCCESS", "appended payload to %s.jsonl" % family.lower())
+                       for family in PAYLOAD_FAMILIES}
+
+
+class _JournaledFileSink:
+    """The built-in sink as replay drives it: append handles whose sizes the journal records.
+
+    After a crash, lines written past the last checkpoint are not rewritten:
+    the resumed run re-derives its decisions and recognizes each such line
+    (same replay_ref and payload, in order) as already delivered.  Only a
+    line the crash tore in half is cut off.
+    """
+
+    def __init__(self, storage_root: Path, name: str) -> None:
+        self.storage_root = storage_root
+        self.name = name
+        self.handles: Dict[str, Any] = {}
+        self.pending_bytes = 0
+        self.recovered: Dict[str, int] = {}  # path -> offset of the next line written before a crash
+        self.paths: Dict[str, str] = {}
+
+    def reopen(self, sizes: Mapping[str, int]) -> None:
+        for path, size in sizes.items():
+            handle = open(path, "a+b")
+            end = handle.seek(0, os.SEEK_END)
+            if end > size:
+                self.recovered[path] = size
+            self.handles[path] = handle
+
+    def path_for(self, family: str) -> str:
+        path = self.paths.get(family)
+        if path is None:
+            path = self.paths[family] = str(self.storage_root / ("%s.jsonl" % family.lower()))
+        return path
+
+    def needs_new_file(self, family: str) -> bool:
+        return self.path_for(family) not in self.handles
+
+    def open_file(self, family: str) -> None:
+        self.storage_root.mkdir(parents=True, exist_ok=True)
+        path = self.path_for(family)
+        self.handles[path] = open(path, "a+b")
+
+    def deliver(self, family: str, line: bytes, replay_ref: str, payload: Any) -> None:
+        path = self.path_for(family)
+        handle = self.handles[path]
+        if path in self.recovered and self._already_written(path, handle, replay_ref, payload):
+            return
+        handle.write(line)
+        self.pending_bytes += len(line)
+
+    def _already_written(self, path: str, handle: Any, replay_ref: str, payload: Any) -> bool:
+        position = self.recovered[path]
+        handle.seek(position)
+        existing = handle.readline()
+        try:
+            found = json.loads(existing.decode("utf-8")) if existing.endswith(b"\n") else None
+        except (ValueError, UnicodeDecodeError):
+            found = None
+        if isinstance(found, dict) and found.get("replay_ref") == replay_ref and found.get("payload") == payload:
+            self.recovered[path] = position + len(existing)
+            handle.seek(0, os.SEEK_END)
+            if self.recovered[path] >= handle.tell():
+                del self.recovered[path]
+            return True
+        handle.truncate(position)  # not this entry's line: a torn tail, never a delivered line
+        handle.seek(0, os.SEEK_END)
+        del self.recovered[path]
+        return False
+
+    def sync(self) -> Dict[str, int]:
+        """fsync every sink file; the sizes delivered so far, for the journal."""
+        sizes = {}
+        for path, handle in self.handles.items():
+            handle.flush()
+            os.fsync(handle.fileno())
+            sizes[path] = self.recovered.get(path, handle.seek(0, os.SEEK_END))
+        self.pending_bytes = 0
+        return sizes
+
+    def close(self) -> None:
+        for path, handle in self.handles.items():
+            if path in self.recovered:  # written before a crash by decisions this run did not repeat
+                handle.truncate(self.recovered[path])
+                os.fsync(handle.fileno())
+            handle.close()
+        self.handles.clear()
+        self.recovered.clear()
+
+
+def _truncate_to(path: Any, size: int) -> None:
+    """Cut a file back to a checkpointed size (creating it empty if it vanished)."""
+    with open(path, "ab") as handle:
+        if handle.tell() > size:
+            handle.truncate(size)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _outbox_root(config: Any) -> Path:
+    outbox_root = getattr(getattr(config, "recovery", None), "outbox_root", None)
+    if outbox_root is None:
+        raise ReplayError("config.recovery.outbox_root is not configured", code="recovery_outbox_root_missing")
+    outbox_root = Path(outbox_root)
+    if outbox_root.exists() and not outbox_root.is_dir():
+        raise ReplayError("outbox root %s is not a directory" % outbox_root, code="recovery_outbox_root_invalid",
+                          path=outbox_root)
+    return outbox_root
+
+
+def _complete_lines_end(path: Path) -> int:
+    """Where this run stops reading: after the last whole line.
+
+    An unterminated last line counts when it is a JSON object, or when the
+    file has been still for a while (then it is a torn write, dead-lettered as
+    truncated); otherwise a writer may be halfway through it, and it is left.
+    """
+    file_stat = os.stat(str(path))
+    size = file_stat.st_size
+    if size == 0:
+        return 0
+    with open(path, "rb") as handle:
+        position = size
+        tail = b""
+        while position > 0:
+            step = min(65536, position)
+            position -= step
+            handle.seek(position)
+            tail = handle.read(step) + tail
+            newline = tail.rfind(b"\n")
+            if newline >= 0:
+                last_line_start = position + newline + 1
+                break
+        else:
+            last_line_start = 0
+        if last_line_start == size:
+            return size
+        handle.seek(last_line_start)
+        unterminated = handle.read()
+    try:
+        if isinstance(json.loads(unterminated.decode("utf-8")), dict):
+            return size
+    except (ValueError, UnicodeDecodeError):
+        pass
+    if time.time() - file_stat.st_mtime >= _IN_FLIGHT_SECONDS:
+        return size
+    return last_line_start
+
+
+@dataclasses.dataclass
+class _ReplayParams:
+    target: Optional[str]
+    limit: Optional[int]
+    acknowledge_successes: bool
+    dead_letter_after_failures: Optional[int]
+
+
+class _ReplayRun:
+    """One pass over the outbox: decide, deliver, checkpoint, commit."""
+
+    def __init__(self, outbox_root: Path, params: _ReplayParams, sink: Any, dry_run: bool) -> None:
+        self.outbox_root = outbox_root
+        self.outbox = outbox_root / OUTBOX_FILE
+        self.dead_letter = outbox_root / DEAD_LETTER_FILE
+        self.journal_path = outbox_root / _REPLAY_JOURNAL
+        self.kept_path = outbox_root / _REPLAY_KEPT_TMP
+        self.dead_path = outbox_root / _REPLAY_DEAD_TMP
+        self.params = params
+        self.dry_run = dry_run
+        self.sink = sink
+        self.file_sink: Optional[_JournaledFileSink] = None
+        if isinstance(sink, LocalJsonlSink) and not dry_run:
+            self.file_sink = _JournaledFileSink(sink.storage_root, sink.name)
+        self.sink_name = getattr(sink, "name", DEFAULT_REPLAY_SINK)
+        self.journal: Dict[str, Any] = {}
+        self.counts = {"acknowledged": 0, "delivered": 0, "failed": 0, "skipped": 0, "dead": 0, "malformed": 0,
+                       "kept_lines": 0, "selected": 0, "lines": 0}
+        self.entries: List[ReplayEntryResult] = []
+        self.warnings: List[str] = []
+        self.kept: Any = None
+        self.dead: Any = None
+        self.offset = 0
+        self.since_checkpoint = 0
+
+    # -- starting and resuming --------------------------------------------
+
+    def start(self) -> None:
+        self.offset = 0
+        scan_end = _complete_lines_end(self.outbox)
+        outbox_stat = os.stat(str(self.outbox))
+        self.journal = {"version": 1, "state": "delivering", "started_at": _utc_timestamp(),
+                        "params": dataclasses.asdict(self.params), "sink_name": self.sink_name,
+                        "builtin_sink": None if self.file_sink is None else str(self.file_sink.storage_root),
+                        "outbox_ino": outbox_stat.st_ino, "scan_end": scan_end}
+        if self.dry_run:
+            return
+        self.kept = open(self.kept_path, "wb")
+        self.dead = open(self.dead_path, "wb")
+        self.checkpoint()
+
+    def resume(self, journal: Dict[str, Any]) -> None:
+        """Roll everything back to the last checkpoint and carry on from there."""
+        self.journal = journal
+        point = journal["checkpoint"]
+        if os.stat(str(self.outbox)).st_ino != journal["outbox_ino"]:
+            raise ReplayError("the outbox %s was replaced since an interrupted replay; its journal %s no longer "
+                              "applies - inspect both by hand" % (self.outbox, self.journal_path),
+                              code="replay_journal_stale", path=self.journal_path)
+        _truncate_to(self.kept_path, point["kept"])
+        _truncate_to(self.dead_path, point["dead"])
+        self.counts.update(point["counts"])
+        self.offset = point["offset"]
+        if self.file_sink is not None:
+            self.file_sink.reopen(point["sinks"])
+        self.kept = open(self.kept_path, "ab")
+        self.dead = open(self.dead_path, "ab")
+
+    def checkpoint(self) -> None:
+        """Make everything so far durable, then record how far that is."""
+        sinks = self.file_sink.sync() if self.file_sink is not None else {}
+        for handle in (self.kept, self.dead):
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.journal["checkpoint"] = {"offset": self.offset, "sinks": sinks, "kept": self.kept.tell(),
+                                      "dead": self.dead.tell(), "counts": dict(self.counts)}
+        atomic_write_bytes(self.journal_path, _pretty_json(self.journal))
+        self.since_checkpoint = 0
+        _crash_point("replay:checkpoint")
+
+    # -- deciding and delivering -------------------------------------------
+
+    def deliver_all(self) -> None:
+        scan_end = self.journal["scan_end"]
+        limit = self.params.limit
+        checkpoints = not self.dry_run
+        file_sink = self.file_sink
+        counts = self.counts
+        with open(self.outbox, "rb") as outbox:
+            outbox.seek(self.offset)
+            for raw in outbox:
+                if self.offset >= scan_end or (limit is not None and counts["selected"] >= limit):
+                    break  # the rest is carried over byte for byte at commit
+                if self.offset + len(raw) > scan_end:
+                    raw = raw[:scan_end - self.offset]
+                counts["lines"] += 1
+                self.handle_line(raw)
+                self.offset += len(raw)
+                self.since_checkpoint += 1
+                if checkpoints and (self.since_checkpoint >= _CHECKPOINT_LINES or (
+                        file_sink is not None and file_sink.pending_bytes >= _CHECKPOINT_BYTES)):
+                    self.checkpoint()
+        if not self.dry_run:
+            self.journal["carry_from"] = self.offset
+            self.checkpoint()
+
+    def keep(self, raw: bytes) -> None:
+        self.counts["kept_lines"] += 1
+        if self.kept is not None:
+            self.kept.write(raw if raw.endswith(b"\n") else raw + b"\n")
+
+    def dead_letter_line(self, record: Mapping[str, Any]) -> None:
+        self.counts["dead"] += 1
+        if self.dead is not None:
+            self.dead.write(_json_line(record))
+
+    def record(self, *fields: Any) -> None:
+        """Keep an entry's result (built only while under the cap: memory stays flat)."""
+        if len(self.entries) < _ENTRY_RESULTS_KEPT:
+            self.entries.append(ReplayEntryResult(*fields))
+
+    def handle_line(self, raw: bytes) -> None:
+        if not raw.strip():
+            return  # blank lines vanish, as in Contexta
+        entry, family, reason = _parse_outbox_line(raw)
+        if entry is None:
+            derived_ref = _derived_replay_ref(raw)
+            self.counts["malformed"] += 1
+            self.dead_letter_line(_malformed_record(raw, reason, derived_ref))
+            self.record(derived_ref, "UNKNOWN", self.sink_name, "FAILURE", "dead-lettered: %s" % reason, 0)
+            return
+        changed = False
+        replay_ref = entry.get("replay_ref")
+        if not isinstance(replay_ref, str) or not replay_ref.strip():
+            replay_ref = _derived_replay_ref(raw)
+            entry["replay_ref"] = replay_ref
+            changed = True
+        attempts = entry.get("attempts", 0)
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
+            self.warnings.append("attempts_not_integer: %s has attempts=%r, counted as 0" % (replay_ref, attempts))
+            attempts = 0
+        target = self.params.target
+        if target is not None and entry.get("sink_name") != target:
+            self.counts["skipped"] += 1
+            self.record(replay_ref, str(entry["family"]), target, "SKIPPED",
+                        "entry target does not match selected target", attempts)
+            self.keep(_json_line(entry) if changed else raw)
+            return
+        self.counts["selected"] += 1
+        if self.file_sink is not None:
+            # Our own file sink failing to write is fatal (never retried); the journal lets
+            # the next run finish the batch.
+            receipt = self.send(family, entry, replay_ref)
+        else:
+            try:
+                receipt = self.send(family, entry, replay_ref)
+            except Exception as exc:  # a script's sink failed this entry: count it and requeue it
+                self.fail(entry, replay_ref, attempts, str(exc) or type(exc).__name__)
+                return
+        self.counts["delivered"] += 1
+        if len(self.entries) < _ENTRY_RESULTS_KEPT:
+            status = getattr(receipt, "status", "SUCCESS")
+            status = str(getattr(status, "value", status)).upper()  # a script's sink may return an enum
+            self.record(replay_ref, str(entry["family"]), self.sink_name, status,
+                        str(getattr(receipt, "detail", "")), attempts)
+        if self.params.acknowledge_successes:
+            self.counts["acknowledged"] += 1
+        else:
+            self.keep(_json_line(entry) if changed else raw)
+
+    def send(self, family: str, entry: Dict[str, Any], replay_ref: str) -> Any:
+        if self.dry_run:
+            return SinkReceipt("SUCCESS", "dry run: would deliver to %s" % self.sink_name)
+        if self.file_sink is not None:
+            if self.file_sink.needs_new_file(family):
+                self.file_sink.open_file(family)
+                self.checkpoint()  # the new file's starting size is journaled before it grows
+            payload_type = entry.get("payload_type") or type(entry["payload"]).__name__
+            self.file_sink.deliver(family, _sink_line(family, entry["payload"], payload_type,
+                                                      entry.get("payload_ref"), self.sink_name, replay_ref),
+                                   replay_ref, entry["payload"])
+            return _FILE_SINK_RECEIPTS[family]
+        return self.sink.capture(family=family, payload=entry["payload"])
+
+    def fail(self, entry: Dict[str, Any], replay_ref: str, attempts: int, error: str) -> None:
+        updated = dict(entry)
+        updated["attempts"] = attempts + 1
+        updated["last_replayed_at"] = _utc_timestamp()
+        updated["last_error"] = error
+        self.counts["failed"] += 1
+        self.record(replay_ref, str(entry["family"]), self.sink_name, "FAILURE", error, attempts + 1)
+        threshold = self.params.dead_letter_after_failures
+        if threshold is not None and attempts + 1 >= threshold:
+            self.dead_letter_line(updated)
+        else:
+            self.keep(_json_line(updated))
+
+    # -- committing ------------------------------------------------------------
+
+    def commit(self) -> int:
+        """Dead letters first, then the new outbox by atomic rename; returns the pending line count."""
+        self.journal["state"] = "committing"
+        if "dead_letter_size" not in self.journal:
+            self.journal["dead_letter_size"] = self.dead_letter.stat().st_size if self.dead_letter.exists() else 0
+        atomic_write_bytes(self.journal_path, _pretty_json(self.journal))
+        _crash_point("replay:committing")
+        return self.finish_commit()
+
+    def finish_commit(self) -> int:
+        for handle in (self.kept, self.dead):
+            if handle is not None:
+                handle.close()
+        if self.file_sink is not None:
+            self.file_sink.close()
+        if self.dead_path.exists() and self.dead_path.stat().st_size:
+            _truncate_to(self.dead_letter, self.journal["dead_letter_size"])
+            with open(self.dead_letter, "ab") as out, open(self.dead_path, "rb") as source:
+                shutil.copyfileobj(source, out, _CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            _crash_point("replay:dead-letters-appended")
+        pending = self.counts["kept_lines"]
+        fd, tmp_name = tempfile.mkstemp(prefix="tmp", dir=str(self.outbox_root))
+        old = open(self.outbox, "rb")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                with open(self.kept_path, "rb") as kept:
+                    shutil.copyfileobj(kept, out, _CHUNK)
+                old.seek(self.journal["carry_from"])
+                copied_end, lines = _copy_rest(old, out)
+                pending += lines
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp_name, stat.S_IMODE(os.fstat(old.fileno()).st_mode))
+            _crash_point("replay:new-outbox-written")
+            os.replace(tmp_name, str(self.outbox))
+            _fsync_dir(self.outbox_root)
+            _crash_point("replay:outbox-replaced")
+            # A writer that opened the old file just before the rename appends to the old inode.
+            late = os.fstat(old.fileno()).st_size - copied_end
+            if late > 0:
+                old.seek(copied_end)
+                with open(self.outbox, "ab") as out:
+                    pending += _copy_rest(old, out)[1]
+                    out.flush()
+                    os.fsync(out.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+        finally:
+            old.close()
+        self.cleanup()
+        return pending
+
+    def cleanup(self) -> None:
+        for path in (self.kept_path, self.dead_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(path))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(self.journal_path))
+        _fsync_dir(self.outbox_root)
+
+
+def _copy_rest(source: Any, out: Any) -> Tuple[int, int]:
+    """Copy from the current position to the end, line-terminating the last line; (end offset, lines)."""
+    lines = 0
+    last = b"\n"
+    while True:
+        chunk = source.read(_CHUNK)
+        if not chunk:
+            break
+        out.write(chunk)
+        lines += chunk.count(b"\n")
+        last = chunk[-1:]
+    end = source.tell()
+    if last != b"\n":
+        out.write(b"\n")
+        lines += 1
+    return end, lines
+
+
+def _derived_replay_ref(raw: bytes) -> str:
+    """A stable ref for an entry that has none: a hash of its line."""
+    return "replay:derived.%s" % hashlib.sha256(raw.rstrip(b"\r\n")).hexdigest()[:16]
+
+
+def _parse_outbox_line(raw: bytes) -> Tuple[Optional[Dict[str, Any]], str, str]:
+    """(entry, its family upper-cased, "") or (None, "", why it cannot be replayed)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "", "not valid UTF-8"
+    try:
+        entry = json.loads(text)
+    except ValueError:
+        return None, "", "truncated line (no newline, not JSON)" if not raw.endswith(b"\n") else "not JSON"
+    if not isinstance(entry, dict):
+        return None, "", "not a JSON object"
+    if "family" not in entry:
+        return None, "", "missing family"
+    if "payload" not in entry:
+        return None, "", "missing payload"
+    family = str(entry["family"]).upper()
+    if family not in PAYLOAD_FAMILIES:
+        return None, "", "unknown family %r" % (entry["family"],)
+    return entry, family, ""
+
+
+def _malformed_record(raw: bytes, reason: str, derived_ref: str) -> Dict[str, Any]:
+    record: Dict[str, Any] = {"replay_ref": derived_ref, "malformed": True, "reason": reason,
+                              "dead_lettered_at": _utc_timestamp()}
+    try:
+        record["raw_line"] = raw.rstrip(b"\r\n").decode("utf-8")
+    except UnicodeDecodeError:
+        record["raw_line_base64"] = base64.b64encode(raw.rstrip(b"\r\n")).decode("ascii")
+    return record
+
+
+def _resolve_replay_sink(config: Any, target: Optional[str], sinks: Optional[Sequence[Any]]) -> Any:
+    if sinks:
+        if target is None:
+            return sinks[0]
+        for sink in sinks:
+            if getattr(sink, "name", None) == target:
+                return sink
+        raise ReplayError("no sink named %r was provided" % target, code="recovery_replay_target_missing")
+    return LocalJsonlSink(Path(config.workspace.exports_path) / "replayed", name=target or DEFAULT_REPLAY_SINK)
+
+
+def replay_outbox(config: Any, target: Optional[str] = None, limit: Optional[int] = None,
+                  acknowledge_successes: bool = True, dead_letter_after_failures: Optional[int] = None,
+                  sinks: Optional[Sequence[Any]] = None, *, dry_run: bool = False) -> ReplayBatchResult:
+    """Re-deliver the outbox's failed deliveries (``contexta.recovery.replay_outbox``'s contract).
+
+    Holds ``flock(<outbox_root>/replay.lock)`` (exit 4 if held).  First
+    finishes a replay that was killed, then replays.  Delivery to the built-in
+    sink (or a :class:`LocalJsonlSink` passed in ``sinks``) is exactly-once
+    across crashes; a script's own sink is called at least once per entry.
+    ``dry_run`` reports what would happen and changes no byte.
+    """
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ReplayError("limit must be a non-negative integer", code="replay_invalid_limit")
+    if dead_letter_after_failures is not None and (
+            not isinstance(dead_letter_after_failures, int) or dead_letter_after_failures < 1):
+        raise ReplayError("dead_letter_after_failures must be a positive integer", code="replay_invalid_threshold")
+    outbox_root = _outbox_root(config)
+    params = _ReplayParams(target, limit, acknowledge_successes, dead_letter_after_failures)
+    sink = _resolve_replay_sink(config, target, sinks)
+    if not (outbox_root / OUTBOX_FILE).is_file() and not (outbox_root / _REPLAY_JOURNAL).exists():
+        return ReplayBatchResult(status="SUCCESS", notes=("outbox_empty",), dry_run=dry_run)
+    lock_path = outbox_root / REPLAY_LOCK_FILE
+    if dry_run:
+        if _lock_is_held(lock_path):
+            raise LockedError("outbox %s is locked by another replay (%s)" % (outbox_root, lock_path), path=lock_path)
+        return _replay_once(outbox_root, params, sink, dry_run=True, notes=[])
+    with _Lock(lock_path, what="outbox %s" % outbox_root):
+        notes = []
+        _finish_interrupted_requeue(outbox_root)
+        resumed = _finish_interrupted_replay(config, outbox_root, sinks)
+        if resumed is not None:
+            notes.append("resumed_interrupted_replay:acknowledged=%d" % resumed.acknowledged_count)
+        if not (outbox_root / OUTBOX_FILE).is_file():
+            return ReplayBatchResult(status="SUCCESS", notes=tuple(notes + ["outbox_empty"]))
+        return _replay_once(outbox_root, params, sink, dry_run=False, notes=notes)
+
+
+def _replay_once(outbox_root: Path, params: _ReplayParams, sink: Any, dry_run: bool,
+                 notes: List[str]) -> ReplayBatchResult:
+    run = _ReplayRun(outbox_root, params, sink, dry_run)
+    run.start()
+    progress = _Progress("replay %s" % run.outbox)
+    run.deliver_all()
+    progress.finish()
+    if dry_run:
+        pending = run.counts["kept_lines"] + _count_lines_from(run.outbox, run.offset)
+    else:
+        pending = run.commit()
+    return _replay_result(run, pending, notes, dry_run)
+
+
+def _count_lines_from(path: Path, offset: int) -> int:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        count = 0
+        last = b"\n"
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (0 if last == b"\n" else 1)
+
+
+def _replay_result(run: _ReplayRun, pending: int, notes: List[str], dry_run: bool) -> ReplayBatchResult:
+    counts = run.counts
+    results = counts["delivered"] + counts["failed"] + counts["skipped"] + counts["malformed"]
+    failures = counts["failed"] + counts["malformed"]
+    status = "DEGRADED" if (failures or counts["skipped"]) else "SUCCESS"
+    if results and failures == results:
+        status = "FAILURE"
+    notes = list(notes)
+    if counts["dead"]:
+        notes.append("dead_lettered:%d" % counts["dead"])
+    if dry_run:
+        notes.append("dry_run")
+    if len(run.entries) < results:
+        notes.append("entry_results_truncated:%d" % (results - len(run.entries)))
+    return ReplayBatchResult(
+        status=status, warnings=tuple(run.warnings[:100]), notes=tuple(notes),
+        details={"outbox": str(run.outbox), "sink_name": run.sink_name, "lines_read": counts["lines"]},
+        entries=tuple(run.entries), acknowledged_count=counts["acknowledged"], pending_count=pending,
+        dead_lettered_count=counts["dead"], delivered_count=counts["delivered"], failed_count=counts["failed"],
+        skipped_count=counts["skipped"], malformed_count=counts["malformed"], dry_run=dry_run)
+
+
+def _finish_interrupted_replay(config: Any, outbox_root: Path,
+                               sinks: Optional[Sequence[Any]]) -> Optional[ReplayBatchResult]:
+    """Complete a replay that was killed, from its journal, before anything else happens."""
+    journal_path = outbox_root / _REPLAY_JOURNAL
+    if not journal_path.exists():
+        for leftover in (_REPLAY_KEPT_TMP, _REPLAY_DEAD_TMP):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(outbox_root / leftover))
+        return None
+    try:
+        journal = json.loads(journal_path.read_bytes().decode("utf-8"))
+        params = _ReplayParams(**journal["params"])
+        journal["checkpoint"]["offset"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ReplayError("replay journal %s is unreadable; inspect the outbox by hand" % journal_path,
+                          code="replay_journal_invalid", path=journal_path)
+    if journal.get("builtin_sink"):
+        sink: Any = LocalJsonlSink(Path(journal["builtin_sink"]), name=journal["sink_name"])
+    else:
+        sink = _resolve_replay_sink(config, params.target, sinks)
+    run = _ReplayRun(outbox_root, params, sink, dry_run=False)
+    if journal.get("state") == "committing":
+        if os.stat(str(run.outbox)).st_ino != journal["outbox_ino"]:
+            run.cleanup()  # the new outbox was already in place
+            return ReplayBatchResult(status="SUCCESS", acknowledged_count=journal["checkpoint"]["counts"][
+                "acknowledged"])
+        run.journal = journal
+        run.counts.update(journal["checkpoint"]["counts"])
+        pending = run.finish_commit()
+    else:
+        run.resume(journal)
+        run.deliver_all()
+        pending = run.commit()
+    return _replay_result(run, pending, [], False)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutboxStatus:
+    """``replay status``: what is pending and dead-lettered, by family and sink."""
+
+    outbox_root: Path
+    pending_count: int = 0
+    pending_by_family: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    pending_by_sink: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    dead_lettered_count: int = 0
+    dead_lettered_by_family: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    dead_lettered_by_sink: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    malformed_pending: int = 0
+    malformed_dead_lettered: int = 0
+    oldest_failed_at: Optional[str] = None
+    most_common_last_error: Optional[str] = None
+    most_common_last_error_count: int = 0
+    replay_running: bool = False
+    interrupted_replay: bool = False
+    problems: Tuple[Problem, ...] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+_ERRORS_TRACKED = 1000
+
+
+def outbox_status(config: Any) -> OutboxStatus:
+    """Count the outbox and dead-letter queue in one streaming pass each.  Changes nothing."""
+    outbox_root = _outbox_root(config)
+    tallies: Dict[str, Any] = {}
+    problems: List[Problem] = []
+    errors: Dict[str, int] = {}
+    oldest: Optional[str] = None
+    for name, key in ((OUTBOX_FILE, "pending"), (DEAD_LETTER_FILE, "dead")):
+        path = outbox_root / name
+        count = 0
+        malformed = 0
+        by_family: Dict[str, int] = {}
+        by_sink: Dict[str, int] = {}
+        if path.is_file():
+            with open(path, "rb") as handle:
+                for line_number, raw in enumerate(handle, start=1):
+                    if not raw.strip():
+                        continue
+                    count += 1
+                    entry, family, reason = _parse_outbox_line(raw)
+                    if entry is None:
+                        malformed += 1
+                        if key == "pending":
+                            problems.append(Problem("outbox_line_malformed", str(path),
+                                                    "line %d: %s" % (line_number, reason)))
+                        continue
+                    sink = str(entry.get("sink_name"))
+                    by_family[family] = by_family.get(family, 0) + 1
+                    by_sink[sink] = by_sink.get(sink, 0) + 1
+                    failed_at = entry.get("failed_at")
+                    if key == "pending" and isinstance(failed_at, str) and (oldest is None or failed_at < oldest):
+                        oldest = failed_at
+                    error = entry.get("last_error", entry.get("error"))
+                    if key == "pending" and isinstance(error, str) and (error in errors or len(errors) < _ERRORS_TRACKED):
+                        errors[error] = errors.get(error, 0) + 1
+        tallies[key] = (count, dict(sorted(by_family.items())), dict(sorted(by_sink.items())), malformed)
+    common = max(errors.items(), key=lambda item: item[1]) if errors else (None, 0)
+    return OutboxStatus(
+        outbox_root=outbox_root, pending_count=tallies["pending"][0], pending_by_family=tallies["pending"][1],
+        pending_by_sink=tallies["pending"][2], malformed_pending=tallies["pending"][3],
+        dead_lettered_count=tallies["dead"][0], dead_lettered_by_family=tallies["dead"][1],
+        dead_lettered_by_sink=tallies["dead"][2], malformed_dead_lettered=tallies["dead"][3],
+        oldest_failed_at=oldest, most_common_last_error=common[0], most_common_last_error_count=common[1],
+        replay_running=_lock_is_held(outbox_root / REPLAY_LOCK_FILE),
+        interrupted_replay=(outbox_root / _REPLAY_JOURNAL).exists(), problems=tuple(problems[:100]))
+
+
+@dataclasses.dataclass(frozen=True)
+class RequeueResult:
+    """``replay requeue``: dead letters moved back to the end of the outbox, oldest first."""
+
+    status: str
+    requeued_count: int = 0
+    remaining_dead_lettered: int = 0
+    requeued_refs: Tuple[str, ...] = ()
+    skipped_malformed: int = 0
+    notes: Tuple[str, ...] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
+
+
+_REQUEUE_JOURNAL = "requeue.journal.json"
+
+
+def requeue_dead_letters(config: Any, limit: Optional[int] = None, ref: Optional[str] = None) -> RequeueResult:
+    """Move dead letters back to pending (oldest first), like an SQS redrive.  Malformed ones stay.
+
+    The lines to move are written to a journal first; then the dead-letter
+    file is replaced without them, then they are appended to the outbox.  A
+    run killed in between is completed by the next replay or requeue.
+    """
+    outbox_root = _outbox_root(config)
+    dead_path = outbox_root / DEAD_LETTER_FILE
+    if not dead_path.is_file():
+        return RequeueResult(status="SUCCESS", notes=("dead_letter_empty",))
+    with _Lock(outbox_root / REPLAY_LOCK_FILE, what="outbox %s" % outbox_root):
+        _finish_interrupted_requeue(outbox_root)
+        moved: List[bytes] = []
+        refs: List[str] = []
+        remaining = 0
+        skipped = 0
+        fd, tmp_name = tempfile.mkstemp(prefix="tmp", dir=str(outbox_root))
+        try:
+            with os.fdopen(fd, "wb") as rest, open(dead_path, "rb") as source:
+                for raw in source:
+                    if not raw.strip():
+                        continue
+                    entry, _family, _reason = _parse_outbox_line(raw)
+                    wanted = (limit is None or len(moved) < limit) and (
+                        ref is None or (entry is not None and entry.get("replay_ref") == ref))
+                    if wanted and entry is None:
+                        skipped += 1
+                    if wanted and entry is not None:
+                        entry["requeued_at"] = _utc_timestamp()
+                        moved.append(_json_line(entry))
+                        refs.append(str(entry.get("replay_ref")))
+                    else:
+                        remaining += 1
+                        rest.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                rest.flush()
+                os.fsync(rest.fileno())
+            if not moved:
+                os.unlink(tmp_name)
+                return RequeueResult(status="SUCCESS", remaining_dead_lettered=remaining, skipped_malformed=skipped,
+                                     notes=("nothing_to_requeue",))
+            journal = {"lines": [line.decode("utf-8") for line in moved], "dead_ino": os.stat(str(dead_path)).st_ino}
+            atomic_write_bytes(outbox_root / _REQUEUE_JOURNAL, _pretty_json(journal))
+            _crash_point("requeue:journal-written")
+            os.replace(tmp_name, str(dead_path))
+            _fsync_dir(outbox_root)
+            _crash_point("requeue:dead-letters-replaced")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+        _finish_interrupted_requeue(outbox_root)
+    return RequeueResult(status="SUCCESS", requeued_count=len(moved), remaining_dead_lettered=remaining,
+                         requeued_refs=tuple(refs[:1000]), skipped_malformed=skipped)
+
+
+def _finish_interrupted_requeue(outbox_root: Path) -> None:
+    """Append journaled lines to the outbox unless they are already there (caller holds the lock)."""
+    journal_path = outbox_root / _REQUEUE_JOURNAL
+    if not journal_path.exists():
+        return
+    journal = json.loads(journal_path.read_bytes().decode("utf-8"))
+    dead_path = outbox_root / DEAD_LETTER_FILE
+    if dead_path.exists() and os.stat(str(dead_path)).st_ino == journal["dead_ino"]:
+        os.unlink(str(journal_path))  # killed before the dead letters were replaced: nothing moved
+        return
+    data = "".join(journal["lines"]).encode("utf-8")
+    outbox = outbox_root / OUTBOX_FILE
+    with open(outbox, "ab+") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        already = 0
+        if "appended_at" in journal and size >= journal["appended_at"]:
+            handle.seek(journal["appended_at"])
+            present = handle.read(len(data))
+            while already < len(present) and present[already] == data[already]:
+                already += 1
+        if already < len(data):
+            if already == 0:
+                journal["appended_at"] = size
+                atomic_write_bytes(journal_path, _pretty_json(journal))
+            handle.seek(0, os.SEEK_END)
+            handle.write(data[already:])
+            handle.flush()
+            os.fsync(handle.fileno())
+    _crash_point("requeue:appended")
+    os.unlink(str(journal_path))
+    _fsync_dir(outbox_root)
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 #
@@ -2867,7 +3798,30 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="materialize and verify in staging; never touch the target")
     restore.add_argument("--target", metavar="DIR", help="workspace to restore into (default: --workspace)")
     restore.add_argument("--force", action="store_true", help="apply even when verification finds problems")
+
+    replay = _add_command(
+        commands, "replay", "Re-deliver failed outbox entries; `status` counts them; `requeue` redrives dead letters.",
+        "%s replay --dead-letter-after 5\n  %s replay status\n  %s replay requeue --limit 100"
+        % (_PROG, _PROG, _PROG), common,
+        usage="%s replay [status|requeue] [--limit N] [--target NAME] [--dead-letter-after N] "
+              "[--keep-successes] [--dry-run] [--ref REF]" % _PROG)
+    _add_replay_options(replay)
+    recover = _add_command(commands, "recover", "Contexta's spelling: `recover replay` is `replay`.",
+                           "%s recover replay --limit 10" % _PROG, common)
+    recover_commands = recover.add_subparsers(dest="recover_command", metavar="ACTION", parser_class=_Parser)
+    _add_replay_options(_add_command(recover_commands, "replay", "Same as `replay`.",
+                                     "%s recover replay --dry-run" % _PROG, common))
     return parser
+
+
+def _add_replay_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=("status", "requeue"), help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=int, metavar="N", help="replay (or requeue) at most N entries")
+    parser.add_argument("--target", metavar="NAME", help="only entries whose sink_name is NAME; others stay pending")
+    parser.add_argument("--dead-letter-after", type=int, metavar="N", help="dead-letter an entry after N attempts")
+    parser.add_argument("--keep-successes", action="store_true", help="deliver but leave entries pending")
+    parser.add_argument("--dry-run", action="store_true", help="report what would happen; change no byte")
+    parser.add_argument("--ref", metavar="REF", help="requeue only dead letters with this replay_ref")
 
 
 def _option(args: argparse.Namespace, name: str, default: Any = None) -> Any:
@@ -2894,7 +3848,8 @@ class _Output:
         if not self.quiet:
             sys.stderr.write(line + "\n")
 
-    def finish(self, payload: Mapping[str, Any], ok: bool) -> None:
+    def finish(self, payload: Any, ok: bool) -> None:
+        """Print the report; ``payload`` (a result or a mapping) becomes JSON only when asked for."""
         if self.as_json:
             sys.stdout.write(json.dumps(_jsonable(payload), sort_keys=False, default=str) + "\n")
             if not ok:
@@ -2936,7 +3891,7 @@ def _cmd_backup(args: argparse.Namespace, out: _Output) -> int:
             out.say("  about %d files, %s" % (plan.estimated_files, _human_bytes(plan.estimated_bytes)))
             _say_list(out, "Notes:", plan.notes)
             _say_list(out, "Warnings:", plan.warnings)
-            out.finish(plan.to_dict(), True)
+            out.finish(plan, True)
             return EXIT_OK
         result = create_workspace_backup(config, plan)
         out.say("Backup %s: %s" % (result.backup_ref, result.status))
@@ -2944,7 +3899,7 @@ def _cmd_backup(args: argparse.Namespace, out: _Output) -> int:
         out.say("  sections: %s" % ", ".join(result.included_sections))
         out.say("  %d files, %s, every file checksummed" % (result.file_count, _human_bytes(result.bytes_written)))
         _say_list(out, "Warnings:", result.warnings)
-        out.finish(result.to_dict(), result.status == "SUCCESS")
+        out.finish(result, result.status == "SUCCESS")
         return _status_exit(result.status)
     if action == "list":
         entries = list_backups(config)
@@ -2964,7 +3919,7 @@ def _cmd_backup(args: argparse.Namespace, out: _Output) -> int:
     out.say("  %d files, %s re-hashed" % (result.checked_files, _human_bytes(result.checked_bytes)))
     _say_list(out, "Problems:", result.problems)
     _say_list(out, "Warnings:", result.warnings)
-    out.finish(result.to_dict(), result.status == "SUCCESS")
+    out.finish(result, result.status == "SUCCESS")
     return _status_exit(result.status)
 
 
@@ -3012,7 +3967,7 @@ def _cmd_restore(args: argparse.Namespace, out: _Output) -> int:
             out.say("  " + path)
         out.say("Safety backup first: %s" % ("yes" if plan.create_safety_backup else "no"))
         _say_list(out, "Warnings:", plan.warnings)
-        out.finish(plan.to_dict(), True)
+        out.finish(plan, True)
         return EXIT_OK
     result = restore_workspace_forced(config, plan) if args.force else restore_workspace(config, plan)
     what = "verify-only" if verify_only else ("applied to %s" % result.target_workspace if result.applied
@@ -3023,13 +3978,66 @@ def _cmd_restore(args: argparse.Namespace, out: _Output) -> int:
         out.say("  safety backup: %s" % result.safety_backup_ref)
     _say_list(out, "Problems:", result.problems)
     _say_list(out, "Warnings:", result.warnings)
-    out.finish(result.to_dict(), result.status == "SUCCESS")
+    out.finish(result, result.status == "SUCCESS")
     return _status_exit(result.status)
+
+
+def _cmd_replay(args: argparse.Namespace, out: _Output) -> int:
+    if args.command == "recover" and _option(args, "recover_command") is None:
+        raise UsageError("recover needs an action: replay")
+    config = _config_from_args(args)
+    if args.limit is not None and args.limit < 0:
+        raise UsageError("--limit must be 0 or more")
+    if args.action == "status":
+        status = outbox_status(config)
+        out.say("Outbox %s" % status.outbox_root)
+        out.say("  pending:        %d %s" % (status.pending_count, _counts_text(status.pending_by_family)))
+        out.say("  by sink:        %s" % _counts_text(status.pending_by_sink))
+        out.say("  dead-lettered:  %d %s" % (status.dead_lettered_count,
+                                            _counts_text(status.dead_lettered_by_family)))
+        out.say("  oldest failed_at: %s" % (status.oldest_failed_at or "-"))
+        if status.most_common_last_error:
+            out.say("  most common error (%d): %s" % (status.most_common_last_error_count,
+                                                      status.most_common_last_error))
+        if status.malformed_pending:
+            out.say("  malformed pending lines: %d (the next replay dead-letters them)" % status.malformed_pending)
+        if status.interrupted_replay:
+            out.say("  an interrupted replay will be finished by the next `replay`")
+        out.finish(status, True)
+        return EXIT_OK
+    if args.action == "requeue":
+        result = requeue_dead_letters(config, limit=args.limit, ref=args.ref)
+        out.say("Requeued %d dead letter(s); %d remain dead-lettered" % (result.requeued_count,
+                                                                       result.remaining_dead_lettered))
+        if result.skipped_malformed:
+            out.say("  %d malformed dead letter(s) cannot be requeued" % result.skipped_malformed)
+        out.finish(result, True)
+        return EXIT_OK
+    result = replay_outbox(config, target=args.target, limit=args.limit,
+                           acknowledge_successes=not args.keep_successes,
+                           dead_letter_after_failures=args.dead_letter_after, dry_run=args.dry_run)
+    out.say("Replay%s: %s" % (" (dry run, nothing changed)" if result.dry_run else "", result.status))
+    out.say("  acknowledged %d, failed %d, skipped %d, dead-lettered %d (malformed %d), pending %d" % (
+        result.acknowledged_count, result.failed_count, result.skipped_count, result.dead_lettered_count,
+        result.malformed_count, result.pending_count))
+    for entry in result.entries:
+        if entry.status not in ("SUCCESS", "DEGRADED"):
+            out.say("  %-8s %s %s" % (entry.status, entry.replay_ref, entry.detail))
+    _say_list(out, "Notes:", result.notes)
+    _say_list(out, "Warnings:", result.warnings)
+    out.finish(result, result.exit_code == EXIT_OK)
+    return result.exit_code
+
+
+def _counts_text(counts: Mapping[str, int]) -> str:
+    return "(%s)" % ", ".join("%s %d" % item for item in counts.items()) if counts else ""
 
 
 _COMMANDS: Dict[str, Callable[[argparse.Namespace, _Output], int]] = {
     "backup": _cmd_backup,
     "restore": _cmd_restore,
+    "replay": _cmd_replay,
+    "recover": _cmd_replay,
 }
 
 

@@ -71,3 +71,20 @@ def test_the_guides_own_backup_program_runs_under_contexta(tmp_path, contexta_re
     """Sanity of the reference: the guide's unmodified program (kept in tests/e2e/guide)."""
     lines = _run(contexta_ref, REPO / "tests" / "e2e" / "guide" / "backup_restore_verify.py", tmp_path / "g")
     assert "Restore status: SUCCESS" in lines
+
+
+REPLAY_IMPORTS = ("from contexta.config import RecoveryConfig, UnifiedConfig, WorkspaceConfig\n"
+                  "from contexta.recovery import replay_outbox\n")
+
+
+def test_replay_outbox_program(tmp_path):
+    lines = _run(sys.executable, EXAMPLES / "replay_outbox_demo.py", tmp_path / "demo")
+    assert _answers(lines) == ["Replay status: SUCCESS", "Acknowledged: 1", "Pending: 0", "Dead-lettered: 0"]
+    assert (tmp_path / "demo" / ".contexta" / "exports" / "replayed" / "record.jsonl").is_file()
+
+
+def test_replay_outbox_program_answers_like_contexta(tmp_path, contexta_ref):
+    ours = _run(sys.executable, EXAMPLES / "replay_outbox_demo.py", tmp_path / "ours")
+    program = _as_contexta_program(EXAMPLES / "replay_outbox_demo.py", tmp_path / "as_contexta.py", REPLAY_IMPORTS)
+    theirs = _run(contexta_ref, program, tmp_path / "theirs")
+    assert _answers(ours) == _answers(theirs)
