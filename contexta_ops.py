@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import enum
 import errno
 import hashlib
 import json
@@ -205,6 +206,13 @@ def _jsonable(value: Any) -> Any:
 def _fields_dict(obj: Any) -> Dict[str, Any]:
     """``to_dict`` for our dataclasses: every field, in declaration order."""
     return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+class _Record:
+    """Base of our dataclasses: ``to_dict`` gives every field as plain JSON values."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _fields_dict(self)
 
 
 def _fsync_dir(path: Any) -> None:
@@ -506,8 +514,8 @@ class _Progress:
         self.bytes = 0
         self._last = 0.0
 
-    def advance(self, nbytes: int) -> None:
-        self.files += 1
+    def advance(self, nbytes: int, files: int = 1) -> None:
+        self.files += files
         self.bytes += nbytes
         if not _Progress.enabled:
             return
@@ -523,7 +531,7 @@ class _Progress:
         sys.stderr.flush()
 
     def finish(self) -> None:
-        if _Progress.enabled and self.files:
+        if _Progress.enabled and self.bytes:
             sys.stderr.write("\r%s: %d files, %s done.   \n" % (self.label, self.files, _human_bytes(self.bytes)))
             sys.stderr.flush()
 
@@ -577,7 +585,7 @@ def _optional_path(value: Any) -> Optional[Path]:
     return None if value is None else _resolve_path(value)
 
 
-class _PathSection:
+class _PathSection(_Record):
     """A config table whose path settings become absolute when it is built, as in Contexta."""
 
     _path_fields: Tuple[str, ...] = ()
@@ -585,9 +593,6 @@ class _PathSection:
     def __post_init__(self) -> None:
         for name in self._path_fields:
             object.__setattr__(self, name, _optional_path(getattr(self, name)))
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -664,7 +669,7 @@ class RecoveryConfig(_PathSection):
 
 
 @dataclasses.dataclass(frozen=True)
-class UnifiedConfig:
+class UnifiedConfig(_Record):
     """The parts of Contexta's configuration this tool uses, with Contexta's names.
 
     Build one in code exactly as the guide's programs do::
@@ -701,9 +706,6 @@ class UnifiedConfig:
         if recovery.restore_staging_root is None:
             recovery = dataclasses.replace(recovery, restore_staging_root=ws.cache_path / "restore")
         object.__setattr__(self, "recovery", recovery)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 # Field types of every setting we read from a file or the environment.
@@ -927,7 +929,7 @@ def _display_under(root: Path, display: Optional[Callable[[str], str]]) -> Calla
 
 
 @dataclasses.dataclass
-class RecordsReport:
+class RecordsReport(_Record):
     """What a scan of a record store found (Contexta's TOLERANT replay, plus index checks)."""
 
     present: bool = False
@@ -943,9 +945,6 @@ class RecordsReport:
         return {"record_count": self.record_count, "integrity_state": self.integrity_state,
                 "segment_count": self.segment_count, "last_committed_sequence": self.last_committed_sequence,
                 "highest_sequence": self.highest_sequence}
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 _CORRUPTING_RECORD_CODES = {"invalid_json_line", "truncated_line", "records_manifest_invalid",
@@ -1127,7 +1126,7 @@ def _check_record_indexes(root: Path, segment_sequences: Mapping[int, List[int]]
 
 
 @dataclasses.dataclass
-class MetadataReport:
+class MetadataReport(_Record):
     """What we can tell about the DuckDB ledger without (or with) DuckDB."""
 
     present: bool = False
@@ -1144,9 +1143,6 @@ class MetadataReport:
         return {"run_count": self.run_count, "check": self.check, "database_file": self.database_file,
                 "size_bytes": self.size_bytes, "storage_version": self.storage_version,
                 "wal_present": self.wal_present}
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 _DUCKDB_MAGIC = b"DUCK"
@@ -1257,7 +1253,7 @@ class ArtifactCheck:
 
 
 @dataclasses.dataclass
-class ArtifactsReport:
+class ArtifactsReport(_Record):
     """A sweep of an artifact store: Contexta's StoreSummary counts plus every finding."""
 
     present: bool = False
@@ -1277,9 +1273,6 @@ class ArtifactsReport:
         return {"artifact_count": self.artifact_count, "verified_count": self.verified_count,
                 "missing_count": self.missing_count, "drift_count": self.drift_count,
                 "orphan_count": self.orphan_count}
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 def _read_binding(path: Path) -> Dict[str, Any]:
@@ -1440,7 +1433,7 @@ _SAFETY_LABEL = "pre-restore-safety"
 
 
 @dataclasses.dataclass(frozen=True)
-class BackupSection:
+class BackupSection(_Record):
     """One source copied into a backup: Contexta's section name, where from, where to."""
 
     name: str
@@ -1449,12 +1442,9 @@ class BackupSection:
     kind: str = "dir"
     relocated: bool = False
 
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class BackupPlan:
+class BackupPlan(_Record):
     """What ``create_workspace_backup`` will copy (Contexta's fields first).  Planning changes nothing."""
 
     backup_ref: str
@@ -1468,12 +1458,9 @@ class BackupPlan:
     warnings: Tuple[str, ...] = ()
     estimated_files: int = 0
 
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class BackupResult:
+class BackupResult(_Record):
     """Contexta's BackupResult fields; status is DEGRADED (exit 1) when the copy may be inconsistent."""
 
     status: str
@@ -1487,9 +1474,6 @@ class BackupResult:
     bytes_written: int = 0
     verification_notes: Tuple[str, ...] = ()
     file_count: int = 0
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 def _build_backup_ref(label: Optional[str], moment: Optional[datetime] = None) -> str:
@@ -1980,7 +1964,7 @@ def _open_backup(config: UnifiedConfig, backup: Optional[str]) -> _DirectoryBack
 
 
 @dataclasses.dataclass(frozen=True)
-class BackupListEntry:
+class BackupListEntry(_Record):
     """One row of ``backup list``."""
 
     backup_ref: str
@@ -1994,9 +1978,6 @@ class BackupListEntry:
     has_checksums: bool
     made_by: Optional[str]
     problem: Optional[str] = None
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 def _ref_timestamp(name: str) -> str:
@@ -2041,7 +2022,7 @@ def list_backups(config: UnifiedConfig) -> List[BackupListEntry]:
 
 
 @dataclasses.dataclass(frozen=True)
-class BackupVerifyResult:
+class BackupVerifyResult(_Record):
     """``backup verify``: every file re-hashed against the manifest."""
 
     status: str
@@ -2054,9 +2035,6 @@ class BackupVerifyResult:
     changed: Tuple[str, ...] = ()
     problems: Tuple[Problem, ...] = ()
     warnings: Tuple[str, ...] = ()
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, Mapping[str, Any]]],
@@ -2251,7 +2229,7 @@ def _recovery_children(backup: _DirectoryBackup) -> List[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class RestorePlan:
+class RestorePlan(_Record):
     """What a restore will do (Contexta's fields first).  Planning changes nothing."""
 
     backup_ref: str
@@ -2271,12 +2249,9 @@ class RestorePlan:
     backup_file_count: int = 0
     warnings: Tuple[str, ...] = ()
 
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class RestoreResult:
+class RestoreResult(_Record):
     """Contexta's RestoreResult fields, plus every problem found (each naming its file)."""
 
     status: str
@@ -2292,9 +2267,6 @@ class RestoreResult:
     problems: Tuple[Problem, ...] = ()
     source_root: Optional[Path] = None
     post_apply_check: Optional[Mapping[str, Any]] = None
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 _LOST_LISTED = 200
@@ -2831,7 +2803,7 @@ class ReplayError(OpsError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ReplayEntryResult:
+class ReplayEntryResult(_Record):
     """One entry's outcome (Contexta's fields)."""
 
     replay_ref: str
@@ -2841,12 +2813,9 @@ class ReplayEntryResult:
     detail: str = ""
     attempts: int = 0
 
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class ReplayBatchResult:
+class ReplayBatchResult(_Record):
     """Contexta's ReplayBatchResult fields (and a ``to_dict`` that works), plus our counts.
 
     ``entries`` holds the first 10,000 entry results; counts cover them all.
@@ -2870,9 +2839,6 @@ class ReplayBatchResult:
     def exit_code(self) -> int:
         """0 when everything selected was delivered; 1 when anything failed or was dead-lettered."""
         return EXIT_PROBLEMS if (self.failed_count or self.dead_lettered_count) else EXIT_OK
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3539,7 +3505,7 @@ def _finish_interrupted_replay(config: Any, outbox_root: Path,
 
 
 @dataclasses.dataclass(frozen=True)
-class OutboxStatus:
+class OutboxStatus(_Record):
     """``replay status``: what is pending and dead-lettered, by family and sink."""
 
     outbox_root: Path
@@ -3557,9 +3523,6 @@ class OutboxStatus:
     replay_running: bool = False
     interrupted_replay: bool = False
     problems: Tuple[Problem, ...] = ()
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 _ERRORS_TRACKED = 1000
@@ -3613,7 +3576,7 @@ def outbox_status(config: Any) -> OutboxStatus:
 
 
 @dataclasses.dataclass(frozen=True)
-class RequeueResult:
+class RequeueResult(_Record):
     """``replay requeue``: dead letters moved back to the end of the outbox, oldest first."""
 
     status: str
@@ -3622,9 +3585,6 @@ class RequeueResult:
     requeued_refs: Tuple[str, ...] = ()
     skipped_malformed: int = 0
     notes: Tuple[str, ...] = ()
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
 
 
 _REQUEUE_JOURNAL = "requeue.journal.json"
@@ -3721,6 +3681,946 @@ def _finish_interrupted_requeue(outbox_root: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Artifacts: verification and transfer
+# ---------------------------------------------------------------------------
+#
+# Contexta's artifact store, byte for byte: object paths, binding JSON,
+# history events and export packages.  What we fix: a package is verified
+# completely (names, refs, size and sha256 of the body against its binding)
+# before anything is written; every write goes through a temp file and a
+# rename; and each put/import is journaled in ``staging/`` (which Contexta's
+# orphan sweep never looks at), with the binding as its commit point, so the
+# next artifact command rolls an interrupted one back - or forward, once its
+# binding is written.  Bodies always sit where readers look (formats 11.14).
+
+PACKAGE_FORMAT_VERSION = "contexta-artifact-export-v1"
+_ARTIFACT_DIRS = ("bindings", "objects", "staging", "exports", "history/bindings", "quarantine")
+_STORE_LOCK = "staging/contexta-ops.lock"
+_WRITE_JOURNAL_SUFFIX = ".contexta-ops-write.json"
+_REF_KIND = re.compile(r"^[a-z][a-z0-9_]*$")
+_REF_COMPONENT = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+_LOWER_SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
+_PRODUCER_REF = re.compile(r"^[a-z][a-z0-9-]*(?:\.[a-z][a-z0-9-]*)*$")
+_TIMESTAMP = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z$")
+_REF_COMPONENT_COUNTS = {"project": (1,), "run": (2,), "deployment": (2,), "stage": (3,), "batch": (4,),
+                         "sample": (4, 5), "op": (4, 5), "record": (3,), "artifact": (3,)}
+_OPTIONAL_REF_KINDS = (("deployment_execution_ref", "deployment"), ("stage_execution_ref", "stage"),
+                       ("batch_execution_ref", "batch"), ("sample_observation_ref", "sample"),
+                       ("operation_context_ref", "op"))
+
+
+class ArtifactError(OpsError):
+    code = "artifact_invalid"
+
+
+class ConflictError(ArtifactError):
+    """An import or put that would overwrite a different body (exit 1: the store is fine, the request is not)."""
+
+    code = "artifact_binding_conflict"
+    exit_code = EXIT_PROBLEMS
+
+
+class IntegrityError(ArtifactError):
+    """A body that does not match what its binding or manifest claims; nothing was written."""
+
+    code = "artifact_integrity"
+    exit_code = EXIT_PROBLEMS
+
+
+def _validate_ref(field_name: str, value: Any, kind: str) -> List[str]:
+    """Contexta's StableRef rules; the ref's dotted components."""
+    if not isinstance(value, str):
+        raise ArtifactError("%s must be a string" % field_name, code="stable_ref_invalid_text")
+    if value.count(":") != 1:
+        raise ArtifactError("%s %r must be kind:value with exactly one ':'" % (field_name, value),
+                            code="stable_ref_invalid_text")
+    ref_kind, ref_value = value.split(":")
+    if not _REF_KIND.match(ref_kind):
+        raise ArtifactError("%s %r has an invalid kind" % (field_name, value), code="stable_ref_invalid_kind")
+    if ref_kind != kind:
+        raise ArtifactError("%s %r must be a %s: ref" % (field_name, value, kind), code="stable_ref_kind_mismatch")
+    if len(value) > 255:
+        raise ArtifactError("%s is longer than 255 characters" % field_name, code="stable_ref_too_long")
+    components = ref_value.split(".")
+    for component in components:
+        if len(component) > 63 or not _REF_COMPONENT.match(component):
+            raise ArtifactError("%s %r: component %r is not lowercase letters, digits and inner dashes (<= 63)"
+                                % (field_name, value, component), code="stable_ref_invalid_value")
+    if len(components) not in _REF_COMPONENT_COUNTS[kind]:
+        raise ArtifactError("%s %r must have %s dotted component(s)" % (
+            field_name, value, " or ".join(str(n) for n in _REF_COMPONENT_COUNTS[kind])),
+            code="stable_ref_invalid_shape")
+    return components
+
+
+def _normalize_timestamp(field_name: str, value: Any) -> str:
+    if isinstance(value, datetime):
+        return _utc_timestamp(value if value.tzinfo else value.replace(tzinfo=timezone.utc))
+    match = _TIMESTAMP.match(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ArtifactError("%s must be an ISO-8601 UTC timestamp ending in Z, not %r" % (field_name, value),
+                            code="context_invalid_timestamp")
+    parts = [int(group) for group in match.groups()[:6]]
+    micros = int((match.group(7) or "0").ljust(6, "0"))
+    try:
+        moment = datetime(*parts, microsecond=micros, tzinfo=timezone.utc)  # type: ignore[misc]
+    except ValueError:
+        raise ArtifactError("%s %r is not a real date and time" % (field_name, value),
+                            code="context_invalid_timestamp")
+    return _utc_timestamp(moment)
+
+
+def _required_text(field_name: str, value: Any, code: str = "context_invalid_string") -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ArtifactError("%s must be a non-blank string" % field_name, code=code)
+    return value.strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactManifest:
+    """Contexta's ArtifactManifest, validated by Contexta's rules (refs, kinds, prefixes, timestamps)."""
+
+    artifact_ref: str
+    artifact_kind: str
+    created_at: Any
+    producer_ref: str
+    run_ref: str
+    location_ref: str
+    deployment_execution_ref: Optional[str] = None
+    stage_execution_ref: Optional[str] = None
+    batch_execution_ref: Optional[str] = None
+    sample_observation_ref: Optional[str] = None
+    operation_context_ref: Optional[str] = None
+    hash_value: Optional[str] = None
+    size_bytes: Optional[int] = None
+    attributes: Optional[Mapping[str, Any]] = None
+    schema_version: str = "1.0.0"
+    extensions: Sequence[Any] = ()
+
+    def __post_init__(self) -> None:
+        artifact = _validate_ref("artifact_ref", self.artifact_ref, "artifact")
+        run = _validate_ref("run_ref", self.run_ref, "run")
+        components = {}
+        for field_name, kind in _OPTIONAL_REF_KINDS:
+            value = getattr(self, field_name)
+            if value is not None:
+                components[field_name] = _validate_ref(field_name, value, kind)
+        if not isinstance(self.artifact_kind, str) or not _LOWER_SNAKE.match(self.artifact_kind.strip()):
+            raise ArtifactError("artifact_kind %r must be lower_snake_case" % (self.artifact_kind,),
+                                code="artifact_invalid_artifact_kind")
+        if not isinstance(self.producer_ref, str) or not _PRODUCER_REF.match(self.producer_ref.strip()):
+            raise ArtifactError("producer_ref %r must be dotted lowercase tokens" % (self.producer_ref,),
+                                code="artifact_invalid_producer_ref")
+        if artifact[:-1] != run:
+            raise ArtifactError("artifact_ref must be run_ref + '.' + an artifact key (%s vs %s)"
+                                % (self.artifact_ref, self.run_ref), code="artifact_ref_prefix_mismatch")
+        _check_context_prefixes(run, components)
+        if self.size_bytes is not None and (not isinstance(self.size_bytes, int) or isinstance(self.size_bytes, bool)
+                                            or self.size_bytes < 0):
+            raise ArtifactError("size_bytes must be a non-negative integer", code="artifact_invalid_size_bytes")
+        if self.hash_value is not None:
+            object.__setattr__(self, "hash_value", _required_text("hash_value", self.hash_value))
+        attributes = self.attributes or {}
+        if not isinstance(attributes, Mapping) or not all(isinstance(k, str) and k.strip() for k in attributes):
+            raise ArtifactError("attributes must be an object with non-blank string keys",
+                                code="record_invalid_mapping")
+        if not isinstance(self.extensions, (list, tuple)) or not all(isinstance(e, dict) for e in self.extensions):
+            raise ArtifactError("extensions must be a list of objects", code="context_invalid_extensions")
+        object.__setattr__(self, "artifact_kind", self.artifact_kind.strip())
+        object.__setattr__(self, "producer_ref", self.producer_ref.strip())
+        object.__setattr__(self, "created_at", _normalize_timestamp("created_at", self.created_at))
+        object.__setattr__(self, "location_ref", _required_text("location_ref", self.location_ref))
+        object.__setattr__(self, "schema_version", _required_text("schema_version", self.schema_version))
+        object.__setattr__(self, "attributes", {key.strip(): attributes[key] for key in sorted(attributes)})
+        object.__setattr__(self, "extensions", tuple(self.extensions))
+
+    def to_dict(self) -> Dict[str, Any]:
+        payload = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        payload["attributes"] = dict(self.attributes or {})
+        payload["extensions"] = [dict(extension) for extension in self.extensions]
+        return payload
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ArtifactManifest":
+        """Contexta's deserialization: unknown keys are refused, omitted optional keys take defaults."""
+        if not isinstance(data, Mapping):
+            raise ArtifactError("an artifact manifest must be a JSON object", code="deserialize_invalid_payload")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ArtifactError("unknown manifest field(s): %s" % ", ".join(unknown), code="deserialize_unknown_field")
+        try:
+            return cls(**{key: (() if key == "extensions" and value is None else value) for key, value in data.items()})
+        except TypeError as exc:
+            raise ArtifactError("invalid artifact manifest: %s" % exc, code="deserialize_invalid_payload")
+
+
+def _check_context_prefixes(run: List[str], refs: Mapping[str, List[str]]) -> None:
+    stage = refs.get("stage_execution_ref")
+    batch = refs.get("batch_execution_ref")
+    if stage is not None and stage[:len(run)] != run:
+        raise ArtifactError("stage_execution_ref must share run_ref's prefix", code="artifact_ref_prefix_mismatch")
+    if batch is not None and stage is None:
+        raise ArtifactError("batch_execution_ref requires stage_execution_ref", code="artifact_missing_stage_context")
+    if batch is not None and batch[:len(stage)] != stage:  # type: ignore[arg-type]
+        raise ArtifactError("batch_execution_ref must share stage_execution_ref's prefix",
+                            code="artifact_ref_prefix_mismatch")
+    for name in ("sample_observation_ref", "operation_context_ref"):
+        value = refs.get(name)
+        if value is None:
+            continue
+        if stage is None:
+            raise ArtifactError("%s requires stage_execution_ref" % name, code="artifact_missing_stage_context")
+        owner = batch if batch is not None else stage
+        if value[:len(owner)] != owner:
+            raise ArtifactError("%s must share the stage/batch prefix" % name, code="artifact_ref_prefix_mismatch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactBinding:
+    """The binding file of one artifact (Contexta's keys)."""
+
+    artifact_ref: str
+    artifact_kind: str
+    binding_id: str
+    source_name: str
+    ingest_mode: str
+    size_bytes: int
+    hash_algorithm: Optional[str]
+    hash_value: Optional[str]
+    layout_version: str
+    created_at: str
+    manifest_snapshot: ArtifactManifest
+
+    def to_dict(self) -> Dict[str, Any]:
+        payload = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        payload["manifest_snapshot"] = self.manifest_snapshot.to_dict()
+        return payload
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ArtifactBinding":
+        try:
+            binding = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)
+                             if f.name != "manifest_snapshot"},
+                          manifest_snapshot=ArtifactManifest.from_dict(data["manifest_snapshot"]))
+        except KeyError as exc:
+            raise ArtifactError("binding lacks %s" % exc, code="artifact_store_invalid_binding")
+        if binding.artifact_ref != binding.manifest_snapshot.artifact_ref or \
+                binding.artifact_kind != binding.manifest_snapshot.artifact_kind:
+            raise ArtifactError("binding and its manifest snapshot name different artifacts",
+                                code="artifact_store_binding_manifest_mismatch")
+        if not isinstance(binding.size_bytes, int) or isinstance(binding.size_bytes, bool) or binding.size_bytes < 0:
+            raise ArtifactError("binding size_bytes is not a non-negative integer",
+                                code="artifact_store_invalid_binding")
+        return binding
+
+
+@dataclasses.dataclass(frozen=True)
+class VaultConfig(_Record):
+    """Contexta's artifact-plane config: where the store is and how it ingests."""
+
+    root_path: Any = None
+    default_ingest_mode: str = "copy"
+    verification_mode: str = "manifest_if_available"
+    create_missing_dirs: bool = True
+    layout_version: str = "v1"
+    chunk_size_bytes: int = 1048576
+    read_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.root_path is None:
+            raise ArtifactError("VaultConfig needs a root_path", code="artifact_store_missing_root_path")
+        object.__setattr__(self, "root_path", _resolve_path(self.root_path))
+        if self.verification_mode not in ("none", "stored", "manifest_if_available", "strict"):
+            raise ArtifactError("unknown verification_mode %r" % self.verification_mode,
+                                code="artifact_store_invalid_verification_mode")
+
+    @classmethod
+    def from_unified_config(cls, config: UnifiedConfig) -> "VaultConfig":
+        artifacts = config.artifacts
+        return cls(root_path=artifacts.root_path, default_ingest_mode=artifacts.default_ingest_mode,
+                   verification_mode=artifacts.verification_mode, create_missing_dirs=artifacts.create_missing_dirs,
+                   layout_version=artifacts.layout_version, chunk_size_bytes=artifacts.chunk_size_bytes,
+                   read_only=artifacts.read_only)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactHandle:
+    binding: ArtifactBinding
+    path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactPutReceipt(_Record):
+    binding: ArtifactBinding
+    path: Path
+    bytes_written: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationReport(_Record):
+    """Contexta's VerificationReport of one body, plus where it is."""
+
+    artifact_ref: str
+    status: str
+    verified: bool
+    exists: bool
+    actual_size_bytes: Optional[int]
+    expected_size_bytes: Optional[int]
+    actual_hash_value: Optional[str]
+    expected_hash_value: Optional[str]
+    checked_at: str
+    messages: Tuple[str, ...] = ()
+    path: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationRecord(_Record):
+    artifact_ref: str
+    status: str
+    checked_at: str
+    message: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSummary(_Record):
+    """Contexta's StoreSummary, plus the findings behind its counts."""
+
+    artifact_count: int
+    total_size_bytes: int
+    kinds: Mapping[str, int]
+    verified_count: int
+    missing_count: int
+    drift_count: int
+    orphan_count: int
+    problems: Tuple[Problem, ...] = ()
+    notes: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepReport(_Record):
+    """Contexta's SweepReport, plus each problem's path, expected and actual size and digest."""
+
+    verification_records: Tuple[VerificationRecord, ...] = ()
+    missing_refs: Tuple[str, ...] = ()
+    drifted_refs: Tuple[str, ...] = ()
+    orphan_paths: Tuple[str, ...] = ()
+    problems: Tuple[Problem, ...] = ()
+    reports: Tuple[VerificationReport, ...] = ()
+    notes: Tuple[str, ...] = ()
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReceipt(_Record):
+    artifact_ref: str
+    export_directory: Path
+    body_path: Path
+    binding_path: Path
+    package_metadata_path: Path
+
+
+class ImportOutcome(str, enum.Enum):
+    IMPORTED = "imported"
+    SKIPPED = "skipped"
+    REPLACED = "replaced"
+    IDEMPOTENT = "idempotent"
+
+
+_CONFLICT_POLICIES = ("error", "skip", "replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportReceipt:
+    """Contexta's ImportReceipt (``outcome.value`` is imported/skipped/replaced/idempotent)."""
+
+    artifact_ref: str
+    outcome: ImportOutcome
+    bytes_written: int
+    mapping_loss_report: Optional[Mapping[str, Any]] = None
+    quarantine_path: Optional[Path] = None
+    notes: Tuple[str, ...] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        payload = _fields_dict(self)
+        payload["outcome"] = self.outcome.value
+        return payload
+
+
+_VERIFICATION_MESSAGES = {
+    "missing": "artifact body is missing at the canonical object path",
+    "size_mismatch": "artifact body size does not match the expected size",
+    "hash_mismatch": "artifact body hash does not match the expected hash",
+    "verified": "artifact body matches the current verification claims",
+}
+
+
+def _event_name() -> str:
+    return "%s-%s.json" % (_path_safe_timestamp(_utc_timestamp()), uuid.uuid4().hex)
+
+
+class ArtifactStore:
+    """Contexta's artifact store layout, read and written byte-compatibly and crash-safely.
+
+    Opening changes nothing; directories are created by the first write.
+    """
+
+    def __init__(self, config: Optional[VaultConfig] = None) -> None:
+        if config is None:
+            raise ArtifactError("ArtifactStore needs a VaultConfig with a root_path",
+                                code="artifact_store_missing_root_path")
+        self.config = config
+        self.root_path = Path(config.root_path)
+
+    # -- paths -------------------------------------------------------------------
+
+    def binding_path(self, artifact_ref: str) -> Path:
+        return self.root_path / "bindings" / ("%s.binding.json" % sanitize_component(artifact_ref))
+
+    def object_path(self, manifest: ArtifactManifest) -> Path:
+        return self.root_path / artifact_object_relpath(manifest.artifact_ref, manifest.artifact_kind,
+                                                        manifest.location_ref)
+
+    # -- reading -------------------------------------------------------------------
+
+    def load_binding(self, artifact_ref: str) -> Optional[ArtifactBinding]:
+        path = self.binding_path(artifact_ref)
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise ArtifactError("binding %s is not valid JSON" % path, code="artifact_store_invalid_binding",
+                                path=path)
+        return ArtifactBinding.from_dict(data)
+
+    def get_artifact(self, artifact_ref: str) -> ArtifactHandle:
+        binding = self.load_binding(artifact_ref)
+        if binding is None:
+            raise ArtifactError("no artifact bound as %s in %s" % (artifact_ref, self.root_path),
+                                code="artifact_store_binding_not_found", path=self.binding_path(artifact_ref))
+        path = self.object_path(binding.manifest_snapshot)
+        if not path.is_file():
+            raise ArtifactError("body of %s is missing at %s" % (artifact_ref, path),
+                                code="artifact_store_body_not_found", path=path)
+        return ArtifactHandle(binding, path)
+
+    def list_refs(self) -> List[str]:
+        bindings = self.root_path / "bindings"
+        refs = []
+        for path in sorted(bindings.glob("*.binding.json")) if bindings.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+                refs.append(json.loads(path.read_bytes().decode("utf-8"))["artifact_ref"])
+        return refs
+
+    def verify_artifact(self, artifact_ref: str) -> VerificationReport:
+        return verify_artifact(self, artifact_ref)
+
+    def inspect_store(self) -> StoreSummary:
+        return inspect_store(self)
+
+    def verify_all(self, record: bool = True) -> SweepReport:
+        return verify_all(self, record=record)
+
+    def export_artifact(self, artifact_ref: str, *, export_root: Any = None) -> ExportReceipt:
+        return export_artifact(self, artifact_ref, export_root=export_root)
+
+    def import_export_package(self, package_root: Any, *, conflict_policy: str = "error") -> ImportReceipt:
+        return import_export_package(self, package_root, conflict_policy=conflict_policy)
+
+    # -- writing -------------------------------------------------------------------
+
+    def put_artifact(self, manifest: Any, source: Any, *, mode: Optional[str] = None,
+                     source_name: Optional[str] = None) -> ArtifactPutReceipt:
+        """Ingest a file (copy, or move with ``mode="move"``) under Contexta's verification rules."""
+        manifest = manifest if isinstance(manifest, ArtifactManifest) else ArtifactManifest.from_dict(manifest)
+        mode = (mode or self.config.default_ingest_mode).lower()
+        if mode not in ("copy", "move"):
+            raise ArtifactError("ingest mode %r is not supported here (copy or move)" % mode,
+                                code="artifact_store_invalid_ingest_mode")
+        source_path = _resolve_path(source)
+        if not source_path.is_file():
+            raise ArtifactError("source %s is not a file" % source_path, code="artifact_store_missing_source",
+                                path=source_path)
+        with self._writing():
+            staged, size, digest = self._stage_body(source_path)
+            try:
+                existing = self.load_binding(manifest.artifact_ref)
+                if existing is not None:
+                    existing_path = self.object_path(existing.manifest_snapshot)
+                    if existing_path.is_file() and (existing.size_bytes, existing.hash_value) == (size, digest):
+                        return ArtifactPutReceipt(existing, existing_path, 0)
+                    raise ConflictError("%s is already bound to a different body" % manifest.artifact_ref)
+                self._check_claims(manifest, size, digest)
+                binding = self._new_binding(manifest, source_name or source_path.name, mode, size, digest)
+                path, _quarantine = self._commit(binding, staged, events=[("bindings", {
+                    "action": "put", "artifact_ref": binding.artifact_ref, "binding": binding.to_dict(),
+                    "path": str(self.object_path(manifest)), "recorded_at": _utc_timestamp()})])
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(str(staged))
+        if mode == "move":
+            os.unlink(str(source_path))
+        return ArtifactPutReceipt(binding, path, size)
+
+    def _check_claims(self, manifest: ArtifactManifest, size: int, digest: str) -> None:
+        mode = self.config.verification_mode
+        if mode == "strict" and (manifest.size_bytes is None or manifest.hash_value is None):
+            raise ArtifactError("strict verification needs size_bytes and hash_value in the manifest",
+                                code="artifact_store_strict_verification_missing_claims")
+        if mode in ("manifest_if_available", "strict"):
+            if manifest.size_bytes is not None and manifest.size_bytes != size:
+                raise IntegrityError("body is %d bytes, manifest says %d" % (size, manifest.size_bytes),
+                                     code="artifact_store_size_mismatch")
+            if manifest.hash_value is not None and manifest.hash_value != digest:
+                raise IntegrityError("body sha256 %s, manifest says %s" % (digest, manifest.hash_value),
+                                     code="artifact_store_hash_mismatch")
+
+    def _new_binding(self, manifest: ArtifactManifest, source_name: str, mode: str, size: int,
+                     digest: str) -> ArtifactBinding:
+        return ArtifactBinding(artifact_ref=manifest.artifact_ref, artifact_kind=manifest.artifact_kind,
+                               binding_id="binding-%s" % uuid.uuid4().hex, source_name=source_name,
+                               ingest_mode=mode, size_bytes=size, hash_algorithm="sha256", hash_value=digest,
+                               layout_version=self.config.layout_version, created_at=_utc_timestamp(),
+                               manifest_snapshot=manifest)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the store's write lock, having first finished whatever a killed writer left."""
+        if self.config.read_only:
+            raise ArtifactError("artifact store %s is read-only" % self.root_path, code="artifact_store_read_only")
+        for name in _ARTIFACT_DIRS:
+            (self.root_path / name).mkdir(parents=True, exist_ok=True)
+        with _Lock(self.root_path / _STORE_LOCK, what="artifact store %s" % self.root_path):
+            _recover_artifact_writes(self)
+            yield
+
+    def _stage_body(self, source: Path, expected: Optional[Tuple[int, str]] = None) -> Tuple[Path, int, str]:
+        """Copy a body into staging/, hashing it; with ``expected``, refuse anything else."""
+        staged = self.root_path / "staging" / ("ingest-%s-%s.part" % (sanitize_component(source.name),
+                                                                      uuid.uuid4().hex))
+        progress = _Progress("copy %s" % source.name, source.stat().st_size)
+        try:
+            with open(source, "rb") as reader:
+                size, digest = _copy_file_hashed(None, staged, reader=_ProgressReader(reader, progress))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(staged))
+            raise
+        finally:
+            progress.finish()
+        _crash_point("artifact:body-staged")
+        if expected is not None and (size, digest) != expected:
+            os.unlink(str(staged))
+            raise IntegrityError("%s changed while it was copied (now %d bytes, sha256 %s)" % (source, size, digest),
+                                 path=source)
+        return staged, size, digest
+
+    def _commit(self, binding: ArtifactBinding, staged: Path, events: Sequence[Tuple[str, Mapping[str, Any]]],
+                replaced: Optional[ArtifactBinding] = None) -> Tuple[Path, Optional[Path]]:
+        """Journal, (quarantine the old body,) move the body into place, write the binding, then the events.
+
+        The binding write is the commit point: before it, recovery undoes
+        everything; after it, recovery only finishes the history events.
+        Returns the body's path and, for a replace, where the old body went.
+        """
+        body = self.object_path(binding.manifest_snapshot)
+        journal: Dict[str, Any] = {
+            "binding_id": binding.binding_id,
+            "binding": _relative_posix(self.binding_path(binding.artifact_ref), self.root_path),
+            "body": _relative_posix(body, self.root_path), "body_ino": os.stat(str(staged)).st_ino,
+            "staged": _relative_posix(staged, self.root_path)}
+        old_body = quarantine = None
+        if replaced is not None:
+            journal["old_binding"] = self.binding_path(binding.artifact_ref).read_text(encoding="utf-8")
+            old_body = self.object_path(replaced.manifest_snapshot)
+            if old_body.is_file():  # Contexta's place for a replaced body
+                quarantine = self.root_path / "quarantine" / "bound" / _path_safe_timestamp(_utc_timestamp()) / (
+                    "%s-%s" % (uuid.uuid4().hex, old_body.name))
+                journal["quarantine"] = {"from": _relative_posix(old_body, self.root_path),
+                                         "to": _relative_posix(quarantine, self.root_path)}
+        journal["events"] = []
+        for category, payload in events:
+            payload = dict(payload)
+            if category == "quarantine":
+                if quarantine is None:
+                    continue
+                payload.update(source_path=str(old_body), destination_path=str(quarantine))
+                folder = "history/quarantine"
+            else:
+                folder = "history/%s/%s" % (category, sanitize_component(binding.artifact_ref))
+            if "quarantine_path" in payload:
+                payload["quarantine_path"] = None if quarantine is None else str(quarantine)
+            journal["events"].append({"path": "%s/%s" % (folder, _event_name()), "payload": payload})
+        journal_path = self.root_path / "staging" / (uuid.uuid4().hex + _WRITE_JOURNAL_SUFFIX)
+        atomic_write_bytes(journal_path, _pretty_json(journal))
+        _crash_point("artifact:journal-written")
+        if quarantine is not None:
+            assert old_body is not None
+            quarantine.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(str(old_body), str(quarantine))
+            _fsync_dir(quarantine.parent)
+            _fsync_dir(old_body.parent)
+            _crash_point("artifact:old-body-quarantined")
+        body.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(str(staged), str(body))
+        _fsync_dir(body.parent)
+        _crash_point("artifact:body-in-place")
+        atomic_write_bytes(self.binding_path(binding.artifact_ref), _pretty_json(binding.to_dict()), mode=0o600)
+        _crash_point("artifact:binding-written")
+        _finish_artifact_write(self, journal_path, journal)
+        return body, quarantine
+
+
+class _ProgressReader:
+    """A reader that reports progress as it is read."""
+
+    def __init__(self, reader: Any, progress: _Progress) -> None:
+        self.reader = reader
+        self.progress = progress
+
+    def readinto(self, buffer: Any) -> int:
+        count = self.reader.readinto(buffer)
+        if count:
+            self.progress.advance(count, files=0)
+        return count
+
+
+def _finish_artifact_write(store: ArtifactStore, journal_path: Path, journal: Mapping[str, Any]) -> None:
+    """After the commit point: write any missing history event, then forget the journal."""
+    for event in journal["events"]:
+        path = store.root_path / event["path"]
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, _pretty_json(event["payload"]), mode=0o600)
+    _crash_point("artifact:events-written")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(str(store.root_path / journal["staged"]))
+    os.unlink(str(journal_path))
+    _fsync_dir(journal_path.parent)
+
+
+def _recover_artifact_writes(store: ArtifactStore) -> List[str]:
+    """Roll back uncommitted writes a killed run left, roll committed ones forward; say what was done."""
+    staging = store.root_path / "staging"
+    done: List[str] = []
+    if not staging.is_dir():
+        return done
+    for journal_path in sorted(staging.glob("*" + _WRITE_JOURNAL_SUFFIX)):
+        journal = json.loads(journal_path.read_bytes().decode("utf-8"))
+        binding_path = store.root_path / journal["binding"]
+        committed = False
+        with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, KeyError):
+            committed = json.loads(binding_path.read_bytes().decode("utf-8"))["binding_id"] == journal["binding_id"]
+        if committed:
+            _finish_artifact_write(store, journal_path, journal)
+            done.append("rolled_forward:%s" % journal["binding"])
+            continue
+        body = store.root_path / journal["body"]
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(str(body)).st_ino == journal["body_ino"]:
+                os.unlink(str(body))
+        quarantine = journal.get("quarantine")
+        if quarantine and (store.root_path / quarantine["to"]).exists():
+            os.replace(str(store.root_path / quarantine["to"]), str(store.root_path / quarantine["from"]))
+        if quarantine:
+            _remove_empty_parents(store.root_path / quarantine["to"], store.root_path / "quarantine")
+        if "old_binding" in journal:
+            atomic_write_bytes(binding_path, journal["old_binding"].encode("utf-8"), mode=0o600)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(store.root_path / journal["staged"]))
+        os.unlink(str(journal_path))
+        _fsync_dir(staging)
+        done.append("rolled_back:%s" % journal["binding"])
+    for stale in staging.glob("ingest-*.part"):
+        os.unlink(str(stale))  # a body copy that never reached its journal
+    return done
+
+
+def _remove_empty_parents(path: Path, stop: Path) -> None:
+    """Remove the now-empty folders a rolled-back write created, up to (not including) ``stop``."""
+    parent = path.parent
+    while parent != stop and _is_within(parent, stop):
+        try:
+            os.rmdir(str(parent))
+        except OSError:
+            return
+        parent = parent.parent
+
+
+def _interrupted_artifact_writes(store: ArtifactStore) -> List[str]:
+    staging = store.root_path / "staging"
+    return sorted(path.name for path in staging.glob("*" + _WRITE_JOURNAL_SUFFIX)) if staging.is_dir() else []
+
+
+def _recover_before_reading(store: ArtifactStore) -> List[str]:
+    """Verification sees the store as the last complete write left it: finish a killed writer first."""
+    if not _interrupted_artifact_writes(store):
+        return []
+    if store.config.read_only:
+        return ["interrupted_write_pending:%s" % name for name in _interrupted_artifact_writes(store)]
+    with _Lock(store.root_path / _STORE_LOCK, what="artifact store %s" % store.root_path):
+        return _recover_artifact_writes(store)
+
+
+def _report_from_check(check: ArtifactCheck, root: Path, checked_at: str) -> VerificationReport:
+    return VerificationReport(
+        artifact_ref=check.artifact_ref, status=check.status, verified=check.verified,
+        exists=check.actual_size_bytes is not None, actual_size_bytes=check.actual_size_bytes,
+        expected_size_bytes=check.expected_size_bytes, actual_hash_value=check.actual_hash_value,
+        expected_hash_value=check.expected_hash_value, checked_at=checked_at,
+        messages=(_VERIFICATION_MESSAGES[check.status],), path=str(root / check.path))
+
+
+def verify_artifact(store: ArtifactStore, artifact_ref: str) -> VerificationReport:
+    """Re-hash one bound body against its claims (Contexta's statuses)."""
+    _recover_before_reading(store)
+    path = store.binding_path(artifact_ref)
+    if not path.is_file():
+        raise ArtifactError("no artifact bound as %s in %s" % (artifact_ref, store.root_path),
+                            code="artifact_store_binding_not_found", path=path)
+    try:
+        binding = _read_binding(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError("binding %s is invalid: %s" % (path, exc), code="artifact_store_invalid_binding",
+                            path=path)
+    return _report_from_check(_evaluate_body(store.root_path, binding), store.root_path, _utc_timestamp())
+
+
+def inspect_store(store: ArtifactStore) -> StoreSummary:
+    """Counts of every bound artifact's state, and orphans (Contexta's StoreSummary)."""
+    notes = _recover_before_reading(store)
+    report = scan_artifact_bindings(store.root_path)
+    return StoreSummary(artifact_count=report.artifact_count, total_size_bytes=report.total_size_bytes,
+                        kinds=report.kinds, verified_count=report.verified_count,
+                        missing_count=report.missing_count, drift_count=report.drift_count,
+                        orphan_count=report.orphan_count, problems=tuple(report.problems), notes=tuple(notes))
+
+
+def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
+    """Verify every body; with ``record`` append Contexta's verification history events."""
+    notes = _recover_before_reading(store)
+    report = scan_artifact_bindings(store.root_path)
+    checked_at = _utc_timestamp()
+    reports = tuple(_report_from_check(check, store.root_path, checked_at) for check in report.checks)
+    records = tuple(VerificationRecord(item.artifact_ref, item.status, item.checked_at, item.messages[0])
+                    for item in reports)
+    if record and reports:
+        with store._writing():
+            for item, verification in zip(records, reports):
+                folder = store.root_path / "history" / "verification" / sanitize_component(item.artifact_ref)
+                folder.mkdir(parents=True, exist_ok=True)
+                payload = {"artifact_ref": item.artifact_ref, "status": item.status, "checked_at": item.checked_at,
+                           "message": item.message,
+                           "report": {key: value for key, value in verification.to_dict().items() if key != "path"}}
+                payload["report"]["messages"] = list(verification.messages)
+                atomic_write_bytes(folder / ("%s-%s.json" % (_path_safe_timestamp(item.checked_at),
+                                                             uuid.uuid4().hex)), _pretty_json(payload), mode=0o600)
+    return SweepReport(
+        verification_records=records,
+        missing_refs=tuple(check.artifact_ref for check in report.checks if check.status == "missing"),
+        drifted_refs=tuple(check.artifact_ref for check in report.checks
+                           if check.status in ("size_mismatch", "hash_mismatch")),
+        orphan_paths=tuple(report.orphan_paths), problems=tuple(report.problems), reports=reports,
+        notes=tuple(notes))
+
+
+def export_artifact(store: ArtifactStore, artifact_ref: str, export_root: Any = None) -> ExportReceipt:
+    """Write Contexta's four-file export package, from a body proven to match its binding."""
+    handle = store.get_artifact(artifact_ref)
+    binding = handle.binding
+    root = _resolve_path(export_root) if export_root is not None else store.root_path / "exports"
+    safe_ref = sanitize_component(artifact_ref)
+    directory = root / safe_ref
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    body_path = directory / handle.path.name
+    binding_path = directory / ("%s.binding.json" % safe_ref)
+    manifest_path = directory / "manifest.snapshot.json"
+    metadata_path = directory / "export.package.json"
+    tmp_body = directory / ("tmp-%s.part" % uuid.uuid4().hex)
+    try:
+        size, digest = _copy_file_hashed(handle.path, tmp_body)
+        expected_size, expected_hash = _expected_claims(binding.to_dict())
+        if (expected_size is not None and size != expected_size) or (
+                expected_hash is not None and digest != expected_hash):
+            raise IntegrityError("body of %s at %s does not match its binding (%d bytes, sha256 %s); not exported"
+                                 % (artifact_ref, handle.path, size, digest), path=handle.path)
+        shutil.copystat(str(handle.path), str(tmp_body))
+        # Only now touch the package: without export.package.json it is invalid until complete again.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(metadata_path))
+        os.replace(str(tmp_body), str(body_path))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(tmp_body))
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(str(directory))
+        raise
+    atomic_write_bytes(binding_path, _pretty_json(binding.to_dict()), mode=0o600)
+    atomic_write_bytes(manifest_path, _pretty_json(binding.manifest_snapshot.to_dict()), mode=0o600)
+    atomic_write_bytes(metadata_path, _pretty_json({
+        "package_format_version": PACKAGE_FORMAT_VERSION, "artifact_ref": artifact_ref,
+        "artifact_kind": binding.artifact_kind, "exported_at": _utc_timestamp(), "body_file": body_path.name,
+        "binding_file": binding_path.name, "manifest_file": manifest_path.name,
+        "source_layout_version": binding.layout_version}), mode=0o600)
+    if not store.config.read_only:
+        with store._writing():
+            event_dir = store.root_path / "history" / "exports" / safe_ref
+            event_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(event_dir / _event_name(), _pretty_json({
+                "artifact_ref": artifact_ref, "export_directory": str(directory), "exported_at": _utc_timestamp(),
+                "package_format_version": PACKAGE_FORMAT_VERSION}), mode=0o600)
+    return ExportReceipt(artifact_ref, directory, body_path, binding_path, metadata_path)
+
+
+def _package_member(root: Path, metadata: Mapping[str, Any], key: str, default: Optional[str] = None) -> Path:
+    """A file the package names: a plain name of a regular file inside the package, or refusal."""
+    name = metadata.get(key, default)
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name \
+            or "\x00" in name:
+        raise ArtifactError("export package %s: %s %r is not a plain file name inside the package"
+                            % (root, key, name), code="artifact_export_package_invalid", path=root)
+    path = root / name
+    try:
+        member_stat = os.lstat(str(path))
+    except FileNotFoundError:
+        raise ArtifactError("export package %s: %s %s is missing" % (root, key, name),
+                            code="artifact_export_package_invalid", path=path)
+    if not stat.S_ISREG(member_stat.st_mode):
+        raise ArtifactError("export package %s: %s %s is not a regular file (symlinks are refused)"
+                            % (root, key, name), code="artifact_export_package_invalid", path=path)
+    return path
+
+
+def _read_package_json(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError("%s is not valid JSON (%s)" % (path, exc), code="artifact_export_package_invalid",
+                            path=path)
+    if not isinstance(data, dict):
+        raise ArtifactError("%s is not a JSON object" % path, code="artifact_export_package_invalid", path=path)
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class _VerifiedPackage:
+    root: Path
+    manifest: ArtifactManifest
+    body: Path
+    size: int
+    digest: str
+
+
+def verify_export_package(package_root: Any) -> _VerifiedPackage:
+    """Everything an import checks before it writes a byte: names, refs, size and sha256."""
+    root = _resolve_path(package_root)
+    if not root.is_dir():
+        raise ArtifactError("export package %s is not a directory" % root, code="artifact_export_package_not_found",
+                            path=root)
+    metadata = _read_package_json(_package_member(root, {}, "metadata", "export.package.json"))
+    if metadata.get("package_format_version") != PACKAGE_FORMAT_VERSION:
+        raise ArtifactError("export package %s has format %r, not %s" % (
+            root, metadata.get("package_format_version"), PACKAGE_FORMAT_VERSION),
+            code="artifact_export_package_invalid", path=root / "export.package.json")
+    body = _package_member(root, metadata, "body_file")
+    binding_data = _read_package_json(_package_member(root, metadata, "binding_file"))
+    manifest_data = _read_package_json(_package_member(root, metadata, "manifest_file", "manifest.snapshot.json"))
+    manifest = ArtifactManifest.from_dict(manifest_data)
+    binding = ArtifactBinding.from_dict(binding_data)
+    for key in ("artifact_ref", "artifact_kind"):
+        values = {metadata.get(key), binding_data.get(key), getattr(manifest, key),
+                  getattr(binding.manifest_snapshot, key)}
+        if len(values) != 1:
+            raise ArtifactError("export package %s: %s differs between its files (%s)" % (
+                root, key, ", ".join(sorted(str(value) for value in values))),
+                code="artifact_export_package_invalid", path=root)
+    size, digest = sha256_file(body)
+    claims = [("binding", binding.size_bytes, binding.hash_value),
+              ("manifest", manifest.size_bytes, manifest.hash_value)]
+    for source, claimed_size, claimed_hash in claims:
+        if claimed_size is not None and claimed_size != size:
+            raise IntegrityError("export package %s: body %s is %d bytes, its %s says %d; nothing imported"
+                                 % (root, body.name, size, source, claimed_size), path=body)
+        if claimed_hash is not None and claimed_hash != digest:
+            raise IntegrityError("export package %s: body %s has sha256 %s, its %s says %s; nothing imported"
+                                 % (root, body.name, digest, source, claimed_hash), path=body)
+    if binding.hash_value is None:
+        raise IntegrityError("export package %s: the binding carries no hash to prove the body" % root,
+                             path=root / str(metadata.get("binding_file")))
+    return _VerifiedPackage(root, manifest, body, size, digest)
+
+
+def import_export_package(store: ArtifactStore, package_root: Any, conflict_policy: str = "error") -> ImportReceipt:
+    """Import a package only after proving it (see :func:`verify_export_package`); Contexta's outcomes."""
+    policy = getattr(conflict_policy, "value", conflict_policy)
+    if policy not in _CONFLICT_POLICIES:
+        raise ArtifactError("conflict policy must be one of %s" % ", ".join(_CONFLICT_POLICIES),
+                            code="artifact_store_invalid_conflict_policy")
+    package = verify_export_package(package_root)
+    manifest = package.manifest
+    loss_report = {"package_root": str(package.root)}
+
+    def event(outcome: ImportOutcome, written: int) -> Tuple[str, Dict[str, Any]]:
+        return ("imports", {"artifact_ref": manifest.artifact_ref, "bytes_written": written,
+                            "conflict_policy": policy, "imported_at": _utc_timestamp(),
+                            "mapping_loss_report": loss_report, "outcome": outcome.value,
+                            "quarantine_path": None, "source_kind": "export_package"})
+
+    with store._writing():
+        existing = store.load_binding(manifest.artifact_ref)
+        notes: Tuple[str, ...] = ()
+        if existing is not None and (existing.size_bytes, existing.hash_value) == (package.size, package.digest):
+            outcome = ImportOutcome.SKIPPED if policy == "skip" else ImportOutcome.IDEMPOTENT
+            body = store.object_path(existing.manifest_snapshot)
+            if body.is_file() and sha256_file(body) == (package.size, package.digest):
+                _write_event(store, manifest.artifact_ref, event(outcome, 0))
+                return ImportReceipt(manifest.artifact_ref, outcome, 0, loss_report)
+            notes = ("damaged_body_restored_from_package",)  # same binding, body missing or drifted
+        elif existing is not None and policy == "skip":
+            _write_event(store, manifest.artifact_ref, event(ImportOutcome.SKIPPED, 0))
+            return ImportReceipt(manifest.artifact_ref, ImportOutcome.SKIPPED, 0, loss_report)
+        elif existing is not None and policy == "error":
+            raise ConflictError("%s is already bound to a different body (size %d, sha256 %s); use --conflict "
+                                "skip or replace" % (manifest.artifact_ref, existing.size_bytes, existing.hash_value))
+        if existing is None:
+            outcome = ImportOutcome.IMPORTED
+        elif notes:
+            outcome = ImportOutcome.IDEMPOTENT
+        else:
+            outcome = ImportOutcome.REPLACED
+        staged, size, digest = store._stage_body(package.body, expected=(package.size, package.digest))
+        try:
+            binding = existing if notes else store._new_binding(manifest, package.body.name, "copy", size, digest)
+            assert binding is not None
+            events = [event(outcome, size)]
+            if outcome is ImportOutcome.REPLACED:
+                events.insert(0, ("quarantine", {"kind": "bound_artifact", "recorded_at": _utc_timestamp(),
+                                                 "details": {"artifact_ref": manifest.artifact_ref}}))
+            if not notes:  # a new binding: Contexta's put event
+                events.append(("bindings", {"action": "put", "artifact_ref": binding.artifact_ref,
+                                            "binding": binding.to_dict(), "path": str(store.object_path(manifest)),
+                                            "recorded_at": _utc_timestamp()}))
+            _body, quarantine = store._commit(binding, staged, events,
+                                              replaced=existing if outcome is ImportOutcome.REPLACED else None)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(staged))
+    return ImportReceipt(manifest.artifact_ref, outcome, size, loss_report, quarantine, notes)
+
+
+def _write_event(store: ArtifactStore, artifact_ref: str, event: Tuple[str, Mapping[str, Any]]) -> None:
+    folder = store.root_path / "history" / event[0] / sanitize_component(artifact_ref)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / _event_name(), _pretty_json(event[1]), mode=0o600)
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 #
@@ -3811,6 +4711,36 @@ def _build_parser() -> argparse.ArgumentParser:
     recover_commands = recover.add_subparsers(dest="recover_command", metavar="ACTION", parser_class=_Parser)
     _add_replay_options(_add_command(recover_commands, "replay", "Same as `replay`.",
                                      "%s recover replay --dry-run" % _PROG, common))
+
+    artifact = _add_command(commands, "artifact", "Verify artifact bodies; export, import and put artifacts.",
+                            "%s artifact verify --all" % _PROG, common)
+    artifact_commands = artifact.add_subparsers(dest="artifact_command", metavar="ACTION", parser_class=_Parser)
+    for name, purpose, example in (
+            ("inspect", "Count bound artifacts by state, and orphans.", "artifact inspect --json"),
+            ("verify", "Re-hash bodies against their bindings: one REF, or --all.", "artifact verify --all --record"),
+            ("export", "Write Contexta's export package of one artifact.",
+             "artifact export artifact:proj.run-01.model --export-root /media/usb"),
+            ("import", "Import an export package, after proving it.", "artifact import /media/usb/pkg --conflict skip"),
+            ("put", "Ingest a file as an artifact.",
+             "artifact put model.bin --ref artifact:proj.run-01.model --kind checkpoint")):
+        sub = _add_command(artifact_commands, name, purpose, "%s %s" % (_PROG, example), common)
+        sub.add_argument("--store", metavar="DIR", help="a bare artifact store root (default: the workspace's)")
+        if name == "verify":
+            sub.add_argument("ref", nargs="?", metavar="REF")
+            sub.add_argument("--all", action="store_true", help="every bound artifact, and orphans")
+            sub.add_argument("--record", action="store_true", help="append verification history events")
+        elif name == "export":
+            sub.add_argument("ref", metavar="REF")
+            sub.add_argument("--export-root", metavar="DIR", help="default: <store>/exports")
+        elif name == "import":
+            sub.add_argument("package", metavar="PACKAGE")
+            sub.add_argument("--conflict", choices=_CONFLICT_POLICIES, default="error")
+        elif name == "put":
+            sub.add_argument("file", metavar="FILE")
+            sub.add_argument("--ref", required=True, help="artifact:<project>.<run>.<key>")
+            sub.add_argument("--kind", required=True, help="artifact kind, e.g. checkpoint")
+            sub.add_argument("--run", help="run ref (default: the artifact ref's run)")
+            sub.add_argument("--location", help="location_ref (default: vault://<project>/<run>/<file name>)")
     return parser
 
 
@@ -4029,6 +4959,74 @@ def _cmd_replay(args: argparse.Namespace, out: _Output) -> int:
     return result.exit_code
 
 
+def _cmd_artifact(args: argparse.Namespace, out: _Output) -> int:
+    action = _option(args, "artifact_command")
+    if action is None:
+        raise UsageError("artifact needs an action: inspect, verify, export, import or put")
+    if args.store:
+        store = ArtifactStore(VaultConfig(root_path=args.store))
+    else:
+        store = ArtifactStore(VaultConfig.from_unified_config(_config_from_args(args)))
+    if action == "inspect":
+        summary = inspect_store(store)
+        out.say("Artifact store %s" % store.root_path)
+        out.say("  %d bound %s, %s" % (summary.artifact_count, _counts_text(summary.kinds),
+                                       _human_bytes(summary.total_size_bytes)))
+        out.say("  %d verified, %d missing, %d drifted, %d orphans" % (
+            summary.verified_count, summary.missing_count, summary.drift_count, summary.orphan_count))
+        _say_list(out, "Problems:", summary.problems)
+        _say_list(out, "Notes:", summary.notes)
+        out.finish(summary, not summary.problems)
+        return EXIT_PROBLEMS if summary.problems else EXIT_OK
+    if action == "verify":
+        if args.all == (args.ref is not None):
+            raise UsageError("artifact verify takes one REF or --all")
+        if args.ref is not None:
+            report = verify_artifact(store, args.ref)
+            out.say("%s: %s" % (report.artifact_ref, report.status))
+            out.say("  %s" % report.path)
+            out.say("  size   expected %s, actual %s" % (report.expected_size_bytes, report.actual_size_bytes))
+            out.say("  sha256 expected %s, actual %s" % (report.expected_hash_value, report.actual_hash_value))
+            out.finish(report, report.verified)
+            return EXIT_OK if report.verified else EXIT_PROBLEMS
+        sweep = verify_all(store, record=args.record)
+        out.say("Artifact store %s: %d verified of %d; %d missing, %d drifted, %d orphans" % (
+            store.root_path, sum(1 for item in sweep.reports if item.verified), len(sweep.reports),
+            len(sweep.missing_refs), len(sweep.drifted_refs), len(sweep.orphan_paths)))
+        _say_list(out, "Problems:", sweep.problems)
+        _say_list(out, "Notes:", sweep.notes)
+        out.finish(sweep, sweep.clean)
+        return EXIT_OK if sweep.clean else EXIT_PROBLEMS
+    if action == "export":
+        receipt = export_artifact(store, args.ref, export_root=args.export_root)
+        out.say("Exported %s to %s" % (receipt.artifact_ref, receipt.export_directory))
+        out.finish(receipt, True)
+        return EXIT_OK
+    if action == "import":
+        receipt = import_export_package(store, args.package, conflict_policy=args.conflict)
+        out.say("Import of %s: %s (%s written)" % (receipt.artifact_ref, receipt.outcome.value,
+                                                    _human_bytes(receipt.bytes_written)))
+        if receipt.quarantine_path:
+            out.say("  replaced body kept at %s" % receipt.quarantine_path)
+        _say_list(out, "Notes:", receipt.notes)
+        out.finish(receipt, True)
+        return EXIT_OK
+    manifest = _manifest_for_put(args)
+    put_receipt = store.put_artifact(manifest, args.file)
+    out.say("Put %s at %s (%s written)" % (put_receipt.binding.artifact_ref, put_receipt.path,
+                                           _human_bytes(put_receipt.bytes_written)))
+    out.finish(put_receipt, True)
+    return EXIT_OK
+
+
+def _manifest_for_put(args: argparse.Namespace) -> ArtifactManifest:
+    components = _validate_ref("--ref", args.ref, "artifact")
+    run_ref = args.run or "run:%s.%s" % (components[0], components[1])
+    location = args.location or "vault://%s/%s/%s" % (components[0], components[1], Path(args.file).name)
+    return ArtifactManifest(artifact_ref=args.ref, artifact_kind=args.kind, created_at=_utc_timestamp(),
+                            producer_ref="contexta-ops", run_ref=run_ref, location_ref=location)
+
+
 def _counts_text(counts: Mapping[str, int]) -> str:
     return "(%s)" % ", ".join("%s %d" % item for item in counts.items()) if counts else ""
 
@@ -4038,6 +5036,7 @@ _COMMANDS: Dict[str, Callable[[argparse.Namespace, _Output], int]] = {
     "restore": _cmd_restore,
     "replay": _cmd_replay,
     "recover": _cmd_replay,
+    "artifact": _cmd_artifact,
 }
 
 

@@ -88,3 +88,26 @@ def test_replay_outbox_program_answers_like_contexta(tmp_path, contexta_ref):
     program = _as_contexta_program(EXAMPLES / "replay_outbox_demo.py", tmp_path / "as_contexta.py", REPLAY_IMPORTS)
     theirs = _run(contexta_ref, program, tmp_path / "theirs")
     assert _answers(ours) == _answers(theirs)
+
+
+ARTIFACT_IMPORTS = ("from contexta.contract import ArtifactManifest\n"
+                    "from contexta.store.artifacts import ArtifactStore, VaultConfig, export_artifact, "
+                    "import_export_package, inspect_store\n")
+
+
+def test_artifact_transfer_program(tmp_path):
+    lines = _run(sys.executable, EXAMPLES / "artifact_transfer_demo.py", tmp_path / "demo")
+    assert _answers(lines) == ["Source artifact: artifact:my-proj.run-01.model", "Import outcome: imported",
+                               "Target artifact count: 1"]
+
+
+def test_artifact_transfer_program_answers_like_contexta(tmp_path, contexta_ref):
+    ours = _run(sys.executable, EXAMPLES / "artifact_transfer_demo.py", tmp_path / "ours")
+    program = _as_contexta_program(EXAMPLES / "artifact_transfer_demo.py", tmp_path / "as_contexta.py",
+                                   ARTIFACT_IMPORTS)
+    theirs = _run(contexta_ref, program, tmp_path / "theirs")
+    assert _answers(ours) == _answers(theirs)
+    # And the two stores are the same bytes where Contexta's layout fixes them.
+    for rel in ("source-artifacts/objects/checkpoint", "target-artifacts/objects/checkpoint"):
+        assert sorted(p.relative_to(tmp_path / "ours").as_posix() for p in (tmp_path / "ours" / rel).rglob("*")) == \
+            sorted(p.relative_to(tmp_path / "theirs").as_posix() for p in (tmp_path / "theirs" / rel).rglob("*"))
