@@ -1178,7 +1178,9 @@ def check_metadata_file(database_path: Any, *, display: Optional[Callable[[str],
         report.problems.append(Problem("metadata_truncated", shown, "ledger is %d bytes, shorter than its headers"
                                        % report.size_bytes, expected=_DUCKDB_MIN_SIZE, actual=report.size_bytes))
         return report
-    if use_duckdb:
+    if use_duckdb and _posix_lock_is_held(path):
+        report.check = "file_level_in_use"  # a writer holds it; DuckDB would refuse a second opener
+    elif use_duckdb:
         _count_runs_with_duckdb(path, report, shown)
     return report
 
@@ -2133,6 +2135,7 @@ class _Layout:
     artifacts_root: str
     outbox_root: str
     notes: Tuple[str, ...] = ()
+    reports_root: str = "reports"
 
     def workspace_path(self, member_path: str) -> Optional[str]:
         """The workspace-relative path of a backup member, or None when it is not restored."""
@@ -2383,7 +2386,7 @@ class _Verification:
 
     def display(self, store_root: str) -> Callable[[str], str]:
         def show(rel: str) -> str:
-            ws_rel = (store_root + "/" + rel).strip("/") if rel else store_root
+            ws_rel = store_root.rstrip("/") + "/" + rel if rel else store_root
             if self.live_root is not None:
                 return str(self.live_root / ws_rel)
             return self.member_of.get(ws_rel, "workspace/" + ws_rel)
@@ -2439,9 +2442,13 @@ def _materialize(backup: _DirectoryBackup, layout: _Layout, stage: Path, verific
 
 
 def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, has_metadata: bool,
-                  digests: Optional[Mapping[str, Tuple[int, str]]] = None) -> None:
-    """Records, artifacts and metadata of a workspace-shaped tree, into plane_results (Contexta's shape)."""
-    records = scan_records(tree / layout.records_root, display=verification.display(layout.records_root))
+                  digests: Optional[Mapping[str, Tuple[int, str]]] = None, check_indexes: bool = False) -> None:
+    """Records, artifacts and metadata of a workspace-shaped tree, into plane_results (Contexta's shape).
+
+    Verify-only runs this on a staged backup, `check` on a live workspace.
+    """
+    records = scan_records(tree / layout.records_root, check_indexes=check_indexes,
+                           display=verification.display(layout.records_root))
     verification.plane_results["records"] = records.plane_result()
     verification.problems += records.problems
     if not records.present:
@@ -2596,7 +2603,7 @@ def _apply(config: UnifiedConfig, backup: _DirectoryBackup, layout: _Layout, pla
     except OSError:
         _resume_interrupted_restore(target)  # undo at once what the journal describes
         raise
-    post = _post_apply_check(target, layout, backup)
+    post = check_workspace(_config_for_target(config, target))
     _finish_restore(target)
     problems = list(verification.problems) + list(post.problems)
     return RestoreResult(
@@ -2605,21 +2612,22 @@ def _apply(config: UnifiedConfig, backup: _DirectoryBackup, layout: _Layout, pla
         backup_ref=backup.backup_ref, target_workspace=target, applied=True,
         plane_results=verification.plane_results, safety_backup_ref=safety_ref,
         verification_notes=verification_notes, problems=tuple(problems), source_root=backup.location,
-        post_apply_check={"status": "FAILURE" if post.problems else "SUCCESS",
-                          "plane_results": post.plane_results,
-                          "problems": [problem.to_dict() for problem in post.problems]})
+        post_apply_check=post.to_dict())
+
+
+def _config_for_target(config: UnifiedConfig, target: Path) -> UnifiedConfig:
+    """The configuration of the workspace a restore targets: the configured one, or defaults under it."""
+    if target == config.workspace.root_path:
+        return config
+    return UnifiedConfig(profile_name=config.profile_name, project_name=config.project_name,
+                         workspace=WorkspaceConfig(root_path=target),
+                         recovery=RecoveryConfig(backup_root=config.recovery.backup_root,
+                                                 restore_staging_root=config.recovery.restore_staging_root))
 
 
 def _safety_backup(config: UnifiedConfig, target: Path) -> str:
     """Back up the target actually being replaced (not the configured workspace, formats 11.6)."""
-    if target == config.workspace.root_path:
-        target_config = config
-    else:
-        target_config = UnifiedConfig(
-            profile_name=config.profile_name, project_name=config.project_name,
-            workspace=WorkspaceConfig(root_path=target),
-            recovery=RecoveryConfig(backup_root=config.recovery.backup_root,
-                                    restore_staging_root=config.recovery.restore_staging_root))
+    target_config = _config_for_target(config, target)
     plan = plan_workspace_backup(target_config, label=_SAFETY_LABEL)
     result = _write_backup(target_config, plan)
     return result.backup_ref
@@ -2759,14 +2767,6 @@ def _resume_interrupted_restore(target: Path) -> Optional[str]:
         os.unlink(str(journal_path))
         _fsync_dir(target.parent)
     return outcome
-
-
-def _post_apply_check(target: Path, layout: _Layout, backup: _DirectoryBackup) -> _Verification:
-    """The guide's last step, run at once: check the restored workspace itself."""
-    verification = _Verification(live_root=target)
-    has_metadata = "metadata" in backup.manifest.get("included_sections", [])
-    _check_planes(target, layout, verification, has_metadata=has_metadata)
-    return verification
 
 
 # ---------------------------------------------------------------------------
@@ -3530,7 +3530,10 @@ _ERRORS_TRACKED = 1000
 
 def outbox_status(config: Any) -> OutboxStatus:
     """Count the outbox and dead-letter queue in one streaming pass each.  Changes nothing."""
-    outbox_root = _outbox_root(config)
+    return _tally_outbox(_outbox_root(config))
+
+
+def _tally_outbox(outbox_root: Path) -> OutboxStatus:
     tallies: Dict[str, Any] = {}
     problems: List[Problem] = []
     errors: Dict[str, int] = {}
@@ -4621,6 +4624,225 @@ def _write_event(store: ArtifactStore, artifact_ref: str, event: Tuple[str, Mapp
 
 
 # ---------------------------------------------------------------------------
+# The guide's first and last steps: status and check of a live workspace
+# ---------------------------------------------------------------------------
+#
+# `status` confirms which workspace the next command would touch: every path
+# and where its value came from, whether anything is using or half-way
+# through changing it, and the counts that are cheap to read.  It hashes
+# nothing.  `check` verifies the live workspace with the very same plane
+# checks verify-only runs on a staged backup, and changes nothing.
+
+CHECK_PLANES = ("metadata", "records", "artifacts", "reports", "outbox")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult(_Record):
+    """``check``: each plane's result in restore's shape, and every problem naming its file."""
+
+    status: str
+    workspace_root: Path
+    planes: Tuple[str, ...]
+    plane_results: Mapping[str, Any]
+    problems: Tuple[Problem, ...] = ()
+    notes: Tuple[str, ...] = ()
+
+
+def _workspace_layout(config: UnifiedConfig) -> _Layout:
+    """A layout whose paths are the configured (absolute) ones, for checking a live workspace."""
+    return _Layout(None, (), str(config.metadata.database_path), str(config.records.root_path),
+                   str(config.artifacts.root_path), str(config.recovery.outbox_root),
+                   reports_root=str(config.workspace.reports_path))
+
+
+def check_workspace(config: UnifiedConfig, planes: Optional[Sequence[str]] = None) -> CheckResult:
+    """Verify a live workspace, plane by plane, reading only.  Status FAILURE names each problem."""
+    workspace = config.workspace.root_path
+    if not workspace.is_dir():
+        raise OpsError("workspace %s does not exist" % workspace, code="workspace_missing", path=workspace)
+    selected = tuple(plane for plane in CHECK_PLANES if planes is None or plane in planes)
+    unknown = set(planes or ()) - set(CHECK_PLANES)
+    if unknown:
+        raise UsageError("unknown plane(s): %s (choose from %s)" % (", ".join(sorted(unknown)),
+                                                                   ", ".join(CHECK_PLANES)))
+    layout = _workspace_layout(config)
+    verification = _Verification(live_root=workspace)
+    notes: List[str] = []
+    if set(selected) & set(_PLANES):
+        _check_planes(Path("/"), layout, verification, has_metadata=True, check_indexes=True)
+        verification.plane_results = {key: value for key, value in verification.plane_results.items()
+                                      if key in selected}
+        verification.problems = [problem for problem in verification.problems
+                                 if _plane_of(problem, config) in selected]
+        notes += verification.plane_notes
+        if "artifacts" in selected:
+            store = ArtifactStore(VaultConfig.from_unified_config(config))
+            for name in _interrupted_artifact_writes(store):
+                verification.problems.append(Problem(
+                    "artifact_write_interrupted", str(store.root_path / "staging" / name),
+                    "a put or import was killed; the next artifact command rolls it back or finishes it"))
+    if "reports" in selected:
+        verification.plane_results["reports"] = _check_reports(config.workspace.reports_path, verification.problems)
+    if "outbox" in selected:
+        outbox = _tally_outbox(config.recovery.outbox_root)
+        verification.plane_results["outbox"] = {
+            "pending_count": outbox.pending_count, "dead_lettered_count": outbox.dead_lettered_count,
+            "malformed_pending": outbox.malformed_pending, "interrupted_replay": outbox.interrupted_replay}
+        verification.problems += list(outbox.problems)
+    return CheckResult(status="FAILURE" if verification.problems else "SUCCESS", workspace_root=workspace,
+                       planes=selected, plane_results=verification.plane_results,
+                       problems=tuple(verification.problems), notes=tuple(notes))
+
+
+def _plane_of(problem: Problem, config: UnifiedConfig) -> str:
+    for plane, root in (("records", config.records.root_path), ("artifacts", config.artifacts.root_path)):
+        if _is_within(problem.path, root):
+            return plane
+    return "metadata"
+
+
+def _check_reports(reports_root: Path, problems: List[Problem]) -> Dict[str, Any]:
+    """Every report file can be read to its end."""
+    result = {"present": reports_root.is_dir(), "file_count": 0, "size_bytes": 0, "unreadable_count": 0}
+    for rel, entry_stat, kind in _walk_tree(reports_root) if reports_root.is_dir() else ():
+        if kind != "file":
+            continue
+        result["file_count"] += 1
+        result["size_bytes"] += entry_stat.st_size
+        try:
+            with open(reports_root / rel, "rb") as handle:
+                while handle.read(_CHUNK):
+                    pass
+        except OSError as exc:
+            result["unreadable_count"] += 1
+            problems.append(Problem("report_unreadable", str(reports_root / rel),
+                                    "cannot be read: %s" % (exc.strerror or exc)))
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class PathStatus(_Record):
+    name: str
+    setting: str
+    path: Path
+    source: str
+    exists: bool
+    kind: Optional[str]
+    size_bytes: int
+    file_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusWarning(_Record):
+    code: str
+    message: str
+    unsafe: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkspaceStatus(_Record):
+    """``status``: which workspace, from where, in what state.  Exit 1 when a warning is ``unsafe``."""
+
+    status: str
+    workspace_root: Path
+    paths: Tuple[PathStatus, ...]
+    in_use: Tuple[str, ...]
+    record_count: Optional[int]
+    artifact_binding_count: int
+    outbox_pending_count: int
+    outbox_dead_lettered_count: int
+    newest_backups: Tuple[BackupListEntry, ...]
+    warnings: Tuple[StatusWarning, ...] = ()
+    notes: Tuple[str, ...] = ()
+
+
+_STATUS_PATHS = (("workspace", "workspace.root_path"), ("metadata database", "metadata.database_path"),
+                 ("records", "records.root_path"), ("artifacts", "artifacts.root_path"),
+                 ("reports", "workspace.reports_path"), ("exports", "workspace.exports_path"),
+                 ("cache", "workspace.cache_path"), ("outbox", "recovery.outbox_root"),
+                 ("backup root", "recovery.backup_root"), ("staging root", "recovery.restore_staging_root"))
+
+
+def _setting(config: UnifiedConfig, dotted: str) -> Path:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    count = 0
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                count += 1
+    return count
+
+
+def workspace_status(config: UnifiedConfig, sources: Optional[Mapping[str, str]] = None,
+                     notes: Sequence[str] = ()) -> WorkspaceStatus:
+    """Paths with provenance, in-use signals, cheap counts, newest backups.  Reads metadata only."""
+    sources = sources or {}
+    workspace = config.workspace.root_path
+    paths = []
+    for name, dotted in _STATUS_PATHS:
+        path = _setting(config, dotted)
+        kind = "dir" if path.is_dir() else ("file" if path.is_file() else None)
+        count, size = _tree_size(path) if kind == "dir" else ((1, path.stat().st_size) if kind else (0, 0))
+        paths.append(PathStatus(name, dotted, path, sources.get(dotted, "default"), kind is not None, kind,
+                                size, count))
+    warnings: List[StatusWarning] = []
+    in_use: List[str] = []
+    if not workspace.is_dir():
+        warnings.append(StatusWarning("workspace_missing", "workspace %s does not exist" % workspace, True))
+    database = config.metadata.database_path
+    if os.path.exists(str(database) + ".wal"):
+        in_use.append("metadata_wal_present")
+    if _posix_lock_is_held(database):
+        in_use.append("metadata_locked_by_writer")
+        warnings.append(StatusWarning("metadata_in_use", "%s is open by a writer (DuckDB lock held); a backup now "
+                                      "may not be consistent, a restore would replace it under the writer"
+                                      % database, True))
+    signals = ((_lock_is_held(_workspace_lock_path(workspace)), "workspace_lock_held",
+                "another backup or restore holds %s" % _workspace_lock_path(workspace)),
+               (_journal_path(workspace).exists(), "restore_interrupted",
+                "a restore was interrupted; the next backup or restore finishes or rolls it back (%s)"
+                % _journal_path(workspace)),
+               (_lock_is_held(config.recovery.outbox_root / REPLAY_LOCK_FILE), "replay_running",
+                "a replay holds %s" % (config.recovery.outbox_root / REPLAY_LOCK_FILE)),
+               ((config.recovery.outbox_root / _REPLAY_JOURNAL).exists(), "replay_interrupted",
+                "a replay was interrupted; the next `replay` finishes it"),
+               (bool(_interrupted_artifact_writes(ArtifactStore(VaultConfig.from_unified_config(config)))),
+                "artifact_write_interrupted", "an artifact put/import was interrupted; the next artifact "
+                                              "command rolls it back or finishes it"))
+    for held, code, message in signals:
+        if held:
+            in_use.append(code)
+            warnings.append(StatusWarning(code, message, True))
+    for name, root in (("backup_root", config.recovery.backup_root),
+                       ("staging_root", config.recovery.restore_staging_root)):
+        if _is_within(root, workspace):
+            warnings.append(StatusWarning(
+                "%s_inside_workspace" % name, "%s %s is inside the workspace%s" % (
+                    name, root, "; a lost or replaced workspace takes its backups with it" if name == "backup_root"
+                    else " (verify-only stages elsewhere; set --staging-root)"), name == "backup_root"))
+    record_count = None
+    with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, TypeError):
+        manifest = json.loads((config.records.root_path / "manifest.json").read_bytes().decode("utf-8"))
+        record_count = int(manifest["last_committed_sequence"])
+    bindings = config.artifacts.root_path / "bindings"
+    binding_count = len(list(bindings.glob("*.binding.json"))) if bindings.is_dir() else 0
+    backups = [entry for entry in list_backups(config)]
+    unsafe = any(warning.unsafe for warning in warnings)
+    return WorkspaceStatus(
+        status="DEGRADED" if unsafe else "SUCCESS", workspace_root=workspace, paths=tuple(paths),
+        in_use=tuple(in_use), record_count=record_count, artifact_binding_count=binding_count,
+        outbox_pending_count=_count_lines(config.recovery.outbox_root / OUTBOX_FILE),
+        outbox_dead_lettered_count=_count_lines(config.recovery.outbox_root / DEAD_LETTER_FILE),
+        newest_backups=tuple(backups[-5:]), warnings=tuple(warnings), notes=tuple(notes))
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 #
@@ -4699,6 +4921,13 @@ def _build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--target", metavar="DIR", help="workspace to restore into (default: --workspace)")
     restore.add_argument("--force", action="store_true", help="apply even when verification finds problems")
 
+    _add_command(commands, "status", "Confirm the workspace: paths and their sources, in-use signals, counts.",
+                 "%s --workspace /srv/ml/.contexta status" % _PROG, common)
+    check = _add_command(commands, "check", "Verify the live workspace, plane by plane (after any operation).",
+                         "%s check --plane records --plane artifacts" % _PROG, common)
+    check.add_argument("--plane", action="append", choices=CHECK_PLANES, metavar="PLANE",
+                       help="one of %s; repeat for several (default: all)" % ", ".join(CHECK_PLANES))
+
     replay = _add_command(
         commands, "replay", "Re-deliver failed outbox entries; `status` counts them; `requeue` redrives dead letters.",
         "%s replay --dead-letter-after 5\n  %s replay status\n  %s replay requeue --limit 100"
@@ -4759,8 +4988,12 @@ def _option(args: argparse.Namespace, name: str, default: Any = None) -> Any:
 
 
 def _config_from_args(args: argparse.Namespace) -> UnifiedConfig:
+    return _config_and_sources_from_args(args)[0]
+
+
+def _config_and_sources_from_args(args: argparse.Namespace) -> Tuple[UnifiedConfig, Dict[str, str], List[str]]:
     flags = {name: _option(args, name) for name in _FLAG_SETTINGS}
-    return _load_config_with_sources(_option(args, "config"), flags=flags)[0]
+    return _load_config_with_sources(_option(args, "config"), flags=flags)
 
 
 class _Output:
@@ -4853,20 +5086,26 @@ def _cmd_backup(args: argparse.Namespace, out: _Output) -> int:
     return _status_exit(result.status)
 
 
+_METADATA_CHECK_TEXT = {
+    "duckdb": "%(run_count)s runs (read with DuckDB)",
+    "absent": "not present",
+    "file_level": "checked at file level (DuckDB header; DuckDB not importable here)",
+    "file_level_in_use": "checked at file level (a writer holds the ledger)",
+}
+
+
 def _say_planes(out: _Output, plane_results: Mapping[str, Any]) -> None:
-    metadata = plane_results.get("metadata", {})
-    if metadata.get("check") == "duckdb":
-        out.say("  metadata:  %s runs (read with DuckDB)" % metadata.get("run_count"))
-    elif metadata.get("check") == "absent":
-        out.say("  metadata:  not in this backup")
-    else:
-        out.say("  metadata:  checked at file level (DuckDB header; DuckDB not importable here)")
-    records = plane_results.get("records", {})
-    out.say("  records:   %s records, %s" % (records.get("record_count"), records.get("integrity_state")))
-    artifacts = plane_results.get("artifacts", {})
-    out.say("  artifacts: %s bound, %s verified, %s missing, %s drifted, %s orphans" % (
-        artifacts.get("artifact_count"), artifacts.get("verified_count"), artifacts.get("missing_count"),
-        artifacts.get("drift_count"), artifacts.get("orphan_count")))
+    if "metadata" in plane_results:
+        metadata = plane_results["metadata"]
+        out.say("  metadata:  " + _METADATA_CHECK_TEXT.get(metadata.get("check"), "%(check)s") % metadata)
+    if "records" in plane_results:
+        records = plane_results["records"]
+        out.say("  records:   %s records, %s" % (records.get("record_count"), records.get("integrity_state")))
+    if "artifacts" in plane_results:
+        artifacts = plane_results["artifacts"]
+        out.say("  artifacts: %s bound, %s verified, %s missing, %s drifted, %s orphans" % (
+            artifacts.get("artifact_count"), artifacts.get("verified_count"), artifacts.get("missing_count"),
+            artifacts.get("drift_count"), artifacts.get("orphan_count")))
 
 
 def _cmd_restore(args: argparse.Namespace, out: _Output) -> int:
@@ -5027,6 +5266,49 @@ def _manifest_for_put(args: argparse.Namespace) -> ArtifactManifest:
                             producer_ref="contexta-ops", run_ref=run_ref, location_ref=location)
 
 
+def _cmd_status(args: argparse.Namespace, out: _Output) -> int:
+    config, sources, notes = _config_and_sources_from_args(args)
+    status = workspace_status(config, sources, notes)
+    out.say("Workspace %s" % status.workspace_root)
+    for entry in status.paths:
+        state = ("%s, %d files, %s" % (entry.kind, entry.file_count, _human_bytes(entry.size_bytes))
+                 if entry.exists else "missing")
+        out.say("  %-18s %s  [%s]  (%s)" % (entry.name, entry.path, state, entry.source))
+    out.say("  in use:            %s" % (", ".join(status.in_use) or "no sign of it"))
+    out.say("  records:           %s" % ("-" if status.record_count is None else status.record_count))
+    out.say("  artifact bindings: %d" % status.artifact_binding_count)
+    out.say("  outbox:            %d pending, %d dead-lettered" % (status.outbox_pending_count,
+                                                                  status.outbox_dead_lettered_count))
+    out.say("  newest backups:")
+    for backup in reversed(status.newest_backups):
+        out.say("    %-46s %s %s" % (backup.backup_ref, "complete" if backup.complete else "INCOMPLETE",
+                                     "checksums" if backup.has_checksums else "no-checksums"))
+    if not status.newest_backups:
+        out.say("    (none)")
+    for warning in status.warnings:
+        out.say("%s %s" % ("UNSAFE:" if warning.unsafe else "warning:", warning.message))
+    _say_list(out, "Notes:", status.notes)
+    out.finish(status, status.status == "SUCCESS")
+    return _status_exit(status.status)
+
+
+def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
+    result = check_workspace(_config_from_args(args), planes=args.plane)
+    out.say("Check of %s: %s" % (result.workspace_root, result.status))
+    _say_planes(out, result.plane_results)
+    if "reports" in result.plane_results:
+        reports = result.plane_results["reports"]
+        out.say("  reports:   %d files readable of %d" % (reports["file_count"] - reports["unreadable_count"],
+                                                         reports["file_count"]))
+    if "outbox" in result.plane_results:
+        outbox = result.plane_results["outbox"]
+        out.say("  outbox:    %d pending (%d malformed), %d dead-lettered" % (
+            outbox["pending_count"], outbox["malformed_pending"], outbox["dead_lettered_count"]))
+    _say_list(out, "Problems:", result.problems)
+    out.finish(result, result.status == "SUCCESS")
+    return _status_exit(result.status)
+
+
 def _counts_text(counts: Mapping[str, int]) -> str:
     return "(%s)" % ", ".join("%s %d" % item for item in counts.items()) if counts else ""
 
@@ -5037,6 +5319,8 @@ _COMMANDS: Dict[str, Callable[[argparse.Namespace, _Output], int]] = {
     "replay": _cmd_replay,
     "recover": _cmd_replay,
     "artifact": _cmd_artifact,
+    "status": _cmd_status,
+    "check": _cmd_check,
 }
 
 
