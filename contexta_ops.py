@@ -29,7 +29,10 @@ import ctypes.util
 import dataclasses
 import enum
 import errno
+import functools
+import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -37,9 +40,12 @@ import shutil
 import stat
 import struct
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
+import zipfile
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import (
@@ -54,6 +60,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    Union,
 )
 
 try:  # POSIX only; every lock degrades to a clear error without it.
@@ -134,6 +141,13 @@ class BackupError(OpsError):
 
 class RestoreError(OpsError):
     code = "restore_failed"
+
+
+class ArchiveDamagedError(RestoreError):
+    """An archive that is recognizably ours but damaged where we must read it first (exit 1, like any damage)."""
+
+    code = "archive_corrupt"
+    exit_code = EXIT_PROBLEMS
 
 
 class LockedError(OpsError):
@@ -420,6 +434,8 @@ class _Lock:
             raise OpsError("locking needs a POSIX system (fcntl)", code="unsupported_platform")
         if self.directory:
             self.fd = os.open(str(self.path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        elif not self.exclusive:
+            self.fd = os.open(str(self.path), os.O_RDONLY)  # readers lock what they read, even read-only media
         else:
             self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
         mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
@@ -1429,6 +1445,7 @@ def _find_orphans(root: Path, canonical: Set[str]) -> List[str]:
 
 BACKUP_FORMAT = "contexta-ops-backup-v1"
 _MANIFEST_NAME = "manifest.json"
+_MANIFEST_DIGEST_NAME = "manifest.json.sha256"  # sha256sum format; proves the manifest itself
 _PARTIAL_SUFFIX = ".partial"
 _BACKUP_REF_PATTERN = re.compile(r"^(?P<label>.+)-(?P<ts>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:_\d{6})?Z)$")
 _SAFETY_LABEL = "pre-restore-safety"
@@ -1593,45 +1610,160 @@ def _resolved_config_mapping(config: UnifiedConfig) -> Dict[str, Any]:
     return _jsonable(config.to_dict())
 
 
-class _BackupWriter:
-    """Copies sections into a partial backup directory, hashing every byte it writes."""
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One directory or file a backup holds: its member path and where it comes from."""
 
-    def __init__(self, partial: Path, progress: _Progress) -> None:
+    kind: str
+    member: str
+    source: Path
+    stat: os.stat_result
+
+
+class _SectionWalk:
+    """Everything the planned sections hold, in backup order; what it skipped, and which sections it found."""
+
+    def __init__(self, config: UnifiedConfig, plan: BackupPlan, extra_excludes: Sequence[Path] = ()) -> None:
+        self.config = config
+        self.plan = plan
+        self.extra_excludes = list(extra_excludes)
+        self.warnings: List[str] = []
+        self.copied = ["config"]
+        self.copied_sections: List[BackupSection] = []
+
+    def entries(self) -> Iterator[_Entry]:
+        done_sources: Set[str] = set()
+        for section in self.plan.sections:
+            if str(section.source) in done_sources:
+                continue
+            done_sources.add(str(section.source))
+            try:
+                source_stat = os.lstat(str(section.source))
+            except FileNotFoundError:
+                continue
+            if section.kind == "file" and stat.S_ISREG(source_stat.st_mode):
+                yield _Entry("file", section.path, section.source, source_stat)
+            elif section.kind == "dir" and stat.S_ISDIR(source_stat.st_mode):
+                yield _Entry("dir", section.path, section.source, source_stat)
+                excludes = _section_excludes(self.config, self.plan.sections, section, self.extra_excludes)
+                for rel, entry_stat, kind in _walk_tree(section.source, excludes):
+                    if kind in ("dir", "file"):
+                        yield _Entry(kind, section.path + "/" + rel, section.source / rel, entry_stat)
+                    else:
+                        self.warnings.append("skipped_%s: %s is a %s and was not copied"
+                                             % (kind, section.source / rel, kind))
+            else:
+                self.warnings.append("skipped_section: %s (%s) is not a %s" % (section.name, section.source,
+                                                                               section.kind))
+                continue
+            self.copied_sections.append(section)
+            if section.name not in self.copied:
+                self.copied.append(section.name)
+
+
+def _changed_while_read(source: Path, before: os.stat_result, size_read: int) -> bool:
+    after = os.lstat(str(source))
+    return size_read != before.st_size or after.st_size != before.st_size or after.st_mtime_ns != before.st_mtime_ns
+
+
+def _file_record(member: str, size: int, digest: str, source_stat: os.stat_result) -> Dict[str, Any]:
+    return {"path": member, "size": size, "sha256": digest, "mode": stat.S_IMODE(source_stat.st_mode),
+            "mtime_ns": source_stat.st_mtime_ns}
+
+
+class _PreviousBackup:
+    """The newest complete backup, as an incremental backup sees it: files it may hard-link instead of copy."""
+
+    def __init__(self, location: Path, manifest: Mapping[str, Any]) -> None:
+        self.location = location
+        self.backup_ref = manifest.get("backup_ref", location.name)
+        self.files = {entry["path"]: entry for entry in manifest["files"]}
+
+    def reusable(self, entry: _Entry, verify_unchanged: bool) -> Optional[Tuple[Path, Mapping[str, Any]]]:
+        """The previous copy of an unchanged file (same size, mtime and mode; sha256 too when asked)."""
+        previous = self.files.get(entry.member)
+        source_stat = entry.stat
+        if previous is None or (previous["size"], previous.get("mtime_ns"), previous.get("mode")) != (
+                source_stat.st_size, source_stat.st_mtime_ns, stat.S_IMODE(source_stat.st_mode)):
+            return None
+        copy = safe_join(self.location, entry.member)
+        try:
+            copy_stat = os.lstat(str(copy))
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(copy_stat.st_mode) or copy_stat.st_size != previous["size"]:
+            return None
+        if verify_unchanged and sha256_file(entry.source) != (previous["size"], previous["sha256"]):
+            return None
+        return copy, previous
+
+
+def _newest_previous_backup(backup_root: Path) -> Optional[_PreviousBackup]:
+    config_like = UnifiedConfig(recovery=RecoveryConfig(backup_root=backup_root))
+    for entry in reversed(list_backups(config_like)):
+        if entry.complete and entry.has_checksums:
+            backup = _DirectoryBackup(Path(entry.location))
+            return _PreviousBackup(backup.location, backup.manifest)
+    return None
+
+
+class _BackupWriter:
+    """Copies what a walk yields into a partial backup directory, hashing every byte it writes.
+
+    With a previous backup, an unchanged file is hard-linked from it instead
+    (copied where links are impossible), and keeps its recorded digest.
+    """
+
+    def __init__(self, partial: Path, progress: _Progress, previous: Optional[_PreviousBackup] = None,
+                 verify_unchanged: bool = False) -> None:
         self.partial = partial
         self.progress = progress
+        self.previous = previous
+        self.verify_unchanged = verify_unchanged
         self.files: List[Dict[str, Any]] = []
         self.directories: List[Tuple[Path, os.stat_result]] = []
         self.bytes_written = 0
+        self.bytes_linked = 0
+        self.links_failed = 0
         self.warnings: List[str] = []
 
-    def add_file(self, source: Path, relative: str, source_stat: os.stat_result) -> None:
-        destination = safe_join(self.partial, relative)
+    def add_bytes(self, member: str, data: bytes) -> None:
+        destination = safe_join(self.partial, member)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        size, digest = _copy_file_hashed(source, destination)
+        self.directories.append((destination.parent, os.stat(str(self.partial))))
+        with open(destination, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.files.append(_file_record(member, len(data), hashlib.sha256(data).hexdigest(), destination.stat()))
+        self.bytes_written += len(data)
+
+    def add(self, entry: _Entry) -> None:
+        destination = safe_join(self.partial, entry.member)
+        if entry.kind == "dir":
+            destination.mkdir(parents=True, exist_ok=True)
+            self.directories.append((destination, entry.stat))
+            return
+        reusable = self.previous.reusable(entry, self.verify_unchanged) if self.previous is not None else None
+        if reusable is not None:
+            try:
+                os.link(str(reusable[0]), str(destination))
+            except OSError:
+                self.links_failed += 1
+            else:
+                self.files.append(dict(reusable[1]))
+                self.bytes_linked += entry.stat.st_size
+                self.progress.advance(entry.stat.st_size)
+                _crash_point("backup:file-linked")
+                return
+        size, digest = _copy_file_hashed(entry.source, destination)
         _crash_point("backup:file-copied")
-        after = os.lstat(str(source))
-        if (size != source_stat.st_size or after.st_size != source_stat.st_size
-                or after.st_mtime_ns != source_stat.st_mtime_ns):
-            self.warnings.append("changed_during_backup: %s changed while it was copied" % source)
-        _set_file_times_and_mode(destination, source_stat.st_mode, source_stat.st_mtime_ns)
-        self.files.append({"path": relative, "size": size, "sha256": digest,
-                           "mode": stat.S_IMODE(source_stat.st_mode), "mtime_ns": source_stat.st_mtime_ns})
+        if _changed_while_read(entry.source, entry.stat, size):
+            self.warnings.append("changed_during_backup: %s changed while it was copied" % entry.source)
+        _set_file_times_and_mode(destination, entry.stat.st_mode, entry.stat.st_mtime_ns)
+        self.files.append(_file_record(entry.member, size, digest, entry.stat))
         self.bytes_written += size
         self.progress.advance(size)
-
-    def add_tree(self, source: Path, relative: str, excludes: Sequence[Path]) -> None:
-        top = safe_join(self.partial, relative)
-        top.mkdir(parents=True, exist_ok=True)
-        self.directories.append((top, os.stat(str(source))))
-        for rel, entry_stat, kind in _walk_tree(source, excludes):
-            if kind == "dir":
-                target = safe_join(top, rel)
-                target.mkdir(exist_ok=True)
-                self.directories.append((target, entry_stat))
-            elif kind == "file":
-                self.add_file(source / rel, relative + "/" + rel, entry_stat)
-            else:
-                self.warnings.append("skipped_%s: %s is a %s and was not copied" % (kind, source / rel, kind))
 
     def finish_directories(self) -> None:
         """Give directories their source modes and times, then make every entry durable."""
@@ -1673,11 +1805,15 @@ def _workspace_lock(workspace_root: Path) -> _Lock:
     return _Lock(_workspace_lock_path(workspace_root), what="workspace %s" % workspace_root)
 
 
-def create_workspace_backup(config: UnifiedConfig, plan: BackupPlan) -> BackupResult:
+def create_workspace_backup(config: UnifiedConfig, plan: BackupPlan, *, incremental: bool = False,
+                            verify_unchanged: bool = False) -> BackupResult:
     """Write the planned backup: every file hashed and fsynced, manifest last, renamed into place.
 
     Holds the workspace lock (exit 4 if another backup or restore runs) and
     finishes or rolls back an interrupted restore of this workspace first.
+    ``incremental`` hard-links files unchanged since the newest complete
+    backup (same path, size, mtime and mode; and sha256 with
+    ``verify_unchanged``); the result is a complete backup all the same.
     """
     workspace_root = Path(plan.workspace_root)
     if not workspace_root.is_dir():
@@ -1685,13 +1821,17 @@ def create_workspace_backup(config: UnifiedConfig, plan: BackupPlan) -> BackupRe
                           path=workspace_root)
     with _workspace_lock(workspace_root):
         _resume_interrupted_restore(workspace_root)
-        return _write_backup(config, plan)
+        return _write_backup(config, plan, incremental, verify_unchanged)
 
 
-def _write_backup(config: UnifiedConfig, plan: BackupPlan) -> BackupResult:
+def _write_backup(config: UnifiedConfig, plan: BackupPlan, incremental: bool = False,
+                  verify_unchanged: bool = False) -> BackupResult:
     backup_root = Path(plan.backup_root)
     backup_root.mkdir(parents=True, exist_ok=True)
     cleaned = _clean_stale_partials(backup_root)
+    previous = _newest_previous_backup(backup_root) if incremental else None
+    if incremental and previous is None:
+        plan = dataclasses.replace(plan, notes=plan.notes + ("incremental_without_base:full copy",))
     final = backup_root / plan.backup_ref
     if final.exists():
         raise BackupError("backup %s already exists" % final, code="backup_exists", path=final)
@@ -1700,7 +1840,7 @@ def _write_backup(config: UnifiedConfig, plan: BackupPlan) -> BackupResult:
     progress = _Progress("backup %s" % plan.backup_ref, plan.estimated_bytes)
     try:
         with _Lock(partial, what="partial backup %s" % partial, directory=True):
-            result = _fill_backup(config, plan, partial, final, progress)
+            result = _fill_backup(config, plan, partial, final, progress, previous, verify_unchanged)
     except BaseException:
         _remove_tree(partial)
         raise
@@ -1712,78 +1852,69 @@ def _write_backup(config: UnifiedConfig, plan: BackupPlan) -> BackupResult:
     return result
 
 
-def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: Path,
-                 progress: _Progress) -> BackupResult:
-    writer = _BackupWriter(partial, progress)
-    warnings, notes = _metadata_in_use_warnings(config)
-    config_dir = partial / "workspace" / "config"
-    config_dir.mkdir(parents=True)
-    writer.directories.append((config_dir, os.stat(str(partial))))
-    config_bytes = _pretty_json(_resolved_config_mapping(config))
-    config_file = config_dir / "resolved.config.json"
-    with open(config_file, "wb") as handle:
-        handle.write(config_bytes)
-        handle.flush()
-        os.fsync(handle.fileno())
-    config_stat = config_file.stat()
-    writer.files.append({"path": "workspace/config/resolved.config.json", "size": len(config_bytes),
-                         "sha256": hashlib.sha256(config_bytes).hexdigest(),
-                         "mode": stat.S_IMODE(config_stat.st_mode), "mtime_ns": config_stat.st_mtime_ns})
-    writer.bytes_written += len(config_bytes)
+_CONFIG_MEMBER = "workspace/config/resolved.config.json"
 
-    copied = ["config"]
-    copied_sections: List[BackupSection] = []
-    done_sources: Set[str] = set()
-    partial_and_roots = [partial]
-    for section in plan.sections:
-        if str(section.source) in done_sources:
-            continue
-        done_sources.add(str(section.source))
-        try:
-            source_stat = os.lstat(str(section.source))
-        except FileNotFoundError:
-            continue
-        if section.kind == "file" and stat.S_ISREG(source_stat.st_mode):
-            writer.add_file(section.source, section.path, source_stat)
-        elif section.kind == "dir" and stat.S_ISDIR(source_stat.st_mode):
-            excludes = _section_excludes(config, plan.sections, section, partial_and_roots)
-            writer.add_tree(section.source, section.path, excludes)
-        else:
-            writer.warnings.append("skipped_section: %s (%s) is not a %s" % (section.name, section.source,
-                                                                             section.kind))
-            continue
-        copied_sections.append(section)
-        if section.name not in copied:
-            copied.append(section.name)
-    writer.finish_directories()
-    _crash_point("backup:files-durable")
 
-    created_at = _utc_timestamp()
-    warnings += writer.warnings
-    manifest = {
+def _backup_manifest(config: UnifiedConfig, plan: BackupPlan, created_at: str, walk: _SectionWalk,
+                     files: List[Dict[str, Any]], warnings: List[str]) -> Dict[str, Any]:
+    """Contexta's manifest keys, then ours: tool, sections with their sources, every file's digest."""
+    return {
         "backup_ref": plan.backup_ref,
         "created_at": created_at,
         "workspace_root": str(plan.workspace_root),
         "profile_name": config.profile_name,
-        "included_sections": copied,
+        "included_sections": walk.copied,
         "store_schema_versions": {"metadata": "1", "records": config.records.layout_version,
                                   "artifacts": config.artifacts.layout_version},
         "notes": [note for note in plan.notes if note in ("cache_excluded", "exports_excluded")],
-        # Ours, beyond Contexta's keys:
         "format": BACKUP_FORMAT,
         "tool": {"name": TOOL_NAME, "version": __version__},
-        "sections": [section.to_dict() for section in copied_sections],
-        "files": writer.files,
-        "file_count": len(writer.files),
-        "total_bytes": sum(entry["size"] for entry in writer.files),
+        "sections": [section.to_dict() for section in walk.copied_sections],
+        "files": files,
+        "file_count": len(files),
+        "total_bytes": sum(entry["size"] for entry in files),
         "warnings": warnings,
     }
+
+
+def _manifest_digest(manifest_bytes: bytes) -> bytes:
+    return ("%s  %s\n" % (hashlib.sha256(manifest_bytes).hexdigest(), _MANIFEST_NAME)).encode("ascii")
+
+
+def _manifest_digest_problems(manifest_bytes: bytes, digest_bytes: Optional[bytes], required: bool) -> List[Problem]:
+    """The manifest against its recorded sha256 (absent is fine for older and Contexta backups)."""
+    if digest_bytes is None:
+        return [Problem("manifest_digest_missing", _MANIFEST_DIGEST_NAME,
+                        "the manifest's sha256 is missing (archive cut short?)")] if required else []
+    if digest_bytes != _manifest_digest(manifest_bytes):
+        return [Problem("checksum_mismatch", _MANIFEST_NAME, "manifest.json does not match manifest.json.sha256")]
+    return []
+
+
+def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: Path, progress: _Progress,
+                 previous: Optional[_PreviousBackup] = None, verify_unchanged: bool = False) -> BackupResult:
+    writer = _BackupWriter(partial, progress, previous, verify_unchanged)
+    warnings, notes = _metadata_in_use_warnings(config)
+    writer.add_bytes(_CONFIG_MEMBER, _pretty_json(_resolved_config_mapping(config)))
+    walk = _SectionWalk(config, plan, extra_excludes=[partial])
+    for entry in walk.entries():
+        writer.add(entry)
+    writer.finish_directories()
+    _crash_point("backup:files-durable")
+    if previous is not None:
+        notes.append("incremental_from:%s" % previous.backup_ref)
+        notes.append("bytes_linked:%d" % writer.bytes_linked)
+    if writer.links_failed:
+        notes.append("hardlinks_unavailable:%d files copied instead" % writer.links_failed)
+    created_at = _utc_timestamp()
+    warnings += walk.warnings + writer.warnings
+    manifest = _backup_manifest(config, plan, created_at, walk, writer.files, warnings)
     manifest_bytes = _pretty_json(manifest)
-    manifest_path = partial / _MANIFEST_NAME
-    with open(manifest_path, "wb") as handle:
-        handle.write(manifest_bytes)
-        handle.flush()
-        os.fsync(handle.fileno())
+    for name, data in ((_MANIFEST_NAME, manifest_bytes), (_MANIFEST_DIGEST_NAME, _manifest_digest(manifest_bytes))):
+        with open(partial / name, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
     _fsync_dir(partial)
     _crash_point("backup:manifest-written")
     os.rename(str(partial), str(final))
@@ -1794,16 +1925,155 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
         status="DEGRADED" if warnings else "SUCCESS",
         warnings=tuple(warnings),
         notes=tuple(plan.notes) + tuple(note for note in notes if note not in plan.notes),
-        details={"format": BACKUP_FORMAT, "sections": [section.to_dict() for section in copied_sections]},
+        details={"format": BACKUP_FORMAT, "sections": [section.to_dict() for section in walk.copied_sections],
+                 "bytes_linked": writer.bytes_linked},
         backup_ref=plan.backup_ref,
         created_at=created_at,
         location=final,
-        included_sections=tuple(copied),
+        included_sections=tuple(walk.copied),
         bytes_written=writer.bytes_written + len(manifest_bytes),
         verification_notes=("manifest_written", "checksums_recorded:%d" % len(writer.files)),
         file_count=len(writer.files),
     )
 
+
+# -- one-file backups ----------------------------------------------------------
+#
+# The same backup as one tar (optionally gzipped): manifest.json first, then
+# every directory and file under workspace/.  The manifest leads, so files are
+# read twice: once to hash them, once to write them (checked against the
+# first read; a file that changed in between aborts the archive).
+
+ARCHIVE_STDOUT = "-"
+
+
+class _HashingReader:
+    """Reads a file for tarfile while hashing it."""
+
+    def __init__(self, handle: Any, progress: _Progress) -> None:
+        self.handle = handle
+        self.progress = progress
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        self.progress.advance(len(data), files=0)
+        return data
+
+
+def _tar_info(name: str, kind: str, size: int, mode: int, mtime_ns: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE if kind == "dir" else tarfile.REGTYPE
+    info.size = size if kind == "file" else 0
+    info.mode = stat.S_IMODE(mode)
+    info.mtime = mtime_ns / 1e9
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def create_backup_archive(config: UnifiedConfig, plan: BackupPlan, destination: Any,
+                          compress: bool = False) -> BackupResult:
+    """Write the planned backup as one tar file (``-`` streams it to stdout); temp name, renamed when complete."""
+    workspace_root = Path(plan.workspace_root)
+    if not workspace_root.is_dir():
+        raise BackupError("workspace %s does not exist" % workspace_root, code="workspace_missing",
+                          path=workspace_root)
+    to_stdout = str(destination) == ARCHIVE_STDOUT
+    final = None if to_stdout else _resolve_path(destination)
+    if final is not None and (final.exists() or final.is_symlink()):
+        raise BackupError("archive %s already exists" % final, code="backup_exists", path=final)
+    if final is not None and not final.parent.is_dir():
+        raise BackupError("directory %s does not exist" % final.parent, code="archive_directory_missing",
+                          path=final.parent)
+    with _workspace_lock(workspace_root):
+        _resume_interrupted_restore(workspace_root)
+        if to_stdout:
+            return _write_archive(config, plan, sys.stdout.buffer, None, compress)
+        prefix = ".%s.partial-" % final.name
+        for stale in final.parent.glob(prefix + "*"):
+            if not _lock_is_held(stale):
+                stale.unlink()
+        partial = final.parent / (prefix + uuid.uuid4().hex[:12])
+        try:
+            with open(partial, "xb") as out, _Lock(partial, what="partial archive %s" % partial):
+                result = _write_archive(config, plan, out, final, compress, exclude=[partial])
+                out.flush()
+                os.fsync(out.fileno())
+            _crash_point("archive:written")
+            os.rename(str(partial), str(final))
+            _fsync_dir(final.parent)
+            _crash_point("archive:renamed")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(partial))
+            raise
+        return dataclasses.replace(result, location=final)
+
+
+def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Optional[Path], compress: bool,
+                   exclude: Sequence[Path] = ()) -> BackupResult:
+    warnings, notes = _metadata_in_use_warnings(config)
+    walk = _SectionWalk(config, plan, extra_excludes=list(exclude) + ([final] if final else []))
+    entries = list(walk.entries())
+    config_bytes = _pretty_json(_resolved_config_mapping(config))
+    now_ns = time.time_ns()
+    files = [{"path": _CONFIG_MEMBER, "size": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest(),
+              "mode": 0o644, "mtime_ns": now_ns}]
+    hashing = _Progress("hash %s" % plan.backup_ref, plan.estimated_bytes)
+    for entry in entries:
+        if entry.kind == "file":
+            size, digest = sha256_file(entry.source)
+            hashing.advance(size)
+            if _changed_while_read(entry.source, entry.stat, size):
+                warnings.append("changed_during_backup: %s changed while it was read" % entry.source)
+            files.append(_file_record(entry.member, size, digest, entry.stat))
+    hashing.finish()
+    created_at = _utc_timestamp()
+    warnings += walk.warnings
+    manifest = _backup_manifest(config, plan, created_at, walk, files, warnings)
+    manifest["archive"] = {"compression": "gzip" if compress else None}
+    manifest_bytes = _pretty_json(manifest)
+
+    writing = _Progress("write %s" % plan.backup_ref, manifest["total_bytes"])
+    compressor = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) if compress else None
+    stream = compressor if compressor is not None else out
+    by_member = {entry["path"]: entry for entry in files}
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_tar_info(_MANIFEST_NAME, "file", len(manifest_bytes), 0o644, now_ns), io.BytesIO(manifest_bytes))
+        tar.addfile(_tar_info("workspace", "dir", 0, 0o755, now_ns))
+        tar.addfile(_tar_info("workspace/config", "dir", 0, 0o755, now_ns))
+        tar.addfile(_tar_info(_CONFIG_MEMBER, "file", len(config_bytes), 0o644, now_ns), io.BytesIO(config_bytes))
+        for entry in entries:
+            record = by_member.get(entry.member)
+            if entry.kind == "dir":
+                tar.addfile(_tar_info(entry.member, "dir", 0, entry.stat.st_mode, entry.stat.st_mtime_ns))
+                continue
+            assert record is not None
+            with open(entry.source, "rb") as handle:
+                reader = _HashingReader(handle, writing)
+                tar.addfile(_tar_info(entry.member, "file", record["size"], record["mode"], record["mtime_ns"]),
+                            reader)
+            if (reader.size, reader.digest.hexdigest()) != (record["size"], record["sha256"]):
+                raise BackupError("%s changed between hashing and archiving; the archive is abandoned - quiet "
+                                  "the workspace and run again" % entry.source, code="source_changed",
+                                  path=entry.source)
+            _crash_point("archive:member-written")
+        digest = _manifest_digest(manifest_bytes)
+        tar.addfile(_tar_info(_MANIFEST_DIGEST_NAME, "file", len(digest), 0o644, now_ns), io.BytesIO(digest))
+    if compressor is not None:
+        compressor.close()
+    writing.finish()
+    return BackupResult(
+        status="DEGRADED" if warnings else "SUCCESS", warnings=tuple(warnings),
+        notes=tuple(plan.notes) + tuple(note for note in notes if note not in plan.notes),
+        details={"format": BACKUP_FORMAT, "archive": "tar+gzip" if compress else "tar"},
+        backup_ref=plan.backup_ref, created_at=created_at, location=final,
+        included_sections=tuple(walk.copied), bytes_written=manifest["total_bytes"] + len(manifest_bytes),
+        verification_notes=("manifest_written", "checksums_recorded:%d" % len(files)), file_count=len(files))
 
 # -- reading a backup back ---------------------------------------------------
 
@@ -1812,18 +2082,18 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclasses.dataclass(frozen=True)
 class _Member:
-    """One entry of a backup, whatever holds it (directory now; archives share the shape)."""
+    """One entry of a backup, whatever holds it: a directory, a tar archive or a zip."""
 
     path: str
     kind: str
     size: int
     mode: int
     mtime_ns: int
-    source: Optional[Path] = None
+    opener: Optional[Callable[[], Any]] = None
 
     def open(self) -> Any:
-        assert self.source is not None
-        return open(self.source, "rb")
+        assert self.opener is not None
+        return self.opener()
 
 
 def _manifest_error(location: Any, message: str) -> RestoreError:
@@ -1903,6 +2173,7 @@ class _DirectoryBackup:
             raise RestoreError("cannot read %s: %s" % (manifest_path, exc.strerror or exc),
                                code="recovery_manifest_unreadable", path=manifest_path)
         self.manifest = _parse_manifest_bytes(raw, location)
+        self.manifest_bytes = raw
         if not (location / "workspace").is_dir():
             raise RestoreError("backup %s has no workspace/ directory" % location,
                                code="recovery_backup_workspace_missing", path=location / "workspace")
@@ -1922,7 +2193,15 @@ class _DirectoryBackup:
         yield _Member("workspace", "dir", 0, stat.S_IMODE(root.stat().st_mode), root.stat().st_mtime_ns)
         for rel, entry_stat, kind in _walk_tree(root):
             yield _Member("workspace/" + rel, kind, entry_stat.st_size, entry_stat.st_mode,
-                          entry_stat.st_mtime_ns, root / rel)
+                          entry_stat.st_mtime_ns, functools.partial(open, str(root / rel), "rb"))
+
+    def prescan(self) -> List[Problem]:
+        return []
+
+    def manifest_problems(self) -> List[Problem]:
+        sidecar = self.location / _MANIFEST_DIGEST_NAME
+        digest = sidecar.read_bytes() if sidecar.is_file() else None
+        return _manifest_digest_problems(self.manifest_bytes, digest, required=False)
 
     def read_member(self, path: str) -> Optional[bytes]:
         target = self.location / path
@@ -1930,6 +2209,223 @@ class _DirectoryBackup:
             return target.read_bytes() if target.is_file() and not target.is_symlink() else None
         except OSError:
             return None
+
+
+# Archive read errors that mean "damaged", as opposed to our own I/O failing.
+_ARCHIVE_DAMAGE: Tuple[type, ...] = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) + (
+    (gzip.BadGzipFile,) if hasattr(gzip, "BadGzipFile") else ())
+_MANIFEST_LIMIT = 256 << 20
+
+
+def _unsafe_member(location: Any, name: Any, why: str) -> RestoreError:
+    return RestoreError("archive %s: member %r refused: %s; nothing was written" % (location, name, why),
+                        code="archive_unsafe", path=location)
+
+
+def _checked_member_name(location: Any, name: str) -> str:
+    """A member name that stays inside the workspace tree, or refusal (absolute, ``..``, odd bytes)."""
+    if name != "workspace" and not name.startswith("workspace/"):
+        raise _unsafe_member(location, name, "outside workspace/")
+    try:
+        safe_join("/", name)
+    except OpsError:
+        raise _unsafe_member(location, name, "absolute, '..' or empty path component")
+    return name
+
+
+class _TarBackup:
+    """A one-file backup (tar, or tar.gz), read as a stream: manifest.json first, then members in order.
+
+    From a file it can be read several times; from stdin exactly once.
+    """
+
+    kind = "archive"
+    made_by = _DirectoryBackup.made_by
+    expected_files = _DirectoryBackup.expected_files
+
+    def __init__(self, location: Optional[Path], stream: Any = None) -> None:
+        self.location = location
+        self.stream = stream
+        self.shown = str(location) if location is not None else "stdin"
+        self._ready: Optional[tarfile.TarFile] = None
+        self._ready, self.manifest = self._open()
+        self.backup_ref = self.manifest.get("backup_ref") or (location.name if location else "stdin")
+
+    def _open(self) -> Tuple[tarfile.TarFile, Dict[str, Any]]:
+        stream = self.stream
+        if self.location is not None:
+            stream = open(self.location, "rb")
+        head = stream.peek(512)[:512] if hasattr(stream, "peek") else b""
+        looks_like_archive = head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar"
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+            first = tar.next()
+        except _ARCHIVE_DAMAGE as exc:
+            if looks_like_archive:
+                raise ArchiveDamagedError("archive %s is damaged before its first member (%s)" % (self.shown, exc),
+                                          path=self.location)
+            raise RestoreError("%s is not a backup directory or archive (%s)" % (self.shown, exc),
+                               code="recovery_backup_invalid", path=self.location)
+        if first is None or first.name != _MANIFEST_NAME or not first.isreg():
+            raise RestoreError("archive %s does not begin with manifest.json (not a contexta-ops backup)"
+                               % self.shown, code="recovery_manifest_missing", path=self.location)
+        if first.size > _MANIFEST_LIMIT:
+            raise _manifest_error(self.shown, "is larger than %d bytes" % _MANIFEST_LIMIT)
+        try:
+            raw = tar.extractfile(first).read()  # type: ignore[union-attr]
+            manifest = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) + _ARCHIVE_DAMAGE as exc:
+            raise ArchiveDamagedError("archive %s: member manifest.json is damaged (%s)" % (self.shown, exc),
+                                      path=self.location)
+        self.manifest_bytes = raw
+        self.manifest_digest: Optional[bytes] = None
+        return tar, _validate_manifest(manifest, self.shown)
+
+    def members(self) -> Iterator[_Member]:
+        if self._ready is not None:
+            tar, self._ready = self._ready, None
+        elif self.location is not None:
+            tar = self._open()[0]
+        else:
+            raise RestoreError("a backup read from stdin can be read only once", code="archive_stream_consumed")
+        seen: Set[str] = set()
+        with contextlib.closing(tar):
+            while True:
+                info = tar.next()
+                if info is None:
+                    return
+                if info.name == _MANIFEST_DIGEST_NAME and info.isreg() and info.size < 4096:
+                    self.manifest_digest = tar.extractfile(info).read()  # type: ignore[union-attr]
+                    continue
+                name = _checked_member_name(self.shown, info.name)
+                if name in seen:
+                    raise _unsafe_member(self.shown, name, "it appears twice")
+                seen.add(name)
+                if info.isdir():
+                    kind = "dir"
+                elif info.isreg():
+                    kind = "file"
+                else:
+                    raise _unsafe_member(self.shown, name, "links, devices and fifos are never restored")
+                yield _Member(name, kind, info.size, info.mode, int(info.mtime * 1e9),
+                              functools.partial(tar.extractfile, info))
+
+    def prescan(self) -> List[Problem]:
+        """Every member's name, type and size against the manifest, before anything is written."""
+        if self.location is None:
+            return []  # a stream is checked member by member as it is written into staging
+        problems: List[Problem] = []
+        expected = self.expected_files or {}
+        last = "the archive's start"
+        try:
+            for member in self.members():
+                last = member.path
+                entry = expected.get(member.path)
+                if member.kind == "file" and entry is not None and entry["size"] != member.size:
+                    problems.append(Problem("size_mismatch", member.path, "archive says %d bytes, manifest says %d"
+                                            % (member.size, entry["size"]), expected=entry["size"],
+                                            actual=member.size))
+        except _ARCHIVE_DAMAGE as exc:
+            problems.append(Problem("archive_corrupt", last, "archive is damaged at or after this member: %s"
+                                    % (exc or type(exc).__name__)))
+        return problems
+
+    def manifest_problems(self) -> List[Problem]:
+        """After a full pass: the manifest against the digest member that ends every archive we write."""
+        return _manifest_digest_problems(self.manifest_bytes, self.manifest_digest,
+                                         required=self.made_by == TOOL_NAME)
+
+    def read_member(self, path: str) -> Optional[bytes]:
+        return None
+
+
+class _ZipBackup:
+    """Contexta's CLI zip backup: the whole workspace under one top folder, no manifest, no checksums."""
+
+    kind = "zip"
+    made_by = "contexta-cli-zip"
+    expected_files = None
+
+    def __init__(self, location: Path) -> None:
+        self.location = location
+        try:
+            self.zip = zipfile.ZipFile(str(location))
+            infos = self.zip.infolist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise RestoreError("%s is not a backup directory or archive (%s)" % (location, exc),
+                               code="recovery_backup_invalid", path=location)
+        self.entries: List[Tuple[str, str, zipfile.ZipInfo]] = []
+        tops: Set[str] = set()
+        seen: Set[str] = set()
+        for info in infos:
+            name = info.filename.rstrip("/")
+            if not name or name.startswith("/") or "\\" in name or "\x00" in name or any(
+                    part in ("", ".", "..") for part in name.split("/")):
+                raise _unsafe_member(location, info.filename, "absolute, '..' or empty path component")
+            if name in seen:
+                raise _unsafe_member(location, name, "it appears twice")
+            seen.add(name)
+            mode = info.external_attr >> 16
+            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise _unsafe_member(location, name, "links, devices and fifos are never restored")
+            tops.add(name.split("/", 1)[0])
+            kind = "dir" if info.filename.endswith("/") or stat.S_ISDIR(mode) else "file"
+            self.entries.append((name, kind, info))
+        if len(tops) != 1:
+            raise RestoreError("zip %s must hold exactly one top folder (the workspace), not %d"
+                               % (location, len(tops)), code="recovery_backup_invalid", path=location)
+        self.top = tops.pop()
+        sections = sorted({name.split("/")[1] for name, _kind, _info in self.entries if "/" in name})
+        self.manifest = {"backup_ref": location.stem, "included_sections": sections, "format": "contexta-cli-zip",
+                         "workspace_root": self.top}
+        self.backup_ref = location.stem
+
+    def members(self) -> Iterator[_Member]:
+        yield _Member("workspace", "dir", 0, 0o755, int(self.location.stat().st_mtime_ns))
+        for name, kind, info in self.entries:
+            if name == self.top:
+                continue
+            mode = (info.external_attr >> 16) or (0o755 if kind == "dir" else 0o644)
+            mtime = int(time.mktime(info.date_time + (0, 0, -1)) * 1e9)
+            yield _Member("workspace/" + name[len(self.top) + 1:], kind, info.file_size, mode, mtime,
+                          functools.partial(self.zip.open, info))
+
+    def prescan(self) -> List[Problem]:
+        return []
+
+    def manifest_problems(self) -> List[Problem]:
+        return []
+
+    def read_member(self, path: str) -> Optional[bytes]:
+        return None
+
+
+_BackupSource = Union[_DirectoryBackup, _TarBackup, _ZipBackup]
+_STDIN_BACKUP: List[_TarBackup] = []
+
+
+def _open_source(location: Any) -> Any:
+    """A backup directory, tar archive, Contexta CLI zip, or ``-`` (a tar on stdin, opened once)."""
+    if str(location) == ARCHIVE_STDOUT:
+        if not _STDIN_BACKUP:
+            _STDIN_BACKUP.append(_TarBackup(None, sys.stdin.buffer))
+        return _STDIN_BACKUP[0]
+    location = Path(location)
+    if location.is_dir():
+        return _DirectoryBackup(location)
+    with open(location, "rb") as handle:
+        magic = handle.read(4)
+    if magic[:2] == b"PK":
+        return _ZipBackup(location)
+    return _TarBackup(location)
+
+
+def _source_lock(backup: Any) -> Any:
+    """A shared lock on the backup being read, so prune never deletes it underneath us."""
+    if backup.location is None:
+        return contextlib.ExitStack()
+    return _Lock(backup.location, what="backup %s" % backup.location, exclusive=False,
+                 directory=backup.kind == "directory")
 
 
 def _looks_like_path(backup: str) -> bool:
@@ -1947,22 +2443,26 @@ def _locate_backup(config: UnifiedConfig, backup: Optional[str]) -> Path:
         return Path(complete[-1].location)
     if not isinstance(backup, str) or not backup or "\x00" in backup:
         raise RestoreError("invalid backup reference %r" % (backup,), code="recovery_invalid_backup_ref")
+    if backup == ARCHIVE_STDOUT:
+        return Path(ARCHIVE_STDOUT)
     if _looks_like_path(backup):
         location = _resolve_path(backup)
     else:
         location = backup_root / backup
+        if not os.path.lexists(str(location)) and os.path.exists(backup):
+            location = _resolve_path(backup)  # a file in the working directory, e.g. nightly.tar
     if not location.exists():
         raise RestoreError("backup %s not found%s" % (
             backup, "" if _looks_like_path(backup) else " under %s" % backup_root),
             code="recovery_backup_not_found", path=location)
-    if not location.is_dir():
-        raise RestoreError("backup %s is not a backup directory" % location, code="recovery_backup_invalid",
-                           path=location)
+    if not (location.is_dir() or location.is_file()):
+        raise RestoreError("backup %s is not a backup directory or archive" % location,
+                           code="recovery_backup_invalid", path=location)
     return location
 
 
-def _open_backup(config: UnifiedConfig, backup: Optional[str]) -> _DirectoryBackup:
-    return _DirectoryBackup(_locate_backup(config, backup))
+def _open_backup(config: UnifiedConfig, backup: Optional[str]) -> Any:
+    return _open_source(_locate_backup(config, backup))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2049,21 +2549,35 @@ def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, M
     seen: Set[str] = set()
     files = 0
     total = 0
-    for member in members:
-        if member.kind == "dir":
-            continue
-        if member.kind != "file":
-            problems.append(Problem("unexpected_%s" % member.kind, member.path,
-                                    "a backup holds only files and directories; this is a %s" % member.kind))
-            continue
-        entry = None if expected is None else expected.get(member.path)
-        if expected is not None and entry is None:
-            problems.append(Problem("unexpected_file", member.path, "file is not listed in the manifest"))
-            continue
-        seen.add(member.path)
-        size, digest = on_file(member, entry)
+    last = "the archive's start"
+    iterator = iter(members)
+    while True:
+        try:
+            member = next(iterator, None)
+            if member is None:
+                break
+            last = member.path
+            if member.kind == "dir":
+                continue
+            if member.kind != "file":
+                problems.append(Problem("unexpected_%s" % member.kind, member.path,
+                                        "a backup holds only files and directories; this is a %s" % member.kind))
+                continue
+            entry = None if expected is None else expected.get(member.path)
+            if expected is not None and entry is None:
+                problems.append(Problem("unexpected_file", member.path, "file is not listed in the manifest"))
+                continue
+            seen.add(member.path)
+            size, digest = on_file(member, entry)
+        except _ARCHIVE_DAMAGE as exc:
+            problems.append(Problem("archive_corrupt", last, "archive is damaged at or after this member: %s"
+                                    % (exc or type(exc).__name__)))
+            return files, total, seen  # nothing after the damage can be trusted or counted missing
         files += 1
         total += size
+        if size != member.size:
+            problems.append(Problem("size_mismatch", member.path, "%d bytes, the archive said %d"
+                                    % (size, member.size), expected=member.size, actual=size))
         if entry is not None:
             if size != entry["size"]:
                 problems.append(Problem("checksum_mismatch", member.path, "size %d, manifest says %d"
@@ -2093,8 +2607,10 @@ def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyR
         progress.advance(size)
         return size, digest
 
-    with _Lock(source.location, what="backup %s" % source.location, exclusive=False, directory=True):
+    with _source_lock(source):
         files, total, _seen = _check_members(source.members(), expected, hash_member, problems)
+        if not any(problem.code == "archive_corrupt" for problem in problems):
+            problems += source.manifest_problems()
     progress.finish()
     status = "FAILURE" if problems else ("DEGRADED" if expected is None else "SUCCESS")
     return BackupVerifyResult(
@@ -2104,6 +2620,92 @@ def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyR
         extra=tuple(p.path for p in problems if p.code == "unexpected_file" or p.code.startswith("unexpected_")),
         changed=tuple(p.path for p in problems if p.code == "checksum_mismatch"),
         problems=tuple(problems), warnings=tuple(warnings))
+
+
+
+# -- retention --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult(_Record):
+    """``backup prune``: what was (or, with ``dry_run``, would be) removed, kept, and skipped as in use."""
+
+    status: str
+    dry_run: bool
+    removed: Tuple[str, ...] = ()
+    kept: Tuple[str, ...] = ()
+    in_use: Tuple[str, ...] = ()
+    notes: Tuple[str, ...] = ()
+
+
+_DELETING_MARK = ".deleting-"
+
+
+def prune_backups(config: UnifiedConfig, keep_last: Optional[int] = None, keep_within: Optional[float] = None,
+                  dry_run: bool = False) -> PruneResult:
+    """Delete old backups and incomplete leftovers under the backup root.
+
+    Keeps the newest ``keep_last`` complete backups and every one younger than
+    ``keep_within`` days, and always the newest complete backup.  A backup a
+    restore or verification is reading (it holds a shared lock) is skipped.
+    A backup is renamed out of sight before it is deleted, so a half-deleted
+    one never lists as complete.  Hard links shared with other backups (from
+    incremental backups) stay valid: deleting a link never touches the data.
+    """
+    if keep_last is None and keep_within is None:
+        raise UsageError("prune needs --keep-last N and/or --keep-within DAYS")
+    if (keep_last is not None and keep_last < 1) or (keep_within is not None and keep_within < 0):
+        raise UsageError("--keep-last must be 1 or more and --keep-within 0 or more")
+    backup_root = config.recovery.backup_root
+    entries = list_backups(config)
+    complete = [entry for entry in entries if entry.complete]
+    keep: Set[str] = set()
+    if complete:
+        keep.add(str(complete[-1].location))
+    if keep_last is not None:
+        keep |= {str(entry.location) for entry in complete[-keep_last:]}
+    if keep_within is not None:
+        cutoff = datetime.now(timezone.utc).timestamp() - keep_within * 86400
+        for entry in complete:
+            created = _parse_timestamp(entry.created_at or "")
+            if created is None or created.timestamp() >= cutoff:
+                keep.add(str(entry.location))
+    doomed = [entry for entry in complete if str(entry.location) not in keep]
+    doomed += [entry for entry in entries if not entry.complete and not entry.in_progress and (
+        entry.location.name.startswith(".") or _BACKUP_REF_PATTERN.match(entry.location.name))]
+    removed: List[str] = []
+    in_use: List[str] = []
+    notes: List[str] = []
+    if dry_run:
+        removed = [entry.location.name for entry in doomed]
+    elif backup_root.is_dir():
+        with _Lock(backup_root / ".prune.lock", what="backup root %s (another prune)" % backup_root):
+            for leftover in sorted(backup_root.glob(".*" + _DELETING_MARK + "*")):
+                _remove_tree(leftover)
+                notes.append("finished_interrupted_delete:%s" % leftover.name)
+            for entry in doomed:
+                if _delete_backup(entry.location):
+                    removed.append(entry.location.name)
+                else:
+                    in_use.append(entry.location.name)
+    return PruneResult(status="SUCCESS", dry_run=dry_run, removed=tuple(removed),
+                       kept=tuple(entry.location.name for entry in complete if str(entry.location) in keep),
+                       in_use=tuple(in_use), notes=tuple(notes))
+
+
+def _delete_backup(location: Path) -> bool:
+    """Rename a backup out of sight under its exclusive lock, then delete it; False when it is in use."""
+    try:
+        with _Lock(location, what="backup %s" % location, directory=True):
+            doomed = location.parent / (".%s%s%s" % (location.name, _DELETING_MARK, uuid.uuid4().hex[:8]))
+            os.rename(str(location), str(doomed))
+            _fsync_dir(location.parent)
+            _crash_point("prune:renamed")
+    except LockedError:
+        return False
+    _remove_tree(doomed)
+    _crash_point("prune:deleted")
+    return True
 
 
 
@@ -2151,8 +2753,13 @@ class _Layout:
         return rest
 
 
-def _layout_for(backup: _DirectoryBackup, member_dirs: Sequence[str]) -> _Layout:
+def _layout_for(backup: Any, member_dirs: Sequence[str]) -> _Layout:
     manifest = backup.manifest
+    if backup.kind == "zip":
+        # Contexta's CLI zip is the whole workspace: restore what it holds, keep what it lacks.
+        replaced = tuple(name for name in manifest["included_sections"] if name != "config")
+        return _Layout(None, _outermost(replaced), "metadata/ledger.db", "records", "artifacts", "cache/outbox",
+                       ("zip_crc32_checked",))
     if backup.made_by == TOOL_NAME and manifest.get("sections") is not None:
         paths: Dict[str, List[str]] = {}
         for section in manifest["sections"]:
@@ -2226,7 +2833,9 @@ def _contexta_backup_config(backup: _DirectoryBackup) -> Dict[str, str]:
     return live
 
 
-def _recovery_children(backup: _DirectoryBackup) -> List[str]:
+def _recovery_children(backup: Any) -> List[str]:
+    if backup.kind != "directory":
+        return []
     recovery = backup.location / "workspace" / "recovery"
     return sorted(os.listdir(str(recovery))) if recovery.is_dir() else []
 
@@ -2288,10 +2897,10 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
     notes = ["verify_only" if verify_only else "apply_restore"]
     if backup_ref is None:
         notes.append("newest_complete_backup:%s" % backup.backup_ref)
-    if _is_within(target, backup.location):
+    if backup.location is not None and _is_within(target, backup.location):
         raise RestoreError("target %s lies inside the backup %s" % (target, backup.location),
                            code="restore_target_inside_backup", path=target)
-    if _is_within(backup.location, target):
+    if backup.location is not None and _is_within(backup.location, target):
         warnings.append("backup_inside_target: %s is inside %s; it is kept through the restore, "
                         "but copy backups off this disk" % (backup.location, target))
     staging_root = config.recovery.restore_staging_root
@@ -2300,8 +2909,8 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         warnings.append("staging_root_inside_target: staging in %s instead of %s (set --staging-root)"
                         % (staging_root, config.recovery.restore_staging_root))
     if backup.expected_files is None:
-        warnings.append("checksums_absent: backup made by %s carries no checksums; "
-                        "it is verified structurally and by planes" % backup.made_by)
+        warnings.append("checksums_absent: backup made by %s carries no checksums; it is verified structurally%s "
+                        "and by planes" % (backup.made_by, " (zip CRC-32)" if backup.kind == "zip" else ""))
     if not verify_only:
         notes.append("new_tree_built_beside_target")
 
@@ -2330,14 +2939,14 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
                         lost.append(path)
     safety = bool(config.recovery.create_backup_before_restore) and not verify_only
     return RestorePlan(
-        backup_ref=backup.backup_ref, source_root=backup.location, target_workspace=target,
+        backup_ref=backup.backup_ref, source_root=backup.location or Path(ARCHIVE_STDOUT), target_workspace=target,
         staging_root=staging_root, create_safety_backup=safety, verify_only=verify_only, notes=tuple(notes),
         made_by=backup.made_by, has_checksums=backup.expected_files is not None, replaced=layout.replaced,
         kept=tuple(kept), lost=tuple(lost), lost_count=lost_count, replaced_file_count=replaced_count,
         backup_file_count=len(backup_paths), warnings=tuple(warnings))
 
 
-def _backup_workspace_files(backup: _DirectoryBackup, layout: _Layout) -> Set[str]:
+def _backup_workspace_files(backup: _BackupSource, layout: _Layout) -> Set[str]:
     expected = backup.expected_files
     member_paths: Iterable[str]
     if expected is not None:
@@ -2393,7 +3002,7 @@ class _Verification:
         return show
 
 
-def _materialize(backup: _DirectoryBackup, layout: _Layout, stage: Path, verification: _Verification,
+def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verification: _Verification,
                  label: str) -> None:
     """Copy the backup into ``stage`` as a workspace tree, hashing each file against the manifest."""
     progress = _Progress(label, int(backup.manifest.get("total_bytes") or 0))
@@ -2482,21 +3091,25 @@ def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, h
     verification.plane_results = {key: verification.plane_results[key] for key in _PLANES}
 
 
-def _verify_into(backup: _DirectoryBackup, layout: _Layout, stage: Path, label: str) -> _Verification:
+def _verify_into(backup: _BackupSource, layout: _Layout, stage: Path, label: str) -> _Verification:
     verification = _Verification()
     _materialize(backup, layout, stage, verification, label)
+    if not any(problem.code == "archive_corrupt" for problem in verification.problems):
+        verification.problems += backup.manifest_problems()
     has_metadata = "metadata" in backup.manifest.get("included_sections", [])
     _check_planes(stage, layout, verification, has_metadata=has_metadata, digests=verification.digests)
     return verification
 
 
-def _verification_notes(backup: _DirectoryBackup, verification: _Verification) -> Tuple[str, ...]:
+def _verification_notes(backup: _BackupSource, verification: _Verification) -> Tuple[str, ...]:
     notes = list(verification.plane_notes)
     notes.append("manifest:%s" % backup.backup_ref)
     if backup.expected_files is not None:
         notes.append("checksums_verified:%d" % verification.files)
     else:
         notes.append("checksums_absent")
+    if backup.kind == "zip":
+        notes.append("zip_crc32_checked:%d" % verification.files)
     return tuple(notes)
 
 
@@ -2525,19 +3138,25 @@ def restore_workspace_forced(config: UnifiedConfig, plan: RestorePlan) -> Restor
 
 
 def _restore(config: UnifiedConfig, plan: RestorePlan, force: bool) -> RestoreResult:
-    backup = _DirectoryBackup(Path(plan.source_root))
+    backup = _open_source(plan.source_root)
     layout = _layout_for(backup, _recovery_children(backup))
-    with _Lock(backup.location, what="backup %s" % backup.location, exclusive=False, directory=True):
+    with _source_lock(backup):
         if plan.verify_only:
             return _verify_only(backup, layout, plan)
         target = Path(plan.target_workspace)
+        refused = backup.prescan()  # archives: every member's name, type and size before anything is touched
+        if refused and not force:
+            return RestoreResult(
+                status="FAILURE", warnings=plan.warnings, notes=plan.notes + ("refused_verification_failed",),
+                details={"made_by": backup.made_by}, backup_ref=backup.backup_ref, target_workspace=target,
+                applied=False, problems=tuple(refused), source_root=backup.location)
         target.parent.mkdir(parents=True, exist_ok=True)
         with _workspace_lock(target):
             _resume_interrupted_restore(target)
             return _apply(config, backup, layout, plan, target, force)
 
 
-def _verify_only(backup: _DirectoryBackup, layout: _Layout, plan: RestorePlan) -> RestoreResult:
+def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> RestoreResult:
     staging_root = Path(plan.staging_root)
     staging_root.mkdir(parents=True, exist_ok=True)
     prefix = ".contexta-ops-verify-"
@@ -2567,13 +3186,13 @@ def _new_tree_prefix(target: Path) -> str:
     return ".%s.contexta-ops-restore-" % target.name
 
 
-def _apply(config: UnifiedConfig, backup: _DirectoryBackup, layout: _Layout, plan: RestorePlan, target: Path,
+def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: RestorePlan, target: Path,
            force: bool) -> RestoreResult:
+    warnings = list(plan.warnings)
+    notes = list(plan.notes)
     token = uuid.uuid4().hex[:12]
     new_tree = target.parent / (_new_tree_prefix(target) + token)
     new_tree.mkdir()
-    warnings = list(plan.warnings)
-    notes = list(plan.notes)
     safety_ref = None
     try:
         verification = _verify_into(backup, layout, new_tree, "restore %s" % backup.backup_ref)
@@ -4904,11 +5523,23 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--label", help="label that starts the backup ref")
         sub.add_argument("--include-cache", action="store_true", help="also copy cache/ (the outbox always is)")
         sub.add_argument("--include-exports", action="store_true", help="also copy exports/")
+        if action == "create":
+            sub.add_argument("--archive", metavar="FILE", help="write one tar file instead (- streams to stdout)")
+            sub.add_argument("--gzip", action="store_true", help="gzip the archive")
+            sub.add_argument("--incremental", action="store_true",
+                             help="hard-link files unchanged since the newest complete backup")
+            sub.add_argument("--verify-unchanged", action="store_true",
+                             help="with --incremental, also compare sha256 before linking")
     _add_command(backup_commands, "list", "List backups: ref, time, size, sections, checksums, complete.",
                  "%s backup list --json" % _PROG, common)
     verify = _add_command(backup_commands, "verify", "Re-hash every file of a backup against its manifest.",
                           "%s backup verify nightly-2026-11-26T03-00-00Z" % _PROG, common)
-    verify.add_argument("backup", metavar="BACKUP", help="backup ref under the backup root, or a path")
+    verify.add_argument("backup", metavar="BACKUP", help="backup ref, a backup directory or archive, or - (stdin)")
+    prune = _add_command(backup_commands, "prune", "Delete old backups and leftovers; never the newest complete one.",
+                         "%s backup prune --keep-last 7 --keep-within 30 --dry-run" % _PROG, common)
+    prune.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N complete backups")
+    prune.add_argument("--keep-within", type=float, metavar="DAYS", help="keep backups younger than DAYS")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
 
     restore = _add_command(
         commands, "restore", "Prove a backup restorable (--verify-only), plan a restore, or apply one.",
@@ -5003,9 +5634,14 @@ class _Output:
         self.as_json = as_json
         self.quiet = quiet
         self.lines: List[str] = []
+        self.stdout = sys.stdout
 
     def say(self, line: str = "") -> None:
         self.lines.append(line)
+
+    def to_stderr(self) -> None:
+        """When stdout carries data (an archive), the report and the JSON go to stderr."""
+        self.stdout = sys.stderr
 
     def note(self, line: str) -> None:
         if not self.quiet:
@@ -5014,15 +5650,14 @@ class _Output:
     def finish(self, payload: Any, ok: bool) -> None:
         """Print the report; ``payload`` (a result or a mapping) becomes JSON only when asked for."""
         if self.as_json:
-            sys.stdout.write(json.dumps(_jsonable(payload), sort_keys=False, default=str) + "\n")
+            self.stdout.write(json.dumps(_jsonable(payload), sort_keys=False, default=str) + "\n")
             if not ok:
                 for line in self.lines:
                     sys.stderr.write(line + "\n")
         elif not self.quiet or not ok:
-            stream = sys.stdout
             for line in self.lines:
-                stream.write(line + "\n")
-        sys.stdout.flush()
+                self.stdout.write(line + "\n")
+        self.stdout.flush()
 
 
 def _status_exit(status: str) -> int:
@@ -5056,7 +5691,17 @@ def _cmd_backup(args: argparse.Namespace, out: _Output) -> int:
             _say_list(out, "Warnings:", plan.warnings)
             out.finish(plan, True)
             return EXIT_OK
-        result = create_workspace_backup(config, plan)
+        if args.archive is not None:
+            if args.incremental:
+                raise UsageError("--incremental makes a backup directory; it does not combine with --archive")
+            if args.archive == ARCHIVE_STDOUT:
+                out.to_stderr()  # stdout carries the archive
+            result = create_backup_archive(config, plan, args.archive, compress=args.gzip)
+        elif args.gzip or args.verify_unchanged and not args.incremental:
+            raise UsageError("--gzip goes with --archive, --verify-unchanged with --incremental")
+        else:
+            result = create_workspace_backup(config, plan, incremental=args.incremental,
+                                             verify_unchanged=args.verify_unchanged)
         out.say("Backup %s: %s" % (result.backup_ref, result.status))
         out.say("  location: %s" % result.location)
         out.say("  sections: %s" % ", ".join(result.included_sections))
@@ -5076,6 +5721,17 @@ def _cmd_backup(args: argparse.Namespace, out: _Output) -> int:
                 "checksums" if entry.has_checksums else "no-checksums", ",".join(entry.included_sections)))
         out.finish({"status": "SUCCESS", "backup_root": config.recovery.backup_root,
                     "backups": [entry.to_dict() for entry in entries]}, True)
+        return EXIT_OK
+    if action == "prune":
+        pruned = prune_backups(config, keep_last=args.keep_last, keep_within=args.keep_within,
+                               dry_run=args.dry_run)
+        out.say("Prune of %s%s" % (config.recovery.backup_root, " (dry run, nothing removed)" if pruned.dry_run
+                                   else ""))
+        _say_list(out, "Would remove:" if pruned.dry_run else "Removed:", pruned.removed)
+        _say_list(out, "Kept:", pruned.kept)
+        _say_list(out, "In use, skipped:", pruned.in_use)
+        _say_list(out, "Notes:", pruned.notes)
+        out.finish(pruned, True)
         return EXIT_OK
     result = verify_backup(config, args.backup)
     out.say("Backup %s: %s" % (result.backup_ref, result.status))

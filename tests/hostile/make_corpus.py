@@ -1,0 +1,210 @@
+"""Write the hostile-input corpus into tests/hostile/corpus/ (checked in; re-run to regenerate).
+
+    python3 tests/hostile/make_corpus.py
+
+Each file is one way an archive can try to escape, lie or break a reader.  cases.json says
+which command each file is fed to, and the exit code and error code the tool must answer with.
+Absolute and `..` members aim at CANARY, which the tests check is never created.
+"""
+
+import hashlib
+import io
+import json
+import shutil
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CORPUS = HERE / "corpus"
+CANARY = "/tmp/contexta-ops-hostile-canary"
+MTIME = 1700000000
+
+SEGMENT = (b'{"appended_at":"2024-01-01T00:00:00Z","record":{"envelope":{},"payload":{}},"sequence":1}\n')
+RECORDS_MANIFEST = json.dumps({"current_segment_id": 1, "current_segment_record_count": 1,
+                               "last_committed_sequence": 1, "layout_mode": "jsonl_segments",
+                               "layout_version": "1", "next_sequence": 2}, indent=2, sort_keys=True).encode() + b"\n"
+FILES = {"workspace/records/segments/segment-000001.jsonl": SEGMENT,
+         "workspace/records/manifest.json": RECORDS_MANIFEST}
+DIRS = ["workspace", "workspace/records", "workspace/records/segments"]
+
+
+def manifest(files=FILES, **changes):
+    data = {"backup_ref": "hostile-2024-01-01T00-00-00Z", "created_at": "2024-01-01T00:00:00Z",
+            "workspace_root": "/srv/ml/.contexta", "profile_name": "local", "included_sections": ["records"],
+            "store_schema_versions": {"artifacts": "v1", "metadata": "1", "records": "1"}, "notes": [],
+            "format": "contexta-ops-backup-v1", "tool": {"name": "contexta-ops", "version": "0.1.0"},
+            "sections": [{"name": "records", "source": "/srv/ml/.contexta/records", "path": "workspace/records",
+                          "kind": "dir", "relocated": False}],
+            "files": [{"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "mode": 0o644,
+                       "mtime_ns": MTIME * 10 ** 9} for path, data in sorted(files.items())]}
+    data["file_count"] = len(data["files"])
+    data["total_bytes"] = sum(entry["size"] for entry in data["files"])
+    data.update(changes)
+    return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def info(name, kind=tarfile.REGTYPE, size=0, linkname=""):
+    member = tarfile.TarInfo(name)
+    member.type = kind
+    member.size = size
+    member.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    member.mtime = MTIME
+    member.linkname = linkname
+    return member
+
+
+def write_tar(name, members, compress=False):
+    """members: (TarInfo, bytes or None) in order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    raw = buffer.getvalue()
+    if compress:
+        import gzip
+        raw = gzip.compress(raw, mtime=0)
+    (CORPUS / name).write_bytes(raw)
+    return raw
+
+
+def digest_member(manifest_bytes):
+    digest = ("%s  manifest.json\n" % hashlib.sha256(manifest_bytes).hexdigest()).encode()
+    return info("manifest.json.sha256", size=len(digest)), digest
+
+
+def valid_members(manifest_bytes=None):
+    manifest_bytes = manifest_bytes or manifest()
+    members = [(info("manifest.json", size=len(manifest_bytes)), manifest_bytes)]
+    members += [(info(path, tarfile.DIRTYPE), None) for path in DIRS]
+    members += [(info(path, size=len(data)), data) for path, data in sorted(FILES.items())]
+    return members + [digest_member(manifest_bytes)]
+
+
+def with_extra(*extra, files=None):
+    members = valid_members(manifest(files) if files else None)
+    return members[:-1] + list(extra) + members[-1:]
+
+
+def write_zip(name, entries):
+    """entries: (ZipInfo-ish name, data, mode)."""
+    with zipfile.ZipFile(str(CORPUS / name), "w") as archive:
+        for entry_name, data, mode in entries:
+            zinfo = zipfile.ZipInfo(entry_name, date_time=(2024, 1, 1, 0, 0, 0))
+            zinfo.external_attr = mode << 16
+            archive.writestr(zinfo, data)
+
+
+def zip_workspace():
+    entries = [(".contexta/", b"", stat.S_IFDIR | 0o755), (".contexta/records/", b"", stat.S_IFDIR | 0o755),
+               (".contexta/records/segments/", b"", stat.S_IFDIR | 0o755)]
+    entries += [(".contexta/" + path[len("workspace/"):], data, stat.S_IFREG | 0o644)
+                for path, data in sorted(FILES.items())]
+    return entries
+
+
+def main():
+    shutil.rmtree(str(CORPUS), ignore_errors=True)
+    CORPUS.mkdir(parents=True)
+    cases = {}
+
+    def case(name, exit_code, code, commands=("verify", "verify-only", "apply")):
+        cases[name] = {"exit": exit_code, "code": code, "commands": list(commands)}
+
+    write_tar("tar-valid.tar", valid_members())
+    case("tar-valid.tar", 0, None)
+    write_tar("tar-absolute-member.tar", with_extra((info(CANARY + "/absolute.txt", size=4), b"evil")))
+    case("tar-absolute-member.tar", 3, "archive_unsafe")
+    write_tar("tar-dotdot-member.tar", with_extra(
+        (info("workspace/../../../../../.." + CANARY + "/dotdot.txt", size=4), b"evil")))
+    case("tar-dotdot-member.tar", 3, "archive_unsafe")
+    write_tar("tar-symlink-escape.tar", with_extra((info("workspace/escape", tarfile.SYMTYPE, linkname=CANARY), None),
+                                                   (info("workspace/escape/through-link.txt", size=4), b"evil")))
+    case("tar-symlink-escape.tar", 3, "archive_unsafe")
+    write_tar("tar-hardlink-escape.tar", with_extra((info("workspace/passwd", tarfile.LNKTYPE,
+                                                          linkname="/etc/passwd"), None)))
+    case("tar-hardlink-escape.tar", 3, "archive_unsafe")
+    write_tar("tar-device-file.tar", with_extra((info("workspace/records/null", tarfile.CHRTYPE), None)))
+    case("tar-device-file.tar", 3, "archive_unsafe")
+    write_tar("tar-fifo.tar", with_extra((info("workspace/records/pipe", tarfile.FIFOTYPE), None)))
+    case("tar-fifo.tar", 3, "archive_unsafe")
+    path, data = sorted(FILES.items())[0]
+    write_tar("tar-duplicate-member.tar", with_extra((info(path, size=len(data)), data)))
+    case("tar-duplicate-member.tar", 3, "archive_unsafe")
+    write_tar("tar-outside-workspace.tar", with_extra((info("evil.txt", size=4), b"evil")))
+    case("tar-outside-workspace.tar", 3, "archive_unsafe")
+    lying = dict(FILES)
+    lying["workspace/records/manifest.json"] = RECORDS_MANIFEST + b"  "  # the manifest claims 2 more bytes
+    write_tar("tar-size-disagrees-with-manifest.tar", valid_members(manifest(lying)))
+    case("tar-size-disagrees-with-manifest.tar", 1, None)
+    write_tar("tar-manifest-not-first.tar", valid_members()[1:-1] + valid_members()[:1])
+    case("tar-manifest-not-first.tar", 3, "recovery_manifest_missing")
+    write_tar("tar-manifest-not-json.tar", [(info("manifest.json", size=9), b"{not json")] + valid_members()[1:])
+    case("tar-manifest-not-json.tar", 1, "archive_corrupt")
+    write_tar("tar-manifest-not-an-object.tar", [(info("manifest.json", size=6), b"[1, 2]")] + valid_members()[1:])
+    case("tar-manifest-not-an-object.tar", 3, "recovery_manifest_invalid")
+    write_tar("tar-manifest-unsafe-path.tar", valid_members(manifest(files={"workspace/../../x": b"x"})))
+    case("tar-manifest-unsafe-path.tar", 3, "recovery_manifest_invalid")
+    raw = write_tar("tar-truncated-in-a-member.tar", valid_members())
+    (CORPUS / "tar-truncated-in-a-member.tar").write_bytes(raw[:raw.index(SEGMENT) + 20])
+    case("tar-truncated-in-a-member.tar", 1, None)
+    raw = write_tar("tar-truncated.tar.gz", valid_members(), compress=True)
+    (CORPUS / "tar-truncated.tar.gz").write_bytes(raw[:len(raw) * 2 // 3])
+    case("tar-truncated.tar.gz", 1, None)
+    raw = bytearray(write_tar("tar-flipped-header-byte.tar", valid_members()))
+    raw[raw.rindex(b"workspace/records/manifest.json")] ^= 0x20  # in its tar header: the header checksum fails
+    (CORPUS / "tar-flipped-header-byte.tar").write_bytes(bytes(raw))
+    case("tar-flipped-header-byte.tar", 1, None)
+    raw = bytearray(write_tar("tar-flipped-data-byte.tar", valid_members()))
+    raw[raw.index(SEGMENT) + 10] ^= 1
+    (CORPUS / "tar-flipped-data-byte.tar").write_bytes(bytes(raw))
+    case("tar-flipped-data-byte.tar", 1, None)
+    raw = bytearray(write_tar("tar-flipped-manifest-byte.tar", valid_members()))
+    raw[raw.index(b'"created_at": "2024') + 19] ^= 1  # still valid JSON; only the manifest digest can tell
+    (CORPUS / "tar-flipped-manifest-byte.tar").write_bytes(bytes(raw))
+    case("tar-flipped-manifest-byte.tar", 1, None)
+    write_tar("tar-missing-manifest-digest.tar", valid_members()[:-1])
+    case("tar-missing-manifest-digest.tar", 1, None)
+    (CORPUS / "not-an-archive.tar").write_bytes(b"this is text, not a tar\n" * 40)
+    case("not-an-archive.tar", 3, "recovery_backup_invalid")
+
+    write_zip("zip-valid.zip", zip_workspace())
+    case("zip-valid.zip", 0, None, ("verify-only", "apply"))
+    write_zip("zip-absolute-member.zip", zip_workspace() + [(CANARY + "/absolute.txt", b"evil", stat.S_IFREG | 0o644)])
+    case("zip-absolute-member.zip", 3, "archive_unsafe", ("verify-only", "apply"))
+    write_zip("zip-dotdot-member.zip", zip_workspace() + [(".contexta/../../../.." + CANARY + "/dotdot.txt", b"evil",
+                                                           stat.S_IFREG | 0o644)])
+    case("zip-dotdot-member.zip", 3, "archive_unsafe", ("verify-only", "apply"))
+    write_zip("zip-symlink-member.zip", zip_workspace() + [(".contexta/escape", CANARY.encode(), stat.S_IFLNK | 0o777)])
+    case("zip-symlink-member.zip", 3, "archive_unsafe", ("verify-only", "apply"))
+    write_zip("zip-device-member.zip", zip_workspace() + [(".contexta/records/null", b"", stat.S_IFCHR | 0o644)])
+    case("zip-device-member.zip", 3, "archive_unsafe", ("verify-only", "apply"))
+    write_zip("zip-duplicate-member.zip", zip_workspace() + [zip_workspace()[-1]])
+    case("zip-duplicate-member.zip", 3, "archive_unsafe", ("verify-only", "apply"))
+    write_zip("zip-two-top-folders.zip", zip_workspace() + [("other/x.txt", b"x", stat.S_IFREG | 0o644)])
+    case("zip-two-top-folders.zip", 3, "recovery_backup_invalid", ("verify-only", "apply"))
+    write_zip("zip-lying-size.zip", zip_workspace())
+    raw = bytearray((CORPUS / "zip-lying-size.zip").read_bytes())
+    size = len(SEGMENT).to_bytes(4, "little")
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # uncompressed size, local and central
+        start = 0
+        while True:
+            start = raw.find(signature, start)
+            if start < 0:
+                break
+            field = start + offset
+            if raw[field:field + 4] == size:
+                raw[field:field + 4] = (len(SEGMENT) + 7).to_bytes(4, "little")
+            start += 4
+    (CORPUS / "zip-lying-size.zip").write_bytes(bytes(raw))
+    case("zip-lying-size.zip", 1, None, ("verify-only", "apply"))
+    (CORPUS / "garbage.zip").write_bytes(b"PK but not really a zip\n")
+    case("garbage.zip", 3, "recovery_backup_invalid", ("verify-only", "apply"))
+
+    (HERE / "cases.json").write_text(json.dumps(cases, indent=2, sort_keys=True) + "\n")
+    print("%d files in %s" % (len(cases), CORPUS))
+
+
+if __name__ == "__main__":
+    main()
