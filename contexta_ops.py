@@ -3902,7 +3902,7 @@ class _ReplayRun:
                 with open(self.kept_path, "rb") as kept:
                     shutil.copyfileobj(kept, out, _CHUNK)
                 old.seek(self.journal["carry_from"])
-                copied_end, lines = _copy_rest(old, out)
+                copied_end, lines = _copy_lines(old, out)
                 pending += lines
                 out.flush()
                 os.fsync(out.fileno())
@@ -3911,14 +3911,7 @@ class _ReplayRun:
             os.replace(tmp_name, str(self.outbox))
             _fsync_dir(self.outbox_root)
             _crash_point("replay:outbox-replaced")
-            # A writer that opened the old file just before the rename appends to the old inode.
-            late = os.fstat(old.fileno()).st_size - copied_end
-            if late > 0:
-                old.seek(copied_end)
-                with open(self.outbox, "ab") as out:
-                    pending += _copy_rest(old, out)[1]
-                    out.flush()
-                    os.fsync(out.fileno())
+            pending += _carry_late_appends(old, copied_end, self.outbox)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
@@ -3937,22 +3930,61 @@ class _ReplayRun:
         _fsync_dir(self.outbox_root)
 
 
-def _copy_rest(source: Any, out: Any) -> Tuple[int, int]:
-    """Copy from the current position to the end, line-terminating the last line; (end offset, lines)."""
+_SETTLE_SECONDS = 0.05
+_SETTLE_LIMIT_SECONDS = 2.0
+
+
+def _carry_late_appends(old: Any, copied_end: int, outbox: Path) -> int:
+    """Move lines a writer appended to the replaced outbox file into the new one; their count.
+
+    A writer that opened the old file just before the rename still appends to
+    it.  Writers open, append and close, so once the old file has stayed the
+    same size for a moment, nobody is left writing to it.  A line still
+    unterminated then will never be finished; it is carried over as it is.
+    """
     lines = 0
-    last = b"\n"
+    deadline = time.monotonic() + _SETTLE_LIMIT_SECONDS
+    while True:
+        settled = time.monotonic() > deadline
+        if os.fstat(old.fileno()).st_size > copied_end:
+            old.seek(copied_end)
+            with open(outbox, "ab") as out:
+                copied_end, added = _copy_lines(old, out, finish=settled)
+                out.flush()
+                os.fsync(out.fileno())
+            lines += added
+        if settled:
+            return lines
+        size = os.fstat(old.fileno()).st_size
+        time.sleep(_SETTLE_SECONDS)
+        if os.fstat(old.fileno()).st_size == size:
+            deadline = 0  # still for a moment: one last pass, which also carries a torn tail
+
+
+def _copy_lines(source: Any, out: Any, finish: bool = False) -> Tuple[int, int]:
+    """Copy whole lines from the current position; (offset after the last one copied, lines copied).
+
+    A final unterminated line is left where it is - a writer may be halfway
+    through it - unless ``finish``, when it is copied and terminated.
+    """
+    start = source.tell()
+    lines = 0
+    pending = b""
     while True:
         chunk = source.read(_CHUNK)
         if not chunk:
             break
-        out.write(chunk)
-        lines += chunk.count(b"\n")
-        last = chunk[-1:]
-    end = source.tell()
-    if last != b"\n":
-        out.write(b"\n")
+        chunk = pending + chunk
+        cut = chunk.rfind(b"\n") + 1
+        out.write(chunk[:cut])
+        lines += chunk.count(b"\n", 0, cut)
+        start += cut
+        pending = chunk[cut:]
+    if pending and finish:
+        out.write(pending + b"\n")
+        start += len(pending)
         lines += 1
-    return end, lines
+    return start, lines
 
 
 def _derived_replay_ref(raw: bytes) -> str:
