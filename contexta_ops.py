@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import enum
 import errno
@@ -3298,6 +3296,8 @@ def _rename_exchange(first: Path, second: Path) -> bool:
     """Swap two paths atomically (Linux renameat2); False where that is not available."""
     if not sys.platform.startswith("linux"):
         return False
+    import ctypes  # only here: importing it costs every command's start-up
+    import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         renameat2 = libc.renameat2
@@ -5494,6 +5494,286 @@ def workspace_status(config: UnifiedConfig, sources: Optional[Mapping[str, str]]
 
 
 # ---------------------------------------------------------------------------
+# The first five minutes: a demo workspace, and the archive's self-check
+# ---------------------------------------------------------------------------
+#
+# `demo` builds a small, realistic workspace in Contexta's exact format and
+# walks the guide's operator flow over it, touching nothing outside its root.
+# Its ledger is a real one: written by DuckDB when `duckdb` is importable,
+# otherwise a copy of the empty ledger contexta 1.0.0 creates, embedded here
+# (tests/data/empty-ledger.db, made with tests/data/make_empty_ledger.py).
+
+_EMPTY_LEDGER = (
+    "eNrt3E2MG2cZAOCxdzf7kyabn5YmTaOqEgdASrS7LZu2EhKo7QFBpapqD/wax57dddi1rbF3SU6tKgSICxIXuCBuXMoBTkiVkHpr"
+    "UpX0SMqNExInhAQnJDM/no3XHm+y2YRkl+fJxh7PNzPfzPe+M/bMfPatX9ycePvd2S+98tbLX/vbRHBXtpYuLlxcHF/+Qv3SC4uL"
+    "z4cvLuy+nO/+4T9f+PzvTpz/9uuXP51+7/i/AgAAAOCBOH32re+89/PfniwVF0+Vtwcns6eZ7OlVTQcAAAAHxq1LV68+/a1XXstf"
+    "94YEzv8BAADgwPvzF19+/vEzP6z2X07Ug2O1oFwPSvWg3AiCVhA/T25UG83+lYFaUpL8xYUbQToYT7ESpNP0emFwZD2sr4ZRMm0y"
+    "80T/dVp+4nK1W1urhFfD2ma30Wp2er3rwcjIG/FsM/GcUbgSxoNne73VIFhLLk3Ug+los1kpKpjtdKurYWHRXFZBs7oRjpQdbUX1"
+    "MKo0mvW4/rjw2I4Z42VG3bBeqXZHZjwSl3U3OyPjH2tXr623qvXKlU6rOVTa630UzMQNNnE9KN0Igo+CUrKNvV7SnPGofKCcD0zk"
+    "A1P5wJF8YDofSBeb1PNOXykMZnq9lSBIa40neur1N7762lfe+EZluJ0rCyvBbD04k6z2QvLwueThl6Xk8SdT6eOJ5HEmeTjRn2A1"
+    "KAfBfKfbipLm3gqjTryoUpBkwTPJigQrwavZdaPjW4uVhfhff9psmrn+NP1saiQD+0qpJ+phe711bSNsdofyqrhkt+Q62o5aV8Ja"
+    "tzCL5gcWV5hKY1Pzf55j03vIsT2m1ofTO3LrmTy3Ctv6cCRY2NxqRK1mum2dZrXdWWt1swQrLEkSbHKvR6+jtWq7uxkVp8Gdwj11"
+    "L4eUouD+aL44uIXbeSiCe3KjsRpVk2StrDWSqq4lgR0dmwR1Ov7rdMN2pVEfDdFK1NrIt2f0DajbGlt2tB52alGj3S0qHHcAmKu2"
+    "2+uN4myZa7a6Yefu3n7y7bmLfJkcf8AoSqV/ntqRSufyVBpp2UORRjP9N470sLD9YrcjwWThW8hcLQqr3Yd8FPj92R2hO5WHLt+s"
+    "QxGxU/HWbIXNarOWfGasxe/QaewKRidRnBoTxceicD3L5sKDerXTCce9tx/PCpN5N1r1cM/hPnIv4Z7cLe6/Or8j7k8PxH2oSQ5F"
+    "BszmsUsDf/tVEu8jY+I912ltRrUxZxnx57jVsPiz47HtPOleaxechGTtem/7/fS+EmFqbEaUw+Cn5R0ZcTrPiO22OhSJMBl/KEtz"
+    "IB3YLfy7nh+MOaI/5I/3d454Jj7jn0lbLcgadzX4OAhuBj/+R683/0k+aWklvSwQBl/e71WHLHYqfMAVXk/2hTAtis/bbmSvkp37"
+    "aja1Fj4AFYbpkS0cGBsmu+87Jwa759h97b5a+ADvvpOa/v8m1tOaXoUqdKgU6zvFekrTP6AKM5OSrJ5eS5VkKpTNml6Fj1Y2z2p6"
+    "FarQAWLcAaKU1lxP7n2tBvNr2UqW+itZ+lNwZvCHqgeHbwY/e/aTZLZe70pQ+mx29zNf2tvpfcodS+tP2F+7gYrD7K7mcN3n4rqX"
+    "FpaWLywuXlhafnNhcPhm8NePJz4JzvWX+fU9V17Ow5G0+h62NG/UXYJV3k925Ktztxt/F+uT90y+f8lT2k6ebI3LO+56f/hE0sAD"
+    "Iz74TP/+a+lKkN7adv3OnY+DWuH29/p3pPitnd16j2/39Ng8JJ08TneqG+31sNK63Amjrdv9forGJ+k2ex+/fzCbdbwv7FHSr37M"
+    "dxPSlSruPDIfhd2wmfYpqq0nfcmGJzgZhfVqLZ2gHbVWGuvhA+1oMtq/ZGa3rkW/ObYj4c7nCVcQjkORf/Od2lq4Ua1shN1qvdqt"
+    "Jrk3PC7Ju/it6PFkTcJKv3Bsn+KxXYCTyJW3W347XiMh+OOTSQhK2WyNZJL9fbcn2wGGvtszPLLfkXpv+9ZctpRH4ws8+9spjuy2"
+    "U7z/VPEXd4Yb8VDsEU92utFmrbsZVdeToMf/VxvxqLQD/riy3XpUzyQTfj/Jg5H0af2gGadIYdmxbNFhNG5Puj/dqifDNDwDwX32"
+    "dnALN/VRifHgLwABAAdLft6vO4+L9Q8r1gAAADz48/78dWnouTwwnPtg5Lf/AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAHh2/Dv7yfv3df/+9FA+XkxGlUjp+"
+    "sV9e7j+X+s/n8nFT2ZilhaXlC4uLF5aW31xYfmlp8aXnli5eWl5efPG5b6bl35sorrek6QEAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAADgkfVfvjOqRg=="
+)
+_DEMO_PROJECT = "demo-proj"
+_DEMO_RUNS = (("baseline", 0.81), ("tuned", 0.93))
+
+
+def _empty_ledger_bytes() -> bytes:
+    return zlib.decompress(base64.b64decode("".join(_EMPTY_LEDGER)))
+
+
+def build_demo_workspace(config: UnifiedConfig) -> Dict[str, int]:
+    """Write a sample workspace: ledger, record segment and indexes, artifacts, a failed-delivery outbox."""
+    ws = config.workspace.root_path
+    if ws.exists() and any(ws.iterdir()):
+        raise OpsError("demo workspace %s already exists and is not empty" % ws, code="demo_root_not_empty", path=ws)
+    database = config.metadata.database_path
+    database.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(database, _empty_ledger_bytes())
+    runs_in_ledger = _demo_ledger_rows(database)
+    records = _demo_records(config.records.root_path)
+    store = ArtifactStore(VaultConfig.from_unified_config(config))
+    scratch = ws / "cache" / "demo-bodies"
+    scratch.mkdir(parents=True)
+    bodies = {("baseline", "model", "checkpoint", "model.bin"): bytes(range(256)) * 64,
+              ("tuned", "model", "checkpoint", "model.bin"): b"tuned-weights" * 1000,
+              ("tuned", "eval-table", "dataset", "eval.csv"):
+                  b"id,label,score\n" + b"".join(b"%d,1,0.9\n" % i for i in range(200)),
+              ("tuned", "notes", "report", None): b"free-form notes without a suffix\n"}
+    for (run, name, kind, file_name), body in bodies.items():
+        source = scratch / ("%s-%s" % (run, name))
+        source.write_bytes(body)
+        store.put_artifact(ArtifactManifest(
+            artifact_ref="artifact:%s.%s.%s" % (_DEMO_PROJECT, run, name), artifact_kind=kind,
+            created_at="2024-06-01T12:04:00Z", producer_ref="contexta-ops.demo",
+            run_ref="run:%s.%s" % (_DEMO_PROJECT, run),
+            location_ref="vault://%s/%s/%s" % (_DEMO_PROJECT, run, file_name or name)), source)
+    _remove_tree(scratch)
+    outbox = config.recovery.outbox_root
+    outbox.mkdir(parents=True, exist_ok=True)
+    entries = [{"replay_ref": "replay:record.1717243380000.%d" % i, "failed_at": "2024-06-01T12:03:00.000000Z",
+                "sink_name": "local-jsonl-replay", "family": "RECORD", "payload_type": "MetricRecord",
+                "payload_ref": "record:%s.tuned.m%04d" % (_DEMO_PROJECT, i), "error": "sink unavailable",
+                "error_code": "dispatch_error", "attempts": 1,
+                "payload": {"metric_key": "loss", "run_id": "%s.tuned" % _DEMO_PROJECT, "value": 0.1 * i}}
+               for i in range(1, 6)]
+    atomic_write_bytes(outbox / OUTBOX_FILE, b"".join(_json_line(entry) for entry in entries))
+    return {"runs_in_ledger": runs_in_ledger, "records": records, "artifacts": len(bodies),
+            "outbox_entries": len(entries)}
+
+
+def _demo_ledger_rows(database: Path) -> int:
+    """With DuckDB at hand, the demo's project and runs go into the ledger as Contexta writes them."""
+    try:
+        import duckdb  # type: ignore[import-not-found]  # optional, never required
+    except ImportError:
+        return 0
+    connection = duckdb.connect(str(database))
+    try:
+        project_ref = "project:" + _DEMO_PROJECT
+        connection.execute("INSERT INTO projects VALUES (?, ?, ?, ?)", [
+            project_ref, _DEMO_PROJECT, "2024-06-01T12:00:00Z", _compact_json({
+                "created_at": "2024-06-01T12:00:00Z", "extensions": [], "name": _DEMO_PROJECT,
+                "project_ref": project_ref, "schema_version": "1.0.0", "tags": {}})])
+        for run, _accuracy in _DEMO_RUNS:
+            run_ref = "run:%s.%s" % (_DEMO_PROJECT, run)
+            connection.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", [
+                run_ref, project_ref, run, "2024-06-01T12:00:00Z", "completed", _compact_json({
+                    "ended_at": "2024-06-01T12:05:00Z", "extensions": [], "name": run, "project_ref": project_ref,
+                    "run_ref": run_ref, "schema_version": "1.0.0", "started_at": "2024-06-01T12:00:00Z",
+                    "status": "completed"})])
+        connection.execute("CHECKPOINT")
+    finally:
+        connection.close()
+    return len(_DEMO_RUNS)
+
+
+def _demo_records(root: Path) -> int:
+    """A record segment with Contexta's canonical metric lines, its indexes and manifest."""
+    (root / "segments").mkdir(parents=True)
+    for folder in ("cursors/replay", "quarantine"):
+        (root / folder).mkdir(parents=True)
+    lines = []
+    indexes: Dict[str, List[bytes]] = {}
+    sequence = 0
+    for run, accuracy in _DEMO_RUNS:
+        for step in range(1, 26):
+            sequence += 1
+            run_ref = "run:%s.%s" % (_DEMO_PROJECT, run)
+            stage_ref = "stage:%s.%s.train" % (_DEMO_PROJECT, run)
+            record = {"envelope": {"completeness_marker": "complete", "correlation_refs": {},
+                                   "degradation_marker": "none", "extensions": [],
+                                   "observed_at": "2024-06-01T12:03:00Z", "producer_ref": "contexta-ops.demo",
+                                   "record_ref": "record:%s.%s.m%04d" % (_DEMO_PROJECT, run, step),
+                                   "record_type": "metric", "recorded_at": "2024-06-01T12:03:00Z",
+                                   "run_ref": run_ref, "schema_version": "1.0.0", "stage_execution_ref": stage_ref},
+                      "payload": {"aggregation_scope": "step", "metric_key": "accuracy", "tags": {},
+                                  "value": accuracy * step / 25, "value_type": "float64"}}
+            lines.append(_json_line({"appended_at": "2024-06-01T12:03:00Z", "record": record, "sequence": sequence}))
+            pointer = _json_line({"offset": sequence, "segment_id": 1, "sequence": sequence})
+            for family, key in (("run_ref", run_ref), ("record_type", "metric"), ("stage_execution_ref", stage_ref)):
+                indexes.setdefault("%s/%s.jsonl" % (family, _UNSAFE_INDEX_KEY.sub("_", key.replace(":", "__"))),
+                                   []).append(pointer)
+    atomic_write_bytes(root / "segments" / "segment-000001.jsonl", b"".join(lines))
+    for rel, pointers in indexes.items():
+        (root / "indexes" / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(root / "indexes" / rel, b"".join(pointers))
+    atomic_write_bytes(root / "manifest.json", _pretty_json({
+        "current_segment_id": 1, "current_segment_record_count": sequence, "last_committed_sequence": sequence,
+        "layout_mode": "jsonl_segments", "layout_version": "1", "next_sequence": sequence + 1}))
+    return sequence
+
+
+_UNSAFE_INDEX_KEY = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoResult(_Record):
+    status: str
+    root: Path
+    steps: Tuple[Mapping[str, Any], ...]
+
+
+def run_demo(root: Any = None) -> DemoResult:
+    """Build a sample workspace under ``root`` (a new temp dir by default) and walk the guide's flow on it."""
+    root = _resolve_path(root) if root is not None else Path(tempfile.mkdtemp(prefix="contexta-ops-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    config = UnifiedConfig(project_name=_DEMO_PROJECT, workspace=WorkspaceConfig(root_path=root / ".contexta"),
+                           recovery=RecoveryConfig(backup_root=root / "backups",
+                                                   restore_staging_root=root / "staging"))
+    steps: List[Dict[str, Any]] = []
+
+    def step(name: str, status: str, summary: str, result: Any = None) -> None:
+        steps.append({"step": name, "status": status, "summary": summary,
+                      "result": None if result is None else _jsonable(result)})
+
+    built = build_demo_workspace(config)
+    step("build", "SUCCESS", "workspace %s: %d records, %d artifacts, %d outbox entries, %d runs in the ledger" % (
+        config.workspace.root_path, built["records"], built["artifacts"], built["outbox_entries"],
+        built["runs_in_ledger"]))
+    status = workspace_status(config)
+    step("1 confirm the workspace (status)", status.status, "%d records, %d artifact bindings, %d pending in the outbox" % (
+        status.record_count or 0, status.artifact_binding_count, status.outbox_pending_count), status)
+    backup = create_workspace_backup(config, plan_workspace_backup(config, label="demo"))
+    step("2 back it up (backup create)", backup.status, "%s: %d files, each with its sha256" % (
+        backup.backup_ref, backup.file_count), backup)
+    verified = restore_workspace(config, plan_restore(config, backup.backup_ref, verify_only=True))
+    step("3 prove it restorable (restore --verify-only)", verified.status, ", ".join(verified.verification_notes),
+         verified)
+    target = root / "restored" / ".contexta"
+    plan = plan_restore(config, backup.backup_ref, target_workspace=target)
+    step("4 read what a restore would do (restore plan)", "SUCCESS", "replaces %s; keeps %s; loses %d file(s)" % (
+        ", ".join(plan.replaced), ", ".join(plan.kept) or "nothing", plan.lost_count), plan)
+    applied = restore_workspace(config, plan)
+    step("5 apply into a second workspace (restore --target)", applied.status, "applied to %s; post-apply check %s" % (
+        target, (applied.post_apply_check or {}).get("status")), applied)
+    checked = check_workspace(config)
+    step("6 check the workspace (check)", checked.status, "%d problems over %s" % (
+        len(checked.problems), ", ".join(checked.planes)), checked)
+    replayed = replay_outbox(config)
+    step("replay the outbox (replay)", replayed.status, "%d acknowledged, %d pending, %d dead-lettered" % (
+        replayed.acknowledged_count, replayed.pending_count, replayed.dead_lettered_count), replayed)
+    store = ArtifactStore(VaultConfig.from_unified_config(config))
+    sweep = verify_all(store, record=False)
+    step("verify every artifact (artifact verify --all)", "SUCCESS" if sweep.clean else "FAILURE",
+         "%d verified, %d missing, %d drifted, %d orphans" % (
+             sum(1 for item in sweep.reports if item.verified), len(sweep.missing_refs), len(sweep.drifted_refs),
+             len(sweep.orphan_paths)), sweep)
+    ref = "artifact:%s.tuned.model" % _DEMO_PROJECT
+    exported = export_artifact(store, ref, export_root=root / "exports")
+    second = ArtifactStore(VaultConfig(root_path=root / "second-store"))
+    imported = import_export_package(second, exported.export_directory)
+    summary = inspect_store(second)
+    step("move an artifact to another store (artifact export / import)", "SUCCESS" if not summary.problems
+         else "FAILURE", "%s: %s into %s; it now holds %d verified" % (
+             ref, imported.outcome.value, second.root_path, summary.verified_count), imported)
+    overall = "SUCCESS" if all(item["status"] in ("SUCCESS",) for item in steps) else "FAILURE"
+    return DemoResult(status=overall, root=root, steps=tuple(steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfCheckResult(_Record):
+    """``self-check``: the archive's members against the digests recorded when it was built."""
+
+    status: str
+    version: str
+    python: str
+    platform: str
+    archive: Optional[str]
+    members_checked: int = 0
+    problems: Tuple[Problem, ...] = ()
+    notes: Tuple[str, ...] = ()
+
+
+ARCHIVE_DIGESTS = "contexta_ops.digests.json"
+
+
+def _running_archive() -> Optional[str]:
+    """The contexta.pyz this module was loaded from (``<pyz>/site-packages/contexta_ops.py``), if any."""
+    candidate = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return candidate if os.path.isfile(candidate) and zipfile.is_zipfile(candidate) else None
+
+
+def self_check() -> SelfCheckResult:
+    """Re-hash every member of the running contexta.pyz against the digests its build recorded."""
+    import platform
+    python = "%s %s" % (platform.python_implementation(), platform.python_version())
+    archive = _running_archive()
+    base = dict(version=__version__, python=python, platform=platform.platform())
+    if archive is None:
+        return SelfCheckResult(status="SUCCESS", archive=None, notes=(
+            "not running from contexta.pyz: nothing to check beyond %s itself (sha256 %s)" % (
+                __file__, sha256_file(__file__)[1]),), **base)
+    problems: List[Problem] = []
+    checked = 0
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            digests = json.loads(zipped.read(ARCHIVE_DIGESTS).decode("utf-8"))["members"]
+            names = {info.filename for info in zipped.infolist()} - {ARCHIVE_DIGESTS}
+            for name in sorted(names | set(digests)):
+                if name not in names:
+                    problems.append(Problem("member_missing", name, "recorded at build time, now missing"))
+                    continue
+                if name not in digests:
+                    problems.append(Problem("member_unexpected", name, "not recorded at build time"))
+                    continue
+                try:
+                    digest = hashlib.sha256(zipped.read(name)).hexdigest()
+                except _ARCHIVE_DAMAGE as exc:
+                    problems.append(Problem("member_damaged", name, "cannot be read: %s" % exc))
+                    continue
+                checked += 1
+                if digest != digests[name]:
+                    problems.append(Problem("member_changed", name, "sha256 %s, built as %s" % (digest, digests[name]),
+                                            expected=digests[name], actual=digest))
+    except (KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        problems.append(Problem("archive_unreadable", archive, "cannot read the archive's digests: %s" % exc))
+    return SelfCheckResult(status="FAILURE" if problems else "SUCCESS", archive=archive, members_checked=checked,
+                           problems=tuple(problems), **base)
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 #
@@ -5590,6 +5870,11 @@ def _build_parser() -> argparse.ArgumentParser:
                          "%s check --plane records --plane artifacts" % _PROG, common)
     check.add_argument("--plane", action="append", choices=CHECK_PLANES, metavar="PLANE",
                        help="one of %s; repeat for several (default: all)" % ", ".join(CHECK_PLANES))
+    demo = _add_command(commands, "demo", "Build a sample workspace and walk the operator flow on it.",
+                        "%s demo --root /tmp/contexta-demo" % _PROG, common)
+    demo.add_argument("--root", metavar="DIR", help="where to build it (default: a new temporary directory)")
+    _add_command(commands, "self-check", "Check this contexta.pyz against the digests recorded when it was built.",
+                 "%s self-check" % _PROG, common)
 
     replay = _add_command(
         commands, "replay", "Re-deliver failed outbox entries; `status` counts them; `requeue` redrives dead letters.",
@@ -5997,6 +6282,27 @@ def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
     return _status_exit(result.status)
 
 
+def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
+    result = run_demo(args.root)
+    out.say("Demo in %s: %s" % (result.root, result.status))
+    for step in result.steps:
+        out.say("  %-60s %-8s %s" % (step["step"], step["status"], step["summary"]))
+    out.say("Try it yourself: %s --workspace %s status" % (_PROG, result.root / ".contexta"))
+    out.finish(result, result.status == "SUCCESS")
+    return _status_exit(result.status)
+
+
+def _cmd_self_check(args: argparse.Namespace, out: _Output) -> int:
+    result = self_check()
+    out.say("%s %s on %s (%s): %s" % (TOOL_NAME, result.version, result.python, result.platform, result.status))
+    out.say("  archive: %s, %d members checked" % (result.archive or "(not running from an archive)",
+                                                  result.members_checked))
+    _say_list(out, "Problems:", result.problems)
+    _say_list(out, "Notes:", result.notes)
+    out.finish(result, result.status == "SUCCESS")
+    return _status_exit(result.status)
+
+
 def _counts_text(counts: Mapping[str, int]) -> str:
     return "(%s)" % ", ".join("%s %d" % item for item in counts.items()) if counts else ""
 
@@ -6009,6 +6315,8 @@ _COMMANDS: Dict[str, Callable[[argparse.Namespace, _Output], int]] = {
     "artifact": _cmd_artifact,
     "status": _cmd_status,
     "check": _cmd_check,
+    "demo": _cmd_demo,
+    "self-check": _cmd_self_check,
 }
 
 

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # a contexta_ops already on the path wins
 
 from contexta_ops import ArtifactManifest  # noqa: E402
 from contexta_ops import ArtifactStore, VaultConfig, export_artifact, import_export_package, inspect_store  # noqa: E402

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # a contexta_ops already on the path wins
 
 from contexta_ops import RecoveryConfig, UnifiedConfig, WorkspaceConfig  # noqa: E402
 from contexta_ops import create_workspace_backup, plan_restore, plan_workspace_backup, restore_workspace  # noqa: E402

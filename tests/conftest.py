@@ -14,6 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import FIXTURE_TARBALL, REF_SCRIPT, REPO, Cli, extract  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bytecode_cache(tmp_path_factory):
+    """Hundreds of CLI runs: let contexta.pyz keep its compiled module (an opt-in operators have too)."""
+    os.environ["CONTEXTA_OPS_BYTECODE_CACHE"] = str(tmp_path_factory.mktemp("bytecode"))
+
+
 @pytest.fixture(scope="session")
 def pristine_fixture(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")

@@ -54,7 +54,6 @@ class Cli:
     def __call__(self, *args, env=None, cwd=None, timeout=300, input=None):
         full_env = dict(os.environ)
         full_env.pop("CONTEXTA_OPS_CRASH_AT", None)
-        full_env.pop("PYTHONDONTWRITEBYTECODE", None)  # let the extracted module keep its bytecode between runs
         full_env.update(env or {})
         completed = subprocess.run([sys.executable, str(self.pyz)] + [str(arg) for arg in args],
                                    cwd=str(cwd or self.cwd), env=full_env, input=input,

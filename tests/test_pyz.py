@@ -1,0 +1,256 @@
+"""contexta.pyz: one reproducible file that runs anywhere, checks itself, and shows a newcomer around."""
+
+import base64
+import json
+import os
+import pty
+import shutil
+import subprocess
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+
+import contexta_ops as ops
+from helpers import DATA, FIXTURE_BACKUP_REF, REPO, snapshot
+
+COMMANDS = [["backup"], ["backup", "plan"], ["backup", "create"], ["backup", "list"], ["backup", "verify"],
+            ["backup", "prune"], ["restore"], ["replay"], ["recover"], ["recover", "replay"], ["artifact"],
+            ["artifact", "inspect"], ["artifact", "verify"], ["artifact", "export"], ["artifact", "import"],
+            ["artifact", "put"], ["status"], ["check"], ["demo"], ["self-check"]]
+
+
+def _run(pyz, *args, env=None, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, str(pyz)] + [str(arg) for arg in args], env=env or _env(), cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+
+
+def _env(**changes):
+    """The default environment of an operator: no crash hooks, and no bytecode cache."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("CONTEXTA_OPS_CRASH", "CONTEXTA_OPS_BYTECODE_CACHE"))}
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
+
+
+def test_two_builds_are_byte_identical_and_small(tmp_path, pyz):
+    first, second = tmp_path / "a.pyz", tmp_path / "b.pyz"
+    for out in (first, second):
+        subprocess.run(["bash", str(REPO / "build.sh"), str(out)], check=True, stdout=subprocess.PIPE)
+    assert first.read_bytes() == second.read_bytes()
+    assert first.stat().st_size < 200 * 1024
+    assert first.read_bytes() == pyz.read_bytes()  # the suite runs the very file build.sh makes
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_a_purpose_and_an_example(pyz, command):
+    result = _run(pyz, *(command + ["--help"]))
+    assert result.returncode == 0, result.stderr
+    assert "example:" in result.stdout and "contexta.pyz" in result.stdout
+
+
+def test_version(pyz):
+    result = _run(pyz, "--version")
+    assert result.returncode == 0 and result.stdout.strip() == "contexta-ops %s" % ops.__version__
+
+
+@pytest.mark.parametrize("home", ["/dev/null", "/proc", None], ids=["dev-null", "proc-read-only", "unset"])
+def test_runs_without_a_usable_home(pyz, fixture_dir, tmp_path, home):
+    """A plain shiv .pyz dies here (it extracts to ~/.shiv); ours imports straight from the archive."""
+    env = _env(HOME=home, TMPDIR=tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    verify = _run(pyz, "--backup-root", fixture_dir / "backups", "--staging-root", tmp_path / "stage", "restore",
+                  "--verify-only", FIXTURE_BACKUP_REF, "--json", env=env)
+    assert verify.returncode == 0, verify.stderr
+    status = _run(pyz, "--workspace", fixture_dir / "workspace/.contexta", "--backup-root", tmp_path / "bk",
+                  "--staging-root", tmp_path / "stage", "status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    assert _run(pyz, "self-check", env=env).returncode == 0
+
+
+def _mount_tmpfs(path, size, read_only=False):
+    path.mkdir(parents=True, exist_ok=True)
+    options = "size=%s" % size + (",ro" if read_only else "")
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "none", str(path)]).returncode:
+        pytest.skip("needs root to mount a tmpfs")
+
+
+def test_runs_from_a_read_only_directory(pyz, fixture_dir, tmp_path):
+    place = tmp_path / "ro"
+    _mount_tmpfs(place, "4m")
+    try:
+        shutil.copy(str(pyz), str(place / "contexta.pyz"))
+        assert subprocess.run(["mount", "-o", "remount,ro", str(place)]).returncode == 0
+        result = _run(place / "contexta.pyz", "--backup-root", fixture_dir / "backups", "--staging-root",
+                      tmp_path / "stage", "restore", "--verify-only", FIXTURE_BACKUP_REF, cwd=place,
+                      env=_env(HOME=place))
+        assert result.returncode == 0, result.stderr
+        assert _run(place / "contexta.pyz", "self-check", cwd=place).returncode == 0
+    finally:
+        subprocess.run(["umount", str(place)])
+
+
+def test_full_disk_host_still_verifies_with_staging_on_another_disk(pyz, fixture_dir, tmp_path):
+    full = tmp_path / "full"
+    _mount_tmpfs(full, "1m")
+    try:
+        with open(str(full / "filler"), "wb") as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 65536)
+            except OSError:
+                pass
+        env = _env(HOME=full, TMPDIR=full)
+        result = _run(pyz, "--backup-root", fixture_dir / "backups", "--staging-root", tmp_path / "stage",
+                      "restore", "--verify-only", FIXTURE_BACKUP_REF, "--json", cwd=full, env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["status"] == "SUCCESS"
+    finally:
+        subprocess.run(["umount", str(full)])
+
+
+def test_bytecode_cache_is_opt_in_and_never_required(pyz, tmp_path):
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        assert _run(pyz, "--version", env=_env(CONTEXTA_OPS_BYTECODE_CACHE=cache)).returncode == 0
+    assert [name.endswith(".marshal") for name in os.listdir(str(cache))] == [True]
+    assert _run(pyz, "self-check", env=_env(CONTEXTA_OPS_BYTECODE_CACHE=cache)).returncode == 0
+    unusable = _run(pyz, "--version", env=_env(CONTEXTA_OPS_BYTECODE_CACHE="/proc/no-such-cache"))
+    assert unusable.returncode == 0 and unusable.stderr == ""
+
+
+def test_self_check_names_a_damaged_member(pyz, tmp_path):
+    damaged = tmp_path / "damaged.pyz"
+    data = bytearray(pyz.read_bytes())
+    with zipfile.ZipFile(str(pyz)) as archive:
+        info = archive.getinfo("_bootstrap/environment.py")  # not needed to start, so the tool still runs
+    prefix = data.index(b"PK\x03\x04")
+    start = prefix + info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 40
+    data[start] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    result = _run(damaged, "self-check", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert [problem["path"] for problem in report["problems"]] == ["_bootstrap/environment.py"]
+    assert report["python"].startswith("CPython %d.%d" % sys.version_info[:2])
+    assert _run(pyz, "self-check").returncode == 0
+
+
+def test_demo_exits_0_and_touches_nothing_outside_its_root(pyz, tmp_path):
+    home, tmpdir, cwd = tmp_path / "home", tmp_path / "tmp", tmp_path / "cwd"
+    for folder in (home, tmpdir, cwd):
+        folder.mkdir()
+    result = _run(pyz, "demo", "--root", tmp_path / "demo", "--json", cwd=cwd,
+                  env=_env(HOME=home, TMPDIR=tmpdir))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["status"] == "SUCCESS" and len(report["steps"]) == 10
+    assert sorted(os.listdir(str(tmp_path))) == ["cwd", "demo", "home", "tmp"]
+    assert os.listdir(str(home)) == os.listdir(str(tmpdir)) == os.listdir(str(cwd)) == []
+    demo = tmp_path / "demo"
+    check = _run(pyz, "--workspace", demo / ".contexta", "check", "--json")
+    assert check.returncode == 0, check.stdout
+    assert _run(pyz, "--workspace", demo / "restored/.contexta", "check").returncode == 0
+
+
+def test_demo_workspace_is_read_by_contexta(pyz, tmp_path, contexta_ref):
+    """The demo workspace is Contexta's format: contexta 1.0.0 itself verifies its backup."""
+    from test_interop import CONTEXTA_RESTORE
+    from helpers import run_ref
+    assert _run(pyz, "demo", "--root", tmp_path / "demo").returncode == 0
+    backup = next((tmp_path / "demo" / "backups").glob("demo-*"))
+    theirs = run_ref(contexta_ref, CONTEXTA_RESTORE, backup, tmp_path / "scratch", "verify")
+    assert theirs["status"] == "SUCCESS"
+    assert theirs["plane_results"]["records"] == {"integrity_state": "HEALTHY", "record_count": 50}
+    assert theirs["plane_results"]["artifacts"]["verified_count"] == 4
+
+
+def test_embedded_ledger_is_the_checked_in_contexta_ledger():
+    assert ops._empty_ledger_bytes() == (DATA / "empty-ledger.db").read_bytes()
+    report = ops.check_metadata_file(DATA / "empty-ledger.db", use_duckdb=False)
+    assert report.problems == [] and report.storage_version
+
+
+def test_progress_only_on_a_terminal(pyz, fixture_dir, tmp_path):
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen([sys.executable, str(pyz), "--workspace", fixture_dir / "workspace/.contexta",
+                                    "--backup-root", tmp_path / "bk", "backup", "create"], stdout=subprocess.PIPE,
+                                   stderr=slave)
+        os.close(slave)
+        process.wait(timeout=120)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    assert process.returncode == 0
+    assert b"files" in shown and b"done." in shown
+    quiet = _run(pyz, "--workspace", fixture_dir / "workspace/.contexta", "--backup-root", tmp_path / "bk2",
+                 "backup", "create", "--json")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_rescue_script_reads_json_and_exit_code(pyz, fixture_dir):
+    result = subprocess.run(["bash", str(REPO / "examples" / "rescue.sh"), str(pyz),
+                             str(fixture_dir / "workspace/.contexta"), str(fixture_dir / "backups")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("restorable: %s 50 records 0 problems" % FIXTURE_BACKUP_REF)
+    (fixture_dir / "backups" / FIXTURE_BACKUP_REF / "manifest.json").write_text("{")
+    broken = subprocess.run(["bash", str(REPO / "examples" / "rescue.sh"), str(pyz),
+                             str(fixture_dir / "workspace/.contexta"), str(fixture_dir / "backups")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=_env())
+    assert broken.returncode == 3 and broken.stdout.startswith("could not run")
+
+
+@pytest.mark.parametrize("from_pyz", [True, False], ids=["from-pyz", "from-py"])
+def test_rescue_script_imports_the_module(pyz, fixture_dir, tmp_path, from_pyz):
+    tool = pyz if from_pyz else tmp_path / "copied" / "contexta_ops.py"
+    if not from_pyz:
+        tool.parent.mkdir()
+        shutil.copy(str(REPO / "contexta_ops.py"), str(tool))
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "rescue_import.py"), str(tool),
+                             str(fixture_dir / "workspace/.contexta"), str(tmp_path / "bk")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=_env())
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "imported from %s" % (str(pyz) + "/site-packages/contexta_ops.py" if from_pyz else tool)
+    assert lines[1].endswith("SUCCESS SUCCESS")
+
+
+@pytest.mark.parametrize("program, answers", [
+    ("backup_restore_verify.py", ["Included sections: config, metadata, records, artifacts, recovery",
+                                  "Restore status: SUCCESS", "Restore applied: False"]),
+    ("replay_outbox_demo.py", ["Replay status: SUCCESS", "Acknowledged: 1", "Pending: 0", "Dead-lettered: 0"]),
+    ("artifact_transfer_demo.py", ["Source artifact: artifact:my-proj.run-01.model", "Import outcome: imported",
+                                   "Target artifact count: 1"]),
+])
+def test_the_guides_programs_through_the_pyz(pyz, tmp_path, program, answers):
+    """The guide's three programs, with contexta_ops imported from contexta.pyz itself."""
+    runner = ("import runpy, sys\n"
+              "sys.path.insert(0, sys.argv[1] + '/site-packages')\n"
+              "import contexta_ops\n"
+              "assert contexta_ops.__file__.startswith(sys.argv[1]), contexta_ops.__file__\n"
+              "sys.argv = [sys.argv[2], '--root', sys.argv[3]]\n"
+              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", runner, str(pyz), str(REPO / "examples" / program),
+                             str(tmp_path / "root")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, env=_env())
+    assert result.returncode == 0, result.stderr
+    printed = [line for line in result.stdout.splitlines()
+               if not line.startswith(("Workspace:", "Backup ref:", "Backup location:", "Outbox path:",
+                                       "Replayed output:", "Export directory:"))]
+    assert printed == answers
