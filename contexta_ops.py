@@ -40,6 +40,7 @@ import struct
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
@@ -195,6 +196,35 @@ _COMPACT_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensur
 _COMPACT_ASCII_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
+def _write_pretty_json(handle: Any, payload: Any) -> Tuple[int, str]:
+    """Write P-JSON to a binary file as it is encoded; (bytes, sha256) of what was written.
+
+    A backup manifest lists every file: encoding it to one string first would
+    hold hundreds of thousands of pieces at once.
+    """
+    start = handle.tell()
+    for ensure_ascii in (False, True):  # names that are not UTF-8 fall back to \u escapes
+        digest = hashlib.sha256()
+        encoder = json.JSONEncoder(indent=2, sort_keys=True, ensure_ascii=ensure_ascii, default=str)
+        try:
+            pending: List[str] = []
+            for piece in encoder.iterencode(payload):
+                pending.append(piece)
+                if len(pending) >= 4096:
+                    data = "".join(pending).encode("utf-8")
+                    handle.write(data)
+                    digest.update(data)
+                    pending = []
+            data = ("".join(pending) + "\n").encode("utf-8")
+            handle.write(data)
+            digest.update(data)
+            return handle.tell() - start, digest.hexdigest()
+        except UnicodeEncodeError:
+            handle.seek(start)
+            handle.truncate()
+    raise AssertionError("unreachable: ensure_ascii output is ASCII")
+
+
 def _compact_json(payload: Any) -> str:
     """Contexta's C-JSONL line, without the newline."""
     return _COMPACT_ENCODER.encode(payload)
@@ -269,11 +299,22 @@ def _umask() -> int:
     return _UMASK
 
 
+_BUFFERS = threading.local()
+
+
+def _chunk_buffer() -> Tuple[bytearray, memoryview]:
+    """This thread's reusable read buffer: allocating (and zeroing) 1 MiB per file costs more than hashing it."""
+    buffer = getattr(_BUFFERS, "buffer", None)
+    if buffer is None:
+        buffer = _BUFFERS.buffer = bytearray(_CHUNK)
+        _BUFFERS.view = memoryview(buffer)
+    return buffer, _BUFFERS.view
+
+
 def _hash_stream(handle: Any) -> Tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
+    buffer, view = _chunk_buffer()
     while True:
         count = handle.readinto(buffer)
         if not count:
@@ -285,33 +326,159 @@ def _hash_stream(handle: Any) -> Tuple[int, str]:
 
 def sha256_file(path: Any) -> Tuple[int, str]:
     """Size and lowercase sha256 of a file, read in constant memory."""
-    with open(path, "rb") as handle:
-        return _hash_stream(handle)
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        expected = os.fstat(fd).st_size
+        if expected < _CHUNK:  # most files: one read, no buffer
+            data = os.read(fd, expected + 1)
+            if len(data) <= expected:
+                return len(data), hashlib.sha256(data).hexdigest()
+            os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
+            return _hash_stream(handle)
+    finally:
+        os.close(fd)
 
 
-def _copy_file_hashed(source: Any, destination: Any, *, reader: Any = None) -> Tuple[int, str]:
-    """Copy one file (or a readable stream) to a new file, hashing on the way; fsync it.
-
-    One read of the source serves both the copy and the proof of it.
-    """
+def _copy_stream_hashed(reader: Any, destination: Any, durable: bool = False) -> Tuple[int, str]:
+    """Copy a readable stream (an archive member, a body being ingested) to a new file, hashing on the way."""
     digest = hashlib.sha256()
     size = 0
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    with contextlib.ExitStack() as stack:
-        src = reader if reader is not None else stack.enter_context(open(source, "rb"))
-        dst = stack.enter_context(open(destination, "xb"))
+    buffer, view = _chunk_buffer()
+    with open(destination, "xb") as out:
         while True:
-            count = src.readinto(buffer)
+            count = reader.readinto(buffer) if hasattr(reader, "readinto") else None
+            if count is None:  # tarfile's member streams have no readinto
+                data = reader.read(_CHUNK)
+                count = len(data)
+                buffer[:count] = data
             if not count:
                 break
             chunk = view[:count]
             digest.update(chunk)
-            dst.write(chunk)
+            out.write(chunk)
             size += count
-        dst.flush()
-        os.fsync(dst.fileno())
+        if durable:
+            out.flush()
+            os.fsync(out.fileno())
     return size, digest.hexdigest()
+
+
+def _kernel_copy(source_fd: int, destination_fd: int) -> int:
+    """Copy a whole file inside the kernel (copy_file_range), or by reads and writes where it cannot."""
+    total = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while True:
+                copied = os.copy_file_range(source_fd, destination_fd, 1 << 30)
+                if not copied:
+                    return total
+                total += copied
+        except OSError as exc:
+            if total or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+    while True:
+        chunk = os.read(source_fd, _CHUNK)
+        if not chunk:
+            return total
+        os.write(destination_fd, chunk)
+        total += len(chunk)
+
+
+def _copy_then_hash(source: str, destination: str, mode: Optional[int] = None,
+                    mtime_ns: Optional[int] = None) -> Tuple[int, str]:
+    """Copy a file to a new one, then hash the copy: the digest proves the bytes that were written.
+
+    The copy is still in the page cache, so proving it costs a memory read - the
+    same work as `cp` followed by `openssl dgst` on the copy.  With ``mode`` and
+    ``mtime_ns``, the copy gets them (here, on the worker, off the main thread).
+    """
+    source_fd = os.open(source, os.O_RDONLY)
+    try:
+        destination_fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _kernel_copy(source_fd, destination_fd)
+        finally:
+            os.close(destination_fd)
+    finally:
+        os.close(source_fd)
+    result = sha256_file(destination)
+    if mode is not None and mtime_ns is not None:
+        _set_file_times_and_mode(destination, mode, mtime_ns)
+    return result
+
+
+def _backup_one_file(source: str, destination: str, source_stat: os.stat_result) -> Tuple[int, str, bool]:
+    """A worker's whole job for one file of a backup: copy, prove, stamp, and notice a concurrent writer."""
+    size, digest = _copy_then_hash(source, destination, source_stat.st_mode, source_stat.st_mtime_ns)
+    return size, digest, _changed_while_read(source, source_stat, size)
+
+
+class _Copier:
+    """Copies files on two threads while the caller walks on; results come back in submission order.
+
+    Copying and hashing release the GIL, so one file is hashed while the next
+    is copied.  At most ``window`` copies are in flight, which bounds memory.
+    """
+
+    def __init__(self, window: int = 64) -> None:
+        import concurrent.futures
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        self.window = window
+        self.pending: List[Tuple[Any, Callable[[int, str], None]]] = []
+
+    def submit(self, on_done: Callable[..., None], job: Callable[..., Any], *args: Any) -> None:
+        self.pending.append((self.pool.submit(job, *args), on_done))
+        while len(self.pending) > self.window:
+            self._settle_oldest()
+
+    def _settle_oldest(self) -> None:
+        future, on_done = self.pending.pop(0)
+        on_done(*future.result())  # raises the worker's exception, if any, here
+
+    def finish(self) -> None:
+        try:
+            while self.pending:
+                self._settle_oldest()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for future, _on_done in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+        self.pending = []
+
+
+def _sync_filesystem(path: Any) -> None:
+    """Make everything written under ``path`` durable: one syncfs(2) of its filesystem (``sync`` elsewhere).
+
+    One flush of the filesystem costs far less than an fsync per file, and
+    leaves every file and directory as durable.  An error is fatal.
+    """
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        syncfs = _libc_function("syncfs")
+        if syncfs is None:
+            os.sync()
+        elif syncfs(fd) != 0:
+            import ctypes
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), str(path))
+    finally:
+        os.close(fd)
+
+
+def _libc_function(name: str) -> Any:
+    """A libc function by name (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # only here: importing it costs every command's start-up
+    import ctypes.util
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def _set_file_times_and_mode(path: Any, mode: int, mtime_ns: int) -> None:
@@ -325,14 +492,19 @@ def safe_join(root: Any, relative: str) -> Path:
     Refuses absolute paths, ``..`` components, empty names and NUL bytes, so a
     manifest, archive or package can never make us write outside ``root``.
     """
+    return Path(_safe_join_text(str(root), relative))
+
+
+def _safe_join_text(root: str, relative: Any) -> str:
+    """:func:`safe_join` on strings, for the hot loops that place thousands of files."""
     if not isinstance(relative, str) or not relative or "\x00" in relative:
         raise OpsError("unsafe path %r" % (relative,), code="unsafe_path")
-    if relative.startswith("/") or relative.startswith("\\") or re.match(r"^[A-Za-z]:", relative):
+    if relative.startswith("/") or relative.startswith("\\") or relative[1:2] == ":":
         raise OpsError("unsafe absolute path %r" % (relative,), code="unsafe_path")
     parts = relative.replace("\\", "/").split("/")
-    if any(part in ("", ".", "..") for part in parts):
+    if "" in parts or "." in parts or ".." in parts:
         raise OpsError("unsafe path %r" % (relative,), code="unsafe_path")
-    return Path(root).joinpath(*parts)
+    return root.rstrip("/") + "/" + "/".join(parts)
 
 
 def _is_within(path: Any, root: Any) -> bool:
@@ -1614,7 +1786,7 @@ class _Entry:
 
     kind: str
     member: str
-    source: Path
+    source: Any  # a path, as text in the hot walk
     stat: os.stat_result
 
 
@@ -1644,9 +1816,10 @@ class _SectionWalk:
             elif section.kind == "dir" and stat.S_ISDIR(source_stat.st_mode):
                 yield _Entry("dir", section.path, section.source, source_stat)
                 excludes = _section_excludes(self.config, self.plan.sections, section, self.extra_excludes)
+                source_text = str(section.source)
                 for rel, entry_stat, kind in _walk_tree(section.source, excludes):
                     if kind in ("dir", "file"):
-                        yield _Entry(kind, section.path + "/" + rel, section.source / rel, entry_stat)
+                        yield _Entry(kind, section.path + "/" + rel, source_text + "/" + rel, entry_stat)
                     else:
                         self.warnings.append("skipped_%s: %s is a %s and was not copied"
                                              % (kind, section.source / rel, kind))
@@ -1659,8 +1832,8 @@ class _SectionWalk:
                 self.copied.append(section.name)
 
 
-def _changed_while_read(source: Path, before: os.stat_result, size_read: int) -> bool:
-    after = os.lstat(str(source))
+def _changed_while_read(source: Any, before: os.stat_result, size_read: int) -> bool:
+    after = os.lstat(source)
     return size_read != before.st_size or after.st_size != before.st_size or after.st_mtime_ns != before.st_mtime_ns
 
 
@@ -1684,9 +1857,9 @@ class _PreviousBackup:
         if previous is None or (previous["size"], previous.get("mtime_ns"), previous.get("mode")) != (
                 source_stat.st_size, source_stat.st_mtime_ns, stat.S_IMODE(source_stat.st_mode)):
             return None
-        copy = safe_join(self.location, entry.member)
+        copy = _safe_join_text(str(self.location), entry.member)
         try:
-            copy_stat = os.lstat(str(copy))
+            copy_stat = os.lstat(copy)
         except FileNotFoundError:
             return None
         if not stat.S_ISREG(copy_stat.st_mode) or copy_stat.st_size != previous["size"]:
@@ -1697,10 +1870,14 @@ class _PreviousBackup:
 
 
 def _newest_previous_backup(backup_root: Path) -> Optional[_PreviousBackup]:
-    config_like = UnifiedConfig(recovery=RecoveryConfig(backup_root=backup_root))
-    for entry in reversed(list_backups(config_like)):
-        if entry.complete and entry.has_checksums:
-            backup = _DirectoryBackup(Path(entry.location))
+    """The newest complete backup with checksums, opening manifests newest first (each lists every file)."""
+    names = [name for name in os.listdir(str(backup_root)) if _BACKUP_REF_PATTERN.match(name)]
+    for name in sorted(names, key=_ref_timestamp, reverse=True):
+        try:
+            backup = _DirectoryBackup(backup_root / name)
+        except RestoreError:
+            continue
+        if backup.expected_files is not None:
             return _PreviousBackup(backup.location, backup.manifest)
     return None
 
@@ -1724,6 +1901,7 @@ class _BackupWriter:
         self.bytes_linked = 0
         self.links_failed = 0
         self.warnings: List[str] = []
+        self.copier = _Copier()
 
     def add_bytes(self, member: str, data: bytes) -> None:
         destination = safe_join(self.partial, member)
@@ -1731,21 +1909,19 @@ class _BackupWriter:
         self.directories.append((destination.parent, os.stat(str(self.partial))))
         with open(destination, "xb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         self.files.append(_file_record(member, len(data), hashlib.sha256(data).hexdigest(), destination.stat()))
         self.bytes_written += len(data)
 
     def add(self, entry: _Entry) -> None:
-        destination = safe_join(self.partial, entry.member)
+        destination = os.path.join(str(self.partial), entry.member)  # our own walk: already safe
         if entry.kind == "dir":
-            destination.mkdir(parents=True, exist_ok=True)
-            self.directories.append((destination, entry.stat))
+            os.makedirs(destination, exist_ok=True)
+            self.directories.append((Path(destination), entry.stat))
             return
         reusable = self.previous.reusable(entry, self.verify_unchanged) if self.previous is not None else None
         if reusable is not None:
             try:
-                os.link(str(reusable[0]), str(destination))
+                os.link(str(reusable[0]), destination)
             except OSError:
                 self.links_failed += 1
             else:
@@ -1754,30 +1930,26 @@ class _BackupWriter:
                 self.progress.advance(entry.stat.st_size)
                 _crash_point("backup:file-linked")
                 return
-        size, digest = _copy_file_hashed(entry.source, destination)
-        _crash_point("backup:file-copied")
-        if _changed_while_read(entry.source, entry.stat, size):
-            self.warnings.append("changed_during_backup: %s changed while it was copied" % entry.source)
-        _set_file_times_and_mode(destination, entry.stat.st_mode, entry.stat.st_mtime_ns)
-        self.files.append(_file_record(entry.member, size, digest, entry.stat))
-        self.bytes_written += size
-        self.progress.advance(size)
+        record = _file_record(entry.member, 0, "", entry.stat)
+        self.files.append(record)  # a place kept in walk order; filled in when the copy is proven
 
-    def finish_directories(self) -> None:
-        """Give directories their source modes and times, then make every entry durable."""
+        def copied(size: int, digest: str, changed: bool) -> None:
+            _crash_point("backup:file-copied")
+            if changed:
+                self.warnings.append("changed_during_backup: %s changed while it was copied" % entry.source)
+            record.update(size=size, sha256=digest)
+            self.bytes_written += size
+            self.progress.advance(size)
+
+        self.copier.submit(copied, _backup_one_file, str(entry.source), destination, entry.stat)
+
+    def finish(self) -> None:
+        """Wait for the copies, give directories their modes and times, then make it all durable."""
+        self.copier.finish()
         for directory, dir_stat in reversed(self.directories):
             os.chmod(str(directory), stat.S_IMODE(dir_stat.st_mode) | stat.S_IRWXU)
             os.utime(str(directory), ns=(dir_stat.st_mtime_ns, dir_stat.st_mtime_ns))
-        synced: Set[str] = set()
-        for entry in self.files:
-            parent = os.path.dirname(str(safe_join(self.partial, entry["path"])))
-            if parent not in synced:
-                synced.add(parent)
-                _fsync_dir(parent)
-        for directory, _dir_stat in self.directories:
-            if str(directory) not in synced:
-                synced.add(str(directory))
-                _fsync_dir(directory)
+        _sync_filesystem(self.partial)
 
 
 def _clean_stale_partials(backup_root: Path) -> List[str]:
@@ -1876,7 +2048,11 @@ def _backup_manifest(config: UnifiedConfig, plan: BackupPlan, created_at: str, w
 
 
 def _manifest_digest(manifest_bytes: bytes) -> bytes:
-    return ("%s  %s\n" % (hashlib.sha256(manifest_bytes).hexdigest(), _MANIFEST_NAME)).encode("ascii")
+    return _digest_line(hashlib.sha256(manifest_bytes).hexdigest())
+
+
+def _digest_line(sha256: str) -> bytes:
+    return ("%s  %s\n" % (sha256, _MANIFEST_NAME)).encode("ascii")
 
 
 def _manifest_digest_problems(manifest_bytes: bytes, digest_bytes: Optional[bytes], required: bool) -> List[Problem]:
@@ -1895,9 +2071,13 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
     warnings, notes = _metadata_in_use_warnings(config)
     writer.add_bytes(_CONFIG_MEMBER, _pretty_json(_resolved_config_mapping(config)))
     walk = _SectionWalk(config, plan, extra_excludes=[partial])
-    for entry in walk.entries():
-        writer.add(entry)
-    writer.finish_directories()
+    try:
+        for entry in walk.entries():
+            writer.add(entry)
+    except BaseException:
+        writer.copier.close()
+        raise
+    writer.finish()
     _crash_point("backup:files-durable")
     if previous is not None:
         notes.append("incremental_from:%s" % previous.backup_ref)
@@ -1907,12 +2087,14 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
     created_at = _utc_timestamp()
     warnings += walk.warnings + writer.warnings
     manifest = _backup_manifest(config, plan, created_at, walk, writer.files, warnings)
-    manifest_bytes = _pretty_json(manifest)
-    for name, data in ((_MANIFEST_NAME, manifest_bytes), (_MANIFEST_DIGEST_NAME, _manifest_digest(manifest_bytes))):
-        with open(partial / name, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with open(partial / _MANIFEST_NAME, "wb") as handle:
+        manifest_size, manifest_sha256 = _write_pretty_json(handle, manifest)
+        handle.flush()
+        os.fsync(handle.fileno())
+    with open(partial / _MANIFEST_DIGEST_NAME, "wb") as handle:
+        handle.write(_digest_line(manifest_sha256))
+        handle.flush()
+        os.fsync(handle.fileno())
     _fsync_dir(partial)
     _crash_point("backup:manifest-written")
     os.rename(str(partial), str(final))
@@ -1929,7 +2111,7 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
         created_at=created_at,
         location=final,
         included_sections=tuple(walk.copied),
-        bytes_written=writer.bytes_written + len(manifest_bytes),
+        bytes_written=writer.bytes_written + manifest_size,
         verification_notes=("manifest_written", "checksums_recorded:%d" % len(writer.files)),
         file_count=len(writer.files),
     )
@@ -2034,7 +2216,10 @@ def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Opt
     warnings += walk.warnings
     manifest = _backup_manifest(config, plan, created_at, walk, files, warnings)
     manifest["archive"] = {"compression": "gzip" if compress else None}
-    manifest_bytes = _pretty_json(manifest)
+    encoded = io.BytesIO()
+    _write_pretty_json(encoded, manifest)
+    manifest_bytes = encoded.getvalue()
+    del encoded
 
     writing = _Progress("write %s" % plan.backup_ref, manifest["total_bytes"])
     compressor = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) if compress else None
@@ -2088,6 +2273,7 @@ class _Member:
     mode: int
     mtime_ns: int
     opener: Optional[Callable[[], Any]] = None
+    on_disk: Optional[str] = None  # a directory backup's file, which can be copied in the kernel
 
     def open(self) -> Any:
         assert self.opener is not None
@@ -2183,15 +2369,18 @@ class _DirectoryBackup:
 
     @property
     def expected_files(self) -> Optional[Dict[str, Dict[str, Any]]]:
-        files = self.manifest.get("files")
-        return None if files is None else {entry["path"]: entry for entry in files}
+        if not hasattr(self, "_expected_files"):
+            files = self.manifest.get("files")
+            self._expected_files = None if files is None else {entry["path"]: entry for entry in files}
+        return self._expected_files
 
     def members(self) -> Iterator[_Member]:
         root = self.location / "workspace"
         yield _Member("workspace", "dir", 0, stat.S_IMODE(root.stat().st_mode), root.stat().st_mtime_ns)
         for rel, entry_stat, kind in _walk_tree(root):
+            on_disk = os.path.join(str(root), rel)
             yield _Member("workspace/" + rel, kind, entry_stat.st_size, entry_stat.st_mode,
-                          entry_stat.st_mtime_ns, functools.partial(open, str(root / rel), "rb"))
+                          entry_stat.st_mtime_ns, functools.partial(open, on_disk, "rb"), on_disk)
 
     def prescan(self) -> List[Problem]:
         return []
@@ -2538,19 +2727,40 @@ class BackupVerifyResult(_Record):
 
 
 def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, Mapping[str, Any]]],
-                   on_file: Callable[[_Member, Optional[Mapping[str, Any]]], Tuple[int, str]],
+                   on_file: Callable[[_Member, Optional[Mapping[str, Any]]], Any],
                    problems: List[Problem]) -> Tuple[int, int, Set[str]]:
     """Walk a backup's members once, hashing each file through ``on_file`` and comparing to the manifest.
 
-    Records missing, extra and changed files as problems; returns (files, bytes, paths seen).
+    ``on_file`` returns ``(size, sha256)`` or a future of it (copies running on
+    worker threads); results are compared in member order.  Records missing,
+    extra and changed files as problems; returns (files, bytes, paths seen).
     """
     seen: Set[str] = set()
-    files = 0
-    total = 0
+    counted = [0, 0]
+    pending: List[Tuple[_Member, Optional[Mapping[str, Any]], Any]] = []
+
+    def settle(keep: int) -> None:
+        while len(pending) > keep:
+            member, entry, result = pending.pop(0)
+            size, digest = result.result() if hasattr(result, "result") else result
+            counted[0] += 1
+            counted[1] += size
+            if size != member.size:
+                problems.append(Problem("size_mismatch", member.path, "%d bytes, the archive said %d"
+                                        % (size, member.size), expected=member.size, actual=size))
+            if entry is None:
+                continue
+            if size != entry["size"]:
+                problems.append(Problem("checksum_mismatch", member.path, "size %d, manifest says %d"
+                                        % (size, entry["size"]), expected=entry["size"], actual=size))
+            elif digest != entry["sha256"]:
+                problems.append(Problem("checksum_mismatch", member.path, "sha256 %s, manifest says %s"
+                                        % (digest, entry["sha256"]), expected=entry["sha256"], actual=digest))
+
     last = "the archive's start"
     iterator = iter(members)
-    while True:
-        try:
+    try:
+        while True:
             member = next(iterator, None)
             if member is None:
                 break
@@ -2566,26 +2776,16 @@ def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, M
                 problems.append(Problem("unexpected_file", member.path, "file is not listed in the manifest"))
                 continue
             seen.add(member.path)
-            size, digest = on_file(member, entry)
-        except _ARCHIVE_DAMAGE as exc:
-            problems.append(Problem("archive_corrupt", last, "archive is damaged at or after this member: %s"
-                                    % (exc or type(exc).__name__)))
-            return files, total, seen  # nothing after the damage can be trusted or counted missing
-        files += 1
-        total += size
-        if size != member.size:
-            problems.append(Problem("size_mismatch", member.path, "%d bytes, the archive said %d"
-                                    % (size, member.size), expected=member.size, actual=size))
-        if entry is not None:
-            if size != entry["size"]:
-                problems.append(Problem("checksum_mismatch", member.path, "size %d, manifest says %d"
-                                        % (size, entry["size"]), expected=entry["size"], actual=size))
-            elif digest != entry["sha256"]:
-                problems.append(Problem("checksum_mismatch", member.path, "sha256 %s, manifest says %s"
-                                        % (digest, entry["sha256"]), expected=entry["sha256"], actual=digest))
+            pending.append((member, entry, on_file(member, entry)))
+            settle(keep=64)
+        settle(keep=0)
+    except _ARCHIVE_DAMAGE as exc:
+        problems.append(Problem("archive_corrupt", last, "archive is damaged at or after this member: %s"
+                                % (exc or type(exc).__name__)))
+        return counted[0], counted[1], seen  # nothing after the damage can be trusted or counted missing
     for path in sorted(set(expected or ()) - seen):
         problems.append(Problem("missing_file", path, "file listed in the manifest is missing"))
-    return files, total, seen
+    return counted[0], counted[1], seen
 
 
 def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyResult:
@@ -2749,6 +2949,13 @@ class _Layout:
                 return None
             return (self.recovery_dest + rest[len("recovery"):]).strip("/")
         return rest
+
+    def member_path(self, workspace_path: str) -> str:
+        """The backup member a workspace-relative path came from (to name problems by)."""
+        dest = self.recovery_dest
+        if dest is not None and (workspace_path == dest or workspace_path.startswith(dest + "/")):
+            return "workspace/recovery" + workspace_path[len(dest):]
+        return "workspace/" + workspace_path
 
 
 def _layout_for(backup: Any, member_dirs: Sequence[str]) -> _Layout:
@@ -2981,11 +3188,11 @@ class _Verification:
     absolute path when ``live_root`` is the workspace being checked.
     """
 
-    def __init__(self, live_root: Optional[Path] = None) -> None:
+    def __init__(self, live_root: Optional[Path] = None, layout: Optional[_Layout] = None) -> None:
         self.live_root = live_root
+        self.layout = layout
         self.problems: List[Problem] = []
-        self.digests: Dict[str, Tuple[int, str]] = {}
-        self.member_of: Dict[str, str] = {}
+        self.digests: Dict[str, Tuple[int, str]] = {}  # artifact bodies just hashed, to skip a second read
         self.files = 0
         self.bytes = 0
         self.plane_results: Dict[str, Any] = {}
@@ -2996,7 +3203,7 @@ class _Verification:
             ws_rel = store_root.rstrip("/") + "/" + rel if rel else store_root
             if self.live_root is not None:
                 return str(self.live_root / ws_rel)
-            return self.member_of.get(ws_rel, "workspace/" + ws_rel)
+            return self.layout.member_path(ws_rel) if self.layout is not None else "workspace/" + ws_rel
         return show
 
 
@@ -3007,23 +3214,39 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
     directories: List[Tuple[Path, _Member]] = []
     expected = backup.expected_files
 
-    def copy_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Tuple[int, str]:
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    made: Set[str] = set()
+    stage_text = str(stage)
+    bodies = layout.artifacts_root + "/objects/"
+
+    def copy_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Any:
         ws_rel = layout.workspace_path(member.path)
         if ws_rel is None:
             with member.open() as handle:
                 size, digest = _hash_stream(handle)
-        else:
-            destination = safe_join(stage, ws_rel)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with member.open() as handle:
-                size, digest = _copy_file_hashed(None, destination, reader=handle)
-            mode = entry.get("mode", member.mode) if entry else member.mode
-            mtime_ns = entry.get("mtime_ns", member.mtime_ns) if entry else member.mtime_ns
-            _set_file_times_and_mode(destination, mode, mtime_ns)
-            verification.digests[ws_rel] = (size, digest)
-            verification.member_of[ws_rel] = member.path
-        progress.advance(size)
-        return size, digest
+            progress.advance(size)
+            return size, digest
+        destination = _safe_join_text(stage_text, ws_rel)
+        parent = os.path.dirname(destination)
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
+        mode = entry.get("mode", member.mode) if entry else member.mode
+        mtime_ns = entry.get("mtime_ns", member.mtime_ns) if entry else member.mtime_ns
+
+        def place(size: int, digest: str) -> Tuple[int, str]:
+            if ws_rel.startswith(bodies):
+                verification.digests[ws_rel] = (size, digest)
+            progress.advance(size)
+            return size, digest
+
+        if member.on_disk is not None:  # copied in the kernel on a worker, then the copy is hashed
+            return pool.submit(lambda: place(*_copy_then_hash(member.on_disk, destination, mode, mtime_ns)))
+        with member.open() as handle:
+            size, digest = _copy_stream_hashed(handle, destination)
+        _set_file_times_and_mode(destination, mode, mtime_ns)
+        return place(size, digest)
 
     def members_making_directories() -> Iterator[_Member]:
         """Create directories as the walk meets them, so empty ones survive too."""
@@ -3031,15 +3254,18 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
             if member.kind == "dir":
                 ws_rel = layout.workspace_path(member.path)
                 if ws_rel is not None:
-                    directory = safe_join(stage, ws_rel) if ws_rel else stage
-                    directory.mkdir(parents=True, exist_ok=True)
-                    directories.append((directory, member))
+                    directory = _safe_join_text(stage_text, ws_rel) if ws_rel else stage_text
+                    if directory not in made:
+                        os.makedirs(directory, exist_ok=True)
+                        made.add(directory)
+                    directories.append((Path(directory), member))
             yield member
 
     try:
         files, total, _seen = _check_members(members_making_directories(), expected, copy_member,
                                              verification.problems)
     finally:
+        pool.shutdown(wait=True)
         progress.finish()
     verification.files += files
     verification.bytes += total
@@ -3090,7 +3316,7 @@ def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, h
 
 
 def _verify_into(backup: _BackupSource, layout: _Layout, stage: Path, label: str) -> _Verification:
-    verification = _Verification()
+    verification = _Verification(layout=layout)
     _materialize(backup, layout, stage, verification, label)
     if not any(problem.code == "archive_corrupt" for problem in verification.problems):
         verification.problems += backup.manifest_problems()
@@ -3210,7 +3436,7 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
         if target.is_dir():
             linked = _link_kept(target, new_tree, layout.replaced, skip=[new_tree])
             notes.append("kept_entries:%d" % linked)
-        _fsync_tree_dirs(new_tree)
+        _sync_filesystem(new_tree)
         _crash_point("restore:new-tree-durable")
     except BaseException:
         _remove_tree(new_tree)
@@ -3281,28 +3507,16 @@ def _link_kept(old_root: Path, new_root: Path, replaced: Sequence[str], skip: Se
     return count
 
 
-def _fsync_tree_dirs(root: Path) -> None:
-    _fsync_dir(root)
-    for rel, _st, kind in _walk_tree(root):
-        if kind == "dir":
-            _fsync_dir(root / rel)
-
-
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
 def _rename_exchange(first: Path, second: Path) -> bool:
     """Swap two paths atomically (Linux renameat2); False where that is not available."""
-    if not sys.platform.startswith("linux"):
+    renameat2 = _libc_function("renameat2")
+    if renameat2 is None:
         return False
-    import ctypes  # only here: importing it costs every command's start-up
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
+    import ctypes
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     result = renameat2(_AT_FDCWD, os.fsencode(str(first)), _AT_FDCWD, os.fsencode(str(second)), _RENAME_EXCHANGE)
     if result == 0:
@@ -4859,7 +5073,7 @@ class ArtifactStore:
         progress = _Progress("copy %s" % source.name, source.stat().st_size)
         try:
             with open(source, "rb") as reader:
-                size, digest = _copy_file_hashed(None, staged, reader=_ProgressReader(reader, progress))
+                size, digest = _copy_stream_hashed(_ProgressReader(reader, progress), staged, durable=True)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(staged))
@@ -5097,7 +5311,8 @@ def export_artifact(store: ArtifactStore, artifact_ref: str, export_root: Any = 
     metadata_path = directory / "export.package.json"
     tmp_body = directory / ("tmp-%s.part" % uuid.uuid4().hex)
     try:
-        size, digest = _copy_file_hashed(handle.path, tmp_body)
+        with open(handle.path, "rb") as reader:
+            size, digest = _copy_stream_hashed(reader, tmp_body, durable=True)
         expected_size, expected_hash = _expected_claims(binding.to_dict())
         if (expected_size is not None and size != expected_size) or (
                 expected_hash is not None and digest != expected_hash):
@@ -6333,6 +6548,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             raise UsageError("a command is needed")
+        if args.command in ("backup", "restore", "replay", "recover", "artifact", "check"):
+            _release_startup_memory()
         return _COMMANDS[args.command](args, out)
     except OpsError as exc:
         return _report_error(out, exc.code, str(exc), exc.exit_code, exc.path)
@@ -6346,6 +6563,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         return _report_error(out, "internal_error", "%s: %s (CONTEXTA_OPS_DEBUG=1 shows the traceback)"
                              % (type(exc).__name__, exc), EXIT_CANNOT_RUN)
+
+
+def _release_startup_memory() -> None:
+    """Hand back to the OS what compiling this module at start-up freed (glibc keeps it otherwise).
+
+    Started from contexta.pyz, the module is compiled on every run; returning
+    that memory keeps the peak RSS of the heavy commands well under 64 MB.
+    """
+    import gc
+    gc.collect()
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
 def _report_error(out: _Output, code: str, message: str, exit_code: int, path: Any = None) -> int:
