@@ -1538,6 +1538,7 @@ def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tu
         return report
     report.present = True
     canonical: Set[str] = set()
+    refs: Set[str] = set()
     bindings_dir = root / "bindings"
     binding_paths = sorted(bindings_dir.glob("*.binding.json")) if bindings_dir.is_dir() else []
     for binding_path in binding_paths:
@@ -1548,6 +1549,13 @@ def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tu
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             report.problems.append(Problem("binding_invalid", show(rel), "unreadable binding: %s" % exc))
             continue
+        expected_name = "%s.binding.json" % sanitize_component(binding["artifact_ref"])
+        if binding_path.name != expected_name or binding["artifact_ref"] in refs:
+            report.problems.append(Problem("binding_misplaced", show(rel), "binds %s, whose binding belongs in "
+                                           "bindings/%s%s" % (binding["artifact_ref"], expected_name,
+                                                              " (bound twice)" if binding["artifact_ref"] in refs
+                                                              else "")))
+        refs.add(binding["artifact_ref"])
         report.kinds[binding["artifact_kind"]] = report.kinds.get(binding["artifact_kind"], 0) + 1
         report.total_size_bytes += binding["size_bytes"]
         check = _evaluate_body(root, binding, digests)

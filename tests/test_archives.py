@@ -14,7 +14,8 @@ import contexta_ops as ops
 from helpers import REPO, snapshot
 
 CORPUS = REPO / "tests" / "hostile" / "corpus"
-CASES = json.loads((REPO / "tests" / "hostile" / "cases.json").read_text())
+CASES = {name: case for name, case in json.loads((REPO / "tests" / "hostile" / "cases.json").read_text()).items()
+         if case["kind"] == "archive"}
 CANARY = Path("/tmp/contexta-ops-hostile-canary")
 
 

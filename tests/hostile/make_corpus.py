@@ -109,8 +109,8 @@ def main():
     CORPUS.mkdir(parents=True)
     cases = {}
 
-    def case(name, exit_code, code, commands=("verify", "verify-only", "apply")):
-        cases[name] = {"exit": exit_code, "code": code, "commands": list(commands)}
+    def case(name, exit_code, code, commands=("verify", "verify-only", "apply"), kind="archive"):
+        cases[name] = {"exit": exit_code, "code": code, "commands": list(commands), "kind": kind}
 
     write_tar("tar-valid.tar", valid_members())
     case("tar-valid.tar", 0, None)
@@ -201,6 +201,56 @@ def main():
     case("zip-lying-size.zip", 1, None, ("verify-only", "apply"))
     (CORPUS / "garbage.zip").write_bytes(b"PK but not really a zip\n")
     case("garbage.zip", 3, "recovery_backup_invalid", ("verify-only", "apply"))
+
+    # Backup manifests: each replaces the manifest.json of a copy of the fixture's contexta backup.
+    def bad_manifest(name, text, exit_code=3, code="recovery_manifest_invalid"):
+        (CORPUS / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+        case(name, exit_code, code, ("verify", "verify-only", "apply"), kind="manifest")
+
+    good = json.loads(manifest())
+    for name, change in (("manifest-sections-not-a-list.json", {"included_sections": "records"}),
+                         ("manifest-files-not-a-list.json", {"files": {"a": 1}}),
+                         ("manifest-file-size-is-text.json", {"files": [dict(good["files"][0], size="12")]}),
+                         ("manifest-file-digest-short.json", {"files": [dict(good["files"][0], sha256="abc")]}),
+                         ("manifest-file-listed-twice.json", {"files": [good["files"][0], good["files"][0]]}),
+                         ("manifest-file-mode-is-text.json", {"files": [dict(good["files"][0], mode="644")]}),
+                         ("manifest-backup-ref-is-a-number.json", {"backup_ref": 7}),
+                         ("manifest-section-path-escapes.json", {"sections": [{"name": "records",
+                                                                               "path": "../../etc"}]})):
+        bad_manifest(name, json.dumps(dict(good, **change)))
+    bad_manifest("manifest-truncated.json", manifest()[:200])
+    bad_manifest("manifest-not-utf8.json", b'{"backup_ref": "\xff\xfe"}')
+    bad_manifest("manifest-huge-line.json", json.dumps(dict(good, notes=["x" * (2 << 20)]))[:-3])
+    bad_manifest("manifest-array.json", "[]")
+
+    # Outbox lines: each file is a whole outbox; every line must be dead-lettered, none may block.
+    def bad_outbox(name, lines):
+        (CORPUS / name).write_bytes(b"".join(lines))
+        case(name, 1, None, ("replay",), kind="outbox")
+
+    valid = (json.dumps({"replay_ref": "ok-1", "family": "RECORD", "sink_name": "local-jsonl-replay",
+                         "payload": {"v": 1}}) + "\n").encode()
+    bad_outbox("outbox-not-json.jsonl", [b"not json at all\n", valid])
+    bad_outbox("outbox-not-an-object.jsonl", [b"[1, 2, 3]\n", b'"text"\n', valid])
+    bad_outbox("outbox-missing-family.jsonl", [b'{"replay_ref": "x", "payload": {}}\n', valid])
+    bad_outbox("outbox-missing-payload.jsonl", [b'{"replay_ref": "x", "family": "RECORD"}\n', valid])
+    bad_outbox("outbox-unknown-family.jsonl", [b'{"replay_ref": "x", "family": "METRIC", "payload": {}}\n', valid])
+    bad_outbox("outbox-not-utf8.jsonl", [b'{"replay_ref": "\xff", "family": "RECORD", "payload": {}}\n', valid])
+    bad_outbox("outbox-huge-line.jsonl", [b'{"replay_ref": "big", "family": "RECORD", "payload": "' +
+                                          b"x" * (1 << 20) + b'"\n', valid])
+    bad_outbox("outbox-truncated-last-line.jsonl", [valid, b'{"replay_ref": "torn", "fam'])
+
+    # Configs: each is a --config file.
+    def bad_config(name, text):
+        (CORPUS / name).write_text(text)
+        case(name, 3, None, ("config",), kind="config")
+
+    bad_config("config-not-json.json", "{workspace: ")
+    bad_config("config-unknown-section.json", json.dumps({"mystery": {}}))
+    bad_config("config-path-is-a-number.json", json.dumps({"workspace": {"root_path": 5}}))
+    bad_config("config-bool-is-text.json", json.dumps({"recovery": {"create_backup_before_restore": "maybe"}}))
+    bad_config("config-unknown-setting.json", json.dumps({"recovery": {"backup_dir": "/x"}}))
+    bad_config("config-top-level-list.json", "[]")
 
     (HERE / "cases.json").write_text(json.dumps(cases, indent=2, sort_keys=True) + "\n")
     print("%d files in %s" % (len(cases), CORPUS))

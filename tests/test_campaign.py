@@ -1,0 +1,361 @@
+"""Crash campaign: every mutating operation killed with SIGKILL at each of its durable steps and at moments
+spread over its run, then checked: the workspace is the old or the new one, no entry is lost or delivered
+twice, nothing incomplete lists as complete or verifies, and the next invocation cleans up or resumes.
+
+With CONTEXTA_OPS_CAMPAIGN=full (tests/run_all.sh sets it for one interpreter per run) every step is a
+kill point - more than 200 in all; otherwise every fifth, so each interpreter still runs part of it.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import contexta_ops as ops
+from helpers import snapshot
+
+FULL = os.environ.get("CONTEXTA_OPS_CAMPAIGN") == "full"
+TIMED_FRACTIONS = (0.15, 0.35, 0.55, 0.75) if FULL else (0.5,)
+KILLS = {"points": 0}
+
+
+def _ws(root):
+    return root / "fx" / "workspace" / ".contexta"
+
+
+def _config(root, **flags):
+    return ops.load_config(environ={}, workspace=_ws(root), backup_root=root / "bk", **flags)
+
+
+class Operation:
+    """One mutating operation under test; subclasses say how to set it up and what must hold."""
+
+    name = ""
+
+    def __init__(self, cli, pristine):
+        self.cli = cli
+        self.pristine = pristine
+
+    def prepare(self, root):
+        shutil.copytree(str(self.pristine), str(root / "fx"), symlinks=True)
+        self.setup(root)
+
+    def setup(self, root):
+        pass
+
+    def args(self, root):
+        raise NotImplementedError
+
+    def after_kill(self, root):
+        """What must hold right after the kill (may run read-only commands)."""
+
+    def resume(self, root):
+        """Run the next invocation and check the final state."""
+        result = self.cli(*self.args(root), "--json")
+        assert result.returncode == 0, result
+
+    def verify_all_complete_backups(self, root):
+        """Every backup that lists as complete verifies (checked in-process: the checks need no new process)."""
+        config = ops.UnifiedConfig(recovery=ops.RecoveryConfig(backup_root=root / "bk"))
+        listing = [entry.to_dict() for entry in ops.list_backups(config)]
+        for entry in listing:
+            if entry["complete"]:
+                result = ops.verify_backup(config, entry["location"])
+                assert result.status == "SUCCESS", (entry, result)
+        return listing
+
+
+class BackupCreate(Operation):
+    name = "backup create"
+    extra = ()
+
+    def setup(self, root):
+        self.before = snapshot(_ws(root))
+
+    def args(self, root):
+        return ("--workspace", _ws(root), "--backup-root", root / "bk", "backup", "create") + self.extra
+
+    def after_kill(self, root):
+        assert snapshot(_ws(root)) == self.before  # the source is never touched
+        self.verify_all_complete_backups(root)
+
+    def resume(self, root):
+        Operation.resume(self, root)
+        listing = self.verify_all_complete_backups(root)
+        assert all(entry["complete"] for entry in listing), listing  # leftovers cleaned
+
+
+class IncrementalBackup(BackupCreate):
+    name = "backup create --incremental"
+    extra = ("--incremental",)
+
+    def setup(self, root):
+        config = _config(root)
+        ops.create_workspace_backup(config, ops.plan_workspace_backup(config, label="base"))
+        BackupCreate.setup(self, root)
+
+
+class ArchiveCreate(BackupCreate):
+    name = "backup create --archive"
+
+    def args(self, root):
+        return ("--workspace", _ws(root), "backup", "create", "--archive", root / "b.tar")
+
+    def after_kill(self, root):
+        assert snapshot(_ws(root)) == self.before
+        if (root / "b.tar").exists():  # only ever complete: renamed into place when whole
+            assert ops.verify_backup(_config(root), str(root / "b.tar")).status == "SUCCESS"
+
+    def resume(self, root):
+        if not (root / "b.tar").exists():
+            Operation.resume(self, root)
+        assert ops.verify_backup(_config(root), str(root / "b.tar")).status == "SUCCESS"
+        assert [name for name in os.listdir(str(root)) if ".partial-" in name] == []
+
+
+class RestoreApply(Operation):
+    name = "restore apply"
+
+    def setup(self, root):
+        config = _config(root)
+        self.source = self.make_source(root, config)
+        self.new = snapshot(_ws(root))
+        ws = _ws(root)
+        with open(str(ws / "records/segments/segment-000001.jsonl"), "ab") as handle:
+            handle.write(b'{"appended_at":"2026-01-01T00:00:00Z","record":{},"sequence":51}\n')
+        shutil.rmtree(str(ws / "artifacts/objects/report"))
+        (ws / "exports/made-after.txt").write_text("kept")
+        self.old = snapshot(ws)
+
+    def make_source(self, root, config):
+        return ops.create_workspace_backup(config, ops.plan_workspace_backup(config, label="base")).backup_ref
+
+    def args(self, root):
+        return ("--workspace", _ws(root), "--backup-root", root / "bk", "restore", self.source)
+
+    def state(self, root):
+        current = snapshot(_ws(root))
+        if current == self.old:
+            return "old"
+        current.pop("exports/made-after.txt", None)
+        return "new" if current == self.new else "neither"
+
+    def after_kill(self, root):
+        assert self.state(root) in ("old", "new")
+
+    def resume(self, root):
+        Operation.resume(self, root)
+        assert self.state(root) == "new"
+        assert [name for name in os.listdir(str(_ws(root).parent)) if "restore" in name] == []
+        self.verify_all_complete_backups(root)
+
+
+class ArchiveRestore(RestoreApply):
+    name = "restore apply from an archive"
+
+    def make_source(self, root, config):
+        archive = root / "b.tar.gz"
+        ops.create_backup_archive(config, ops.plan_workspace_backup(config), archive, compress=True)
+        return str(archive)
+
+
+class Replay(Operation):
+    name = "replay"
+    count = 3000
+
+    def setup(self, root):
+        outbox = _ws(root) / "cache/outbox/failed_deliveries.jsonl"
+        with open(str(outbox), "wb") as handle:
+            for index in range(self.count):
+                handle.write((json.dumps({"replay_ref": "ref-%05d" % index, "family": ("RECORD", "CONTEXT")[index % 2],
+                                          "sink_name": "local-jsonl-replay", "payload": {"i": index}}) + "\n").encode())
+
+    def args(self, root):
+        return ("--workspace", _ws(root), "replay")
+
+    def refs(self, root):
+        replayed = _ws(root) / "exports/replayed"
+        delivered = [json.loads(line)["replay_ref"] for path in sorted(replayed.glob("*.jsonl"))
+                     for line in path.read_text().splitlines()] if replayed.is_dir() else []
+        outbox = _ws(root) / "cache/outbox/failed_deliveries.jsonl"
+        pending = [json.loads(line)["replay_ref"] for line in outbox.read_text().splitlines()]
+        return delivered, pending
+
+    def after_kill(self, root):
+        delivered, pending = self.refs(root)
+        assert len(delivered) == len(set(delivered)), "delivered twice"
+        assert set(delivered) | set(pending) == {"ref-%05d" % i for i in range(self.count)}, "lost"
+
+    def resume(self, root):
+        Operation.resume(self, root)
+        delivered, pending = self.refs(root)
+        assert pending == [] and sorted(delivered) == ["ref-%05d" % i for i in range(self.count)]
+
+
+class Requeue(Operation):
+    name = "replay requeue"
+
+    def setup(self, root):
+        outbox = _ws(root) / "cache/outbox"
+        (outbox / "failed_deliveries.jsonl").write_bytes(b"".join(
+            (json.dumps({"replay_ref": "p-%d" % i, "family": "RECORD", "payload": {}}) + "\n").encode()
+            for i in range(10)))
+        (outbox / "dead_letter.jsonl").write_bytes(b"".join(
+            (json.dumps({"replay_ref": "d-%d" % i, "family": "RECORD", "payload": {}, "attempts": 5}) + "\n").encode()
+            for i in range(50)))
+
+    def args(self, root):
+        return ("--workspace", _ws(root), "replay", "requeue")
+
+    def places(self, root):
+        outbox = _ws(root) / "cache/outbox"
+        found = {}
+        for name in ("failed_deliveries.jsonl", "dead_letter.jsonl"):
+            for line in (outbox / name).read_text().splitlines():
+                found.setdefault(json.loads(line)["replay_ref"], []).append(name)
+        journal = outbox / "requeue.journal.json"
+        journaled = {json.loads(line)["replay_ref"] for line in json.loads(journal.read_text())["lines"]} \
+            if journal.exists() else set()
+        return found, journaled
+
+    def after_kill(self, root):
+        found, journaled = self.places(root)
+        assert all(len(places) == 1 for places in found.values()), found  # never in both
+        expected = {"p-%d" % i for i in range(10)} | {"d-%d" % i for i in range(50)}
+        assert set(found) | journaled == expected  # what is in neither file is in the journal
+
+    def resume(self, root):
+        Operation.resume(self, root)
+        found, journaled = self.places(root)
+        assert journaled == set()
+        assert sorted(found) == sorted({"p-%d" % i for i in range(10)} | {"d-%d" % i for i in range(50)})
+        assert all(places == ["failed_deliveries.jsonl"] for places in found.values())
+
+
+class ArtifactImport(Operation):
+    name = "artifact import"
+    conflict = "error"
+
+    def setup(self, root):
+        self.store = root / "store"
+        self.package = root / "fx" / "exports" / "artifact__fixture-proj.tuned.model"
+
+    def args(self, root):
+        return ("artifact", "import", self.package, "--store", self.store, "--conflict", self.conflict)
+
+    def binding_size(self):
+        path = self.store / "bindings" / "artifact__fixture-proj.tuned.model.binding.json"
+        return json.loads(path.read_text())["size_bytes"] if path.exists() else None
+
+    def after_kill(self, root):
+        result = self.cli("artifact", "verify", "--all", "--store", self.store, "--json")
+        assert result.returncode == 0, result  # the next command rolled the write back or forward
+        assert self.binding_size() in self.allowed_sizes()
+
+    def allowed_sizes(self):
+        return (None, 13000)
+
+    def resume(self, root):
+        result = self.cli(*self.args(root), "--json")
+        assert result.returncode == 0, result
+        assert self.binding_size() == 13000
+        assert self.cli("artifact", "verify", "--all", "--store", self.store).returncode == 0
+
+
+class ArtifactReplace(ArtifactImport):
+    name = "artifact import --conflict replace"
+    conflict = "replace"
+
+    def setup(self, root):
+        ArtifactImport.setup(self, root)
+        other = root / "other-package"
+        shutil.copytree(str(self.package), str(other))
+        body = other / "artifact__fixture-proj.tuned.model.bin"
+        body.write_bytes(b"older weights" * 300)
+        size, digest = ops.sha256_file(body)
+        binding_path = other / "artifact__fixture-proj.tuned.model.binding.json"
+        binding = json.loads(binding_path.read_text())
+        binding.update(size_bytes=size, hash_value=digest)
+        binding_path.write_text(json.dumps(binding))
+        ops.import_export_package(ops.ArtifactStore(ops.VaultConfig(root_path=self.store)), other)
+
+    def allowed_sizes(self):
+        return (3900, 13000)
+
+
+class Prune(Operation):
+    name = "backup prune"
+
+    def setup(self, root):
+        config = _config(root)
+        for index in range(4):
+            ops.create_workspace_backup(config, ops.plan_workspace_backup(config, label="b%d" % index))
+        self.newest = ops.list_backups(config)[-1].backup_ref
+
+    def args(self, root):
+        return ("--backup-root", root / "bk", "backup", "prune", "--keep-last", "1")
+
+    def after_kill(self, root):
+        listing = self.verify_all_complete_backups(root)
+        assert self.newest in [entry["backup_ref"] for entry in listing if entry["complete"]]
+
+    def resume(self, root):
+        Operation.resume(self, root)
+        listing = self.verify_all_complete_backups(root)
+        assert [entry["backup_ref"] for entry in listing] == [self.newest]
+
+
+OPERATIONS = [BackupCreate, IncrementalBackup, ArchiveCreate, RestoreApply, ArchiveRestore, Replay, Requeue,
+              ArtifactImport, ArtifactReplace, Prune]
+
+
+def _rehearse(operation, root):
+    """The durable steps of one run, and how long it took, from a traced run on its own copy."""
+    operation.prepare(root)
+    trace = root / "trace"
+    started = time.monotonic()
+    result = operation.cli(*operation.args(root), env={"CONTEXTA_OPS_CRASH_TRACE": str(trace)})
+    assert result.returncode == 0, result
+    return trace.read_text().split(), time.monotonic() - started
+
+
+@pytest.mark.parametrize("operation_class", OPERATIONS, ids=[op.name for op in OPERATIONS])
+def test_kill_9_everywhere(cli, pristine_fixture, pyz, tmp_path, operation_class):
+    operation = operation_class(cli, pristine_fixture)
+    steps, duration = _rehearse(operation, tmp_path / "rehearsal")
+    points = range(1, len(steps) + 1) if FULL else range(1, len(steps) + 1, 5)
+    for crash_at in points:
+        root = tmp_path / ("step%d" % crash_at)
+        operation.prepare(root)
+        killed = cli(*operation.args(root), env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
+        assert killed.returncode == -9, (steps[crash_at - 1], killed)
+        operation.after_kill(root)
+        operation.resume(root)
+        KILLS["points"] += 1
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONTEXTA_OPS_CRASH")}
+    for fraction in TIMED_FRACTIONS:
+        root = tmp_path / ("timed%d" % int(fraction * 100))
+        operation.prepare(root)
+        process = subprocess.Popen([sys.executable, str(pyz)] + [str(arg) for arg in operation.args(root)],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(duration * fraction)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        operation.after_kill(root)
+        operation.resume(root)
+        KILLS["points"] += 1
+        shutil.rmtree(str(root))
+
+
+def test_campaign_size():
+    """Runs last in this module: at least 200 kill points in a full campaign."""
+    if FULL:
+        assert KILLS["points"] >= 200, KILLS
+    else:
+        assert KILLS["points"] >= 10, KILLS
