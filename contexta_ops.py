@@ -4143,6 +4143,17 @@ class _ReplayRun:
         self.cleanup()
         return pending
 
+    def abandon(self) -> None:
+        """Close every handle of a failed run without letting a failing flush escape later.
+
+        What reached disk stays for the journal; a close whose flush fails still releases the file.
+        """
+        handles = [self.kept, self.dead] + (list(self.file_sink.handles.values()) if self.file_sink else [])
+        for handle in handles:
+            if handle is not None and not handle.closed:
+                with contextlib.suppress(OSError, ValueError):
+                    handle.close()
+
     def cleanup(self) -> None:
         for path in (self.kept_path, self.dead_path):
             with contextlib.suppress(FileNotFoundError):
@@ -4297,14 +4308,18 @@ def replay_outbox(config: Any, target: Optional[str] = None, limit: Optional[int
 def _replay_once(outbox_root: Path, params: _ReplayParams, sink: Any, dry_run: bool,
                  notes: List[str]) -> ReplayBatchResult:
     run = _ReplayRun(outbox_root, params, sink, dry_run)
-    run.start()
-    progress = _Progress("replay %s" % run.outbox)
-    run.deliver_all()
-    progress.finish()
-    if dry_run:
-        pending = run.counts["kept_lines"] + _count_lines_from(run.outbox, run.offset)
-    else:
-        pending = run.commit()
+    try:
+        run.start()
+        progress = _Progress("replay %s" % run.outbox)
+        run.deliver_all()
+        progress.finish()
+        if dry_run:
+            pending = run.counts["kept_lines"] + _count_lines_from(run.outbox, run.offset)
+        else:
+            pending = run.commit()
+    except BaseException:
+        run.abandon()
+        raise
     return _replay_result(run, pending, notes, dry_run)
 
 
@@ -4362,6 +4377,14 @@ def _finish_interrupted_replay(config: Any, outbox_root: Path,
     else:
         sink = _resolve_replay_sink(config, params.target, sinks)
     run = _ReplayRun(outbox_root, params, sink, dry_run=False)
+    try:
+        return _resume_replay(run, journal)
+    except BaseException:
+        run.abandon()
+        raise
+
+
+def _resume_replay(run: "_ReplayRun", journal: Dict[str, Any]) -> ReplayBatchResult:
     if journal.get("state") == "committing":
         if os.stat(str(run.outbox)).st_ino != journal["outbox_ino"]:
             run.cleanup()  # the new outbox was already in place
