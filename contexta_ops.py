@@ -8,10 +8,19 @@ Contexta's format notes instead of repeating them.
 
 Commands (each also a public function a rescue script can import)::
 
-    backup plan | create | list | verify BACKUP
+    status                              which workspace, from where, in what state
+    check                               verify the live workspace, plane by plane
+    backup plan | create | list | verify BACKUP | prune
     restore [BACKUP] --verify-only      prove a backup restorable, change nothing
     restore plan BACKUP                 what would be replaced, kept and lost
     restore BACKUP [--target DIR]       verify, safety-backup, switch over atomically
+    replay [status | requeue]           re-deliver failed outbox entries, exactly once
+    artifact inspect | verify | export | import | put
+    demo | self-check                   a sample workspace; the archive's own digests
+
+Sections, in order: errors; primitives; configuration; reading Contexta's
+stores; backup (directories, archives, retention); restore; outbox replay;
+artifacts; status and check; demo and self-check; the command line.
 
 Every command takes the global flags ``--workspace --config --backup-root
 --staging-root --outbox-root --json --quiet`` before or after its name.
@@ -72,7 +81,8 @@ TOOL_NAME = "contexta-ops"
 
 __all__ = [
     # errors and exit codes
-    "OpsError", "ConfigError", "BackupError", "RestoreError", "LockedError", "UsageError",
+    "OpsError", "UsageError", "ConfigError", "BackupError", "RestoreError", "ArchiveDamagedError", "ReplayError",
+    "ArtifactError", "ConflictError", "IntegrityError", "LockedError",
     "EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "EXIT_CANNOT_RUN", "EXIT_LOCKED",
     # primitives
     "atomic_write_bytes", "sha256_file", "safe_join", "Problem",
@@ -81,12 +91,24 @@ __all__ = [
     "ArtifactStoreConfig", "RecoveryConfig", "load_config",
     # reading Contexta's stores
     "scan_records", "RecordsReport", "check_metadata_file", "MetadataReport",
-    "scan_artifact_bindings", "ArtifactsReport",
+    "scan_artifact_bindings", "ArtifactsReport", "artifact_object_relpath", "sanitize_component",
     # backup
-    "BackupPlan", "BackupResult", "BackupVerifyResult", "BackupListEntry",
-    "plan_workspace_backup", "create_workspace_backup", "list_backups", "verify_backup",
+    "BackupPlan", "BackupResult", "BackupVerifyResult", "BackupListEntry", "PruneResult",
+    "plan_workspace_backup", "create_workspace_backup", "create_backup_archive", "list_backups",
+    "verify_backup", "prune_backups",
     # restore
-    "RestorePlan", "RestoreResult", "plan_restore", "restore_workspace",
+    "RestorePlan", "RestoreResult", "plan_restore", "restore_workspace", "restore_workspace_forced",
+    # outbox replay
+    "ReplayBatchResult", "ReplayEntryResult", "OutboxStatus", "RequeueResult", "LocalJsonlSink", "SinkReceipt",
+    "replay_outbox", "outbox_status", "requeue_dead_letters",
+    # artifacts
+    "ArtifactStore", "VaultConfig", "ArtifactManifest", "ArtifactBinding", "ArtifactHandle", "ArtifactPutReceipt",
+    "VerificationReport", "VerificationRecord", "StoreSummary", "SweepReport", "ExportReceipt", "ImportReceipt",
+    "ImportOutcome", "inspect_store", "verify_artifact", "verify_all", "export_artifact", "import_export_package",
+    "verify_export_package",
+    # status, check, demo, self-check
+    "CheckResult", "WorkspaceStatus", "PathStatus", "StatusWarning", "DemoResult", "SelfCheckResult",
+    "check_workspace", "workspace_status", "build_demo_workspace", "run_demo", "self_check",
     # command line
     "main",
 ]
@@ -146,6 +168,28 @@ class ArchiveDamagedError(RestoreError):
     """An archive that is recognizably ours but damaged where we must read it first (exit 1, like any damage)."""
 
     code = "archive_corrupt"
+    exit_code = EXIT_PROBLEMS
+
+
+class ReplayError(OpsError):
+    code = "replay_failed"
+
+
+class ArtifactError(OpsError):
+    code = "artifact_invalid"
+
+
+class ConflictError(ArtifactError):
+    """An import or put that would overwrite a different body (exit 1: the store is fine, the request is not)."""
+
+    code = "artifact_binding_conflict"
+    exit_code = EXIT_PROBLEMS
+
+
+class IntegrityError(ArtifactError):
+    """A body that does not match what its binding or manifest claims; nothing was written."""
+
+    code = "artifact_integrity"
     exit_code = EXIT_PROBLEMS
 
 
@@ -347,11 +391,7 @@ def _copy_stream_hashed(reader: Any, destination: Any, durable: bool = False) ->
     buffer, view = _chunk_buffer()
     with open(destination, "xb") as out:
         while True:
-            count = reader.readinto(buffer) if hasattr(reader, "readinto") else None
-            if count is None:  # tarfile's member streams have no readinto
-                data = reader.read(_CHUNK)
-                count = len(data)
-                buffer[:count] = data
+            count = reader.readinto(buffer)
             if not count:
                 break
             chunk = view[:count]
@@ -3639,10 +3679,6 @@ _IN_FLIGHT_SECONDS = 2.0
 _ENTRY_RESULTS_KEPT = 10000
 
 
-class ReplayError(OpsError):
-    code = "replay_failed"
-
-
 @dataclasses.dataclass(frozen=True)
 class ReplayEntryResult(_Record):
     """One entry's outcome (Contexta's fields)."""
@@ -4606,24 +4642,6 @@ _REF_COMPONENT_COUNTS = {"project": (1,), "run": (2,), "deployment": (2,), "stag
 _OPTIONAL_REF_KINDS = (("deployment_execution_ref", "deployment"), ("stage_execution_ref", "stage"),
                        ("batch_execution_ref", "batch"), ("sample_observation_ref", "sample"),
                        ("operation_context_ref", "op"))
-
-
-class ArtifactError(OpsError):
-    code = "artifact_invalid"
-
-
-class ConflictError(ArtifactError):
-    """An import or put that would overwrite a different body (exit 1: the store is fine, the request is not)."""
-
-    code = "artifact_binding_conflict"
-    exit_code = EXIT_PROBLEMS
-
-
-class IntegrityError(ArtifactError):
-    """A body that does not match what its binding or manifest claims; nothing was written."""
-
-    code = "artifact_integrity"
-    exit_code = EXIT_PROBLEMS
 
 
 def _validate_ref(field_name: str, value: Any, kind: str) -> List[str]:

@@ -156,3 +156,8 @@ def test_cli_config_file_error_is_one_line_exit_3(cli, tmp_path):
     assert result.json["status"] == "ERROR"
     assert result.json["error"]["code"] == "config_invalid"
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_public_name_exists():
+    assert [name for name in ops.__all__ if not hasattr(ops, name)] == []
+    assert len(set(ops.__all__)) == len(ops.__all__)
