@@ -2863,7 +2863,7 @@ def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyR
         status=status, backup_ref=source.backup_ref, location=source.location, checked_files=files,
         checked_bytes=total,
         missing=tuple(p.path for p in problems if p.code == "missing_file"),
-        extra=tuple(p.path for p in problems if p.code == "unexpected_file" or p.code.startswith("unexpected_")),
+        extra=tuple(p.path for p in problems if p.code.startswith("unexpected_")),
         changed=tuple(p.path for p in problems if p.code == "checksum_mismatch"),
         problems=tuple(problems), warnings=tuple(warnings))
 

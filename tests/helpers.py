@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -98,3 +99,22 @@ def flip_byte(path, offset=None):
     index = len(data) // 2 if offset is None else offset
     data[index] ^= 0x01
     Path(path).write_bytes(bytes(data))
+
+
+def reseal_package(source_package, destination, body_bytes):
+    """Copy an export package, give its model a new body and re-seal the binding to match.
+
+    Only the content then differs from the source, so an import meets a genuine conflict
+    rather than a broken package. Returns (package, size, digest).
+    """
+    import contexta_ops as ops
+
+    shutil.copytree(str(source_package), str(destination))
+    body = Path(destination) / "artifact__fixture-proj.tuned.model.bin"
+    body.write_bytes(body_bytes)
+    size, digest = ops.sha256_file(body)
+    binding_path = Path(destination) / "artifact__fixture-proj.tuned.model.binding.json"
+    binding = json.loads(binding_path.read_text())
+    binding.update(size_bytes=size, hash_value=digest)
+    binding_path.write_text(json.dumps(binding))
+    return Path(destination), size, digest

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import run_ref, snapshot
+from helpers import reseal_package, run_ref, snapshot
 
 PACKAGE = "exports/artifact__fixture-proj.tuned.model"
 REF = "artifact:fixture-proj.tuned.model"
@@ -175,16 +175,7 @@ def _symlink_body(package, tmp_path):
 
 def _conflicting_package(fixture_dir, tmp_path):
     """The fixture package with a different body, re-sealed so only the conflict remains."""
-    package = tmp_path / "pkg2"
-    shutil.copytree(str(_package(fixture_dir)), str(package))
-    body = package / "artifact__fixture-proj.tuned.model.bin"
-    body.write_bytes(b"retrained weights" * 100)
-    size, digest = ops.sha256_file(body)
-    binding_path = package / "artifact__fixture-proj.tuned.model.binding.json"
-    binding = json.loads(binding_path.read_text())
-    binding.update(size_bytes=size, hash_value=digest)
-    binding_path.write_text(json.dumps(binding))
-    return package, size, digest
+    return reseal_package(_package(fixture_dir), tmp_path / "pkg2", b"retrained weights" * 100)
 
 
 def test_conflict_policies(cli, fixture_dir, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import snapshot
+from helpers import reseal_package, snapshot
 
 FULL = os.environ.get("CONTEXTA_OPS_CAMPAIGN") == "full"
 TIMED_FRACTIONS = (0.15, 0.35, 0.55, 0.75) if FULL else (0.5,)
@@ -274,15 +274,7 @@ class ArtifactReplace(ArtifactImport):
 
     def setup(self, root):
         ArtifactImport.setup(self, root)
-        other = root / "other-package"
-        shutil.copytree(str(self.package), str(other))
-        body = other / "artifact__fixture-proj.tuned.model.bin"
-        body.write_bytes(b"older weights" * 300)
-        size, digest = ops.sha256_file(body)
-        binding_path = other / "artifact__fixture-proj.tuned.model.binding.json"
-        binding = json.loads(binding_path.read_text())
-        binding.update(size_bytes=size, hash_value=digest)
-        binding_path.write_text(json.dumps(binding))
+        other, _, _ = reseal_package(self.package, root / "other-package", b"older weights" * 300)
         ops.import_export_package(ops.ArtifactStore(ops.VaultConfig(root_path=self.store)), other)
 
     def allowed_sizes(self):
