@@ -64,10 +64,12 @@ from typing import (
     Iterator,
     List,
     Mapping,
+    NoReturn,
     Optional,
     Sequence,
     Set,
     Tuple,
+    Type,
     Union,
 )
 
@@ -85,7 +87,8 @@ __all__ = [
     "ArtifactError", "ConflictError", "IntegrityError", "LockedError",
     "EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "EXIT_CANNOT_RUN", "EXIT_LOCKED",
     # primitives
-    "atomic_write_bytes", "sha256_file", "safe_join", "Problem",
+    "atomic_write_bytes", "sha256_file", "safe_join", "open_regular", "open_regular_fd", "read_regular",
+    "json_loads", "InputRefusedError", "JsonInputError", "SpecialFileError", "Problem", "Notice",
     # configuration
     "UnifiedConfig", "WorkspaceConfig", "MetadataStoreConfig", "RecordStoreConfig",
     "ArtifactStoreConfig", "RecoveryConfig", "load_config",
@@ -269,6 +272,76 @@ def _write_pretty_json(handle: Any, payload: Any) -> Tuple[int, str]:
     raise AssertionError("unreachable: ensure_ascii output is ASCII")
 
 
+# Limits every reader of untrusted JSON shares (outbox lines, manifests, config, packages, bindings, records).
+# Contexta's own documents nest a handful of levels; 64 leaves room and stays far below the interpreter's
+# recursion limit, which a deeper value would hit later in whatever walks it (json.dumps, ==).
+_JSON_MAX_DEPTH = 64
+_JSON_MAX_INT_DIGITS = 4300  # CPython 3.11+'s default, applied on every version alike
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
+_JSON_LONG_DIGITS = re.compile(r"\d{%d}" % (_JSON_MAX_INT_DIGITS + 1))
+
+
+class InputRefusedError(ValueError):
+    """Input we will not take, with the reason as a phrase (``is larger than 1048576 bytes``)."""
+
+
+class JsonInputError(InputRefusedError):
+    """JSON we will not take, with the reason as a phrase (``is nested deeper than 64 levels``)."""
+
+
+def _json_depth(text: str) -> int:
+    depth = deepest = 0
+    for bracket in _JSON_BRACKETS.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JsonInputError("holds %s, which standard JSON does not allow" % name)
+
+
+def _checked_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > _JSON_MAX_INT_DIGITS:
+        raise JsonInputError("holds an integer of more than %d digits" % _JSON_MAX_INT_DIGITS)
+    return int(digits)
+
+
+def json_loads(data: Union[bytes, str], max_bytes: Optional[int] = None) -> Any:
+    """Parse untrusted JSON within shared limits, or raise :class:`JsonInputError` saying why not.
+
+    Refused: more than ``max_bytes``, bytes that are not UTF-8, nesting deeper
+    than 64 levels, integers of more than 4,300 digits, and ``NaN``/``Infinity``
+    (Python writes them, JSON has no such values).  A leading UTF-8 byte-order
+    mark, which editors add, is ignored.  The same rules on every Python.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        if max_bytes is not None and len(data) > max_bytes:
+            raise JsonInputError("is larger than %d bytes" % max_bytes)
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JsonInputError("is not valid UTF-8 (byte %d)" % exc.start)
+    else:
+        text = data
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if text.count("[") + text.count("{") > _JSON_MAX_DEPTH and _json_depth(text) > _JSON_MAX_DEPTH:
+        raise JsonInputError("is nested deeper than %d levels" % _JSON_MAX_DEPTH)
+    long_digits = len(text) > _JSON_MAX_INT_DIGITS and _JSON_LONG_DIGITS.search(text) is not None
+    try:
+        if long_digits:
+            return json.loads(text, parse_constant=_refuse_constant, parse_int=_checked_int)
+        return json.loads(text, parse_constant=_refuse_constant)
+    except JsonInputError:
+        raise
+    except RecursionError:
+        raise JsonInputError("is nested too deeply")
+    except ValueError as exc:
+        raise JsonInputError("is not valid JSON (%s)" % exc)
+
+
 def _compact_json(payload: Any) -> str:
     """Contexta's C-JSONL line, without the newline."""
     return _COMPACT_ENCODER.encode(payload)
@@ -368,9 +441,62 @@ def _hash_stream(handle: Any) -> Tuple[int, str]:
     return size, digest.hexdigest()
 
 
+class SpecialFileError(OSError):
+    """A path we were to read is a FIFO, device or socket: opening or reading it could block forever."""
+
+
+def open_regular_fd(path: Any, *, follow_symlinks: bool = True) -> int:
+    """Open a regular file for reading, never anything else (a FIFO would block ``open`` forever).
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once; ``fstat`` on the open
+    descriptor then proves what it is.  Raises :class:`SpecialFileError`
+    (an ``OSError`` naming the path) for anything but a regular file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(str(path), flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise SpecialFileError(errno.ELOOP, "is a symbolic link, which is never followed here", str(path))
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+            raise SpecialFileError(errno.EINVAL, "is a %s, not a regular file" % kind, str(path))
+        if fcntl is not None and flags & getattr(os, "O_NONBLOCK", 0):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular(path: Any, *, follow_symlinks: bool = True) -> Any:
+    """:func:`open_regular_fd` as a binary file object."""
+    return os.fdopen(open_regular_fd(path, follow_symlinks=follow_symlinks), "rb")
+
+
+# The largest JSON document read whole that is not a backup manifest (config, journal, binding, package file).
+_JSON_FILE_LIMIT = 64 << 20
+
+
+def read_regular(path: Any, limit: Optional[int] = _JSON_FILE_LIMIT, *, follow_symlinks: bool = True) -> bytes:
+    """A regular file's bytes, at most ``limit`` of them (:class:`InputRefusedError` beyond that)."""
+    with open_regular(path, follow_symlinks=follow_symlinks) as handle:
+        if limit is None:
+            return handle.read()
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise InputRefusedError("is larger than %d bytes" % limit)
+    return data
+
+
 def sha256_file(path: Any) -> Tuple[int, str]:
-    """Size and lowercase sha256 of a file, read in constant memory."""
-    fd = os.open(str(path), os.O_RDONLY)
+    """Size and lowercase sha256 of a regular file, read in constant memory (never a FIFO or device)."""
+    fd = open_regular_fd(path)
     try:
         expected = os.fstat(fd).st_size
         if expected < _CHUNK:  # most files: one read, no buffer
@@ -792,6 +918,20 @@ class Problem:
         return "%s: %s" % (self.path, self.message)
 
 
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """A warning that does not stop a command: a stable code for scripts, a sentence for people."""
+
+    code: str
+    message: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+    def __str__(self) -> str:
+        return "%s: %s" % (self.code, self.message)
+
+
 # ---------------------------------------------------------------------------
 # Configuration, resolved the way Contexta resolves it
 # ---------------------------------------------------------------------------
@@ -811,6 +951,11 @@ def _optional_path(value: Any) -> Optional[Path]:
     return None if value is None else _resolve_path(value)
 
 
+# The default of a path setting that follows another one (``metadata_path`` follows ``root_path``): None
+# until the config is built, when ``__post_init__`` fills it in.  Typed Any so the fields can be ``Path``.
+_DERIVED: Any = None
+
+
 class _PathSection(_Record):
     """A config table whose path settings become absolute when it is built, as in Contexta."""
 
@@ -826,12 +971,12 @@ class WorkspaceConfig(_PathSection):
     """Workspace root and its derived store paths (Contexta's ``workspace`` table)."""
 
     root_path: Path = Path(".contexta")
-    metadata_path: Optional[Path] = None
-    records_path: Optional[Path] = None
-    artifacts_path: Optional[Path] = None
-    reports_path: Optional[Path] = None
-    exports_path: Optional[Path] = None
-    cache_path: Optional[Path] = None
+    metadata_path: Path = _DERIVED
+    records_path: Path = _DERIVED
+    artifacts_path: Path = _DERIVED
+    reports_path: Path = _DERIVED
+    exports_path: Path = _DERIVED
+    cache_path: Path = _DERIVED
     create_missing_dirs: bool = True
 
     def __post_init__(self) -> None:
@@ -848,7 +993,7 @@ class MetadataStoreConfig(_PathSection):
     _path_fields = ("database_path",)
 
     storage_adapter: str = "duckdb"
-    database_path: Optional[Path] = None
+    database_path: Path = _DERIVED
     auto_create: bool = True
     read_only: bool = False
     auto_migrate: bool = False
@@ -858,7 +1003,7 @@ class MetadataStoreConfig(_PathSection):
 class RecordStoreConfig(_PathSection):
     _path_fields = ("root_path",)
 
-    root_path: Optional[Path] = None
+    root_path: Path = _DERIVED
     max_segment_bytes: int = 1048576
     durability_mode: str = "fsync"
     layout_mode: str = "jsonl_segments"
@@ -871,7 +1016,7 @@ class RecordStoreConfig(_PathSection):
 class ArtifactStoreConfig(_PathSection):
     _path_fields = ("root_path",)
 
-    root_path: Optional[Path] = None
+    root_path: Path = _DERIVED
     default_ingest_mode: str = "copy"
     verification_mode: str = "manifest_if_available"
     create_missing_dirs: bool = True
@@ -886,9 +1031,9 @@ class RecoveryConfig(_PathSection):
 
     _path_fields = ("outbox_root", "backup_root", "restore_staging_root")
 
-    outbox_root: Optional[Path] = None
-    backup_root: Optional[Path] = None
-    restore_staging_root: Optional[Path] = None
+    outbox_root: Path = _DERIVED
+    backup_root: Path = _DERIVED
+    restore_staging_root: Path = _DERIVED
     replay_mode_default: str = "tolerant"
     require_plan_before_apply: bool = True
     create_backup_before_restore: bool = True
@@ -1004,23 +1149,27 @@ def _coerce_setting(dotted: str, kind: str, value: Any, origin: str) -> Any:
 def _read_config_file(path: Path) -> Dict[str, Any]:
     suffix = path.suffix.lower()
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, 1 << 20)
     except OSError as exc:
         raise ConfigError("cannot read config file %s: %s" % (path, exc.strerror or exc), path=path)
+    except InputRefusedError as exc:
+        raise ConfigError("config file %s %s" % (path, exc), path=path)
     try:
         if suffix == ".json":
-            data = json.loads(raw.decode("utf-8"))
+            data = json_loads(raw)
         elif suffix == ".toml":
             try:
-                import tomllib  # type: ignore[import-not-found]
+                import tomllib
             except ImportError:
                 raise ConfigError("config file %s is TOML, which needs Python 3.11+; use JSON here" % path,
                                   code="config_toml_unsupported", path=path)
             data = tomllib.loads(raw.decode("utf-8"))
         else:
             raise ConfigError("config file %s must end in .json or .toml" % path, path=path)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise ConfigError("config file %s is not valid: %s" % (path, exc), path=path)
+    except RecursionError:
+        raise ConfigError("config file %s is not valid: nested too deeply" % path, path=path)
     if not isinstance(data, dict):
         raise ConfigError("config file %s must hold a table/object at the top" % path, path=path)
     return data
@@ -1217,8 +1366,8 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
     manifest_path = root / manifest_rel
     if manifest_path.is_file():
         try:
-            manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            manifest = json_loads(read_regular(manifest_path))
+        except (OSError, ValueError):
             manifest = None
         if not isinstance(manifest, dict):
             sink.add(Problem("records_manifest_invalid", show(manifest_rel), "record manifest is not a JSON object"))
@@ -1296,7 +1445,7 @@ def _parse_segment_line(raw: bytes, line_number: int, where: str, sink: _Problem
     if not text.strip():
         return None
     try:
-        payload = json.loads(text)
+        payload = json_loads(text)
     except ValueError:
         if not raw.endswith(b"\n"):
             sink.add(Problem("truncated_line", where, "line %d is cut off (no newline, not JSON)" % line_number))
@@ -1328,7 +1477,7 @@ def _check_record_indexes(root: Path, segment_sequences: Mapping[int, List[int]]
                     continue
                 report.index_pointer_count += 1
                 try:
-                    pointer = json.loads(raw.decode("utf-8"))
+                    pointer = json_loads(raw)
                     offset = int(pointer["offset"])
                     segment_id = int(pointer["segment_id"])
                     sequence = int(pointer["sequence"])
@@ -1413,7 +1562,7 @@ def check_metadata_file(database_path: Any, *, display: Optional[Callable[[str],
 
 def _count_runs_with_duckdb(path: Path, report: MetadataReport, shown: str) -> None:
     try:
-        import duckdb  # type: ignore[import-not-found]  # optional, never required
+        import duckdb  # optional, never required
     except ImportError:
         return
     try:
@@ -1505,7 +1654,7 @@ class ArtifactsReport(_Record):
 
 def _read_binding(path: Path) -> Dict[str, Any]:
     """A binding file's object, checked for the keys verification needs (ValueError if not)."""
-    binding = json.loads(path.read_bytes().decode("utf-8"))
+    binding = json_loads(read_regular(path))
     if not isinstance(binding, dict):
         raise ValueError("binding is not a JSON object")
     snapshot = binding.get("manifest_snapshot")
@@ -1627,7 +1776,7 @@ def _count_artifact_check(report: ArtifactsReport, check: ArtifactCheck, show: C
     report.drift_count += 1
     if check.status == "size_mismatch":
         report.problems.append(Problem("artifact_size_mismatch", show(check.path),
-                                       "body of %s is %d bytes, bound as %d" % (
+                                       "body of %s is %s bytes, bound as %s" % (
                                            check.artifact_ref, check.actual_size_bytes, check.expected_size_bytes),
                                        expected=check.expected_size_bytes, actual=check.actual_size_bytes))
     else:
@@ -1692,7 +1841,7 @@ class BackupPlan(_Record):
     notes: Tuple[str, ...] = ()
     sections: Tuple[BackupSection, ...] = ()
     excluded_paths: Tuple[Path, ...] = ()
-    warnings: Tuple[str, ...] = ()
+    warnings: Tuple[Notice, ...] = ()
     estimated_files: int = 0
 
 
@@ -1701,7 +1850,7 @@ class BackupResult(_Record):
     """Contexta's BackupResult fields; status is DEGRADED (exit 1) when the copy may be inconsistent."""
 
     status: str
-    warnings: Tuple[str, ...] = ()
+    warnings: Tuple[Notice, ...] = ()
     notes: Tuple[str, ...] = ()
     details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     backup_ref: str = ""
@@ -1768,14 +1917,14 @@ def _section_excludes(config: UnifiedConfig, sections: Sequence[BackupSection], 
     return [path for path in excludes if _is_within(path, section.source)]
 
 
-def _metadata_in_use_warnings(config: UnifiedConfig) -> Tuple[List[str], List[str]]:
+def _metadata_in_use_warnings(config: UnifiedConfig) -> Tuple[List[Notice], List[str]]:
     """(warnings, notes) about a ledger a writer may have open."""
     database = config.metadata.database_path
-    warnings: List[str] = []
+    warnings: List[Notice] = []
     notes: List[str] = []
     if _posix_lock_is_held(database):
-        warnings.append("metadata_in_use: %s is locked by another process (a DuckDB writer); "
-                        "the copy may not be consistent - close the writer and back up again" % database)
+        warnings.append(Notice("metadata_in_use", "%s is locked by another process (a DuckDB writer); "
+                               "the copy may not be consistent - close the writer and back up again" % database))
     if os.path.isfile(str(database) + ".wal"):
         notes.append("metadata_wal_included")
     return warnings, notes
@@ -1845,7 +1994,7 @@ class _SectionWalk:
         self.config = config
         self.plan = plan
         self.extra_excludes = list(extra_excludes)
-        self.warnings: List[str] = []
+        self.warnings: List[Notice] = []
         self.copied = ["config"]
         self.copied_sections: List[BackupSection] = []
 
@@ -1869,11 +2018,11 @@ class _SectionWalk:
                     if kind in ("dir", "file"):
                         yield _Entry(kind, section.path + "/" + rel, source_text + "/" + rel, entry_stat)
                     else:
-                        self.warnings.append("skipped_%s: %s is a %s and was not copied"
-                                             % (kind, section.source / rel, kind))
+                        self.warnings.append(Notice("skipped_special_file" if kind == "special" else "skipped_symlink",
+                                                    "%s is a %s and was not copied" % (section.source / rel, kind)))
             else:
-                self.warnings.append("skipped_section: %s (%s) is not a %s" % (section.name, section.source,
-                                                                               section.kind))
+                self.warnings.append(Notice("skipped_section", "%s (%s) is not a %s" % (
+                    section.name, section.source, section.kind)))
                 continue
             self.copied_sections.append(section)
             if section.name not in self.copied:
@@ -1898,7 +2047,7 @@ class _PreviousBackup:
         self.backup_ref = manifest.get("backup_ref", location.name)
         self.files = {entry["path"]: entry for entry in manifest["files"]}
 
-    def reusable(self, entry: _Entry, verify_unchanged: bool) -> Optional[Tuple[Path, Mapping[str, Any]]]:
+    def reusable(self, entry: _Entry, verify_unchanged: bool) -> Optional[Tuple[str, Mapping[str, Any]]]:
         """The previous copy of an unchanged file (same size, mtime and mode; sha256 too when asked)."""
         previous = self.files.get(entry.member)
         source_stat = entry.stat
@@ -1948,7 +2097,7 @@ class _BackupWriter:
         self.bytes_written = 0
         self.bytes_linked = 0
         self.links_failed = 0
-        self.warnings: List[str] = []
+        self.warnings: List[Notice] = []
         self.copier = _Copier()
 
     def add_bytes(self, member: str, data: bytes) -> None:
@@ -1984,7 +2133,7 @@ class _BackupWriter:
         def copied(size: int, digest: str, changed: bool) -> None:
             _crash_point("backup:file-copied")
             if changed:
-                self.warnings.append("changed_during_backup: %s changed while it was copied" % entry.source)
+                self.warnings.append(Notice("changed_during_backup", "%s changed while it was copied" % entry.source))
             record.update(size=size, sha256=digest)
             self.bytes_written += size
             self.progress.advance(size)
@@ -2002,7 +2151,7 @@ class _BackupWriter:
 
 def _clean_stale_partials(backup_root: Path) -> List[str]:
     """Remove ``.<ref>.partial`` leftovers of killed runs (a running one holds its lock)."""
-    removed = []
+    removed: List[str] = []
     if not backup_root.is_dir():
         return removed
     for entry in sorted(os.listdir(str(backup_root))):
@@ -2074,7 +2223,7 @@ _CONFIG_MEMBER = "workspace/config/resolved.config.json"
 
 
 def _backup_manifest(config: UnifiedConfig, plan: BackupPlan, created_at: str, walk: _SectionWalk,
-                     files: List[Dict[str, Any]], warnings: List[str]) -> Dict[str, Any]:
+                     files: List[Dict[str, Any]], warnings: List[Notice]) -> Dict[str, Any]:
     """Contexta's manifest keys, then ours: tool, sections with their sources, every file's digest."""
     return {
         "backup_ref": plan.backup_ref,
@@ -2091,7 +2240,7 @@ def _backup_manifest(config: UnifiedConfig, plan: BackupPlan, created_at: str, w
         "files": files,
         "file_count": len(files),
         "total_bytes": sum(entry["size"] for entry in files),
-        "warnings": warnings,
+        "warnings": [warning.to_dict() for warning in warnings],
     }
 
 
@@ -2219,7 +2368,7 @@ def create_backup_archive(config: UnifiedConfig, plan: BackupPlan, destination: 
                           path=final.parent)
     with _workspace_lock(workspace_root):
         _resume_interrupted_restore(workspace_root)
-        if to_stdout:
+        if final is None:
             return _write_archive(config, plan, sys.stdout.buffer, None, compress)
         prefix = ".%s.partial-" % final.name
         for stale in final.parent.glob(prefix + "*"):
@@ -2249,15 +2398,15 @@ def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Opt
     entries = list(walk.entries())
     config_bytes = _pretty_json(_resolved_config_mapping(config))
     now_ns = time.time_ns()
-    files = [{"path": _CONFIG_MEMBER, "size": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest(),
-              "mode": 0o644, "mtime_ns": now_ns}]
+    files: List[Dict[str, Any]] = [{"path": _CONFIG_MEMBER, "size": len(config_bytes), "mode": 0o644,
+                                    "sha256": hashlib.sha256(config_bytes).hexdigest(), "mtime_ns": now_ns}]
     hashing = _Progress("hash %s" % plan.backup_ref, plan.estimated_bytes)
     for entry in entries:
         if entry.kind == "file":
             size, digest = sha256_file(entry.source)
             hashing.advance(size)
             if _changed_while_read(entry.source, entry.stat, size):
-                warnings.append("changed_during_backup: %s changed while it was read" % entry.source)
+                warnings.append(Notice("changed_during_backup", "%s changed while it was read" % entry.source))
             files.append(_file_record(entry.member, size, digest, entry.stat))
     hashing.finish()
     created_at = _utc_timestamp()
@@ -2271,7 +2420,7 @@ def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Opt
 
     writing = _Progress("write %s" % plan.backup_ref, manifest["total_bytes"])
     compressor = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) if compress else None
-    stream = compressor if compressor is not None else out
+    stream: Any = compressor if compressor is not None else out
     by_member = {entry["path"]: entry for entry in files}
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(_tar_info(_MANIFEST_NAME, "file", len(manifest_bytes), 0o644, now_ns), io.BytesIO(manifest_bytes))
@@ -2293,8 +2442,9 @@ def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Opt
                                   "the workspace and run again" % entry.source, code="source_changed",
                                   path=entry.source)
             _crash_point("archive:member-written")
-        digest = _manifest_digest(manifest_bytes)
-        tar.addfile(_tar_info(_MANIFEST_DIGEST_NAME, "file", len(digest), 0o644, now_ns), io.BytesIO(digest))
+        digest_line = _manifest_digest(manifest_bytes)
+        tar.addfile(_tar_info(_MANIFEST_DIGEST_NAME, "file", len(digest_line), 0o644, now_ns),
+                    io.BytesIO(digest_line))
     if compressor is not None:
         compressor.close()
     writing.finish()
@@ -2350,7 +2500,8 @@ def _validate_manifest(manifest: Any, location: Any) -> Dict[str, Any]:
         for index, entry in enumerate(files):
             if not isinstance(entry, dict):
                 raise _manifest_error(location, "files[%d] is not an object" % index)
-            path, size, digest = entry.get("path"), entry.get("size"), entry.get("sha256")
+            path: Any = entry.get("path")
+            size, digest = entry.get("size"), entry.get("sha256")
             try:
                 safe_join("/", path)
             except OpsError:
@@ -2374,24 +2525,62 @@ def _validate_manifest(manifest: Any, location: Any) -> Dict[str, Any]:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 raise _manifest_error(location, "sections[%d] is not a section object" % index)
             try:
-                safe_join("/", entry.get("path"))
-            except OpsError:
+                safe_join("/", entry["path"])
+            except (OpsError, KeyError):
                 raise _manifest_error(location, "sections[%d].path is not a safe relative path" % index)
     return manifest
 
 
 def _parse_manifest_bytes(raw: bytes, location: Any) -> Dict[str, Any]:
     try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _manifest_error(location, "is not valid JSON (%s)" % exc)
+        manifest = json_loads(raw)
+    except ValueError as exc:
+        raise _manifest_error(location, str(exc))
     return _validate_manifest(manifest, location)
 
 
-class _DirectoryBackup:
+class _BackupSource:
+    """What verify and restore read, whatever holds the backup: a directory, a tar archive or a zip."""
+
+    kind = ""
+    location: Optional[Path] = None
+    manifest: Dict[str, Any]
+    manifest_bytes = b""
+    backup_ref = ""
+
+    @property
+    def made_by(self) -> str:
+        return TOOL_NAME if self.manifest.get("format") == BACKUP_FORMAT else "contexta"
+
+    @property
+    def expected_files(self) -> Optional[Dict[str, Dict[str, Any]]]:
+        """The manifest's file list by path, or None for a backup without checksums."""
+        if not hasattr(self, "_expected_files"):
+            files = self.manifest.get("files")
+            self._expected_files = None if files is None else {entry["path"]: entry for entry in files}
+        return self._expected_files
+
+    def members(self) -> Iterator[_Member]:
+        raise NotImplementedError
+
+    def prescan(self) -> List[Problem]:
+        """Problems found before anything is written (archives from a file: names, types, sizes)."""
+        return []
+
+    def manifest_problems(self) -> List[Problem]:
+        """After a full pass: the manifest against its digest, where the format carries one."""
+        return []
+
+    def read_member(self, path: str) -> Optional[bytes]:
+        """A small member's bytes when they can be read out of order (directories only), else None."""
+        return None
+
+
+class _DirectoryBackup(_BackupSource):
     """A backup directory (ours or Contexta's), opened and validated without changing it."""
 
     kind = "directory"
+    location: Path
 
     def __init__(self, location: Path) -> None:
         self.location = location
@@ -2411,17 +2600,6 @@ class _DirectoryBackup:
                                code="recovery_backup_workspace_missing", path=location / "workspace")
         self.backup_ref = self.manifest.get("backup_ref") or location.name
 
-    @property
-    def made_by(self) -> str:
-        return TOOL_NAME if self.manifest.get("format") == BACKUP_FORMAT else "contexta"
-
-    @property
-    def expected_files(self) -> Optional[Dict[str, Dict[str, Any]]]:
-        if not hasattr(self, "_expected_files"):
-            files = self.manifest.get("files")
-            self._expected_files = None if files is None else {entry["path"]: entry for entry in files}
-        return self._expected_files
-
     def members(self) -> Iterator[_Member]:
         root = self.location / "workspace"
         yield _Member("workspace", "dir", 0, stat.S_IMODE(root.stat().st_mode), root.stat().st_mtime_ns)
@@ -2429,9 +2607,6 @@ class _DirectoryBackup:
             on_disk = os.path.join(str(root), rel)
             yield _Member("workspace/" + rel, kind, entry_stat.st_size, entry_stat.st_mode,
                           entry_stat.st_mtime_ns, functools.partial(open, on_disk, "rb"), on_disk)
-
-    def prescan(self) -> List[Problem]:
-        return []
 
     def manifest_problems(self) -> List[Problem]:
         sidecar = self.location / _MANIFEST_DIGEST_NAME
@@ -2447,7 +2622,7 @@ class _DirectoryBackup:
 
 
 # Archive read errors that mean "damaged", as opposed to our own I/O failing.
-_ARCHIVE_DAMAGE: Tuple[type, ...] = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) + (
+_ARCHIVE_DAMAGE: Tuple[Type[BaseException], ...] = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) + (
     (gzip.BadGzipFile,) if hasattr(gzip, "BadGzipFile") else ())
 _MANIFEST_LIMIT = 256 << 20
 
@@ -2468,15 +2643,13 @@ def _checked_member_name(location: Any, name: str) -> str:
     return name
 
 
-class _TarBackup:
+class _TarBackup(_BackupSource):
     """A one-file backup (tar, or tar.gz), read as a stream: manifest.json first, then members in order.
 
     From a file it can be read several times; from stdin exactly once.
     """
 
     kind = "archive"
-    made_by = _DirectoryBackup.made_by
-    expected_files = _DirectoryBackup.expected_files
 
     def __init__(self, location: Optional[Path], stream: Any = None) -> None:
         self.location = location
@@ -2508,8 +2681,8 @@ class _TarBackup:
             raise _manifest_error(self.shown, "is larger than %d bytes" % _MANIFEST_LIMIT)
         try:
             raw = tar.extractfile(first).read()  # type: ignore[union-attr]
-            manifest = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) + _ARCHIVE_DAMAGE as exc:
+            manifest = json_loads(raw)
+        except _ARCHIVE_DAMAGE + (ValueError,) as exc:
             raise ArchiveDamagedError("archive %s: member manifest.json is damaged (%s)" % (self.shown, exc),
                                       path=self.location)
         self.manifest_bytes = raw
@@ -2570,16 +2743,20 @@ class _TarBackup:
         return _manifest_digest_problems(self.manifest_bytes, self.manifest_digest,
                                          required=self.made_by == TOOL_NAME)
 
-    def read_member(self, path: str) -> Optional[bytes]:
-        return None
 
-
-class _ZipBackup:
+class _ZipBackup(_BackupSource):
     """Contexta's CLI zip backup: the whole workspace under one top folder, no manifest, no checksums."""
 
     kind = "zip"
-    made_by = "contexta-cli-zip"
-    expected_files = None
+    location: Path
+
+    @property
+    def made_by(self) -> str:
+        return "contexta-cli-zip"
+
+    @property
+    def expected_files(self) -> Optional[Dict[str, Dict[str, Any]]]:
+        return None
 
     def __init__(self, location: Path) -> None:
         self.location = location
@@ -2625,17 +2802,7 @@ class _ZipBackup:
             yield _Member("workspace/" + name[len(self.top) + 1:], kind, info.file_size, mode, mtime,
                           functools.partial(self.zip.open, info))
 
-    def prescan(self) -> List[Problem]:
-        return []
 
-    def manifest_problems(self) -> List[Problem]:
-        return []
-
-    def read_member(self, path: str) -> Optional[bytes]:
-        return None
-
-
-_BackupSource = Union[_DirectoryBackup, _TarBackup, _ZipBackup]
 _STDIN_BACKUP: List[_TarBackup] = []
 
 
@@ -2771,7 +2938,7 @@ class BackupVerifyResult(_Record):
     extra: Tuple[str, ...] = ()
     changed: Tuple[str, ...] = ()
     problems: Tuple[Problem, ...] = ()
-    warnings: Tuple[str, ...] = ()
+    warnings: Tuple[Notice, ...] = ()
 
 
 def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, Mapping[str, Any]]],
@@ -2816,8 +2983,9 @@ def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, M
             if member.kind == "dir":
                 continue
             if member.kind != "file":
-                problems.append(Problem("unexpected_%s" % member.kind, member.path,
-                                        "a backup holds only files and directories; this is a %s" % member.kind))
+                problems.append(Problem("unexpected_symlink" if member.kind == "symlink" else "unexpected_special",
+                                        member.path, "a backup holds only files and directories; this is a %s"
+                                        % member.kind))
                 continue
             entry = None if expected is None else expected.get(member.path)
             if expected is not None and entry is None:
@@ -2841,11 +3009,11 @@ def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyR
     source = _open_backup(config, backup)
     progress = _Progress("verify %s" % source.backup_ref, int(source.manifest.get("total_bytes") or 0))
     problems: List[Problem] = []
-    warnings: List[str] = []
+    warnings: List[Notice] = []
     expected = source.expected_files
     if expected is None:
-        warnings.append("checksums_absent: this backup was made by %s and records no checksums; "
-                        "`restore --verify-only` checks it by planes instead" % source.made_by)
+        warnings.append(Notice("checksums_absent", "this backup was made by %s and records no checksums; "
+                               "`restore --verify-only` checks it by planes instead" % source.made_by))
 
     def hash_member(member: _Member, _entry: Any) -> Tuple[int, str]:
         with member.open() as handle:
@@ -3010,18 +3178,17 @@ def _layout_for(backup: Any, member_dirs: Sequence[str]) -> _Layout:
     manifest = backup.manifest
     if backup.kind == "zip":
         # Contexta's CLI zip is the whole workspace: restore what it holds, keep what it lacks.
-        replaced = tuple(name for name in manifest["included_sections"] if name != "config")
-        return _Layout(None, _outermost(replaced), "metadata/ledger.db", "records", "artifacts", "cache/outbox",
+        return _Layout(None, _outermost(name for name in manifest["included_sections"] if name != "config"), "metadata/ledger.db", "records", "artifacts", "cache/outbox",
                        ("zip_crc32_checked",))
     if backup.made_by == TOOL_NAME and manifest.get("sections") is not None:
         paths: Dict[str, List[str]] = {}
         for section in manifest["sections"]:
             paths.setdefault(section["name"], []).append(section["path"][len("workspace/"):])
-        replaced = _outermost(rel for rels in paths.values() for rel in rels)
+        section_paths = _outermost(rel for rels in paths.values() for rel in rels)
         metadata_dirs = [rel for rel in paths.get("metadata", []) if not rel.endswith((".db", ".wal"))]
         files = [rel for rel in paths.get("metadata", []) if rel.endswith(".db")]
         metadata_db = files[0] if files else (metadata_dirs[0] if metadata_dirs else "metadata") + "/ledger.db"
-        return _Layout(None, replaced, metadata_db, (paths.get("records") or ["records"])[0],
+        return _Layout(None, section_paths, metadata_db, (paths.get("records") or ["records"])[0],
                        (paths.get("artifacts") or ["artifacts"])[0],
                        (paths.get("recovery") or ["cache/outbox"])[0])
     # A backup made by Contexta: sections sit at fixed names; `recovery` is the
@@ -3037,7 +3204,8 @@ def _layout_for(backup: Any, member_dirs: Sequence[str]) -> _Layout:
             return _relative_posix(value, root)
         return default
 
-    replaced = [name for name in ("metadata", "records", "artifacts", "cache", "exports") if name in included]
+    replaced: List[str] = [name for name in ("metadata", "records", "artifacts", "cache", "exports")
+                           if name in included]
     outbox_root = live.get("outbox_root")
     recovery_dest: Optional[str] = "cache"
     outbox_rel = "cache/outbox"
@@ -3045,9 +3213,10 @@ def _layout_for(backup: Any, member_dirs: Sequence[str]) -> _Layout:
         parent = os.path.dirname(os.path.normpath(outbox_root))
         if _is_within(parent, root) and os.path.normpath(parent) != os.path.normpath(root):
             recovery_dest = _relative_posix(parent, root)
-        outbox_rel = recovery_dest + "/" + os.path.basename(os.path.normpath(outbox_root))
+        outbox_rel = "cache/outbox" if recovery_dest is None else (
+            recovery_dest + "/" + os.path.basename(os.path.normpath(outbox_root)))
     if "recovery" in included:
-        if "cache" in included and recovery_dest is not None and _is_within("/" + recovery_dest, "/cache"):
+        if recovery_dest is None or "cache" in included and _is_within("/" + recovery_dest, "/cache"):
             recovery_dest = None
             notes.append("recovery_section_covered_by_cache")
         else:
@@ -3071,8 +3240,8 @@ def _contexta_backup_config(backup: _DirectoryBackup) -> Dict[str, str]:
     """Workspace paths from a Contexta backup's resolved.config.json, when it is readable."""
     raw = backup.read_member("workspace/config/resolved.config.json")
     try:
-        data = json.loads(raw.decode("utf-8")) if raw else {}
-    except (ValueError, UnicodeDecodeError):
+        data = json_loads(raw) if raw else {}
+    except ValueError:
         data = {}
     workspace = data.get("workspace") if isinstance(data, dict) else None
     recovery = data.get("recovery") if isinstance(data, dict) else None
@@ -3112,7 +3281,7 @@ class RestorePlan(_Record):
     lost_count: int = 0
     replaced_file_count: int = 0
     backup_file_count: int = 0
-    warnings: Tuple[str, ...] = ()
+    warnings: Tuple[Notice, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3120,7 +3289,7 @@ class RestoreResult(_Record):
     """Contexta's RestoreResult fields, plus every problem found (each naming its file)."""
 
     status: str
-    warnings: Tuple[str, ...] = ()
+    warnings: Tuple[Notice, ...] = ()
     notes: Tuple[str, ...] = ()
     details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     backup_ref: str = ""
@@ -3146,7 +3315,7 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
     """
     backup = _open_backup(config, backup_ref)
     target = _resolve_path(target_workspace) if target_workspace is not None else config.workspace.root_path
-    warnings: List[str] = []
+    warnings: List[Notice] = []
     notes = ["verify_only" if verify_only else "apply_restore"]
     if backup_ref is None:
         notes.append("newest_complete_backup:%s" % backup.backup_ref)
@@ -3154,16 +3323,17 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         raise RestoreError("target %s lies inside the backup %s" % (target, backup.location),
                            code="restore_target_inside_backup", path=target)
     if backup.location is not None and _is_within(backup.location, target):
-        warnings.append("backup_inside_target: %s is inside %s; it is kept through the restore, "
-                        "but copy backups off this disk" % (backup.location, target))
+        warnings.append(Notice("backup_inside_target", "%s is inside %s; it is kept through the restore, "
+                               "but copy backups off this disk" % (backup.location, target)))
     staging_root = config.recovery.restore_staging_root
     if verify_only and _is_within(staging_root, target):
         staging_root = Path(tempfile.gettempdir())
-        warnings.append("staging_root_inside_target: staging in %s instead of %s (set --staging-root)"
-                        % (staging_root, config.recovery.restore_staging_root))
+        warnings.append(Notice("staging_root_inside_target", "staging in %s instead of %s (set --staging-root)"
+                               % (staging_root, config.recovery.restore_staging_root)))
     if backup.expected_files is None:
-        warnings.append("checksums_absent: backup made by %s carries no checksums; it is verified structurally%s "
-                        "and by planes" % (backup.made_by, " (zip CRC-32)" if backup.kind == "zip" else ""))
+        warnings.append(Notice("checksums_absent", "backup made by %s carries no checksums; it is verified "
+                               "structurally%s and by planes" % (backup.made_by,
+                                                                 " (zip CRC-32)" if backup.kind == "zip" else "")))
     if not verify_only:
         notes.append("new_tree_built_beside_target")
 
@@ -3289,8 +3459,9 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
             progress.advance(size)
             return size, digest
 
-        if member.on_disk is not None:  # copied in the kernel on a worker, then the copy is hashed
-            return pool.submit(lambda: place(*_copy_then_hash(member.on_disk, destination, mode, mtime_ns)))
+        on_disk = member.on_disk
+        if on_disk is not None:  # copied in the kernel on a worker, then the copy is hashed
+            return pool.submit(lambda: place(*_copy_then_hash(on_disk, destination, mode, mtime_ns)))
         with member.open() as handle:
             size, digest = _copy_stream_hashed(handle, destination)
         _set_file_times_and_mode(destination, mode, mtime_ns)
@@ -3477,7 +3648,8 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
                 applied=False, plane_results=verification.plane_results, verification_notes=verification_notes,
                 problems=tuple(verification.problems), source_root=backup.location)
         if verification.problems:
-            warnings.append("forced: applied although verification found %d problem(s)" % len(verification.problems))
+            warnings.append(Notice("forced", "applied although verification found %d problem(s)"
+                                   % len(verification.problems)))
         if plan.create_safety_backup and target.is_dir() and any(os.scandir(str(target))):
             safety_ref = _safety_backup(config, target)
             notes.append("safety_backup:%s" % safety_ref)
@@ -3598,7 +3770,7 @@ def _switch_over(target: Path, new_tree: Path, backup_ref: str) -> None:
 def _finish_restore(target: Path) -> None:
     """Remove the replaced workspace and the journal once the new one is in place."""
     journal_path = _journal_path(target)
-    journal = json.loads(journal_path.read_bytes().decode("utf-8"))
+    journal = json_loads(read_regular(journal_path))
     for leftover in (journal["new"], journal["old"]):
         if os.path.lexists(leftover):
             _remove_tree(leftover)
@@ -3619,7 +3791,7 @@ def _resume_interrupted_restore(target: Path) -> Optional[str]:
             _remove_tree(stale)  # a new tree from a run killed before its journal existed
         return None
     try:
-        journal = json.loads(journal_path.read_bytes().decode("utf-8"))
+        journal = json_loads(read_regular(journal_path))
         new_tree, old_tree = Path(journal["new"]), Path(journal["old"])
         new_ino, old_ino = journal["new_ino"], journal["old_ino"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -3699,7 +3871,7 @@ class ReplayBatchResult(_Record):
     """
 
     status: str
-    warnings: Tuple[str, ...] = ()
+    warnings: Tuple[Notice, ...] = ()
     notes: Tuple[str, ...] = ()
     details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     entries: Tuple[ReplayEntryResult, ...] = ()
@@ -3742,16 +3914,18 @@ def _sink_line(family: str, payload: Any, payload_type: Any, payload_ref: Any, s
     return _json_line(line)
 
 
-_TIMESTAMP_CACHE = [0, ""]
+_TIMESTAMP_CACHE: Dict[int, str] = {}
 
 
 def _capture_timestamp() -> str:
     """A TS for sink lines, formatted afresh once per millisecond (formatting dominated the replay loop)."""
-    now = time.time_ns()
-    if now // 1000000 != _TIMESTAMP_CACHE[0]:
-        _TIMESTAMP_CACHE[0] = now // 1000000
-        _TIMESTAMP_CACHE[1] = _utc_timestamp(datetime.fromtimestamp(now / 1e9, timezone.utc))
-    return _TIMESTAMP_CACHE[1]
+    millisecond = time.time_ns() // 1000000
+    text = _TIMESTAMP_CACHE.get(millisecond)
+    if text is None:
+        _TIMESTAMP_CACHE.clear()
+        text = _TIMESTAMP_CACHE[millisecond] = _utc_timestamp(
+            datetime.fromtimestamp(millisecond / 1e3, timezone.utc))
+    return text
 
 
 class LocalJsonlSink:
@@ -3838,8 +4012,8 @@ class _JournaledFileSink:
         handle.seek(position)
         existing = handle.readline()
         try:
-            found = json.loads(existing.decode("utf-8")) if existing.endswith(b"\n") else None
-        except (ValueError, UnicodeDecodeError):
+            found = json_loads(existing) if existing.endswith(b"\n") else None
+        except ValueError:
             found = None
         if isinstance(found, dict) and found.get("replay_ref") == replay_ref and found.get("payload") == payload:
             self.recovered[path] = position + len(existing)
@@ -3922,9 +4096,9 @@ def _complete_lines_end(path: Path) -> int:
         handle.seek(last_line_start)
         unterminated = handle.read()
     try:
-        if isinstance(json.loads(unterminated.decode("utf-8")), dict):
+        if isinstance(json_loads(unterminated), dict):
             return size
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:
         pass
     if time.time() - file_stat.st_mtime >= _IN_FLIGHT_SECONDS:
         return size
@@ -3960,7 +4134,7 @@ class _ReplayRun:
         self.counts = {"acknowledged": 0, "delivered": 0, "failed": 0, "skipped": 0, "dead": 0, "malformed": 0,
                        "kept_lines": 0, "selected": 0, "lines": 0}
         self.entries: List[ReplayEntryResult] = []
-        self.warnings: List[str] = []
+        self.warnings: List[Notice] = []
         self.kept: Any = None
         self.dead: Any = None
         self.offset = 0
@@ -4070,7 +4244,8 @@ class _ReplayRun:
             changed = True
         attempts = entry.get("attempts", 0)
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
-            self.warnings.append("attempts_not_integer: %s has attempts=%r, counted as 0" % (replay_ref, attempts))
+            self.warnings.append(Notice("attempts_not_integer", "%s has attempts=%r, counted as 0"
+                                        % (replay_ref, attempts)))
             attempts = 0
         target = self.params.target
         if target is not None and entry.get("sink_name") != target:
@@ -4268,7 +4443,7 @@ def _parse_outbox_line(raw: bytes) -> Tuple[Optional[Dict[str, Any]], str, str]:
     except UnicodeDecodeError:
         return None, "", "not valid UTF-8"
     try:
-        entry = json.loads(text)
+        entry = json_loads(text)
     except ValueError:
         return None, "", "truncated line (no newline, not JSON)" if not raw.endswith(b"\n") else "not JSON"
     if not isinstance(entry, dict):
@@ -4402,7 +4577,7 @@ def _finish_interrupted_replay(config: Any, outbox_root: Path,
                 os.unlink(str(outbox_root / leftover))
         return None
     try:
-        journal = json.loads(journal_path.read_bytes().decode("utf-8"))
+        journal = json_loads(read_regular(journal_path))
         params = _ReplayParams(**journal["params"])
         journal["checkpoint"]["offset"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -4586,7 +4761,7 @@ def _finish_interrupted_requeue(outbox_root: Path) -> None:
     journal_path = outbox_root / _REQUEUE_JOURNAL
     if not journal_path.exists():
         return
-    journal = json.loads(journal_path.read_bytes().decode("utf-8"))
+    journal = json_loads(read_regular(journal_path))
     dead_path = outbox_root / DEAD_LETTER_FILE
     if dead_path.exists() and os.stat(str(dead_path)).st_ino == journal["dead_ino"]:
         os.unlink(str(journal_path))  # killed before the dead letters were replaced: nothing moved
@@ -4677,10 +4852,10 @@ def _normalize_timestamp(field_name: str, value: Any) -> str:
     if match is None:
         raise ArtifactError("%s must be an ISO-8601 UTC timestamp ending in Z, not %r" % (field_name, value),
                             code="context_invalid_timestamp")
-    parts = [int(group) for group in match.groups()[:6]]
+    year, month, day, hour, minute, second = (int(group) for group in match.groups()[:6])
     micros = int((match.group(7) or "0").ljust(6, "0"))
     try:
-        moment = datetime(*parts, microsecond=micros, tzinfo=timezone.utc)  # type: ignore[misc]
+        moment = datetime(year, month, day, hour, minute, second, micros, tzinfo=timezone.utc)
     except ValueError:
         raise ArtifactError("%s %r is not a real date and time" % (field_name, value),
                             code="context_invalid_timestamp")
@@ -4766,8 +4941,10 @@ class ArtifactManifest:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ArtifactError("unknown manifest field(s): %s" % ", ".join(unknown), code="deserialize_unknown_field")
+        fields: Dict[str, Any] = {key: (() if key == "extensions" and value is None else value)
+                                  for key, value in data.items()}
         try:
-            return cls(**{key: (() if key == "extensions" and value is None else value) for key, value in data.items()})
+            return cls(**fields)
         except TypeError as exc:
             raise ArtifactError("invalid artifact manifest: %s" % exc, code="deserialize_invalid_payload")
 
@@ -5008,8 +5185,8 @@ class ArtifactStore:
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            data = json_loads(read_regular(path))
+        except ValueError:
             raise ArtifactError("binding %s is not valid JSON" % path, code="artifact_store_invalid_binding",
                                 path=path)
         return ArtifactBinding.from_dict(data)
@@ -5030,7 +5207,7 @@ class ArtifactStore:
         refs = []
         for path in sorted(bindings.glob("*.binding.json")) if bindings.is_dir() else []:
             with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
-                refs.append(json.loads(path.read_bytes().decode("utf-8"))["artifact_ref"])
+                refs.append(json_loads(read_regular(path))["artifact_ref"])
         return refs
 
     def verify_artifact(self, artifact_ref: str) -> VerificationReport:
@@ -5227,11 +5404,11 @@ def _recover_artifact_writes(store: ArtifactStore) -> List[str]:
     if not staging.is_dir():
         return done
     for journal_path in sorted(staging.glob("*" + _WRITE_JOURNAL_SUFFIX)):
-        journal = json.loads(journal_path.read_bytes().decode("utf-8"))
+        journal = json_loads(read_regular(journal_path))
         binding_path = store.root_path / journal["binding"]
         committed = False
         with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, KeyError):
-            committed = json.loads(binding_path.read_bytes().decode("utf-8"))["binding_id"] == journal["binding_id"]
+            committed = json_loads(read_regular(binding_path))["binding_id"] == journal["binding_id"]
         if committed:
             _finish_artifact_write(store, journal_path, journal)
             done.append("rolled_forward:%s" % journal["binding"])
@@ -5330,10 +5507,10 @@ def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
             for item, verification in zip(records, reports):
                 folder = store.root_path / "history" / "verification" / sanitize_component(item.artifact_ref)
                 folder.mkdir(parents=True, exist_ok=True)
+                event_report = {key: value for key, value in verification.to_dict().items() if key != "path"}
+                event_report["messages"] = list(verification.messages)
                 payload = {"artifact_ref": item.artifact_ref, "status": item.status, "checked_at": item.checked_at,
-                           "message": item.message,
-                           "report": {key: value for key, value in verification.to_dict().items() if key != "path"}}
-                payload["report"]["messages"] = list(verification.messages)
+                           "message": item.message, "report": event_report}
                 atomic_write_bytes(folder / ("%s-%s.json" % (_path_safe_timestamp(item.checked_at),
                                                              uuid.uuid4().hex)), _pretty_json(payload), mode=0o600)
     return SweepReport(
@@ -5417,9 +5594,9 @@ def _package_member(root: Path, metadata: Mapping[str, Any], key: str, default: 
 
 def _read_package_json(path: Path) -> Dict[str, Any]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError("%s is not valid JSON (%s)" % (path, exc), code="artifact_export_package_invalid",
+        data = json_loads(read_regular(path))
+    except ValueError as exc:
+        raise ArtifactError("%s %s" % (path, exc), code="artifact_export_package_invalid",
                             path=path)
     if not isinstance(data, dict):
         raise ArtifactError("%s is not a JSON object" % path, code="artifact_export_package_invalid", path=path)
@@ -5648,10 +5825,13 @@ class PathStatus(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class StatusWarning(_Record):
-    code: str
-    message: str
-    unsafe: bool
+class StatusWarning(Notice):
+    """A :class:`Notice` of ``status``; ``unsafe`` ones make the next operation risky (exit 1)."""
+
+    unsafe: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"code": self.code, "message": self.message, "unsafe": self.unsafe}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5718,32 +5898,35 @@ def workspace_status(config: UnifiedConfig, sources: Optional[Mapping[str, str]]
         warnings.append(StatusWarning("metadata_in_use", "%s is open by a writer (DuckDB lock held); a backup now "
                                       "may not be consistent, a restore would replace it under the writer"
                                       % database, True))
-    signals = ((_lock_is_held(_workspace_lock_path(workspace)), "workspace_lock_held",
-                "another backup or restore holds %s" % _workspace_lock_path(workspace)),
-               (_journal_path(workspace).exists(), "restore_interrupted",
-                "a restore was interrupted; the next backup or restore finishes or rolls it back (%s)"
-                % _journal_path(workspace)),
-               (_lock_is_held(config.recovery.outbox_root / REPLAY_LOCK_FILE), "replay_running",
-                "a replay holds %s" % (config.recovery.outbox_root / REPLAY_LOCK_FILE)),
-               ((config.recovery.outbox_root / _REPLAY_JOURNAL).exists(), "replay_interrupted",
-                "a replay was interrupted; the next `replay` finishes it"),
+    signals = ((_lock_is_held(_workspace_lock_path(workspace)),
+                StatusWarning("workspace_lock_held", "another backup or restore holds %s"
+                              % _workspace_lock_path(workspace), True)),
+               (_journal_path(workspace).exists(),
+                StatusWarning("restore_interrupted", "a restore was interrupted; the next backup or restore "
+                              "finishes or rolls it back (%s)" % _journal_path(workspace), True)),
+               (_lock_is_held(config.recovery.outbox_root / REPLAY_LOCK_FILE),
+                StatusWarning("replay_running", "a replay holds %s"
+                              % (config.recovery.outbox_root / REPLAY_LOCK_FILE), True)),
+               ((config.recovery.outbox_root / _REPLAY_JOURNAL).exists(),
+                StatusWarning("replay_interrupted", "a replay was interrupted; the next `replay` finishes it", True)),
                (bool(_interrupted_artifact_writes(ArtifactStore(VaultConfig.from_unified_config(config)))),
-                "artifact_write_interrupted", "an artifact put/import was interrupted; the next artifact "
-                                              "command rolls it back or finishes it"))
-    for held, code, message in signals:
+                StatusWarning("artifact_write_interrupted", "an artifact put/import was interrupted; the next "
+                              "artifact command rolls it back or finishes it", True)))
+    for held, warning in signals:
         if held:
-            in_use.append(code)
-            warnings.append(StatusWarning(code, message, True))
-    for name, root in (("backup_root", config.recovery.backup_root),
-                       ("staging_root", config.recovery.restore_staging_root)):
-        if _is_within(root, workspace):
-            warnings.append(StatusWarning(
-                "%s_inside_workspace" % name, "%s %s is inside the workspace%s" % (
-                    name, root, "; a lost or replaced workspace takes its backups with it" if name == "backup_root"
-                    else " (verify-only stages elsewhere; set --staging-root)"), name == "backup_root"))
+            in_use.append(warning.code)
+            warnings.append(warning)
+    if _is_within(config.recovery.backup_root, workspace):
+        warnings.append(StatusWarning("backup_root_inside_workspace", "backup_root %s is inside the workspace; a "
+                                      "lost or replaced workspace takes its backups with it"
+                                      % config.recovery.backup_root, True))
+    if _is_within(config.recovery.restore_staging_root, workspace):
+        warnings.append(StatusWarning("staging_root_inside_workspace", "staging_root %s is inside the workspace "
+                                      "(verify-only stages elsewhere; set --staging-root)"
+                                      % config.recovery.restore_staging_root, False))
     record_count = None
     with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, TypeError):
-        manifest = json.loads((config.records.root_path / "manifest.json").read_bytes().decode("utf-8"))
+        manifest = json_loads(read_regular(config.records.root_path / "manifest.json"))
         record_count = int(manifest["last_committed_sequence"])
     bindings = config.artifacts.root_path / "bindings"
     binding_count = len(list(bindings.glob("*.binding.json"))) if bindings.is_dir() else 0
@@ -5850,7 +6033,7 @@ def build_demo_workspace(config: UnifiedConfig) -> Dict[str, int]:
 def _demo_ledger_rows(database: Path) -> int:
     """With DuckDB at hand, the demo's project and runs go into the ledger as Contexta writes them."""
     try:
-        import duckdb  # type: ignore[import-not-found]  # optional, never required
+        import duckdb  # optional, never required
     except ImportError:
         return 0
     connection = duckdb.connect(str(database))
@@ -6004,16 +6187,16 @@ def self_check() -> SelfCheckResult:
     import platform
     python = "%s %s" % (platform.python_implementation(), platform.python_version())
     archive = _running_archive()
-    base = dict(version=__version__, python=python, platform=platform.platform())
+    base = functools.partial(SelfCheckResult, version=__version__, python=python, platform=platform.platform())
     if archive is None:
-        return SelfCheckResult(status="SUCCESS", archive=None, notes=(
+        return base(status="SUCCESS", archive=None, notes=(
             "not running from contexta.pyz: nothing to check beyond %s itself (sha256 %s)" % (
-                __file__, sha256_file(__file__)[1]),), **base)
+                __file__, sha256_file(__file__)[1]),))
     problems: List[Problem] = []
     checked = 0
     try:
         with zipfile.ZipFile(archive) as zipped:
-            digests = json.loads(zipped.read(ARCHIVE_DIGESTS).decode("utf-8"))["members"]
+            digests = json_loads(zipped.read(ARCHIVE_DIGESTS))["members"]
             names = {info.filename for info in zipped.infolist()} - {ARCHIVE_DIGESTS}
             for name in sorted(names | set(digests)):
                 if name not in names:
@@ -6033,8 +6216,8 @@ def self_check() -> SelfCheckResult:
                                             expected=digests[name], actual=digest))
     except (KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
         problems.append(Problem("archive_unreadable", archive, "cannot read the archive's digests: %s" % exc))
-    return SelfCheckResult(status="FAILURE" if problems else "SUCCESS", archive=archive, members_checked=checked,
-                           problems=tuple(problems), **base)
+    return base(status="FAILURE" if problems else "SUCCESS", archive=archive, members_checked=checked,
+                problems=tuple(problems))
 
 
 # ---------------------------------------------------------------------------
@@ -6051,7 +6234,7 @@ _PROG = "contexta.pyz"
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors raise instead of exiting, so --json can still answer in JSON."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError("%s (see `%s --help`)" % (message, self.prog))
 
 
@@ -6075,27 +6258,53 @@ def _global_options() -> argparse.ArgumentParser:
 
 
 def _add_command(subparsers: Any, name: str, purpose: str, example: str, common: argparse.ArgumentParser,
-                 **kwargs: Any) -> argparse.ArgumentParser:
-    return subparsers.add_parser(name, help=purpose, description=purpose, parents=[common],
-                                 epilog="example:\n  " + example,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+                 handler: Optional[Callable[[argparse.Namespace, "_Output"], int]] = None,
+                 hidden: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
+    """One command or action: its own help with an example, the global flags, and the function that runs it."""
+    if not hidden:
+        kwargs["help"] = purpose
+    parser = subparsers.add_parser(name, description=purpose, parents=[common], epilog="example:\n  " + example,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                                   **kwargs)
+    if handler is not None:
+        parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_actions(parser: argparse.ArgumentParser, name: str) -> Any:
+    """Sub-actions of a command; the command alone is a usage error that lists them (from the parser)."""
+    actions = parser.add_subparsers(dest=name.replace("-", "_") + "_action", metavar="ACTION", parser_class=_Parser)
+
+    def needs_action(_args: argparse.Namespace, _out: "_Output") -> int:
+        visible = [choice.dest for choice in actions._choices_actions]
+        listed = ", ".join(visible[:-1]) + (" or " if len(visible) > 1 else "") + visible[-1]
+        raise UsageError("%s needs an action: %s (see `%s %s --help`)" % (name, listed, _PROG, name))
+
+    parser.set_defaults(handler=needs_action)
+    return actions
+
+
+# Commands whose first word may be omitted: `restore BACKUP` runs a restore, `replay` alone replays.
+_DEFAULT_ACTIONS = {"restore": "run", "replay": "run"}
 
 
 def _build_parser() -> argparse.ArgumentParser:
     common = _global_options()
     parser = _Parser(prog=_PROG, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
-                     description=__doc__.split("\n\n")[0],
+                     description=__doc__.split("\n\n")[0], allow_abbrev=False,
                      epilog="exit codes: 0 success, 1 problems found, 2 usage, 3 could not run, 4 locked")
     parser.add_argument("--version", action="version", version="%s %s" % (TOOL_NAME, __version__))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     backup = _add_command(commands, "backup", "Back up a workspace, list and verify backups.",
                           "%s backup create --label nightly" % _PROG, common)
-    backup_commands = backup.add_subparsers(dest="backup_command", metavar="ACTION", parser_class=_Parser)
-    for action, purpose, example in (
-            ("plan", "Show what a backup would copy; changes nothing.", "backup plan --include-exports"),
-            ("create", "Write a complete, checksummed backup.", "backup create --label before-upgrade")):
-        sub = _add_command(backup_commands, action, purpose, "%s %s" % (_PROG, example), common)
+    backup_actions = _add_actions(backup, "backup")
+    for action, purpose, example, handler in (
+            ("plan", "Show what a backup would copy; changes nothing.", "backup plan --include-exports",
+             _cmd_backup_plan),
+            ("create", "Write a complete, checksummed backup.", "backup create --label before-upgrade",
+             _cmd_backup_create)):
+        sub = _add_command(backup_actions, action, purpose, "%s %s" % (_PROG, example), common, handler)
         sub.add_argument("--label", help="label that starts the backup ref")
         sub.add_argument("--include-cache", action="store_true", help="also copy cache/ (the outbox always is)")
         sub.add_argument("--include-exports", action="store_true", help="also copy exports/")
@@ -6106,13 +6315,13 @@ def _build_parser() -> argparse.ArgumentParser:
                              help="hard-link files unchanged since the newest complete backup")
             sub.add_argument("--verify-unchanged", action="store_true",
                              help="with --incremental, also compare sha256 before linking")
-    _add_command(backup_commands, "list", "List backups: ref, time, size, sections, checksums, complete.",
-                 "%s backup list --json" % _PROG, common)
-    verify = _add_command(backup_commands, "verify", "Re-hash every file of a backup against its manifest.",
-                          "%s backup verify nightly-2026-11-26T03-00-00Z" % _PROG, common)
+    _add_command(backup_actions, "list", "List backups: ref, time, size, sections, checksums, complete.",
+                 "%s backup list --json" % _PROG, common, _cmd_backup_list)
+    verify = _add_command(backup_actions, "verify", "Re-hash every file of a backup against its manifest.",
+                          "%s backup verify nightly-2026-11-26T03-00-00Z" % _PROG, common, _cmd_backup_verify)
     verify.add_argument("backup", metavar="BACKUP", help="backup ref, a backup directory or archive, or - (stdin)")
-    prune = _add_command(backup_commands, "prune", "Delete old backups and leftovers; never the newest complete one.",
-                         "%s backup prune --keep-last 7 --keep-within 30 --dry-run" % _PROG, common)
+    prune = _add_command(backup_actions, "prune", "Delete old backups and leftovers; never the newest complete one.",
+                         "%s backup prune --keep-last 7 --keep-within 30 --dry-run" % _PROG, common, _cmd_backup_prune)
     prune.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N complete backups")
     prune.add_argument("--keep-within", type=float, metavar="DAYS", help="keep backups younger than DAYS")
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
@@ -6122,23 +6331,34 @@ def _build_parser() -> argparse.ArgumentParser:
         "%s restore --verify-only\n  %s restore plan nightly-2026-11-26T03-00-00Z\n"
         "  %s restore nightly-2026-11-26T03-00-00Z --target /srv/ml/.contexta" % (_PROG, _PROG, _PROG), common,
         usage="%s restore [plan|apply] [BACKUP] [--verify-only] [--target DIR] [--force]" % _PROG)
-    restore.add_argument("words", nargs="*", metavar="[plan|apply] BACKUP", help=argparse.SUPPRESS)
-    restore.add_argument("--verify-only", action="store_true",
+    restore_actions = _add_actions(restore, "restore")
+    for action, purpose, example, handler, hidden in (
+            ("plan", "Say what a restore would replace, keep and lose; changes nothing.",
+             "restore plan nightly-2026-11-26T03-00-00Z", _cmd_restore_plan, False),
+            ("apply", "Verify a backup, safety-back-up the target, switch over atomically, check the result.",
+             "restore apply nightly-2026-11-26T03-00-00Z --target /srv/ml/.contexta", _cmd_restore_run, False),
+            ("run", "Verify a backup and apply it (`restore BACKUP`).", "restore nightly-2026-11-26T03-00-00Z",
+             _cmd_restore_run, True)):
+        sub = _add_command(restore_actions, action, purpose, "%s %s" % (_PROG, example), common, handler,
+                           hidden=hidden)
+        sub.add_argument("backup", nargs="?", metavar="BACKUP",
+                         help="backup ref, a backup directory or archive, a Contexta CLI zip, or - (stdin)")
+        sub.add_argument("--verify-only", action="store_true",
                          help="materialize and verify in staging; never touch the target")
-    restore.add_argument("--target", metavar="DIR", help="workspace to restore into (default: --workspace)")
-    restore.add_argument("--force", action="store_true", help="apply even when verification finds problems")
+        sub.add_argument("--target", metavar="DIR", help="workspace to restore into (default: --workspace)")
+        sub.add_argument("--force", action="store_true", help="apply even when verification finds problems")
 
     _add_command(commands, "status", "Confirm the workspace: paths and their sources, in-use signals, counts.",
-                 "%s --workspace /srv/ml/.contexta status" % _PROG, common)
+                 "%s --workspace /srv/ml/.contexta status" % _PROG, common, _cmd_status)
     check = _add_command(commands, "check", "Verify the live workspace, plane by plane (after any operation).",
-                         "%s check --plane records --plane artifacts" % _PROG, common)
+                         "%s check --plane records --plane artifacts" % _PROG, common, _cmd_check)
     check.add_argument("--plane", action="append", choices=CHECK_PLANES, metavar="PLANE",
                        help="one of %s; repeat for several (default: all)" % ", ".join(CHECK_PLANES))
     demo = _add_command(commands, "demo", "Build a sample workspace and walk the operator flow on it.",
-                        "%s demo --root /tmp/contexta-demo" % _PROG, common)
+                        "%s demo --root /tmp/contexta-demo" % _PROG, common, _cmd_demo)
     demo.add_argument("--root", metavar="DIR", help="where to build it (default: a new temporary directory)")
     _add_command(commands, "self-check", "Check this contexta.pyz against the digests recorded when it was built.",
-                 "%s self-check" % _PROG, common)
+                 "%s self-check" % _PROG, common, _cmd_self_check)
 
     replay = _add_command(
         commands, "replay", "Re-deliver failed outbox entries; `status` counts them; `requeue` redrives dead letters.",
@@ -6146,25 +6366,37 @@ def _build_parser() -> argparse.ArgumentParser:
         % (_PROG, _PROG, _PROG), common,
         usage="%s replay [status|requeue] [--limit N] [--target NAME] [--dead-letter-after N] "
               "[--keep-successes] [--dry-run] [--ref REF]" % _PROG)
-    _add_replay_options(replay)
+    replay_actions = _add_actions(replay, "replay")
+    _add_replay_options(_add_command(replay_actions, "run", "Re-deliver failed outbox entries (`replay`).",
+                                     "%s replay --dead-letter-after 5" % _PROG, common, _cmd_replay_run,
+                                     hidden=True))
+    _add_command(replay_actions, "status", "Count pending and dead-lettered entries by family and sink.",
+                 "%s replay status --json" % _PROG, common, _cmd_replay_status)
+    requeue = _add_command(replay_actions, "requeue", "Move dead letters back to pending, oldest first.",
+                           "%s replay requeue --limit 100" % _PROG, common, _cmd_replay_requeue)
+    requeue.add_argument("--limit", type=int, metavar="N", help="requeue at most N dead letters")
+    requeue.add_argument("--ref", metavar="REF", help="requeue only dead letters with this replay_ref")
     recover = _add_command(commands, "recover", "Contexta's spelling: `recover replay` is `replay`.",
                            "%s recover replay --limit 10" % _PROG, common)
-    recover_commands = recover.add_subparsers(dest="recover_command", metavar="ACTION", parser_class=_Parser)
-    _add_replay_options(_add_command(recover_commands, "replay", "Same as `replay`.",
-                                     "%s recover replay --dry-run" % _PROG, common))
+    recover_actions = _add_actions(recover, "recover")
+    _add_replay_options(_add_command(recover_actions, "replay", "Same as `replay`.",
+                                     "%s recover replay --dry-run" % _PROG, common, _cmd_replay_run))
 
     artifact = _add_command(commands, "artifact", "Verify artifact bodies; export, import and put artifacts.",
                             "%s artifact verify --all" % _PROG, common)
-    artifact_commands = artifact.add_subparsers(dest="artifact_command", metavar="ACTION", parser_class=_Parser)
-    for name, purpose, example in (
-            ("inspect", "Count bound artifacts by state, and orphans.", "artifact inspect --json"),
-            ("verify", "Re-hash bodies against their bindings: one REF, or --all.", "artifact verify --all --record"),
+    artifact_actions = _add_actions(artifact, "artifact")
+    for name, purpose, example, handler in (
+            ("inspect", "Count bound artifacts by state, and orphans.", "artifact inspect --json",
+             _cmd_artifact_inspect),
+            ("verify", "Re-hash bodies against their bindings: one REF, or --all.", "artifact verify --all --record",
+             _cmd_artifact_verify),
             ("export", "Write Contexta's export package of one artifact.",
-             "artifact export artifact:proj.run-01.model --export-root /media/usb"),
-            ("import", "Import an export package, after proving it.", "artifact import /media/usb/pkg --conflict skip"),
+             "artifact export artifact:proj.run-01.model --export-root /media/usb", _cmd_artifact_export),
+            ("import", "Import an export package, after proving it.", "artifact import /media/usb/pkg --conflict skip",
+             _cmd_artifact_import),
             ("put", "Ingest a file as an artifact.",
-             "artifact put model.bin --ref artifact:proj.run-01.model --kind checkpoint")):
-        sub = _add_command(artifact_commands, name, purpose, "%s %s" % (_PROG, example), common)
+             "artifact put model.bin --ref artifact:proj.run-01.model --kind checkpoint", _cmd_artifact_put)):
+        sub = _add_command(artifact_actions, name, purpose, "%s %s" % (_PROG, example), common, handler)
         sub.add_argument("--store", metavar="DIR", help="a bare artifact store root (default: the workspace's)")
         if name == "verify":
             sub.add_argument("ref", nargs="?", metavar="REF")
@@ -6186,13 +6418,53 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_replay_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", nargs="?", choices=("status", "requeue"), help=argparse.SUPPRESS)
-    parser.add_argument("--limit", type=int, metavar="N", help="replay (or requeue) at most N entries")
+    parser.add_argument("--limit", type=int, metavar="N", help="replay at most N entries")
     parser.add_argument("--target", metavar="NAME", help="only entries whose sink_name is NAME; others stay pending")
     parser.add_argument("--dead-letter-after", type=int, metavar="N", help="dead-letter an entry after N attempts")
     parser.add_argument("--keep-successes", action="store_true", help="deliver but leave entries pending")
     parser.add_argument("--dry-run", action="store_true", help="report what would happen; change no byte")
-    parser.add_argument("--ref", metavar="REF", help="requeue only dead letters with this replay_ref")
+
+
+def _with_default_action(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
+    """``restore BACKUP`` -> ``restore run BACKUP``: insert the hidden default action where none is named.
+
+    Walks the words as argparse would (an option that takes a value consumes the
+    next word), so global flags may still come before or after the command.
+    """
+    def value_options(*parsers: argparse.ArgumentParser) -> Set[str]:
+        return {option for each in parsers for action in each._actions for option in action.option_strings
+                if action.nargs != 0}
+
+    def actions_of(each: argparse.ArgumentParser) -> Dict[str, argparse.ArgumentParser]:
+        return next(action.choices for action in each._actions if isinstance(action, argparse._SubParsersAction))
+
+    takes_value = value_options(parser)
+    command_at: Optional[int] = None
+    actions: Dict[str, argparse.ArgumentParser] = {}
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word == "--":
+            break
+        if word.startswith("-"):
+            index += 2 if word in takes_value else 1
+            continue
+        if command_at is not None:
+            if word in actions:
+                return argv
+            break
+        if word not in _DEFAULT_ACTIONS:
+            return argv
+        command_at = index
+        actions = actions_of(actions_of(parser)[word])
+        takes_value |= value_options(*actions.values())
+        index += 1
+    if command_at is None:
+        return argv
+    rest = argv[command_at + 1:]
+    if index >= len(argv) and any(word in ("-h", "--help") for word in rest):
+        return argv  # `restore --help` shows the command's own help, with its actions
+    return argv[:command_at + 1] + [_DEFAULT_ACTIONS[argv[command_at]]] + rest
 
 
 def _option(args: argparse.Namespace, name: str, default: Any = None) -> Any:
@@ -6252,69 +6524,76 @@ def _say_list(out: _Output, title: str, items: Sequence[Any]) -> None:
             out.say("  " + (item.line() if isinstance(item, Problem) else str(item)))
 
 
-def _cmd_backup(args: argparse.Namespace, out: _Output) -> int:
-    action = _option(args, "backup_command")
-    if action is None:
-        raise UsageError("backup needs an action: plan, create, list or verify (see `%s backup --help`)" % _PROG)
+def _cmd_backup_plan(args: argparse.Namespace, out: _Output) -> int:
+    plan = plan_workspace_backup(_config_from_args(args), label=args.label, include_cache=args.include_cache,
+                                 include_exports=args.include_exports)
+    out.say("Backup plan %s" % plan.backup_ref)
+    out.say("  workspace: %s" % plan.workspace_root)
+    out.say("  into:      %s" % (plan.backup_root / plan.backup_ref))
+    for section in plan.sections:
+        out.say("  %-9s %s -> %s%s" % (section.name, section.source, section.path,
+                                       "  (relocated)" if section.relocated else ""))
+    out.say("  about %d files, %s" % (plan.estimated_files, _human_bytes(plan.estimated_bytes)))
+    _say_list(out, "Notes:", plan.notes)
+    _say_list(out, "Warnings:", plan.warnings)
+    out.finish(plan, True)
+    return EXIT_OK
+
+
+def _cmd_backup_create(args: argparse.Namespace, out: _Output) -> int:
+    if args.archive is not None and args.incremental:
+        raise UsageError("--incremental makes a backup directory; it does not combine with --archive")
+    if args.archive is None and (args.gzip or args.verify_unchanged and not args.incremental):
+        raise UsageError("--gzip goes with --archive, --verify-unchanged with --incremental")
     config = _config_from_args(args)
-    if action in ("plan", "create"):
-        plan = plan_workspace_backup(config, label=args.label, include_cache=args.include_cache,
-                                     include_exports=args.include_exports)
-        if action == "plan":
-            out.say("Backup plan %s" % plan.backup_ref)
-            out.say("  workspace: %s" % plan.workspace_root)
-            out.say("  into:      %s" % (plan.backup_root / plan.backup_ref))
-            for section in plan.sections:
-                out.say("  %-9s %s -> %s%s" % (section.name, section.source, section.path,
-                                               "  (relocated)" if section.relocated else ""))
-            out.say("  about %d files, %s" % (plan.estimated_files, _human_bytes(plan.estimated_bytes)))
-            _say_list(out, "Notes:", plan.notes)
-            _say_list(out, "Warnings:", plan.warnings)
-            out.finish(plan, True)
-            return EXIT_OK
-        if args.archive is not None:
-            if args.incremental:
-                raise UsageError("--incremental makes a backup directory; it does not combine with --archive")
-            if args.archive == ARCHIVE_STDOUT:
-                out.to_stderr()  # stdout carries the archive
-            result = create_backup_archive(config, plan, args.archive, compress=args.gzip)
-        elif args.gzip or args.verify_unchanged and not args.incremental:
-            raise UsageError("--gzip goes with --archive, --verify-unchanged with --incremental")
-        else:
-            result = create_workspace_backup(config, plan, incremental=args.incremental,
-                                             verify_unchanged=args.verify_unchanged)
-        out.say("Backup %s: %s" % (result.backup_ref, result.status))
-        out.say("  location: %s" % result.location)
-        out.say("  sections: %s" % ", ".join(result.included_sections))
-        out.say("  %d files, %s, every file checksummed" % (result.file_count, _human_bytes(result.bytes_written)))
-        _say_list(out, "Warnings:", result.warnings)
-        out.finish(result, result.status == "SUCCESS")
-        return _status_exit(result.status)
-    if action == "list":
-        entries = list_backups(config)
-        out.say("Backups in %s" % config.recovery.backup_root)
-        if not entries:
-            out.say("  (none)")
-        for entry in entries:
-            state = "complete" if entry.complete else ("in progress" if entry.in_progress else "INCOMPLETE")
-            out.say("  %-48s %-28s %10s  %-10s %s  %s" % (
-                entry.backup_ref, entry.created_at or "-", _human_bytes(entry.size_bytes), state,
-                "checksums" if entry.has_checksums else "no-checksums", ",".join(entry.included_sections)))
-        out.finish({"status": "SUCCESS", "backup_root": config.recovery.backup_root,
-                    "backups": [entry.to_dict() for entry in entries]}, True)
-        return EXIT_OK
-    if action == "prune":
-        pruned = prune_backups(config, keep_last=args.keep_last, keep_within=args.keep_within,
-                               dry_run=args.dry_run)
-        out.say("Prune of %s%s" % (config.recovery.backup_root, " (dry run, nothing removed)" if pruned.dry_run
-                                   else ""))
-        _say_list(out, "Would remove:" if pruned.dry_run else "Removed:", pruned.removed)
-        _say_list(out, "Kept:", pruned.kept)
-        _say_list(out, "In use, skipped:", pruned.in_use)
-        _say_list(out, "Notes:", pruned.notes)
-        out.finish(pruned, True)
-        return EXIT_OK
-    result = verify_backup(config, args.backup)
+    plan = plan_workspace_backup(config, label=args.label, include_cache=args.include_cache,
+                                 include_exports=args.include_exports)
+    if args.archive is not None:
+        if args.archive == ARCHIVE_STDOUT:
+            out.to_stderr()  # stdout carries the archive
+        result = create_backup_archive(config, plan, args.archive, compress=args.gzip)
+    else:
+        result = create_workspace_backup(config, plan, incremental=args.incremental,
+                                         verify_unchanged=args.verify_unchanged)
+    out.say("Backup %s: %s" % (result.backup_ref, result.status))
+    out.say("  location: %s" % result.location)
+    out.say("  sections: %s" % ", ".join(result.included_sections))
+    out.say("  %d files, %s, every file checksummed" % (result.file_count, _human_bytes(result.bytes_written)))
+    _say_list(out, "Warnings:", result.warnings)
+    out.finish(result, result.status == "SUCCESS")
+    return _status_exit(result.status)
+
+
+def _cmd_backup_list(args: argparse.Namespace, out: _Output) -> int:
+    config = _config_from_args(args)
+    entries = list_backups(config)
+    out.say("Backups in %s" % config.recovery.backup_root)
+    if not entries:
+        out.say("  (none)")
+    for entry in entries:
+        state = "complete" if entry.complete else ("in progress" if entry.in_progress else "INCOMPLETE")
+        out.say("  %-48s %-28s %10s  %-10s %s  %s" % (
+            entry.backup_ref, entry.created_at or "-", _human_bytes(entry.size_bytes), state,
+            "checksums" if entry.has_checksums else "no-checksums", ",".join(entry.included_sections)))
+    out.finish({"status": "SUCCESS", "backup_root": config.recovery.backup_root,
+                "backups": [entry.to_dict() for entry in entries]}, True)
+    return EXIT_OK
+
+
+def _cmd_backup_prune(args: argparse.Namespace, out: _Output) -> int:
+    config = _config_from_args(args)
+    pruned = prune_backups(config, keep_last=args.keep_last, keep_within=args.keep_within, dry_run=args.dry_run)
+    out.say("Prune of %s%s" % (config.recovery.backup_root, " (dry run, nothing removed)" if pruned.dry_run else ""))
+    _say_list(out, "Would remove:" if pruned.dry_run else "Removed:", pruned.removed)
+    _say_list(out, "Kept:", pruned.kept)
+    _say_list(out, "In use, skipped:", pruned.in_use)
+    _say_list(out, "Notes:", pruned.notes)
+    out.finish(pruned, True)
+    return EXIT_OK
+
+
+def _cmd_backup_verify(args: argparse.Namespace, out: _Output) -> int:
+    result = verify_backup(_config_from_args(args), args.backup)
     out.say("Backup %s: %s" % (result.backup_ref, result.status))
     out.say("  %d files, %s re-hashed" % (result.checked_files, _human_bytes(result.checked_bytes)))
     _say_list(out, "Problems:", result.problems)
@@ -6345,39 +6624,35 @@ def _say_planes(out: _Output, plane_results: Mapping[str, Any]) -> None:
             artifacts.get("drift_count"), artifacts.get("orphan_count")))
 
 
-def _cmd_restore(args: argparse.Namespace, out: _Output) -> int:
-    words = list(args.words)
-    mode = words.pop(0) if words and words[0] in ("plan", "apply") else "run"
-    if len(words) > 1:
-        raise UsageError("restore takes one BACKUP, got %d: %s" % (len(words), " ".join(words)))
-    backup = words[0] if words else None
-    verify_only = bool(args.verify_only)
-    if backup is None and mode != "run":
-        raise UsageError("restore %s needs a BACKUP" % mode)
-    if backup is None and not verify_only:
+def _cmd_restore_plan(args: argparse.Namespace, out: _Output) -> int:
+    if args.backup is None:
+        raise UsageError("restore plan needs a BACKUP")
+    config = _config_from_args(args)
+    plan = plan_restore(config, args.backup, args.target, verify_only=bool(args.verify_only))
+    out.say("Restore plan: %s (made by %s%s) -> %s" % (plan.backup_ref, plan.made_by,
+                                                       "" if plan.has_checksums else ", no checksums",
+                                                       plan.target_workspace))
+    _say_list(out, "Replaced:", plan.replaced)
+    _say_list(out, "Kept as they are:", plan.kept)
+    out.say("Lost: %d file(s) in replaced sections that the backup does not have" % plan.lost_count)
+    for path in plan.lost:
+        out.say("  " + path)
+    out.say("Safety backup first: %s" % ("yes" if plan.create_safety_backup else "no"))
+    _say_list(out, "Warnings:", plan.warnings)
+    out.finish(plan, True)
+    return EXIT_OK
+
+
+def _cmd_restore_run(args: argparse.Namespace, out: _Output) -> int:
+    if args.backup is None and not args.verify_only:
         raise UsageError("restore needs a BACKUP to apply; `restore --verify-only` alone checks the newest")
     config = _config_from_args(args)
-    plan = plan_restore(config, backup, args.target, verify_only=verify_only or mode == "plan")
-    if backup is None:
+    plan = plan_restore(config, args.backup, args.target, verify_only=args.verify_only)
+    if args.backup is None:
         out.note("using the newest complete backup: %s" % plan.backup_ref)
-    if mode == "plan":
-        plan = dataclasses.replace(plan, verify_only=False,
-                                   create_safety_backup=bool(config.recovery.create_backup_before_restore))
-        out.say("Restore plan: %s (made by %s%s) -> %s" % (plan.backup_ref, plan.made_by,
-                                                           "" if plan.has_checksums else ", no checksums",
-                                                           plan.target_workspace))
-        _say_list(out, "Replaced:", plan.replaced)
-        _say_list(out, "Kept as they are:", plan.kept)
-        out.say("Lost: %d file(s) in replaced sections that the backup does not have" % plan.lost_count)
-        for path in plan.lost:
-            out.say("  " + path)
-        out.say("Safety backup first: %s" % ("yes" if plan.create_safety_backup else "no"))
-        _say_list(out, "Warnings:", plan.warnings)
-        out.finish(plan, True)
-        return EXIT_OK
     result = restore_workspace_forced(config, plan) if args.force else restore_workspace(config, plan)
-    what = "verify-only" if verify_only else ("applied to %s" % result.target_workspace if result.applied
-                                              else "NOT applied")
+    what = "verify-only" if args.verify_only else ("applied to %s" % result.target_workspace if result.applied
+                                                   else "NOT applied")
     out.say("Restore %s, %s: %s" % (result.backup_ref, what, result.status))
     _say_planes(out, result.plane_results)
     if result.safety_backup_ref:
@@ -6388,38 +6663,42 @@ def _cmd_restore(args: argparse.Namespace, out: _Output) -> int:
     return _status_exit(result.status)
 
 
-def _cmd_replay(args: argparse.Namespace, out: _Output) -> int:
-    if args.command == "recover" and _option(args, "recover_command") is None:
-        raise UsageError("recover needs an action: replay")
-    config = _config_from_args(args)
+def _check_limit(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 0:
         raise UsageError("--limit must be 0 or more")
-    if args.action == "status":
-        status = outbox_status(config)
-        out.say("Outbox %s" % status.outbox_root)
-        out.say("  pending:        %d %s" % (status.pending_count, _counts_text(status.pending_by_family)))
-        out.say("  by sink:        %s" % _counts_text(status.pending_by_sink))
-        out.say("  dead-lettered:  %d %s" % (status.dead_lettered_count,
-                                            _counts_text(status.dead_lettered_by_family)))
-        out.say("  oldest failed_at: %s" % (status.oldest_failed_at or "-"))
-        if status.most_common_last_error:
-            out.say("  most common error (%d): %s" % (status.most_common_last_error_count,
-                                                      status.most_common_last_error))
-        if status.malformed_pending:
-            out.say("  malformed pending lines: %d (the next replay dead-letters them)" % status.malformed_pending)
-        if status.interrupted_replay:
-            out.say("  an interrupted replay will be finished by the next `replay`")
-        out.finish(status, True)
-        return EXIT_OK
-    if args.action == "requeue":
-        result = requeue_dead_letters(config, limit=args.limit, ref=args.ref)
-        out.say("Requeued %d dead letter(s); %d remain dead-lettered" % (result.requeued_count,
-                                                                       result.remaining_dead_lettered))
-        if result.skipped_malformed:
-            out.say("  %d malformed dead letter(s) cannot be requeued" % result.skipped_malformed)
-        out.finish(result, True)
-        return EXIT_OK
-    result = replay_outbox(config, target=args.target, limit=args.limit,
+
+
+def _cmd_replay_status(args: argparse.Namespace, out: _Output) -> int:
+    status = outbox_status(_config_from_args(args))
+    out.say("Outbox %s" % status.outbox_root)
+    out.say("  pending:        %d %s" % (status.pending_count, _counts_text(status.pending_by_family)))
+    out.say("  by sink:        %s" % _counts_text(status.pending_by_sink))
+    out.say("  dead-lettered:  %d %s" % (status.dead_lettered_count, _counts_text(status.dead_lettered_by_family)))
+    out.say("  oldest failed_at: %s" % (status.oldest_failed_at or "-"))
+    if status.most_common_last_error:
+        out.say("  most common error (%d): %s" % (status.most_common_last_error_count, status.most_common_last_error))
+    if status.malformed_pending:
+        out.say("  malformed pending lines: %d (the next replay dead-letters them)" % status.malformed_pending)
+    if status.interrupted_replay:
+        out.say("  an interrupted replay will be finished by the next `replay`")
+    out.finish(status, True)
+    return EXIT_OK
+
+
+def _cmd_replay_requeue(args: argparse.Namespace, out: _Output) -> int:
+    _check_limit(args)
+    result = requeue_dead_letters(_config_from_args(args), limit=args.limit, ref=args.ref)
+    out.say("Requeued %d dead letter(s); %d remain dead-lettered" % (result.requeued_count,
+                                                                   result.remaining_dead_lettered))
+    if result.skipped_malformed:
+        out.say("  %d malformed dead letter(s) cannot be requeued" % result.skipped_malformed)
+    out.finish(result, True)
+    return EXIT_OK
+
+
+def _cmd_replay_run(args: argparse.Namespace, out: _Output) -> int:
+    _check_limit(args)
+    result = replay_outbox(_config_from_args(args), target=args.target, limit=args.limit,
                            acknowledge_successes=not args.keep_successes,
                            dead_letter_after_failures=args.dead_letter_after, dry_run=args.dry_run)
     out.say("Replay%s: %s" % (" (dry run, nothing changed)" if result.dry_run else "", result.status))
@@ -6435,63 +6714,72 @@ def _cmd_replay(args: argparse.Namespace, out: _Output) -> int:
     return result.exit_code
 
 
-def _cmd_artifact(args: argparse.Namespace, out: _Output) -> int:
-    action = _option(args, "artifact_command")
-    if action is None:
-        raise UsageError("artifact needs an action: inspect, verify, export, import or put")
+def _store_from_args(args: argparse.Namespace) -> ArtifactStore:
     if args.store:
-        store = ArtifactStore(VaultConfig(root_path=args.store))
-    else:
-        store = ArtifactStore(VaultConfig.from_unified_config(_config_from_args(args)))
-    if action == "inspect":
-        summary = inspect_store(store)
-        out.say("Artifact store %s" % store.root_path)
-        out.say("  %d bound %s, %s" % (summary.artifact_count, _counts_text(summary.kinds),
-                                       _human_bytes(summary.total_size_bytes)))
-        out.say("  %d verified, %d missing, %d drifted, %d orphans" % (
-            summary.verified_count, summary.missing_count, summary.drift_count, summary.orphan_count))
-        _say_list(out, "Problems:", summary.problems)
-        _say_list(out, "Notes:", summary.notes)
-        out.finish(summary, not summary.problems)
-        return EXIT_PROBLEMS if summary.problems else EXIT_OK
-    if action == "verify":
-        if args.all == (args.ref is not None):
-            raise UsageError("artifact verify takes one REF or --all")
-        if args.ref is not None:
-            report = verify_artifact(store, args.ref)
-            out.say("%s: %s" % (report.artifact_ref, report.status))
-            out.say("  %s" % report.path)
-            out.say("  size   expected %s, actual %s" % (report.expected_size_bytes, report.actual_size_bytes))
-            out.say("  sha256 expected %s, actual %s" % (report.expected_hash_value, report.actual_hash_value))
-            out.finish(report, report.verified)
-            return EXIT_OK if report.verified else EXIT_PROBLEMS
-        sweep = verify_all(store, record=args.record)
-        out.say("Artifact store %s: %d verified of %d; %d missing, %d drifted, %d orphans" % (
-            store.root_path, sum(1 for item in sweep.reports if item.verified), len(sweep.reports),
-            len(sweep.missing_refs), len(sweep.drifted_refs), len(sweep.orphan_paths)))
-        _say_list(out, "Problems:", sweep.problems)
-        _say_list(out, "Notes:", sweep.notes)
-        out.finish(sweep, sweep.clean)
-        return EXIT_OK if sweep.clean else EXIT_PROBLEMS
-    if action == "export":
-        receipt = export_artifact(store, args.ref, export_root=args.export_root)
-        out.say("Exported %s to %s" % (receipt.artifact_ref, receipt.export_directory))
-        out.finish(receipt, True)
-        return EXIT_OK
-    if action == "import":
-        receipt = import_export_package(store, args.package, conflict_policy=args.conflict)
-        out.say("Import of %s: %s (%s written)" % (receipt.artifact_ref, receipt.outcome.value,
-                                                    _human_bytes(receipt.bytes_written)))
-        if receipt.quarantine_path:
-            out.say("  replaced body kept at %s" % receipt.quarantine_path)
-        _say_list(out, "Notes:", receipt.notes)
-        out.finish(receipt, True)
-        return EXIT_OK
-    manifest = _manifest_for_put(args)
-    put_receipt = store.put_artifact(manifest, args.file)
-    out.say("Put %s at %s (%s written)" % (put_receipt.binding.artifact_ref, put_receipt.path,
-                                           _human_bytes(put_receipt.bytes_written)))
-    out.finish(put_receipt, True)
+        return ArtifactStore(VaultConfig(root_path=args.store))
+    return ArtifactStore(VaultConfig.from_unified_config(_config_from_args(args)))
+
+
+def _cmd_artifact_inspect(args: argparse.Namespace, out: _Output) -> int:
+    store = _store_from_args(args)
+    summary = inspect_store(store)
+    out.say("Artifact store %s" % store.root_path)
+    out.say("  %d bound %s, %s" % (summary.artifact_count, _counts_text(summary.kinds),
+                                   _human_bytes(summary.total_size_bytes)))
+    out.say("  %d verified, %d missing, %d drifted, %d orphans" % (
+        summary.verified_count, summary.missing_count, summary.drift_count, summary.orphan_count))
+    _say_list(out, "Problems:", summary.problems)
+    _say_list(out, "Notes:", summary.notes)
+    out.finish(summary, not summary.problems)
+    return EXIT_PROBLEMS if summary.problems else EXIT_OK
+
+
+def _cmd_artifact_verify(args: argparse.Namespace, out: _Output) -> int:
+    if args.all == (args.ref is not None):
+        raise UsageError("artifact verify takes one REF or --all")
+    store = _store_from_args(args)
+    if args.ref is not None:
+        report = verify_artifact(store, args.ref)
+        out.say("%s: %s" % (report.artifact_ref, report.status))
+        out.say("  %s" % report.path)
+        out.say("  size   expected %s, actual %s" % (report.expected_size_bytes, report.actual_size_bytes))
+        out.say("  sha256 expected %s, actual %s" % (report.expected_hash_value, report.actual_hash_value))
+        out.finish(report, report.verified)
+        return EXIT_OK if report.verified else EXIT_PROBLEMS
+    sweep = verify_all(store, record=args.record)
+    out.say("Artifact store %s: %d verified of %d; %d missing, %d drifted, %d orphans" % (
+        store.root_path, sum(1 for item in sweep.reports if item.verified), len(sweep.reports),
+        len(sweep.missing_refs), len(sweep.drifted_refs), len(sweep.orphan_paths)))
+    _say_list(out, "Problems:", sweep.problems)
+    _say_list(out, "Notes:", sweep.notes)
+    out.finish(sweep, sweep.clean)
+    return EXIT_OK if sweep.clean else EXIT_PROBLEMS
+
+
+def _cmd_artifact_export(args: argparse.Namespace, out: _Output) -> int:
+    receipt = export_artifact(_store_from_args(args), args.ref, export_root=args.export_root)
+    out.say("Exported %s to %s" % (receipt.artifact_ref, receipt.export_directory))
+    out.finish(receipt, True)
+    return EXIT_OK
+
+
+def _cmd_artifact_import(args: argparse.Namespace, out: _Output) -> int:
+    receipt = import_export_package(_store_from_args(args), args.package, conflict_policy=args.conflict)
+    out.say("Import of %s: %s (%s written)" % (receipt.artifact_ref, receipt.outcome.value,
+                                                _human_bytes(receipt.bytes_written)))
+    if receipt.quarantine_path:
+        out.say("  replaced body kept at %s" % receipt.quarantine_path)
+    _say_list(out, "Notes:", receipt.notes)
+    out.finish(receipt, True)
+    return EXIT_OK
+
+
+def _cmd_artifact_put(args: argparse.Namespace, out: _Output) -> int:
+    store = _store_from_args(args)
+    receipt = store.put_artifact(_manifest_for_put(args), args.file)
+    out.say("Put %s at %s (%s written)" % (receipt.binding.artifact_ref, receipt.path,
+                                           _human_bytes(receipt.bytes_written)))
+    out.finish(receipt, True)
     return EXIT_OK
 
 
@@ -6571,19 +6859,6 @@ def _counts_text(counts: Mapping[str, int]) -> str:
     return "(%s)" % ", ".join("%s %d" % item for item in counts.items()) if counts else ""
 
 
-_COMMANDS: Dict[str, Callable[[argparse.Namespace, _Output], int]] = {
-    "backup": _cmd_backup,
-    "restore": _cmd_restore,
-    "replay": _cmd_replay,
-    "recover": _cmd_replay,
-    "artifact": _cmd_artifact,
-    "status": _cmd_status,
-    "check": _cmd_check,
-    "demo": _cmd_demo,
-    "self-check": _cmd_self_check,
-}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; return its exit code (also the entry point of ``contexta.pyz``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -6591,7 +6866,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = _Output(as_json, "--quiet" in argv)
     try:
         parser = _build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_with_default_action(parser, argv))
         out = _Output(bool(_option(args, "json")), bool(_option(args, "quiet")))
         _Progress.enabled = sys.stderr.isatty() and not out.as_json and not out.quiet
         if args.command is None:
@@ -6599,7 +6874,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError("a command is needed")
         if args.command in ("backup", "restore", "replay", "recover", "artifact", "check"):
             _release_startup_memory()
-        return _COMMANDS[args.command](args, out)
+        handler: Callable[[argparse.Namespace, _Output], int] = args.handler
+        return handler(args, out)
     except OpsError as exc:
         return _report_error(out, exc.code, str(exc), exc.exit_code, exc.path)
     except OSError as exc:

@@ -100,7 +100,7 @@ def test_contexta_cli_zip_verifies_and_restores(cli, fixture_dir, expected):
     only = cli(*_args(fixture_dir, "restore", zip_path, "--verify-only", "--json"))
     assert only.returncode == 0, only
     assert only.json["plane_results"]["artifacts"]["verified_count"] == expected["artifacts"]
-    assert any(warning.startswith("checksums_absent") for warning in only.json["warnings"])
+    assert any(warning["code"] == "checksums_absent" for warning in only.json["warnings"])
     assert any(note.startswith("zip_crc32_checked") for note in only.json["verification_notes"])
     _mutate(ws)
     (ws / "reports").mkdir()

@@ -157,7 +157,7 @@ def test_ledger_locked_by_a_writer_is_a_warning_and_exit_1(cli, fixture_dir):
         holder.wait()
     assert result.returncode == 1, result
     assert result.json["status"] == "DEGRADED"
-    assert any(warning.startswith("metadata_in_use") for warning in result.json["warnings"])
+    assert any(warning["code"] == "metadata_in_use" for warning in result.json["warnings"])
 
 
 def test_second_backup_while_one_runs_exits_4_and_changes_nothing(cli, fixture_dir):
@@ -183,7 +183,7 @@ def test_symlinks_inside_the_workspace_are_not_followed(cli, fixture_dir, tmp_pa
     os.symlink(str(secret), str(_ws(fixture_dir) / "records" / "link-out"))
     result = _create(cli, fixture_dir)
     assert result.returncode == 1, result
-    assert any("skipped_symlink" in warning for warning in result.json["warnings"])
+    assert any(warning["code"] == "skipped_symlink" for warning in result.json["warnings"])
     location = Path(result.json["location"])
     assert not os.path.lexists(str(location / "workspace/records/link-out"))
 
@@ -248,7 +248,7 @@ def test_backup_verify_of_a_contexta_backup_says_it_cannot_prove_checksums(cli, 
                  "fixture-2026-11-26T03-48-11_819023Z", "--json")
     assert result.returncode == 1
     assert result.json["status"] == "DEGRADED"
-    assert result.json["warnings"][0].startswith("checksums_absent")
+    assert result.json["warnings"][0]["code"] == "checksums_absent"
 
 
 def test_backup_plan_changes_nothing(cli, fixture_dir):

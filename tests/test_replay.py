@@ -126,7 +126,7 @@ def test_malformed_lines_go_to_dead_letters_and_the_rest_proceeds(cli, fixture_d
     payload = result.json
     assert payload["acknowledged_count"] == 4 and payload["malformed_count"] == 7
     assert payload["dead_lettered_count"] == 7 and payload["pending_count"] == 0
-    assert any(warning.startswith("attempts_not_integer") for warning in payload["warnings"])
+    assert any(warning["code"] == "attempts_not_integer" for warning in payload["warnings"])
     dead = [json.loads(line) for line in (outbox_root / ops.DEAD_LETTER_FILE).read_text().splitlines()]
     reasons = [record["reason"] for record in dead]
     assert reasons == ["not JSON", "not a JSON object", "missing family", "missing payload",

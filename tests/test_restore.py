@@ -44,7 +44,7 @@ def test_verify_only_of_contexta_backup_gives_contexta_counts(cli, fixture_dir, 
     assert planes["metadata"]["run_count"] in (None, want["metadata"]["run_count"])
     assert "record_replay:50" in payload["verification_notes"]
     assert "manifest:%s" % FIXTURE_BACKUP_REF in payload["verification_notes"]
-    assert any(warning.startswith("checksums_absent") for warning in payload["warnings"])
+    assert any(warning["code"] == "checksums_absent" for warning in payload["warnings"])
     # Target untouched, no staging left behind (the empty staging root itself may remain).
     after = snapshot(fixture_dir)
     assert {k: v for k, v in after.items() if not k.startswith("staging")} == before
@@ -202,7 +202,7 @@ def test_apply_refuses_a_backup_that_fails_verification_unless_forced(cli, fixtu
     assert snapshot(ws) == before
     forced = cli(*_args(fixture_dir, "restore", created["backup_ref"], "--force", "--json"))
     assert forced.returncode == 1 and forced.json["applied"] is True
-    assert any(warning.startswith("forced") for warning in forced.json["warnings"])
+    assert any(warning["code"] == "forced" for warning in forced.json["warnings"])
 
 
 def _trace_steps(cli, fixture_dir, tmp_path, args_for):
