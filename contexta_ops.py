@@ -66,6 +66,7 @@ from typing import (
     Mapping,
     NoReturn,
     Optional,
+    Pattern,
     Sequence,
     Set,
     Tuple,
@@ -704,22 +705,24 @@ def _remove_tree(path: Any) -> None:
     shutil.rmtree(path, onerror=_retry_writable)
 
 
-def _tree_size(root: Any, excludes: Sequence[Path] = ()) -> Tuple[int, int]:
+def _tree_size(root: Any, excludes: Sequence[Path] = (), skip: Optional[Pattern[str]] = None) -> Tuple[int, int]:
     """(file count, byte count) below ``root``, not following symlinks."""
     count = 0
     total = 0
-    for _relative, entry_stat, kind in _walk_tree(Path(root), excludes):
+    for _relative, entry_stat, kind in _walk_tree(Path(root), excludes, skip):
         if kind == "file":
             count += 1
             total += entry_stat.st_size
     return count, total
 
 
-def _walk_tree(root: Path, excludes: Sequence[Path] = ()) -> Iterator[Tuple[str, os.stat_result, str]]:
+def _walk_tree(root: Path, excludes: Sequence[Path] = (),
+               skip: Optional[Pattern[str]] = None) -> Iterator[Tuple[str, os.stat_result, str]]:
     """Yield ``(relative posix path, lstat, kind)`` for everything below ``root``, sorted.
 
     ``kind`` is ``dir``, ``file``, ``symlink`` or ``special``.  Symlinks are never
-    followed; paths in ``excludes`` (and everything below them) are skipped.
+    followed; paths in ``excludes`` and names matching ``skip`` (and everything
+    below them) are skipped.
     """
     excluded = {os.path.normpath(str(path)) for path in excludes}
     stack: List[Tuple[str, str]] = [(str(root), "")]
@@ -732,7 +735,7 @@ def _walk_tree(root: Path, excludes: Sequence[Path] = ()) -> Iterator[Tuple[str,
             continue
         subdirs: List[Tuple[str, str]] = []
         for entry in entries:
-            if os.path.normpath(entry.path) in excluded:
+            if os.path.normpath(entry.path) in excluded or (skip is not None and skip.match(entry.name)):
                 continue
             relative = prefix + entry.name
             entry_stat = entry.stat(follow_symlinks=False)
@@ -1816,17 +1819,76 @@ _MANIFEST_DIGEST_NAME = "manifest.json.sha256"  # sha256sum format; proves the m
 _PARTIAL_SUFFIX = ".partial"
 _BACKUP_REF_PATTERN = re.compile(r"^(?P<label>.+)-(?P<ts>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:_\d{6})?Z)$")
 _SAFETY_LABEL = "pre-restore-safety"
+# manual: `backup create`; safety: taken by a restore before it replaces a workspace; incremental: hard-links
+# what an earlier backup holds; imported: made elsewhere (by Contexta, or by hand).  Defaults, `latest` and
+# --keep-last never pick or count safety backups: after a restore, the newest backup is the broken workspace.
+BACKUP_KINDS = ("manual", "safety", "incremental", "imported")
+
+
+@dataclasses.dataclass(frozen=True)
+class _SectionPart:
+    """One entry of the backup registry: a part of the workspace that backups copy and restores put back.
+
+    ``setting`` (plus ``subpath``) is where the configuration keeps it, so a
+    relocated store is found - and restored - where Contexta looks for it;
+    ``default_path`` is its place in a default workspace and in a backup.
+    """
+
+    name: str              # ours, and --only's (metadata, records, artifacts, outbox, capture, cache, exports)
+    section: str           # Contexta's name for it in included_sections
+    setting: str
+    default_path: str
+    subpath: str = ""
+    optional: bool = False  # copied only with --include-<name>
+    plane: Optional[str] = None  # the check plane that proves it
+
+    def locate(self, config: "UnifiedConfig") -> Path:
+        path = _setting(config, self.setting)
+        return path / self.subpath if self.subpath else path
+
+
+# In Contexta's section order.  `recovery` is Contexta's name for the outbox's directory (the whole cache,
+# there); ours holds what in it is data: the outbox and the capture sink's files, which Contexta's own facade
+# (`Contexta(...).metric(...)`) writes and nowhere else.  cache/restore is restore staging; exports/ holds
+# outputs (replay sink copies, export packages, often the backups themselves) and is opt-in, as in Contexta.
+_SECTION_PARTS = (
+    _SectionPart("metadata", "metadata", "workspace.metadata_path", "metadata", plane="metadata"),
+    _SectionPart("records", "records", "records.root_path", "records", plane="records"),
+    _SectionPart("artifacts", "artifacts", "artifacts.root_path", "artifacts", plane="artifacts"),
+    _SectionPart("outbox", "recovery", "recovery.outbox_root", "cache/outbox", plane="outbox"),
+    _SectionPart("capture", "recovery", "workspace.cache_path", "cache/capture", subpath="capture", plane="capture"),
+    _SectionPart("cache", "cache", "workspace.cache_path", "cache", optional=True),
+    _SectionPart("exports", "exports", "workspace.exports_path", "exports", optional=True),
+)
+_PARTS_BY_NAME = {part.name: part for part in _SECTION_PARTS}
+_CONTEXTA_SECTIONS = ("config", "metadata", "records", "artifacts", "recovery", "cache", "exports")
+
+# Never copied, wherever they are: our own journals, locks and temp files, Contexta's atomic-write temp
+# files (`tmp` + 8 characters) and record-index rebuild scratch.  Restoring a journal would make the next
+# replay or artifact command "finish" work that belongs to a workspace that no longer exists.
+_NEVER_COPIED = re.compile(
+    r"^(?:replay\.journal\.json|requeue\.journal\.json|replay\.lock|\.replay-kept\.tmp|\.replay-dead\.tmp"
+    r"|contexta-ops\.lock|.*\.contexta-ops-write\.json|\.contexta-ops-sink-index\.sqlite.*|tmp[a-z0-9_]{8}"
+    r"|\.tmp-indexes)$")
+
+
+def _setting(config: "UnifiedConfig", dotted: str) -> Path:
+    """A path setting by its dotted name (``records.root_path``)."""
+    section, key = dotted.split(".")
+    path: Path = getattr(getattr(config, section), key)
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
 class BackupSection(_Record):
-    """One source copied into a backup: Contexta's section name, where from, where to."""
+    """One source copied into a backup: the registry part, Contexta's section name, where from, where to."""
 
     name: str
     source: Path
     path: str
     kind: str = "dir"
     relocated: bool = False
+    section: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1843,6 +1905,8 @@ class BackupPlan(_Record):
     excluded_paths: Tuple[Path, ...] = ()
     warnings: Tuple[Notice, ...] = ()
     estimated_files: int = 0
+    kind: str = "manual"
+    label: str = "backup"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1860,13 +1924,18 @@ class BackupResult(_Record):
     bytes_written: int = 0
     verification_notes: Tuple[str, ...] = ()
     file_count: int = 0
+    kind: str = "manual"
+
+
+def _clean_label(label: Optional[str]) -> str:
+    """Contexta's label cleaning: Unicode letters and digits, ``-`` and ``_``; ``backup`` when nothing is left."""
+    stem = (label or "backup").strip() or "backup"
+    return "".join(char if char.isalnum() or char in "-_" else "-" for char in stem).strip("-_") or "backup"
 
 
 def _build_backup_ref(label: Optional[str], moment: Optional[datetime] = None) -> str:
-    """``<label>-<T>`` with Contexta's label cleaning (Unicode letters and digits, ``-``, ``_``)."""
-    stem = (label or "backup").strip() or "backup"
-    safe = "".join(char if char.isalnum() or char in "-_" else "-" for char in stem).strip("-_") or "backup"
-    return "%s-%s" % (safe, _path_safe_timestamp(_utc_timestamp(moment)))
+    """``<label>-<T>``, Contexta's backup ref."""
+    return "%s-%s" % (_clean_label(label), _path_safe_timestamp(_utc_timestamp(moment)))
 
 
 def _stored_path(path: Path, workspace_root: Path, default: str) -> Tuple[str, bool]:
@@ -1876,35 +1945,35 @@ def _stored_path(path: Path, workspace_root: Path, default: str) -> Tuple[str, b
     return "workspace/" + default, True
 
 
-def _backup_sections(config: UnifiedConfig, include_cache: bool, include_exports: bool) -> List[BackupSection]:
+def _backup_sections(config: UnifiedConfig, include: Iterable[str] = ()) -> List[BackupSection]:
+    """The registry's parts this configuration has, with the optional ones in ``include``, in backup order."""
     ws = config.workspace.root_path
+    included = set(include)
     sections: List[BackupSection] = []
-
-    def add(name: str, source: Path, default: str, kind: str = "dir") -> BackupSection:
-        path, relocated = _stored_path(source, ws, default)
-        section = BackupSection(name, source, path, kind, relocated)
-        sections.append(section)
-        return section
-
-    metadata_dir = add("metadata", config.workspace.metadata_path, "metadata")
-    database = config.metadata.database_path
-    if not _is_within(database, config.workspace.metadata_path):
-        # The ledger lives elsewhere: keep it (and its WAL, as one unit) with the metadata section.
-        if _is_within(database, ws):
-            add("metadata", database, "metadata/ledger.db", "file")
-            add("metadata", Path(str(database) + ".wal"), "metadata/ledger.db.wal", "file")
-        else:
-            sections.append(BackupSection("metadata", database, metadata_dir.path + "/ledger.db", "file", True))
-            sections.append(BackupSection("metadata", Path(str(database) + ".wal"),
-                                          metadata_dir.path + "/ledger.db.wal", "file", True))
-    add("records", config.records.root_path, "records")
-    add("artifacts", config.artifacts.root_path, "artifacts")
-    add("recovery", config.recovery.outbox_root, "cache/outbox")
-    if include_cache:
-        add("cache", config.workspace.cache_path, "cache")
-    if include_exports:
-        add("exports", config.workspace.exports_path, "exports")
+    for part in _SECTION_PARTS:
+        if part.optional and part.name not in included:
+            continue
+        source = part.locate(config)
+        path, relocated = _stored_path(source, ws, part.default_path)
+        sections.append(BackupSection(part.name, source, path, "dir", relocated, part.section))
+        if part.name == "metadata":
+            sections += _ledger_sections(config, sections[-1])
     return sections
+
+
+def _ledger_sections(config: UnifiedConfig, metadata_dir: BackupSection) -> List[BackupSection]:
+    """The ledger and its WAL, as one unit, when they live outside the metadata directory."""
+    ws = config.workspace.root_path
+    database = config.metadata.database_path
+    if _is_within(database, config.workspace.metadata_path):
+        return []
+    wal = Path(str(database) + ".wal")
+    if _is_within(database, ws):
+        return [BackupSection("metadata", source, path, "file", False, "metadata") for source, path in (
+            (database, _stored_path(database, ws, "metadata/ledger.db")[0]),
+            (wal, _stored_path(wal, ws, "metadata/ledger.db.wal")[0]))]
+    return [BackupSection("metadata", database, metadata_dir.path + "/ledger.db", "file", True, "metadata"),
+            BackupSection("metadata", wal, metadata_dir.path + "/ledger.db.wal", "file", True, "metadata")]
 
 
 def _section_excludes(config: UnifiedConfig, sections: Sequence[BackupSection], section: BackupSection,
@@ -1915,6 +1984,49 @@ def _section_excludes(config: UnifiedConfig, sections: Sequence[BackupSection], 
         if other is not section and other.source != section.source and _is_within(other.source, section.source):
             excludes.append(other.source)
     return [path for path in excludes if _is_within(path, section.source)]
+
+
+def _workspace_signals(config: UnifiedConfig) -> List[Tuple[Notice, bool]]:
+    """Signs that a workspace is in use or mid-operation, each with whether a live process holds it.
+
+    The one list `status` shows, a backup records and a restore refuses on: a
+    writer's file handle on a swapped-out tree would lose its writes, and a
+    journal describes work on the tree it was written for.
+    """
+    database = config.metadata.database_path
+    outbox_root = config.recovery.outbox_root
+    store = ArtifactStore(VaultConfig.from_unified_config(config))
+    workspace = config.workspace.root_path
+    checks = (
+        (_posix_lock_is_held(database), True,
+         Notice("metadata_in_use", "%s is open by a writer (DuckDB lock held)" % database)),
+        (os.path.exists(str(database) + ".wal"), False,
+         Notice("metadata_wal_present", "%s.wal exists: a DuckDB writer is open or stopped without a checkpoint"
+                % database)),
+        (_lock_is_held(_workspace_lock_path(workspace)), True,
+         Notice("workspace_lock_held", "another backup or restore holds %s" % _workspace_lock_path(workspace))),
+        (_journal_path(workspace).exists(), False,
+         Notice("restore_interrupted", "a restore was interrupted; the next backup or restore finishes or rolls "
+                "it back (%s)" % _journal_path(workspace))),
+        (_lock_is_held(outbox_root / REPLAY_LOCK_FILE), True,
+         Notice("replay_running", "a replay holds %s" % (outbox_root / REPLAY_LOCK_FILE))),
+        ((outbox_root / _REPLAY_JOURNAL).exists() or (outbox_root / _REQUEUE_JOURNAL).exists(), False,
+         Notice("replay_interrupted", "a replay or requeue was interrupted; the next `replay` finishes it (%s)"
+                % outbox_root)),
+        (_lock_is_held(store.root_path / _STORE_LOCK), True,
+         Notice("artifact_write_running", "an artifact put or import holds %s" % (store.root_path / _STORE_LOCK))),
+        (bool(_interrupted_artifact_writes(store)), False,
+         Notice("artifact_write_interrupted", "an artifact put/import was interrupted; the next artifact command "
+                "rolls it back or finishes it")),
+    )
+    return [(notice, held) for found, held, notice in checks if found]
+
+
+def _unsafe_workspace_notices(config: UnifiedConfig) -> List[Notice]:
+    """What a backup taken now records as unsafe (its own lock, a resumed restore and the ledger lock aside)."""
+    return [notice for notice, _held in _workspace_signals(config)
+            if notice.code not in ("workspace_lock_held", "restore_interrupted", "metadata_in_use",
+                                   "metadata_wal_present")]
 
 
 def _metadata_in_use_warnings(config: UnifiedConfig) -> Tuple[List[Notice], List[str]]:
@@ -1931,18 +2043,24 @@ def _metadata_in_use_warnings(config: UnifiedConfig) -> Tuple[List[Notice], List
 
 
 def plan_workspace_backup(config: UnifiedConfig, *, label: Optional[str] = None, include_cache: bool = False,
-                          include_exports: bool = False) -> BackupPlan:
-    """Plan a backup of the configured workspace.  Reads sizes only; creates nothing."""
+                          include_exports: bool = False, kind: str = "manual") -> BackupPlan:
+    """Plan a backup of the configured workspace.  Reads sizes only; creates nothing.
+
+    The plan is the one record of what is copied (``sections``: every source
+    and where it goes) and what is not (``excluded``), and the backup follows it.
+    """
     ws = config.workspace.root_path
     if not ws.is_dir():
         raise BackupError("workspace %s does not exist" % ws, code="workspace_missing", path=ws)
-    sections = _backup_sections(config, include_cache, include_exports)
-    names = ["config", "metadata", "records", "artifacts", "recovery"]
-    names += ["cache"] if include_cache else []
-    names += ["exports"] if include_exports else []
-    notes = [] if include_cache else ["cache_excluded"]
-    notes += [] if include_exports else ["exports_excluded"]
+    if kind not in BACKUP_KINDS:
+        raise UsageError("backup kind must be one of %s, not %r" % (", ".join(BACKUP_KINDS), kind))
+    include = [name for name, wanted in (("cache", include_cache), ("exports", include_exports)) if wanted]
+    sections = _backup_sections(config, include)
+    names = [name for name in _CONTEXTA_SECTIONS
+             if name == "config" or any(section.section == name for section in sections)]
+    notes = [name + "_excluded" for name in ("cache", "exports") if name not in include]
     warnings, in_use_notes = _metadata_in_use_warnings(config)
+    warnings += _unsafe_workspace_notices(config)
     notes += in_use_notes
     excluded: List[Path] = []
     for root_name, root in (("backup_root", config.recovery.backup_root),
@@ -1964,13 +2082,13 @@ def plan_workspace_backup(config: UnifiedConfig, *, label: Optional[str] = None,
                 files += 1
                 total += section.source.stat().st_size
         elif section.source.is_dir():
-            count, size = _tree_size(section.source, _section_excludes(config, sections, section))
+            count, size = _tree_size(section.source, _section_excludes(config, sections, section), _NEVER_COPIED)
             files += count
             total += size
     return BackupPlan(backup_ref=_build_backup_ref(label), workspace_root=ws, backup_root=config.recovery.backup_root,
                       included_sections=tuple(names), estimated_bytes=total, notes=tuple(notes),
                       sections=tuple(sections), excluded_paths=tuple(excluded), warnings=tuple(warnings),
-                      estimated_files=files)
+                      estimated_files=files, kind=kind, label=_clean_label(label))
 
 
 def _resolved_config_mapping(config: UnifiedConfig) -> Dict[str, Any]:
@@ -1995,8 +2113,16 @@ class _SectionWalk:
         self.plan = plan
         self.extra_excludes = list(extra_excludes)
         self.warnings: List[Notice] = []
-        self.copied = ["config"]
         self.copied_sections: List[BackupSection] = []
+
+    @property
+    def copied(self) -> List[str]:
+        """Contexta's section names, in its order.  Like Contexta, `recovery` counts when the outbox's
+        directory exists, even empty."""
+        names = {section.section for section in self.copied_sections}
+        if os.path.isdir(str(self.config.recovery.outbox_root.parent)):
+            names.add("recovery")
+        return [name for name in _CONTEXTA_SECTIONS if name == "config" or name in names]
 
     def entries(self) -> Iterator[_Entry]:
         done_sources: Set[str] = set()
@@ -2014,7 +2140,7 @@ class _SectionWalk:
                 yield _Entry("dir", section.path, section.source, source_stat)
                 excludes = _section_excludes(self.config, self.plan.sections, section, self.extra_excludes)
                 source_text = str(section.source)
-                for rel, entry_stat, kind in _walk_tree(section.source, excludes):
+                for rel, entry_stat, kind in _walk_tree(section.source, excludes, _NEVER_COPIED):
                     if kind in ("dir", "file"):
                         yield _Entry(kind, section.path + "/" + rel, source_text + "/" + rel, entry_stat)
                     else:
@@ -2025,8 +2151,6 @@ class _SectionWalk:
                     section.name, section.source, section.kind)))
                 continue
             self.copied_sections.append(section)
-            if section.name not in self.copied:
-                self.copied.append(section.name)
 
 
 def _changed_while_read(source: Any, before: os.stat_result, size_read: int) -> bool:
@@ -2046,9 +2170,15 @@ class _PreviousBackup:
         self.location = location
         self.backup_ref = manifest.get("backup_ref", location.name)
         self.files = {entry["path"]: entry for entry in manifest["files"]}
+        self.damaged: List[str] = []
 
     def reusable(self, entry: _Entry, verify_unchanged: bool) -> Optional[Tuple[str, Mapping[str, Any]]]:
-        """The previous copy of an unchanged file (same size, mtime and mode; sha256 too when asked)."""
+        """The previous copy of an unchanged file (same size, mtime and mode; sha256 too when asked).
+
+        With ``verify_unchanged`` both the live file and the base copy are
+        hashed: a base copy that rotted since it was written is never linked
+        (the damage would spread to every later backup); ``damaged`` counts them.
+        """
         previous = self.files.get(entry.member)
         source_stat = entry.stat
         if previous is None or (previous["size"], previous.get("mtime_ns"), previous.get("mode")) != (
@@ -2061,8 +2191,13 @@ class _PreviousBackup:
             return None
         if not stat.S_ISREG(copy_stat.st_mode) or copy_stat.st_size != previous["size"]:
             return None
-        if verify_unchanged and sha256_file(entry.source) != (previous["size"], previous["sha256"]):
-            return None
+        if verify_unchanged:
+            recorded = (previous["size"], previous["sha256"])
+            if sha256_file(entry.source) != recorded:
+                return None
+            if sha256_file(copy) != recorded:
+                self.damaged.append(copy)
+                return None
         return copy, previous
 
 
@@ -2097,6 +2232,7 @@ class _BackupWriter:
         self.bytes_written = 0
         self.bytes_linked = 0
         self.links_failed = 0
+        self.linked = 0
         self.warnings: List[Notice] = []
         self.copier = _Copier()
 
@@ -2123,6 +2259,7 @@ class _BackupWriter:
                 self.links_failed += 1
             else:
                 self.files.append(dict(reusable[1]))
+                self.linked += 1
                 self.bytes_linked += entry.stat.st_size
                 self.progress.advance(entry.stat.st_size)
                 _crash_point("backup:file-linked")
@@ -2187,7 +2324,7 @@ def create_workspace_backup(config: UnifiedConfig, plan: BackupPlan, *, incremen
         raise BackupError("workspace %s does not exist" % workspace_root, code="workspace_missing",
                           path=workspace_root)
     with _workspace_lock(workspace_root):
-        _resume_interrupted_restore(workspace_root)
+        _resume_interrupted_restore(workspace_root, _relocated_roots(config, workspace_root))
         return _write_backup(config, plan, incremental, verify_unchanged)
 
 
@@ -2199,6 +2336,8 @@ def _write_backup(config: UnifiedConfig, plan: BackupPlan, incremental: bool = F
     previous = _newest_previous_backup(backup_root) if incremental else None
     if incremental and previous is None:
         plan = dataclasses.replace(plan, notes=plan.notes + ("incremental_without_base:full copy",))
+    elif incremental:
+        plan = dataclasses.replace(plan, kind="incremental")
     final = backup_root / plan.backup_ref
     if final.exists():
         raise BackupError("backup %s already exists" % final, code="backup_exists", path=final)
@@ -2236,6 +2375,8 @@ def _backup_manifest(config: UnifiedConfig, plan: BackupPlan, created_at: str, w
         "notes": [note for note in plan.notes if note in ("cache_excluded", "exports_excluded")],
         "format": BACKUP_FORMAT,
         "tool": {"name": TOOL_NAME, "version": __version__},
+        "kind": plan.kind,
+        "label": plan.label,
         "sections": [section.to_dict() for section in walk.copied_sections],
         "files": files,
         "file_count": len(files),
@@ -2266,6 +2407,7 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
                  previous: Optional[_PreviousBackup] = None, verify_unchanged: bool = False) -> BackupResult:
     writer = _BackupWriter(partial, progress, previous, verify_unchanged)
     warnings, notes = _metadata_in_use_warnings(config)
+    warnings += _unsafe_workspace_notices(config)
     writer.add_bytes(_CONFIG_MEMBER, _pretty_json(_resolved_config_mapping(config)))
     walk = _SectionWalk(config, plan, extra_excludes=[partial])
     try:
@@ -2276,9 +2418,20 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
         raise
     writer.finish()
     _crash_point("backup:files-durable")
+    details: Dict[str, Any] = {"format": BACKUP_FORMAT, "bytes_linked": writer.bytes_linked,
+                               "sections": [section.to_dict() for section in walk.copied_sections]}
     if previous is not None:
         notes.append("incremental_from:%s" % previous.backup_ref)
         notes.append("bytes_linked:%d" % writer.bytes_linked)
+        details.update(incremental_base=previous.backup_ref, linked_files=writer.linked,
+                       linked_unverified=0 if verify_unchanged else writer.linked)
+        if not verify_unchanged and writer.linked:
+            notes.append("linked_unverified:%d from %s (matched by size, mtime and mode; --verify-unchanged "
+                         "hashes them)" % (writer.linked, previous.backup_ref))
+        if previous.damaged:
+            warnings.append(Notice("incremental_base_damaged", "%d file(s) of the base backup %s no longer match "
+                                   "its manifest (first: %s); they were copied fresh - verify that backup"
+                                   % (len(previous.damaged), previous.backup_ref, previous.damaged[0])))
     if writer.links_failed:
         notes.append("hardlinks_unavailable:%d files copied instead" % writer.links_failed)
     created_at = _utc_timestamp()
@@ -2302,8 +2455,7 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
         status="DEGRADED" if warnings else "SUCCESS",
         warnings=tuple(warnings),
         notes=tuple(plan.notes) + tuple(note for note in notes if note not in plan.notes),
-        details={"format": BACKUP_FORMAT, "sections": [section.to_dict() for section in walk.copied_sections],
-                 "bytes_linked": writer.bytes_linked},
+        details=details,
         backup_ref=plan.backup_ref,
         created_at=created_at,
         location=final,
@@ -2311,6 +2463,7 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
         bytes_written=writer.bytes_written + manifest_size,
         verification_notes=("manifest_written", "checksums_recorded:%d" % len(writer.files)),
         file_count=len(writer.files),
+        kind=plan.kind,
     )
 
 
@@ -2367,7 +2520,7 @@ def create_backup_archive(config: UnifiedConfig, plan: BackupPlan, destination: 
         raise BackupError("directory %s does not exist" % final.parent, code="archive_directory_missing",
                           path=final.parent)
     with _workspace_lock(workspace_root):
-        _resume_interrupted_restore(workspace_root)
+        _resume_interrupted_restore(workspace_root, _relocated_roots(config, workspace_root))
         if final is None:
             return _write_archive(config, plan, sys.stdout.buffer, None, compress)
         prefix = ".%s.partial-" % final.name
@@ -2394,6 +2547,7 @@ def create_backup_archive(config: UnifiedConfig, plan: BackupPlan, destination: 
 def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Optional[Path], compress: bool,
                    exclude: Sequence[Path] = ()) -> BackupResult:
     warnings, notes = _metadata_in_use_warnings(config)
+    warnings += _unsafe_workspace_notices(config)
     walk = _SectionWalk(config, plan, extra_excludes=list(exclude) + ([final] if final else []))
     entries = list(walk.entries())
     config_bytes = _pretty_json(_resolved_config_mapping(config))
@@ -2611,7 +2765,7 @@ class _DirectoryBackup(_BackupSource):
     def manifest_problems(self) -> List[Problem]:
         sidecar = self.location / _MANIFEST_DIGEST_NAME
         digest = sidecar.read_bytes() if sidecar.is_file() else None
-        return _manifest_digest_problems(self.manifest_bytes, digest, required=False)
+        return _manifest_digest_problems(self.manifest_bytes, digest, required=self.made_by == TOOL_NAME)
 
     def read_member(self, path: str) -> Optional[bytes]:
         target = self.location / path
@@ -2835,14 +2989,18 @@ def _looks_like_path(backup: str) -> bool:
 
 
 def _locate_backup(config: UnifiedConfig, backup: Optional[str]) -> Path:
-    """A backup ref under the backup root, or a path to a backup; None means the newest complete one."""
+    """A backup by ref, ``latest``, label, unique prefix, or path; None means ``latest``.
+
+    ``latest`` is the newest complete backup that is not a safety backup: right
+    after a restore, the newest backup of all is the broken workspace's.
+    """
     backup_root = config.recovery.backup_root
-    if backup is None:
-        complete = [entry for entry in list_backups(config) if entry.complete]
-        if not complete:
-            raise RestoreError("no complete backup under %s" % backup_root, code="recovery_backup_not_found",
-                               path=backup_root)
-        return Path(complete[-1].location)
+    if backup is None or backup == "latest":
+        candidates = [entry for entry in list_backups(config) if entry.complete and entry.kind != "safety"]
+        if not candidates:
+            raise RestoreError("no complete backup under %s (safety backups are only chosen by name)" % backup_root,
+                               code="recovery_backup_not_found", path=backup_root)
+        return Path(candidates[-1].location)
     if not isinstance(backup, str) or not backup or "\x00" in backup:
         raise RestoreError("invalid backup reference %r" % (backup,), code="recovery_invalid_backup_ref")
     if backup == ARCHIVE_STDOUT:
@@ -2851,8 +3009,8 @@ def _locate_backup(config: UnifiedConfig, backup: Optional[str]) -> Path:
         location = _resolve_path(backup)
     else:
         location = backup_root / backup
-        if not os.path.lexists(str(location)) and os.path.exists(backup):
-            location = _resolve_path(backup)  # a file in the working directory, e.g. nightly.tar
+        if not os.path.lexists(str(location)):
+            location = _resolve_path(backup) if os.path.exists(backup) else _match_backup(config, backup)
     if not location.exists():
         raise RestoreError("backup %s not found%s" % (
             backup, "" if _looks_like_path(backup) else " under %s" % backup_root),
@@ -2861,6 +3019,20 @@ def _locate_backup(config: UnifiedConfig, backup: Optional[str]) -> Path:
         raise RestoreError("backup %s is not a backup directory or archive" % location,
                            code="recovery_backup_invalid", path=location)
     return location
+
+
+def _match_backup(config: UnifiedConfig, name: str) -> Path:
+    """The newest complete backup labelled ``name``, else the one whose ref starts with ``name``."""
+    complete = [entry for entry in list_backups(config) if entry.complete]
+    labelled = [entry for entry in complete if entry.label == name]
+    if labelled:
+        return Path(labelled[-1].location)
+    prefixed = [entry for entry in complete if entry.location.name.startswith(name)]
+    if len(prefixed) > 1:
+        raise RestoreError("%r matches %d backups (%s%s); give more of the ref" % (
+            name, len(prefixed), ", ".join(entry.location.name for entry in prefixed[-5:]),
+            ", ..." if len(prefixed) > 5 else ""), code="recovery_backup_ambiguous", path=config.recovery.backup_root)
+    return Path(prefixed[0].location) if prefixed else config.recovery.backup_root / name
 
 
 def _open_backup(config: UnifiedConfig, backup: Optional[str]) -> Any:
@@ -2882,11 +3054,82 @@ class BackupListEntry(_Record):
     has_checksums: bool
     made_by: Optional[str]
     problem: Optional[str] = None
+    kind: Optional[str] = None
+    label: Optional[str] = None
+    last_verified_clean_at: Optional[str] = None
+    last_restored_at: Optional[str] = None
 
 
 def _ref_timestamp(name: str) -> str:
     match = _BACKUP_REF_PATTERN.match(name)
     return match.group("ts") if match else ""
+
+
+def _ref_label(name: str) -> str:
+    match = _BACKUP_REF_PATTERN.match(name)
+    return match.group("label") if match else name
+
+
+def _backup_kind(backup: _BackupSource) -> str:
+    """The kind a backup's manifest records; for older and foreign backups, what its name and maker say."""
+    kind = backup.manifest.get("kind")
+    if isinstance(kind, str) and kind in BACKUP_KINDS:
+        return kind
+    if _ref_label(backup.backup_ref) == _SAFETY_LABEL:
+        return "safety"  # Contexta labels its own safety backups the same way
+    return "manual" if backup.made_by == TOOL_NAME else "imported"
+
+
+# Beside the backups, never inside one (a backup's bytes never change): when each last verified clean and
+# was last restored from.  prune keeps both; `backup list` shows them.
+_HISTORY_NAME = ".contexta-ops-history.jsonl"
+_HISTORY_EVENTS = ("verified_clean", "restored_from")
+
+
+def _record_backup_event(config: UnifiedConfig, backup: _BackupSource, event: str) -> bool:
+    """Append one event for a backup of the backup root to the history there; False when it is not recorded.
+
+    A backup elsewhere (an archive on a stick, another host's directory) has no
+    history: nothing is written beside it.
+    """
+    location = backup.location
+    if location is None or location.parent != config.recovery.backup_root:
+        return False
+    line = _json_line({"event": event, "backup_ref": backup.backup_ref, "location": str(location),
+                       "at": _utc_timestamp()})
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(str(location.parent / _HISTORY_NAME), flags, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _backup_history(backup_root: Path) -> Dict[str, Dict[str, str]]:
+    """location -> {event: newest time}, read leniently (a torn or foreign line is skipped)."""
+    history: Dict[str, Dict[str, str]] = {}
+    try:
+        handle = open_regular(backup_root / _HISTORY_NAME, follow_symlinks=False)
+    except OSError:
+        return history
+    with handle:
+        for raw in handle:
+            try:
+                event = json_loads(raw, max_bytes=1 << 16)
+            except ValueError:
+                continue
+            if not (isinstance(event, dict) and event.get("event") in _HISTORY_EVENTS
+                    and isinstance(event.get("location"), str) and isinstance(event.get("at"), str)):
+                continue
+            slot = history.setdefault(event["location"], {})
+            if event["at"] > slot.get(event["event"], ""):
+                slot[event["event"]] = event["at"]
+    return history
 
 
 def list_backups(config: UnifiedConfig) -> List[BackupListEntry]:
@@ -2895,6 +3138,7 @@ def list_backups(config: UnifiedConfig) -> List[BackupListEntry]:
     entries: List[BackupListEntry] = []
     if not backup_root.is_dir():
         return entries
+    history = _backup_history(backup_root)
     for name in os.listdir(str(backup_root)):
         location = backup_root / name
         if not location.is_dir() or location.is_symlink():
@@ -2918,9 +3162,13 @@ def list_backups(config: UnifiedConfig) -> List[BackupListEntry]:
             count, size = manifest["file_count"], manifest["total_bytes"]
         else:
             count, size = _tree_size(location / "workspace")
-        entries.append(BackupListEntry(backup.backup_ref, location, manifest.get("created_at"), True, False, size,
-                                       count, tuple(manifest.get("included_sections", [])),
-                                       "files" in manifest, backup.made_by))
+        events = history.get(str(location), {})
+        label = manifest.get("label")
+        entries.append(BackupListEntry(
+            backup.backup_ref, location, manifest.get("created_at"), True, False, size, count,
+            tuple(manifest.get("included_sections", [])), "files" in manifest, backup.made_by,
+            kind=_backup_kind(backup), label=label if isinstance(label, str) else _ref_label(name),
+            last_verified_clean_at=events.get("verified_clean"), last_restored_at=events.get("restored_from")))
     entries.sort(key=lambda entry: (entry.created_at or "", _ref_timestamp(entry.location.name), entry.location.name))
     return entries
 
@@ -3008,10 +3256,10 @@ def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyR
     """Re-hash every file of a backup against its manifest: missing, extra, changed.  Changes nothing."""
     source = _open_backup(config, backup)
     progress = _Progress("verify %s" % source.backup_ref, int(source.manifest.get("total_bytes") or 0))
-    problems: List[Problem] = []
+    problems: List[Problem] = _own_format_problems(source)
     warnings: List[Notice] = []
     expected = source.expected_files
-    if expected is None:
+    if expected is None and not problems:
         warnings.append(Notice("checksums_absent", "this backup was made by %s and records no checksums; "
                                "`restore --verify-only` checks it by planes instead" % source.made_by))
 
@@ -3059,9 +3307,13 @@ def prune_backups(config: UnifiedConfig, keep_last: Optional[int] = None, keep_w
                   dry_run: bool = False) -> PruneResult:
     """Delete old backups and incomplete leftovers under the backup root.
 
-    Keeps the newest ``keep_last`` complete backups and every one younger than
-    ``keep_within`` days, and always the newest complete backup.  A backup a
-    restore or verification is reading (it holds a shared lock) is skipped.
+    Keeps the newest ``keep_last`` complete backups that are not safety
+    backups, every one younger than ``keep_within`` days, and always: the
+    newest such backup, the one most recently restored from, and the newest one
+    that verified clean.  Safety backups retire only by age.  Only backups and
+    our own interrupted ``.partial`` copies are touched; anything else under the
+    backup root stays.  A backup a restore or verification is reading (it
+    holds a shared lock) is skipped.
     A backup is renamed out of sight before it is deleted, so a half-deleted
     one never lists as complete.  Hard links shared with other backups (from
     incremental backups) stay valid: deleting a link never touches the data.
@@ -3073,20 +3325,29 @@ def prune_backups(config: UnifiedConfig, keep_last: Optional[int] = None, keep_w
     backup_root = config.recovery.backup_root
     entries = list_backups(config)
     complete = [entry for entry in entries if entry.complete]
+    regular = [entry for entry in complete if entry.kind != "safety"]
     keep: Set[str] = set()
-    if complete:
-        keep.add(str(complete[-1].location))
+    if regular:
+        keep.add(str(regular[-1].location))
     if keep_last is not None:
-        keep |= {str(entry.location) for entry in complete[-keep_last:]}
+        keep |= {str(entry.location) for entry in regular[-keep_last:]}
     if keep_within is not None:
         cutoff = datetime.now(timezone.utc).timestamp() - keep_within * 86400
         for entry in complete:
             created = _parse_timestamp(entry.created_at or "")
             if created is None or created.timestamp() >= cutoff:
                 keep.add(str(entry.location))
-    doomed = [entry for entry in complete if str(entry.location) not in keep]
-    doomed += [entry for entry in entries if not entry.complete and not entry.in_progress and (
-        entry.location.name.startswith(".") or _BACKUP_REF_PATTERN.match(entry.location.name))]
+    restored = [entry for entry in complete if entry.last_restored_at]
+    if restored:  # the state an operator last chose to go back to
+        keep.add(str(max(restored, key=lambda entry: entry.last_restored_at or "").location))
+    verified = [entry for entry in complete if entry.last_verified_clean_at]
+    if verified:
+        keep.add(str(verified[-1].location))
+    # Safety backups are not counted by --keep-last; only their age (--keep-within) retires them.
+    doomed = [entry for entry in complete if str(entry.location) not in keep
+              and (entry.kind != "safety" or keep_within is not None)]
+    doomed += [entry for entry in entries if not entry.complete and not entry.in_progress
+               and entry.location.name.startswith(".") and entry.location.name.endswith(_PARTIAL_SUFFIX)]
     removed: List[str] = []
     in_use: List[str] = []
     notes: List[str] = []
@@ -3152,6 +3413,7 @@ class _Layout:
     outbox_root: str
     notes: Tuple[str, ...] = ()
     reports_root: str = "reports"
+    part_roots: Tuple[Tuple[str, str], ...] = ()  # (workspace-relative path in the backup, registry part)
 
     def workspace_path(self, member_path: str) -> Optional[str]:
         """The workspace-relative path of a backup member, or None when it is not restored."""
@@ -3174,56 +3436,63 @@ class _Layout:
         return "workspace/" + workspace_path
 
 
-def _layout_for(backup: Any, member_dirs: Sequence[str]) -> _Layout:
+# Where each registry part sits in a default-shaped workspace tree, which is how Contexta's CLI zip holds it.
+_DEFAULT_PART_ROOTS = tuple((part.default_path, part.name) for part in _SECTION_PARTS) + (("reports", "reports"),)
+
+
+def _layout_for(backup: _BackupSource, member_dirs: Sequence[str]) -> _Layout:
+    """How a backup's ``workspace/`` tree maps onto a workspace: which paths hold which part."""
     manifest = backup.manifest
     if backup.kind == "zip":
         # Contexta's CLI zip is the whole workspace: restore what it holds, keep what it lacks.
-        return _Layout(None, _outermost(name for name in manifest["included_sections"] if name != "config"), "metadata/ledger.db", "records", "artifacts", "cache/outbox",
-                       ("zip_crc32_checked",))
+        return _Layout(None, _outermost(name for name in manifest["included_sections"] if name != "config"),
+                       "metadata/ledger.db", "records", "artifacts", "cache/outbox", ("zip_crc32_checked",),
+                       part_roots=_DEFAULT_PART_ROOTS)
     if backup.made_by == TOOL_NAME and manifest.get("sections") is not None:
         paths: Dict[str, List[str]] = {}
+        part_roots: List[Tuple[str, str]] = []
         for section in manifest["sections"]:
-            paths.setdefault(section["name"], []).append(section["path"][len("workspace/"):])
-        section_paths = _outermost(rel for rels in paths.values() for rel in rels)
-        metadata_dirs = [rel for rel in paths.get("metadata", []) if not rel.endswith((".db", ".wal"))]
-        files = [rel for rel in paths.get("metadata", []) if rel.endswith(".db")]
-        metadata_db = files[0] if files else (metadata_dirs[0] if metadata_dirs else "metadata") + "/ledger.db"
-        return _Layout(None, section_paths, metadata_db, (paths.get("records") or ["records"])[0],
-                       (paths.get("artifacts") or ["artifacts"])[0],
-                       (paths.get("recovery") or ["cache/outbox"])[0])
-    # A backup made by Contexta: sections sit at fixed names; `recovery` is the
-    # parent of the outbox, which we put back where it came from (formats 11.3).
+            rel = section["path"][len("workspace/"):]
+            name = "outbox" if section["name"] == "recovery" else section["name"]  # before the registry
+            if name == "metadata" and rel.endswith((".db", ".wal")):
+                name = "ledger_wal" if rel.endswith(".wal") else "ledger"
+            paths.setdefault(name, []).append(rel)
+            part_roots.append((rel, name))
+        metadata_dirs = paths.get("metadata", [])
+        metadata_db = (paths.get("ledger") or [(metadata_dirs[0] if metadata_dirs else "metadata") + "/ledger.db"])[0]
+        return _Layout(None, _outermost(rel for rel, _name in part_roots), metadata_db,
+                       (paths.get("records") or ["records"])[0], (paths.get("artifacts") or ["artifacts"])[0],
+                       (paths.get("outbox") or ["cache/outbox"])[0], part_roots=tuple(part_roots))
+    # A backup made by Contexta: sections sit at fixed names; `recovery` is the parent of the outbox
+    # (the whole cache, by default), which goes back where it came from, capture files and outbox included.
     live = _contexta_backup_config(backup)
     included = manifest.get("included_sections", [])
     notes: List[str] = []
     root = live.get("root_path")
-
-    def live_rel(key: str, default: str) -> str:
-        value = live.get(key)
-        if root and value and _is_within(value, root) and os.path.normpath(value) != os.path.normpath(root):
-            return _relative_posix(value, root)
-        return default
-
     replaced: List[str] = [name for name in ("metadata", "records", "artifacts", "cache", "exports")
                            if name in included]
     outbox_root = live.get("outbox_root")
-    recovery_dest: Optional[str] = "cache"
+    recovery_rel = "cache"
     outbox_rel = "cache/outbox"
     if outbox_root and root:
         parent = os.path.dirname(os.path.normpath(outbox_root))
         if _is_within(parent, root) and os.path.normpath(parent) != os.path.normpath(root):
-            recovery_dest = _relative_posix(parent, root)
-        outbox_rel = "cache/outbox" if recovery_dest is None else (
-            recovery_dest + "/" + os.path.basename(os.path.normpath(outbox_root)))
+            recovery_rel = _relative_posix(parent, root)
+        outbox_rel = recovery_rel + "/" + os.path.basename(os.path.normpath(outbox_root))
+    recovery_dest: Optional[str] = recovery_rel
     if "recovery" in included:
-        if recovery_dest is None or "cache" in included and _is_within("/" + recovery_dest, "/cache"):
+        if "cache" in included and _is_within("/" + recovery_rel, "/cache"):
             recovery_dest = None
             notes.append("recovery_section_covered_by_cache")
         else:
-            replaced += [recovery_dest + "/" + name for name in member_dirs]
-            notes.append("recovery_section_restored_to:%s" % recovery_dest)
-    return _Layout(recovery_dest, _outermost(replaced), "metadata/ledger.db", live_rel("records_path", "records"),
-                   live_rel("artifacts_path", "artifacts"), outbox_rel, tuple(notes))
+            replaced += [recovery_rel + "/" + name for name in member_dirs]
+            notes.append("recovery_section_restored_to:%s" % recovery_rel)
+    roots = [("metadata", "metadata"), ("records", "records"), ("artifacts", "artifacts"), ("exports", "exports"),
+             ("cache", "cache"), (outbox_rel, "outbox")]
+    if recovery_dest is not None:
+        roots += [(recovery_dest, "cache"), (recovery_dest + "/capture", "capture")]
+    return _Layout(recovery_dest, _outermost(replaced), "metadata/ledger.db", "records", "artifacts", outbox_rel,
+                   tuple(notes), part_roots=tuple(roots))
 
 
 def _outermost(paths: Iterable[str]) -> Tuple[str, ...]:
@@ -3236,7 +3505,7 @@ def _outermost(paths: Iterable[str]) -> Tuple[str, ...]:
     return tuple(kept)
 
 
-def _contexta_backup_config(backup: _DirectoryBackup) -> Dict[str, str]:
+def _contexta_backup_config(backup: _BackupSource) -> Dict[str, str]:
     """Workspace paths from a Contexta backup's resolved.config.json, when it is readable."""
     raw = backup.read_member("workspace/config/resolved.config.json")
     try:
@@ -3264,7 +3533,12 @@ def _recovery_children(backup: Any) -> List[str]:
 
 @dataclasses.dataclass(frozen=True)
 class RestorePlan(_Record):
-    """What a restore will do (Contexta's fields first).  Planning changes nothing."""
+    """What a restore will do (Contexta's fields first).  Planning changes nothing.
+
+    ``destinations`` says where each part of the backup goes, by the target's
+    configuration (a relocated store goes back where it is configured);
+    ``refusals`` are why an apply would refuse, before it changes anything.
+    """
 
     backup_ref: str
     source_root: Path
@@ -3282,6 +3556,9 @@ class RestorePlan(_Record):
     replaced_file_count: int = 0
     backup_file_count: int = 0
     warnings: Tuple[Notice, ...] = ()
+    destinations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    refusals: Tuple[Notice, ...] = ()
+    kind: str = "manual"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3306,18 +3583,158 @@ class RestoreResult(_Record):
 _LOST_LISTED = 200
 
 
+# -- where a restore puts things --------------------------------------------------
+#
+# A backup's workspace/ tree is shaped like a default workspace.  A restore puts
+# each part where the *target's* configuration keeps it: a store relocated by a
+# CONTEXTA_* variable, a config file or a flag goes back to that place, which is
+# where contexta itself will look.  Everything a restore replaces is a "unit":
+# the workspace directory, and each relocated store outside it (a directory, or
+# the ledger file).  Each unit gets a new copy built beside it; one journal then
+# lists every swap, so a run killed between two swaps is finished by the next.
+
+def _part_location(config: UnifiedConfig, part: str) -> Path:
+    """Where a configuration keeps a registry part, the ledger file or its WAL."""
+    if part == "ledger":
+        return config.metadata.database_path
+    if part == "ledger_wal":
+        return Path(str(config.metadata.database_path) + ".wal")
+    if part == "reports":
+        return config.workspace.reports_path
+    return _PARTS_BY_NAME[part].locate(config)
+
+
+class _Routes:
+    """Where each workspace-relative path of a backup lands, by the target's configuration."""
+
+    def __init__(self, layout: _Layout, config: UnifiedConfig, target: Path) -> None:
+        self.target = target
+        roots = list(layout.part_roots)
+        metadata_dirs = [rel for rel, part in roots if part == "metadata"]
+        if metadata_dirs and not any(part == "ledger" for _rel, part in roots):
+            roots += [(metadata_dirs[0] + "/ledger.db", "ledger"), (metadata_dirs[0] + "/ledger.db.wal", "ledger_wal")]
+        self.rules = sorted(((rel, part, _part_location(config, part)) for rel, part in roots),
+                            key=lambda rule: -len(rule[0]))
+
+    def destination(self, ws_rel: str) -> Path:
+        for rel, _part, location in self.rules:
+            if ws_rel == rel:
+                return location
+            if ws_rel.startswith(rel + "/"):
+                return safe_join(location, ws_rel[len(rel) + 1:])
+        return safe_join(self.target, ws_rel) if ws_rel else self.target
+
+    def held(self, replaced: Sequence[str], backup_files: Set[str]) -> Dict[str, Path]:
+        """Each part the backup holds, and where it goes."""
+        held: Dict[str, Path] = {}
+        for rel, part, location in sorted(self.rules, key=lambda rule: rule[0]):
+            inside = any(rel == outer or rel.startswith(outer + "/") for outer in replaced)
+            if inside and any(path == rel or path.startswith(rel + "/") for path in backup_files):
+                held.setdefault(part, location)
+        return held
+
+
+@dataclasses.dataclass
+class _Unit:
+    """One thing a restore replaces: the workspace directory, or a relocated store (a directory or file)."""
+
+    root: Path
+    kind: str                   # "workspace", "dir", "file", or "remove" (a stale WAL the backup lacks)
+    new: Optional[Path] = None  # the copy built beside it
+
+    def contains(self, path: Path) -> bool:
+        return _is_within(path, self.root)
+
+
+def _restore_units(routes: _Routes, layout: _Layout, backup_files: Set[str], target: Path) -> List[_Unit]:
+    """The workspace, then every relocated store the backup holds, each replaced whole."""
+    held = routes.held(layout.replaced, backup_files)
+    units = [_Unit(target, "workspace")]
+    for part, location in sorted(held.items()):
+        if _is_within(location, target):
+            continue
+        if _is_within(target, location):
+            raise RestoreError("%s %s (configured for %s) contains the workspace %s; a restore cannot replace it"
+                               % (part, location, target, target), code="restore_layout_unsupported", path=location)
+        for other in units[1:]:
+            if _is_within(location, other.root) or _is_within(other.root, location):
+                raise RestoreError("relocated stores %s and %s lie inside one another; restore them separately"
+                                   % (other.root, location), code="restore_layout_unsupported", path=location)
+        units.append(_Unit(location, "file" if part in ("ledger", "ledger_wal") else "dir"))
+    ledger = held.get("ledger")
+    if ledger is not None and not _is_within(ledger, target) and "ledger_wal" not in held:
+        wal = Path(str(ledger) + ".wal")
+        if os.path.lexists(str(wal)):
+            units.append(_Unit(wal, "remove"))  # a WAL belongs to the ledger it was written for
+    return units
+
+
+def _replaced_inside(routes: _Routes, layout: _Layout, target: Path) -> Tuple[str, ...]:
+    """Target-relative paths the workspace unit replaces (the rest of the workspace is kept)."""
+    inside = []
+    for rel in layout.replaced:
+        destination = routes.destination(rel)
+        if _is_within(destination, target) and destination != target:
+            inside.append(_relative_posix(destination, target))
+    for rel, _part, location in routes.rules:
+        if any(rel.startswith(outer + "/") for outer in layout.replaced) and _is_within(location, target) \
+                and location != target:
+            inside.append(_relative_posix(location, target))
+    return _outermost(inside)
+
+
+def _protected_inside(config: UnifiedConfig, backup: _BackupSource, units: Sequence[_Unit],
+                      replaced_inside: Sequence[str], target: Path) -> List[Notice]:
+    """Backups and staging a restore would delete: they lie in something it replaces whole."""
+    doomed = [target / rel for rel in replaced_inside] + [unit.root for unit in units[1:]]
+    protected = [("backup root", config.recovery.backup_root), ("staging root", config.recovery.restore_staging_root)]
+    if backup.location is not None:
+        protected.append(("backup %s" % backup.backup_ref, backup.location))
+    found = []
+    for what, path in protected:
+        for replaced in doomed:
+            if _is_within(path, replaced):
+                found.append(Notice("restore_would_delete_backups",
+                                    "the %s %s lies inside %s, which the restore replaces: it would be deleted with "
+                                    "it; put backups and staging outside the stores (--backup-root, --staging-root)"
+                                    % (what, path, replaced)))
+                break
+    return found
+
+
+def _unsafe_for_restore(target_config: UnifiedConfig) -> List[Tuple[Notice, bool]]:
+    """What makes replacing this workspace now unsafe (a restore finishes an interrupted restore itself)."""
+    return [(notice, held) for notice, held in _workspace_signals(target_config)
+            if notice.code != "restore_interrupted"]
+
+
+def _refuse_unsafe_restore(target_config: UnifiedConfig, *, ignore_workspace_lock: bool) -> None:
+    """Refuse, changing nothing, while a writer or an interrupted operation is at the workspace."""
+    signals = [(notice, held) for notice, held in _unsafe_for_restore(target_config)
+               if not (ignore_workspace_lock and notice.code == "workspace_lock_held")]
+    if not signals:
+        return
+    reasons = "; ".join(notice.message for notice, _held in signals)
+    message = ("workspace %s is in use or mid-operation (%s); nothing was changed - stop the writer or finish the "
+               "operation first, or use --force" % (target_config.workspace.root_path, reasons))
+    if any(held for _notice, held in signals):
+        raise LockedError(message, code="workspace_in_use", path=target_config.workspace.root_path)
+    raise RestoreError(message, code="workspace_unsafe", path=target_config.workspace.root_path)
+
+
 def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target_workspace: Any = None,
                  verify_only: bool = False) -> RestorePlan:
     """Open and validate a backup and say what a restore would replace, keep and lose.  Changes nothing.
 
-    ``backup_ref`` is a ref under the backup root or a path to a backup
-    directory; None picks the newest complete backup.
+    ``backup_ref`` is a ref under the backup root, ``latest``, a label, a
+    unique prefix of a ref, or a path to a backup; None picks the newest
+    complete backup that is not a safety backup.
     """
     backup = _open_backup(config, backup_ref)
     target = _resolve_path(target_workspace) if target_workspace is not None else config.workspace.root_path
     warnings: List[Notice] = []
     notes = ["verify_only" if verify_only else "apply_restore"]
-    if backup_ref is None:
+    if backup_ref is None or backup_ref == "latest":
         notes.append("newest_complete_backup:%s" % backup.backup_ref)
     if backup.location is not None and _is_within(target, backup.location):
         raise RestoreError("target %s lies inside the backup %s" % (target, backup.location),
@@ -3339,34 +3756,51 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
 
     layout = _layout_for(backup, _recovery_children(backup))
     notes += list(layout.notes)
+    target_config = _config_for_target(config, target)
+    routes = _Routes(layout, target_config, target)
     backup_paths = _backup_workspace_files(backup, layout)
-    replaced_count = 0
-    lost: List[str] = []
-    lost_count = 0
-    kept: List[str] = []
-    if target.is_dir():
-        kept = _kept_roots(target, layout.replaced)
-        for rel in layout.replaced:
-            base = target / rel
-            if base.is_file():
-                candidates: Iterable[str] = [rel]
-            elif base.is_dir():
-                candidates = (rel + "/" + sub for sub, _st, kind in _walk_tree(base) if kind != "dir")
-            else:
-                candidates = []
-            for path in candidates:
-                replaced_count += 1
-                if path not in backup_paths:
-                    lost_count += 1
-                    if len(lost) < _LOST_LISTED:
-                        lost.append(path)
+    units = _restore_units(routes, layout, backup_paths, target)
+    replaced_inside = _replaced_inside(routes, layout, target)
+    destinations = {part: str(location) for part, location in sorted(routes.held(layout.replaced,
+                                                                                  backup_paths).items())}
+    refusals: List[Notice] = []
+    if not verify_only:
+        refusals += _protected_inside(config, backup, units, replaced_inside, target)
+        refusals += [notice for notice, _held in _unsafe_for_restore(target_config)]
+    restored = {str(routes.destination(path)) for path in backup_paths}
+    replaced_count, lost_count, lost = _count_lost(target, replaced_inside, units[1:], restored)
     safety = bool(config.recovery.create_backup_before_restore) and not verify_only
     return RestorePlan(
         backup_ref=backup.backup_ref, source_root=backup.location or Path(ARCHIVE_STDOUT), target_workspace=target,
         staging_root=staging_root, create_safety_backup=safety, verify_only=verify_only, notes=tuple(notes),
-        made_by=backup.made_by, has_checksums=backup.expected_files is not None, replaced=layout.replaced,
-        kept=tuple(kept), lost=tuple(lost), lost_count=lost_count, replaced_file_count=replaced_count,
-        backup_file_count=len(backup_paths), warnings=tuple(warnings))
+        made_by=backup.made_by, has_checksums=backup.expected_files is not None, replaced=replaced_inside,
+        kept=tuple(_kept_roots(target, replaced_inside)) if target.is_dir() else (), lost=tuple(lost),
+        lost_count=lost_count, replaced_file_count=replaced_count, backup_file_count=len(backup_paths),
+        warnings=tuple(warnings), destinations=destinations, refusals=tuple(refusals),
+        kind=_backup_kind(backup))
+
+
+def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequence[_Unit],
+                restored: Set[str]) -> Tuple[int, int, List[str]]:
+    """(files replaced, files replaced that the backup does not have, the first of those)."""
+    replaced_count = 0
+    lost: List[str] = []
+    lost_count = 0
+    roots = [target / rel for rel in replaced_inside] + [unit.root for unit in relocated]
+    for base in roots:
+        if base.is_file() or base.is_symlink():
+            candidates: Iterable[str] = [str(base)]
+        elif base.is_dir():
+            candidates = (str(base / sub) for sub, _st, kind in _walk_tree(base) if kind != "dir")
+        else:
+            candidates = []
+        for path in candidates:
+            replaced_count += 1
+            if path not in restored:
+                lost_count += 1
+                if len(lost) < _LOST_LISTED:
+                    lost.append(_relative_posix(path, target) if _is_within(path, target) else path)
+    return replaced_count, lost_count, lost
 
 
 def _backup_workspace_files(backup: _BackupSource, layout: _Layout) -> Set[str]:
@@ -3406,15 +3840,23 @@ class _Verification:
     absolute path when ``live_root`` is the workspace being checked.
     """
 
-    def __init__(self, live_root: Optional[Path] = None, layout: Optional[_Layout] = None) -> None:
+    def __init__(self, live_root: Optional[Path] = None, layout: Optional[_Layout] = None,
+                 route: Optional[Callable[[str], str]] = None) -> None:
         self.live_root = live_root
         self.layout = layout
+        self.route = route  # where a restore puts each workspace-relative path; None: the stage's own tree
         self.problems: List[Problem] = []
         self.digests: Dict[str, Tuple[int, str]] = {}  # artifact bodies just hashed, to skip a second read
         self.files = 0
         self.bytes = 0
         self.plane_results: Dict[str, Any] = {}
         self.plane_notes: List[str] = []
+
+    def path_in(self, tree: Path, ws_rel: str) -> Path:
+        """Where a workspace-relative path of the backup was materialized."""
+        if self.route is not None:
+            return Path(self.route(ws_rel))
+        return tree / ws_rel if ws_rel else tree
 
     def display(self, store_root: str) -> Callable[[str], str]:
         def show(rel: str) -> str:
@@ -3435,7 +3877,6 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
     import concurrent.futures
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     made: Set[str] = set()
-    stage_text = str(stage)
     bodies = layout.artifacts_root + "/objects/"
 
     def copy_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Any:
@@ -3445,7 +3886,7 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
                 size, digest = _hash_stream(handle)
             progress.advance(size)
             return size, digest
-        destination = _safe_join_text(stage_text, ws_rel)
+        destination = str(verification.path_in(stage, ws_rel))
         parent = os.path.dirname(destination)
         if parent not in made:
             os.makedirs(parent, exist_ok=True)
@@ -3473,7 +3914,7 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
             if member.kind == "dir":
                 ws_rel = layout.workspace_path(member.path)
                 if ws_rel is not None:
-                    directory = _safe_join_text(stage_text, ws_rel) if ws_rel else stage_text
+                    directory = str(verification.path_in(stage, ws_rel))
                     if directory not in made:
                         os.makedirs(directory, exist_ok=True)
                         made.add(directory)
@@ -3499,7 +3940,7 @@ def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, h
 
     Verify-only runs this on a staged backup, `check` on a live workspace.
     """
-    records = scan_records(tree / layout.records_root, check_indexes=check_indexes,
+    records = scan_records(verification.path_in(tree, layout.records_root), check_indexes=check_indexes,
                            display=verification.display(layout.records_root))
     verification.plane_results["records"] = records.plane_result()
     verification.problems += records.problems
@@ -3510,13 +3951,13 @@ def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, h
     if digests is not None:
         prefix = layout.artifacts_root + "/"
         artifact_digests = {rel[len(prefix):]: value for rel, value in digests.items() if rel.startswith(prefix)}
-    artifacts = scan_artifact_bindings(tree / layout.artifacts_root, digests=artifact_digests,
+    artifacts = scan_artifact_bindings(verification.path_in(tree, layout.artifacts_root), digests=artifact_digests,
                                        display=verification.display(layout.artifacts_root))
     verification.plane_results["artifacts"] = artifacts.plane_result()
     verification.problems += artifacts.problems
 
     metadata_dir = os.path.dirname(layout.metadata_db)
-    database = tree / layout.metadata_db
+    database = verification.path_in(tree, layout.metadata_db)
     if has_metadata or database.exists():
         metadata = check_metadata_file(database, display=lambda _name: verification.display(metadata_dir)(
             os.path.basename(layout.metadata_db)))
@@ -3534,13 +3975,30 @@ def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, h
     verification.plane_results = {key: verification.plane_results[key] for key in _PLANES}
 
 
-def _verify_into(backup: _BackupSource, layout: _Layout, stage: Path, label: str) -> _Verification:
-    verification = _Verification(layout=layout)
+def _own_format_problems(backup: _BackupSource) -> List[Problem]:
+    """Our own manifest must carry its checksums: without them nothing proves the copy (only Contexta's
+    backups, which never had any, are verified structurally)."""
+    if backup.made_by == TOOL_NAME and backup.expected_files is None:
+        return [Problem("checksums_missing", _MANIFEST_NAME, "a %s manifest without its `files` list: the "
+                        "backup's checksums are lost, so its content cannot be proven" % BACKUP_FORMAT)]
+    return []
+
+
+def _verify_into(backup: _BackupSource, layout: _Layout, stage: Path, label: str,
+                 route: Optional[Callable[[str], str]] = None) -> _Verification:
+    verification = _Verification(layout=layout, route=route)
     _materialize(backup, layout, stage, verification, label)
+    verification.problems += _own_format_problems(backup)
     if not any(problem.code == "archive_corrupt" for problem in verification.problems):
         verification.problems += backup.manifest_problems()
     has_metadata = "metadata" in backup.manifest.get("included_sections", [])
     _check_planes(stage, layout, verification, has_metadata=has_metadata, digests=verification.digests)
+    for rel in [rel for rel, part in layout.part_roots if part == "capture"]:
+        root = verification.path_in(stage, rel)
+        capture = _check_capture(root, lambda path: layout.member_path(
+            rel + "/" + _relative_posix(path, root)), verification.problems)
+        if capture["present"]:
+            verification.plane_notes.append("capture_lines:%d" % capture["line_count"])
     return verification
 
 
@@ -3556,13 +4014,20 @@ def _verification_notes(backup: _BackupSource, verification: _Verification) -> T
     return tuple(notes)
 
 
-def _stale_dirs(parent: Path, prefix: str) -> List[Path]:
+def _stale_dirs(parent: Path, prefix: str, files: bool = False) -> List[Path]:
+    """Our own leftovers beside ``parent``'s entries: directories (and, with ``files``, files) named ``prefix*``."""
     try:
         names = os.listdir(str(parent))
     except OSError:
         return []
-    return [parent / name for name in sorted(names)
-            if name.startswith(prefix) and (parent / name).is_dir() and not (parent / name).is_symlink()]
+    found = []
+    for name in sorted(names):
+        if not name.startswith(prefix):
+            continue
+        mode = os.lstat(str(parent / name)).st_mode
+        if stat.S_ISDIR(mode) or (files and stat.S_ISREG(mode)):
+            found.append(parent / name)
+    return found
 
 
 def restore_workspace(config: UnifiedConfig, plan: RestorePlan) -> RestoreResult:
@@ -3585,7 +4050,10 @@ def _restore(config: UnifiedConfig, plan: RestorePlan, force: bool) -> RestoreRe
     layout = _layout_for(backup, _recovery_children(backup))
     with _source_lock(backup):
         if plan.verify_only:
-            return _verify_only(backup, layout, plan)
+            result = _verify_only(backup, layout, plan)
+            if result.status == "SUCCESS":
+                _record_backup_event(config, backup, "verified_clean")
+            return result
         target = Path(plan.target_workspace)
         refused = backup.prescan()  # archives: every member's name, type and size before anything is touched
         if refused and not force:
@@ -3595,8 +4063,12 @@ def _restore(config: UnifiedConfig, plan: RestorePlan, force: bool) -> RestoreRe
                 applied=False, problems=tuple(refused), source_root=backup.location)
         target.parent.mkdir(parents=True, exist_ok=True)
         with _workspace_lock(target):
-            _resume_interrupted_restore(target)
-            return _apply(config, backup, layout, plan, target, force)
+            target_config = _config_for_target(config, target)
+            _resume_interrupted_restore(target, _relocated_roots(target_config, target))
+            result = _apply(config, backup, layout, plan, target, force)
+        if result.applied:
+            _record_backup_event(config, backup, "restored_from")
+        return result
 
 
 def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> RestoreResult:
@@ -3606,6 +4078,7 @@ def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> R
     for stale in _stale_dirs(staging_root, prefix):
         if not _lock_is_held(stale, directory=True):
             _remove_tree(stale)
+    _require_space({staging_root: _backup_bytes(backup)}, "to stage %s for verification" % backup.backup_ref)
     stage = staging_root / ("%s%s-%s" % (prefix, backup.backup_ref, uuid.uuid4().hex[:12]))
     stage.mkdir()
     try:
@@ -3621,6 +4094,34 @@ def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> R
         problems=tuple(verification.problems), source_root=backup.location)
 
 
+def _backup_bytes(backup: _BackupSource) -> int:
+    total = backup.manifest.get("total_bytes")
+    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+        return total
+    if backup.kind == "zip":
+        return sum(info.file_size for _name, _kind, info in getattr(backup, "entries", ()))
+    return 0
+
+
+def _require_space(needs: Mapping[Path, int], purpose: str) -> None:
+    """Refuse before writing when a filesystem lacks the room (statvfs); say how much is needed where."""
+    by_device: Dict[int, Tuple[Path, int]] = {}
+    for path, amount in needs.items():
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        device = os.stat(str(existing)).st_dev
+        shown, total = by_device.get(device, (existing, 0))
+        by_device[device] = (shown, total + amount)
+    for shown, amount in by_device.values():
+        fs = os.statvfs(str(shown))
+        free = fs.f_bavail * fs.f_frsize
+        if amount > free:
+            raise OpsError("not enough free space %s: %s needed on the filesystem of %s, %s free; nothing was "
+                           "written" % (purpose, _human_bytes(amount), shown, _human_bytes(free)),
+                           code="insufficient_space", path=shown)
+
+
 def _journal_path(target: Path) -> Path:
     return target.parent / (".%s.contexta-ops-restore.json" % target.name)
 
@@ -3629,19 +4130,53 @@ def _new_tree_prefix(target: Path) -> str:
     return ".%s.contexta-ops-restore-" % target.name
 
 
+def _relocated_roots(target_config: UnifiedConfig, target: Path) -> List[Path]:
+    """Stores this configuration keeps outside the workspace (a restore replaces them there)."""
+    locations = [part.locate(target_config) for part in _SECTION_PARTS if not part.optional]
+    locations += [target_config.metadata.database_path]
+    return [location for location in locations if not _is_within(location, target)]
+
+
 def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: RestorePlan, target: Path,
            force: bool) -> RestoreResult:
     warnings = list(plan.warnings)
     notes = list(plan.notes)
+    target_config = _config_for_target(config, target)
+    routes = _Routes(layout, target_config, target)
+    backup_files = _backup_workspace_files(backup, layout)
+    units = _restore_units(routes, layout, backup_files, target)
+    replaced_inside = _replaced_inside(routes, layout, target)
+    deleting = _protected_inside(config, backup, units, replaced_inside, target)
+    if deleting:
+        raise RestoreError(deleting[0].message + "; nothing was changed", code="restore_would_delete_backups",
+                           path=target)
+    if force:
+        warnings += [Notice("forced_unsafe", notice.message) for notice, _held in _unsafe_for_restore(target_config)
+                     if notice.code != "workspace_lock_held"]
+    else:
+        _refuse_unsafe_restore(target_config, ignore_workspace_lock=True)
+    needs = {target.parent: _backup_bytes(backup)}
+    if plan.create_safety_backup and target.is_dir():
+        needs[config.recovery.backup_root] = _tree_size(target, [config.recovery.backup_root])[1]
+    _require_space(needs, "to restore %s into %s" % (backup.backup_ref, target))
+
     token = uuid.uuid4().hex[:12]
-    new_tree = target.parent / (_new_tree_prefix(target) + token)
-    new_tree.mkdir()
+    for unit in units:
+        if unit.kind != "remove":
+            unit.new = unit.root.parent / (_new_tree_prefix(unit.root) + token)
     safety_ref = None
     try:
-        verification = _verify_into(backup, layout, new_tree, "restore %s" % backup.backup_ref)
+        for unit in units:
+            if unit.kind in ("workspace", "dir") and unit.new is not None:
+                unit.root.parent.mkdir(parents=True, exist_ok=True)
+                unit.new.mkdir()
+        route = functools.partial(_route_into_units, routes, units)
+        new_tree = units[0].new
+        assert new_tree is not None
+        verification = _verify_into(backup, layout, new_tree, "restore %s" % backup.backup_ref, route=route)
         verification_notes = _verification_notes(backup, verification)
         if verification.problems and not force:
-            _remove_tree(new_tree)
+            _remove_new_trees(units)
             return RestoreResult(
                 status="FAILURE", warnings=tuple(warnings), notes=tuple(notes + ["refused_verification_failed"]),
                 details={"made_by": backup.made_by}, backup_ref=backup.backup_ref, target_workspace=target,
@@ -3654,32 +4189,59 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
             safety_ref = _safety_backup(config, target)
             notes.append("safety_backup:%s" % safety_ref)
         if target.is_dir():
-            linked = _link_kept(target, new_tree, layout.replaced, skip=[new_tree])
+            linked = _link_kept(target, new_tree, replaced_inside, skip=[new_tree])
             notes.append("kept_entries:%d" % linked)
-        _sync_filesystem(new_tree)
+        for unit in units:
+            if unit.new is not None and os.path.lexists(str(unit.new)):
+                _sync_filesystem(unit.new.parent)
         _crash_point("restore:new-tree-durable")
     except BaseException:
-        _remove_tree(new_tree)
+        _remove_new_trees(units)
+        if safety_ref is not None:  # the workspace is unchanged: its safety copy would only be a leftover
+            _delete_backup(config.recovery.backup_root / safety_ref)
         raise
     try:
-        _switch_over(target, new_tree, backup.backup_ref)
+        _switch_over(target, units, backup.backup_ref)
     except OSError:
         _resume_interrupted_restore(target)  # undo at once what the journal describes
         raise
-    post = check_workspace(_config_for_target(config, target))
+    post = check_workspace(target_config)
     _finish_restore(target)
     problems = list(verification.problems) + list(post.problems)
     return RestoreResult(
         status="FAILURE" if problems else "SUCCESS", warnings=tuple(warnings), notes=tuple(notes),
-        details={"made_by": backup.made_by, "staged_files": verification.files},
+        details={"made_by": backup.made_by, "staged_files": verification.files,
+                 "destinations": dict(plan.destinations)},
         backup_ref=backup.backup_ref, target_workspace=target, applied=True,
         plane_results=verification.plane_results, safety_backup_ref=safety_ref,
         verification_notes=verification_notes, problems=tuple(problems), source_root=backup.location,
         post_apply_check=post.to_dict())
 
 
+def _route_into_units(routes: _Routes, units: Sequence[_Unit], ws_rel: str) -> str:
+    """Where a path of the backup is built: its destination, moved into the new copy of its unit."""
+    destination = routes.destination(ws_rel)
+    for unit in sorted(units, key=lambda each: -len(str(each.root))):
+        if unit.new is not None and unit.contains(destination):
+            rest = _relative_posix(destination, unit.root)
+            return str(unit.new) if rest == "." else str(unit.new / rest)
+    raise RestoreError("backup path %s has no place in the restore of %s" % (ws_rel, routes.target),
+                       code="restore_layout_unsupported", path=destination)
+
+
+def _remove_new_trees(units: Sequence[_Unit]) -> None:
+    for unit in units:
+        if unit.new is not None:
+            _remove_tree(unit.new)
+
+
 def _config_for_target(config: UnifiedConfig, target: Path) -> UnifiedConfig:
-    """The configuration of the workspace a restore targets: the configured one, or defaults under it."""
+    """The configuration of the workspace a restore targets: the configured one, or defaults under it.
+
+    A --target elsewhere gets every store inside it: the configured relocated
+    stores belong to the configured workspace, which a restore elsewhere must
+    not touch.
+    """
     if target == config.workspace.root_path:
         return config
     return UnifiedConfig(profile_name=config.profile_name, project_name=config.project_name,
@@ -3689,9 +4251,9 @@ def _config_for_target(config: UnifiedConfig, target: Path) -> UnifiedConfig:
 
 
 def _safety_backup(config: UnifiedConfig, target: Path) -> str:
-    """Back up the target actually being replaced (not the configured workspace, formats 11.6)."""
+    """Back up the target actually being replaced (not the configured workspace: Contexta's defect)."""
     target_config = _config_for_target(config, target)
-    plan = plan_workspace_backup(target_config, label=_SAFETY_LABEL)
+    plan = plan_workspace_backup(target_config, label=_SAFETY_LABEL, kind="safety")
     result = _write_backup(target_config, plan)
     return result.backup_ref
 
@@ -3747,79 +4309,130 @@ def _rename_exchange(first: Path, second: Path) -> bool:
     raise OSError(error, os.strerror(error), str(first))
 
 
-def _switch_over(target: Path, new_tree: Path, backup_ref: str) -> None:
-    """Make ``new_tree`` the target; the journal lets any later run finish or undo this."""
-    old_tree = target.parent / (_new_tree_prefix(target) + "old-" + new_tree.name.rsplit("-", 1)[-1])
-    old_ino = os.stat(str(target)).st_ino if target.is_dir() else None
-    journal = {"target": str(target), "new": str(new_tree), "old": str(old_tree), "backup_ref": backup_ref,
-               "old_ino": old_ino, "new_ino": os.stat(str(new_tree)).st_ino, "started_at": _utc_timestamp()}
+def _lstat_ino(path: Any) -> Optional[int]:
+    try:
+        return os.lstat(str(path)).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _switch_over(target: Path, units: Sequence[_Unit], backup_ref: str) -> None:
+    """Put every new copy in place; the journal, written first, lets any later run finish or undo this."""
+    entries: List[Dict[str, Any]] = []
+    for unit in units:
+        token = unit.new.name.rsplit("-", 1)[-1] if unit.new is not None else uuid.uuid4().hex[:12]
+        entries.append({"target": str(unit.root), "new": None if unit.new is None else str(unit.new),
+                        "old": str(unit.root.parent / (_new_tree_prefix(unit.root) + "old-" + token)),
+                        "old_ino": _lstat_ino(unit.root),
+                        "new_ino": None if unit.new is None else _lstat_ino(unit.new)})
+    journal = {"version": 2, "backup_ref": backup_ref, "started_at": _utc_timestamp(), "units": entries}
     atomic_write_bytes(_journal_path(target), _pretty_json(journal))
     _crash_point("restore:journal-written")
-    if old_ino is None:
-        os.rename(str(new_tree), str(target))
-    elif _rename_exchange(new_tree, target):
-        pass  # new_tree's path now holds the old workspace
-    else:
-        os.rename(str(target), str(old_tree))
+    for entry in entries:
+        _switch_unit(entry)
+        _crash_point("restore:switched")
+        _fsync_dir(Path(entry["target"]).parent)
+
+
+def _switch_unit(entry: Mapping[str, Any]) -> None:
+    """One swap: renameat2(RENAME_EXCHANGE) where there is one, else two renames (the journal covers the gap)."""
+    target, new, old = entry["target"], entry["new"], entry["old"]
+    if new is None:
+        if os.path.lexists(target):
+            os.rename(target, old)  # removed: kept aside until the restore is finished
+    elif entry["old_ino"] is None:
+        os.rename(new, target)
+    elif not _rename_exchange(Path(new), Path(target)):  # exchanged: the new path now holds the old copy
+        os.rename(target, old)
         _crash_point("restore:old-moved-aside")
-        os.rename(str(new_tree), str(target))
-    _crash_point("restore:switched")
-    _fsync_dir(target.parent)
+        os.rename(new, target)
+
+
+def _journal_units(journal_path: Path) -> List[Dict[str, Any]]:
+    """The swaps a restore journal describes (a journal of one swap, older format, included)."""
+    try:
+        journal = json_loads(read_regular(journal_path))
+        units = journal["units"] if "units" in journal else [
+            {key: journal[key] for key in ("target", "new", "old", "old_ino", "new_ino")}]
+        for unit in units:
+            if not (isinstance(unit["target"], str) and isinstance(unit["old"], str)
+                    and isinstance(unit["new"], (str, type(None)))):
+                raise TypeError("paths")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RestoreError("restore journal %s is unreadable; inspect %s by hand" % (journal_path, journal_path.parent),
+                           code="restore_journal_invalid", path=journal_path)
+    return list(units)
+
+
+def _unit_switched(unit: Mapping[str, Any]) -> bool:
+    current = _lstat_ino(unit["target"])
+    if unit["new"] is None:
+        return current is None or current != unit["old_ino"]
+    return current is not None and current == unit["new_ino"]
+
+
+def _unit_started(unit: Mapping[str, Any]) -> bool:
+    """Switched, or halfway through two renames: the old copy moved aside, the new one not yet in place."""
+    return _unit_switched(unit) or (unit["old_ino"] is not None and _lstat_ino(unit["target"]) is None
+                                    and _lstat_ino(unit["old"]) == unit["old_ino"])
 
 
 def _finish_restore(target: Path) -> None:
-    """Remove the replaced workspace and the journal once the new one is in place."""
+    """Remove every replaced copy and the journal once every new one is in place."""
     journal_path = _journal_path(target)
-    journal = json_loads(read_regular(journal_path))
-    for leftover in (journal["new"], journal["old"]):
-        if os.path.lexists(leftover):
-            _remove_tree(leftover)
-            _crash_point("restore:old-removed")
+    for unit in _journal_units(journal_path):
+        for leftover in (unit["new"], unit["old"]):
+            if leftover is not None and os.path.lexists(leftover):
+                _remove_tree(leftover)
+                _crash_point("restore:old-removed")
     os.unlink(str(journal_path))
     _fsync_dir(target.parent)
 
 
-def _resume_interrupted_restore(target: Path) -> Optional[str]:
-    """Finish or roll back a restore of ``target`` that was killed; caller holds the workspace lock.
+def _resume_interrupted_restore(target: Path, relocated: Sequence[Path] = ()) -> Optional[str]:
+    """Finish or roll back a restore of ``target`` that was killed; the caller holds the workspace lock.
 
-    Decides by inode which tree sits at the target path, so it is right at
-    every point of the switch-over.  Returns what it did, or None.
+    Every new copy was complete and durable before the journal was written.
+    If any swap began, the rest are done (finished); if none did, the new
+    copies are removed (rolled back).  Which copy sits where is decided by
+    inode, so this is right at every point of the switch-over.  Without a
+    journal, copies left by a run killed earlier are removed.
     """
     journal_path = _journal_path(target)
     if not journal_path.exists():
-        for stale in _stale_dirs(target.parent, _new_tree_prefix(target)):
-            _remove_tree(stale)  # a new tree from a run killed before its journal existed
+        for root in [target] + list(relocated):
+            for stale in _stale_dirs(root.parent, _new_tree_prefix(root), files=True):
+                _remove_tree(stale)  # built by a run killed before its journal existed
         return None
-    try:
-        journal = json_loads(read_regular(journal_path))
-        new_tree, old_tree = Path(journal["new"]), Path(journal["old"])
-        new_ino, old_ino = journal["new_ino"], journal["old_ino"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise RestoreError("restore journal %s is unreadable; inspect %s by hand" % (journal_path, target.parent),
-                           code="restore_journal_invalid", path=journal_path)
-    current = os.stat(str(target)).st_ino if target.exists() else None
-    if current is not None and current == new_ino:
-        outcome = "finished"
-    elif current is not None and current == old_ino:
-        outcome = "rolled_back"
-        if new_tree.exists() and os.stat(str(new_tree)).st_ino == new_ino:
-            _remove_tree(new_tree)
-    elif current is None and new_tree.exists():
-        os.rename(str(new_tree), str(target))
-        outcome = "finished"
-    elif current is None and old_tree.exists():
-        os.rename(str(old_tree), str(target))
-        outcome = "rolled_back"
-    else:
-        raise RestoreError("cannot tell how the restore of %s ended (journal %s); inspect by hand"
-                           % (target, journal_path), code="restore_journal_inconsistent", path=journal_path)
-    _fsync_dir(target.parent)
-    if outcome == "finished":
+    units = _journal_units(journal_path)
+    if any(_unit_started(unit) for unit in units):
+        for unit in units:
+            if not _unit_switched(unit):
+                _finish_unit_switch(unit, journal_path)
+            _fsync_dir(Path(unit["target"]).parent)
         _finish_restore(target)
+        return "finished"
+    for unit in units:
+        if unit["old_ino"] is not None and _lstat_ino(unit["target"]) is None and _lstat_ino(unit["old"]) == unit["old_ino"]:
+            os.rename(unit["old"], unit["target"])  # moved aside, never replaced
+        if unit["new"] is not None and _lstat_ino(unit["new"]) == unit["new_ino"]:
+            _remove_tree(unit["new"])
+        _fsync_dir(Path(unit["target"]).parent)
+    os.unlink(str(journal_path))
+    _fsync_dir(target.parent)
+    return "rolled_back"
+
+
+def _finish_unit_switch(unit: Mapping[str, Any], journal_path: Path) -> None:
+    if unit["new"] is not None and _lstat_ino(unit["new"]) != unit["new_ino"]:
+        raise RestoreError("cannot tell how the restore of %s ended (journal %s): its new copy %s is gone; "
+                           "inspect by hand" % (unit["target"], journal_path, unit["new"]),
+                           code="restore_journal_inconsistent", path=journal_path)
+    if unit["new"] is not None and _lstat_ino(unit["target"]) is None:
+        os.rename(unit["new"], unit["target"])
     else:
-        os.unlink(str(journal_path))
-        _fsync_dir(target.parent)
-    return outcome
+        _switch_unit(unit)
+
 
 
 # ---------------------------------------------------------------------------
@@ -5725,7 +6338,7 @@ def _write_event(store: ArtifactStore, artifact_ref: str, event: Tuple[str, Mapp
 # nothing.  `check` verifies the live workspace with the very same plane
 # checks verify-only runs on a staged backup, and changes nothing.
 
-CHECK_PLANES = ("metadata", "records", "artifacts", "reports", "outbox")
+CHECK_PLANES = ("metadata", "records", "artifacts", "reports", "outbox", "capture")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5761,7 +6374,9 @@ def check_workspace(config: UnifiedConfig, planes: Optional[Sequence[str]] = Non
     verification = _Verification(live_root=workspace)
     notes: List[str] = []
     if set(selected) & set(_PLANES):
-        _check_planes(Path("/"), layout, verification, has_metadata=True, check_indexes=True)
+        # A workspace used only through contexta's facade never made a ledger: absent, not missing.
+        has_metadata = config.workspace.metadata_path.exists() or os.path.lexists(str(config.metadata.database_path))
+        _check_planes(Path("/"), layout, verification, has_metadata=has_metadata, check_indexes=True)
         verification.plane_results = {key: value for key, value in verification.plane_results.items()
                                       if key in selected}
         verification.problems = [problem for problem in verification.problems
@@ -5781,9 +6396,50 @@ def check_workspace(config: UnifiedConfig, planes: Optional[Sequence[str]] = Non
             "pending_count": outbox.pending_count, "dead_lettered_count": outbox.dead_lettered_count,
             "malformed_pending": outbox.malformed_pending, "interrupted_replay": outbox.interrupted_replay}
         verification.problems += list(outbox.problems)
+    if "capture" in selected:
+        capture = _PARTS_BY_NAME["capture"].locate(config)
+        verification.plane_results["capture"] = _check_capture(capture, str, verification.problems)
     return CheckResult(status="FAILURE" if verification.problems else "SUCCESS", workspace_root=workspace,
                        planes=selected, plane_results=verification.plane_results,
                        problems=tuple(verification.problems), notes=tuple(notes))
+
+
+def _check_capture(capture_root: Path, show: Callable[[str], str], problems: List[Problem]) -> Dict[str, Any]:
+    """Every line of the capture sink's files is a JSON object: contexta's facade keeps its only copy there."""
+    result = {"present": capture_root.is_dir(), "file_count": 0, "line_count": 0, "invalid_count": 0}
+    for rel, _entry_stat, kind in _walk_tree(capture_root) if capture_root.is_dir() else ():
+        path = capture_root / rel
+        if kind == "dir":
+            continue
+        if kind != "file":
+            problems.append(Problem("special_file", show(str(path)), "a %s where capture files are kept" % kind))
+            continue
+        result["file_count"] += 1
+        reported = 0
+        try:
+            with open_regular(path) as handle:
+                for line_number, raw in enumerate(handle, start=1):
+                    if not raw.strip():
+                        continue
+                    result["line_count"] += 1
+                    try:
+                        valid = isinstance(json_loads(raw), dict)
+                        why = "is not a JSON object"
+                    except ValueError as exc:
+                        valid, why = False, str(exc)
+                    if not valid:
+                        result["invalid_count"] += 1
+                        if not raw.endswith(b"\n"):
+                            why = "is cut off (no newline) and " + why
+                        if reported < _PROBLEMS_PER_FILE:
+                            reported += 1
+                            problems.append(Problem("capture_line_invalid", show(str(path)),
+                                                    "line %d %s" % (line_number, why)))
+        except OSError as exc:
+            result["invalid_count"] += 1
+            problems.append(Problem("capture_unreadable", show(str(path)), "cannot be read: %s"
+                                    % (exc.strerror or exc)))
+    return result
 
 
 def _plane_of(problem: Problem, config: UnifiedConfig) -> str:
@@ -5858,11 +6514,6 @@ _STATUS_PATHS = (("workspace", "workspace.root_path"), ("metadata database", "me
                  ("backup root", "recovery.backup_root"), ("staging root", "recovery.restore_staging_root"))
 
 
-def _setting(config: UnifiedConfig, dotted: str) -> Path:
-    section, key = dotted.split(".")
-    return getattr(getattr(config, section), key)
-
-
 def _count_lines(path: Path) -> int:
     if not path.is_file():
         return 0
@@ -5879,6 +6530,10 @@ def workspace_status(config: UnifiedConfig, sources: Optional[Mapping[str, str]]
     """Paths with provenance, in-use signals, cheap counts, newest backups.  Reads metadata only."""
     sources = sources or {}
     workspace = config.workspace.root_path
+    if not workspace.is_dir():
+        raise OpsError("workspace %s does not exist (%s); check --workspace, --config and CONTEXTA_* variables"
+                       % (workspace, sources.get("workspace.root_path", "default")), code="workspace_missing",
+                       path=workspace)
     paths = []
     for name, dotted in _STATUS_PATHS:
         path = _setting(config, dotted)
@@ -5888,34 +6543,20 @@ def workspace_status(config: UnifiedConfig, sources: Optional[Mapping[str, str]]
                                 size, count))
     warnings: List[StatusWarning] = []
     in_use: List[str] = []
-    if not workspace.is_dir():
-        warnings.append(StatusWarning("workspace_missing", "workspace %s does not exist" % workspace, True))
-    database = config.metadata.database_path
-    if os.path.exists(str(database) + ".wal"):
-        in_use.append("metadata_wal_present")
-    if _posix_lock_is_held(database):
-        in_use.append("metadata_locked_by_writer")
-        warnings.append(StatusWarning("metadata_in_use", "%s is open by a writer (DuckDB lock held); a backup now "
-                                      "may not be consistent, a restore would replace it under the writer"
-                                      % database, True))
-    signals = ((_lock_is_held(_workspace_lock_path(workspace)),
-                StatusWarning("workspace_lock_held", "another backup or restore holds %s"
-                              % _workspace_lock_path(workspace), True)),
-               (_journal_path(workspace).exists(),
-                StatusWarning("restore_interrupted", "a restore was interrupted; the next backup or restore "
-                              "finishes or rolls it back (%s)" % _journal_path(workspace), True)),
-               (_lock_is_held(config.recovery.outbox_root / REPLAY_LOCK_FILE),
-                StatusWarning("replay_running", "a replay holds %s"
-                              % (config.recovery.outbox_root / REPLAY_LOCK_FILE), True)),
-               ((config.recovery.outbox_root / _REPLAY_JOURNAL).exists(),
-                StatusWarning("replay_interrupted", "a replay was interrupted; the next `replay` finishes it", True)),
-               (bool(_interrupted_artifact_writes(ArtifactStore(VaultConfig.from_unified_config(config)))),
-                StatusWarning("artifact_write_interrupted", "an artifact put/import was interrupted; the next "
-                              "artifact command rolls it back or finishes it", True)))
-    for held, warning in signals:
-        if held:
-            in_use.append(warning.code)
-            warnings.append(warning)
+    for notice, _held in _workspace_signals(config):
+        in_use.append("metadata_locked_by_writer" if notice.code == "metadata_in_use" else notice.code)
+        if notice.code == "metadata_in_use":
+            notice = Notice(notice.code, notice.message + "; a backup now may not be consistent, a restore would "
+                                                          "replace it under the writer")
+        if notice.code != "metadata_wal_present":  # a crashed writer's WAL is copied with its ledger
+            warnings.append(StatusWarning(notice.code, notice.message, True))
+    if not _lock_is_held(_workspace_lock_path(workspace)) and not _journal_path(workspace).exists():
+        leftovers = [path for root in [workspace] + _relocated_roots(config, workspace)
+                     for path in _stale_dirs(root.parent, _new_tree_prefix(root), files=True)]
+        if leftovers:
+            warnings.append(StatusWarning("restore_leftover", "%d copy(ies) left by a restore killed before its "
+                                          "switch-over, e.g. %s; the next backup or restore removes them"
+                                          % (len(leftovers), leftovers[0]), False))
     if _is_within(config.recovery.backup_root, workspace):
         warnings.append(StatusWarning("backup_root_inside_workspace", "backup_root %s is inside the workspace; a "
                                       "lost or replaced workspace takes its backups with it"
@@ -6638,9 +7279,16 @@ def _cmd_restore_plan(args: argparse.Namespace, out: _Output) -> int:
     for path in plan.lost:
         out.say("  " + path)
     out.say("Safety backup first: %s" % ("yes" if plan.create_safety_backup else "no"))
+    if plan.destinations:
+        out.say("Destinations (by the target's configuration):")
+        for part, location in plan.destinations.items():
+            out.say("  %-10s %s" % (part, location))
     _say_list(out, "Warnings:", plan.warnings)
-    out.finish(plan, True)
-    return EXIT_OK
+    refused = bool(plan.refusals) and not (args.force and all(
+        notice.code != "restore_would_delete_backups" for notice in plan.refusals))
+    _say_list(out, "An apply would refuse:" if refused else "Overridden by --force:", plan.refusals)
+    out.finish(plan, not refused)
+    return EXIT_PROBLEMS if refused else EXIT_OK
 
 
 def _cmd_restore_run(args: argparse.Namespace, out: _Output) -> int:

@@ -41,7 +41,7 @@ def test_backup_has_contexta_layout_manifest_and_every_checksum(cli, fixture_dir
     assert manifest["notes"] == ["cache_excluded", "exports_excluded"]
     assert manifest["tool"] == {"name": "contexta-ops", "version": ops.__version__}
     sources = {section["name"]: section["source"] for section in manifest["sections"]}
-    assert sources["recovery"] == str(_ws(fixture_dir) / "cache" / "outbox")
+    assert sources["outbox"] == str(_ws(fixture_dir) / "cache" / "outbox")
     # Every file is listed, with the real size and digest, and nothing else is in the backup.
     on_disk = {path.relative_to(location).as_posix() for path in location.rglob("*") if path.is_file()}
     listed = {entry["path"]: entry for entry in manifest["files"]}
@@ -52,10 +52,11 @@ def test_backup_has_contexta_layout_manifest_and_every_checksum(cli, fixture_dir
     for rel, entry in listed.items():
         data = (location / rel).read_bytes()
         assert entry["size"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
-    # The outbox is where it lives in the workspace, and only the outbox, not the whole cache.
+    # The outbox and the capture sink's directory are where they live in the workspace; not the whole cache.
     assert (location / "workspace/cache/outbox/failed_deliveries.jsonl").is_file()
     assert not (location / "workspace/recovery").exists()
-    assert not (location / "workspace/cache/capture").exists()
+    assert (location / "workspace/cache/capture").is_dir()
+    assert sorted(p.name for p in (location / "workspace/cache").iterdir()) == ["capture", "outbox"]
     # The manifest is Contexta's P-JSON.
     raw = (location / "manifest.json").read_text(encoding="utf-8")
     assert raw == json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

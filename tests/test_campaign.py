@@ -165,6 +165,63 @@ class ArchiveRestore(RestoreApply):
         return str(archive)
 
 
+class RelocatedRestore(RestoreApply):
+    """Stores relocated outside the workspace: one restore swaps several trees under one journal."""
+
+    name = "restore apply of relocated stores"
+
+    def setup(self, root):
+        ws = _ws(root)
+        self.elsewhere = root / "elsewhere"
+        self.elsewhere.mkdir()
+        for live, moved in (("artifacts", "arts"), ("cache/outbox", "outbox"), ("records", "recs")):
+            shutil.move(str(ws / live), str(self.elsewhere / moved))
+        self.config_file = root / "contexta.json"
+        self.config_file.write_text(json.dumps({
+            "artifacts": {"root_path": str(self.elsewhere / "arts")}, "records": {"root_path": str(self.elsewhere / "recs")},
+            "recovery": {"outbox_root": str(self.elsewhere / "outbox"), "backup_root": str(root / "bk")}}))
+        config = ops.load_config(self.config_file, environ={}, workspace=ws)
+        self.source = ops.create_workspace_backup(config, ops.plan_workspace_backup(config, label="base")).backup_ref
+        self.new = self.snapshot_all(root)
+        with open(str(self.elsewhere / "recs/segments/segment-000001.jsonl"), "ab") as handle:
+            handle.write(b'{"appended_at":"2026-01-01T00:00:00Z","record":{},"sequence":51}\n')
+        shutil.rmtree(str(self.elsewhere / "arts/objects/report"))
+        (self.elsewhere / "outbox/failed_deliveries.jsonl").write_text("")
+        (ws / "exports/made-after.txt").write_text("kept")
+        self.old = self.snapshot_all(root)
+
+    def snapshot_all(self, root):
+        trees = {"ws": _ws(root), "arts": self.elsewhere / "arts", "outbox": self.elsewhere / "outbox",
+                 "recs": self.elsewhere / "recs"}
+        return {name: snapshot(path) for name, path in trees.items()}
+
+    def args(self, root):
+        return ("--config", self.config_file, "--workspace", _ws(root), "restore", self.source)
+
+    def state(self, root):
+        current = self.snapshot_all(root)
+        if current == self.old:
+            return "old"
+        current["ws"].pop("exports/made-after.txt", None)
+        return "new" if current == self.new else "neither"
+
+    def after_kill(self, root):
+        """Several trees cannot swap in one step: between two swaps each tree is whole, old or new, and the
+        journal that names them all is there for the next run to finish with."""
+        if self.state(root) in ("old", "new"):
+            return
+        assert ops._journal_path(_ws(root)).exists()
+        current = self.snapshot_all(root)
+        current["ws"].pop("exports/made-after.txt", None)
+        old = dict(self.old, ws={k: v for k, v in self.old["ws"].items() if k != "exports/made-after.txt"})
+        for name, tree in current.items():
+            assert tree in (old[name], self.new[name]), name
+
+    def resume(self, root):
+        RestoreApply.resume(self, root)
+        assert sorted(os.listdir(str(self.elsewhere))) == ["arts", "outbox", "recs"]  # no copy left behind
+
+
 class Replay(Operation):
     name = "replay"
     count = 3000
@@ -303,8 +360,8 @@ class Prune(Operation):
         assert [entry["backup_ref"] for entry in listing] == [self.newest]
 
 
-OPERATIONS = [BackupCreate, IncrementalBackup, ArchiveCreate, RestoreApply, ArchiveRestore, Replay, Requeue,
-              ArtifactImport, ArtifactReplace, Prune]
+OPERATIONS = [BackupCreate, IncrementalBackup, ArchiveCreate, RestoreApply, ArchiveRestore, RelocatedRestore, Replay,
+              Requeue, ArtifactImport, ArtifactReplace, Prune]
 
 
 def _rehearse(operation, root):

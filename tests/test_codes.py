@@ -3,7 +3,8 @@
 Scripts match on these codes, so adding one is a decision (add it to the list) and renaming or removing one is
 a breaking change this test makes visible.  Codes are found in the source: the first argument of
 Problem/Notice/StatusWarning, every ``code=`` keyword, ``code`` class attributes and parameter defaults, and the
-code given to ``_report_error``.  A code built at run time would escape the list, so that is refused too.
+code given to ``_report_error``.  A code built at run time would escape the list, so that is refused too (passing
+on an existing object's code, ``notice.code``, is not building one).
 """
 
 import ast
@@ -53,7 +54,7 @@ def module_codes():
             for keyword in node.keywords:
                 if keyword.arg == "code" and not isinstance(keyword.value, ast.Name):
                     take(keyword.value, "code= of %s" % name)
-            if name in CONSTRUCTORS and node.args and not isinstance(node.args[0], ast.Name):
+            if name in CONSTRUCTORS and node.args and not isinstance(node.args[0], (ast.Name, ast.Attribute)):
                 take(node.args[0], name)
             if name == "_report_error" and len(node.args) > 1 and not isinstance(node.args[1], ast.Attribute):
                 take(node.args[1], name)

@@ -45,9 +45,12 @@ def test_verify_only_of_contexta_backup_gives_contexta_counts(cli, fixture_dir, 
     assert "record_replay:50" in payload["verification_notes"]
     assert "manifest:%s" % FIXTURE_BACKUP_REF in payload["verification_notes"]
     assert any(warning["code"] == "checksums_absent" for warning in payload["warnings"])
-    # Target untouched, no staging left behind (the empty staging root itself may remain).
+    # Target and backup untouched, no staging left behind (the empty staging root itself may remain); beside
+    # the backups, the history now says when this one verified clean.
     after = snapshot(fixture_dir)
-    assert {k: v for k, v in after.items() if not k.startswith("staging")} == before
+    history = "backups/" + ops._HISTORY_NAME
+    assert {k: v for k, v in after.items() if not k.startswith("staging") and k != history} == before
+    assert json.loads((fixture_dir / history).read_text())["event"] == "verified_clean"
     assert list((fixture_dir / "staging").iterdir()) == []
 
 
@@ -130,8 +133,8 @@ def test_apply_restores_byte_for_byte_and_keeps_what_the_backup_lacks(cli, fixtu
     _mutate(ws)
     plan = cli(*_args(fixture_dir, "restore", "plan", created["backup_ref"], "--json"))
     assert plan.returncode == 0, plan
-    assert set(plan.json["replaced"]) == {"artifacts", "metadata", "records", "cache/outbox"}
-    assert {"exports", "reports", "cache/capture"} <= set(plan.json["kept"])
+    assert set(plan.json["replaced"]) == {"artifacts", "metadata", "records", "cache/outbox", "cache/capture"}
+    assert {"exports", "reports"} <= set(plan.json["kept"])
     assert plan.json["lost"] == ["artifacts/objects/stray.bin"]
     result = cli(*_args(fixture_dir, "restore", created["backup_ref"], "--json"))
     assert result.returncode == 0, result
@@ -260,7 +263,7 @@ def test_interrupted_switch_without_exchange_is_finished_by_the_next_run(fixture
     monkeypatch.setattr(ops, "_rename_exchange", lambda a, b: False)
     monkeypatch.setattr(ops, "_crash_point", _stop_after_old_moved_aside)
     with pytest.raises(_Stop):
-        ops._switch_over(ws, new_tree, "base")
+        ops._switch_over(ws, [ops._Unit(ws, "workspace", new_tree)], "base")
     assert not ws.exists()
     assert ops._resume_interrupted_restore(ws) == "finished"
     assert (ws / "marker").read_text() == "new"

@@ -109,6 +109,9 @@ def test_status_sees_an_interrupted_restore_and_replay(cli, fixture_dir, tmp_pat
     result = _status(cli, fixture_dir)
     assert result.returncode == 1
     assert {"restore_interrupted", "replay_interrupted"} <= set(result.json["in_use"])
+    refused = cli("--workspace", ws, "--backup-root", fixture_dir / "bk", "restore", created["backup_ref"], "--json")
+    assert refused.returncode == 3 and refused.json["error"]["code"] == "workspace_unsafe"  # the replay's journal
+    assert cli("--workspace", ws, "replay").returncode in (0, 1)
     finished = cli("--workspace", ws, "--backup-root", fixture_dir / "bk", "restore", created["backup_ref"], "--json")
     assert finished.returncode == 0
     assert "restore_interrupted" not in _status(cli, fixture_dir).json["in_use"]
@@ -118,7 +121,7 @@ def test_check_is_clean_on_the_fixture(cli, fixture_dir):
     result = _check(cli, fixture_dir)
     assert result.returncode == 0, result
     planes = result.json["plane_results"]
-    assert list(planes) == ["artifacts", "metadata", "records", "reports", "outbox"]
+    assert list(planes) == ["artifacts", "metadata", "records", "reports", "outbox", "capture"]
     assert planes["records"]["record_count"] == 50 and planes["artifacts"]["verified_count"] == 4
     assert planes["outbox"]["pending_count"] == 5
 
