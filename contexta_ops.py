@@ -375,6 +375,24 @@ class _Record:
         return _fields_dict(self)
 
 
+def _named(exc: OSError, path: Any) -> OSError:
+    """``exc`` naming ``path`` when it named nothing (a write that found the disk full, say)."""
+    if exc.filename is not None:
+        return exc
+    named = OSError(exc.errno, exc.strerror or str(exc), str(path))
+    named.__cause__ = exc
+    return named
+
+
+@contextlib.contextmanager
+def _naming(path: Any) -> Iterator[None]:
+    """Every OSError raised inside names ``path`` if it named nothing."""
+    try:
+        yield
+    except OSError as exc:
+        raise _named(exc, path)
+
+
 def _fsync_dir(path: Any) -> None:
     fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -392,7 +410,7 @@ def atomic_write_bytes(path: Any, data: bytes, mode: int = 0o644) -> None:
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix="tmp", dir=str(path.parent))
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with _naming(path), os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -516,7 +534,7 @@ def _copy_stream_hashed(reader: Any, destination: Any, durable: bool = False) ->
     digest = hashlib.sha256()
     size = 0
     buffer, view = _chunk_buffer()
-    with open(destination, "xb") as out:
+    with _naming(destination), open(destination, "xb") as out:
         while True:
             count = reader.readinto(buffer)
             if not count:
@@ -560,11 +578,12 @@ def _copy_then_hash(source: str, destination: str, mode: Optional[int] = None,
     same work as `cp` followed by `openssl dgst` on the copy.  With ``mode`` and
     ``mtime_ns``, the copy gets them (here, on the worker, off the main thread).
     """
-    source_fd = os.open(source, os.O_RDONLY)
+    source_fd = open_regular_fd(source)
     try:
         destination_fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            _kernel_copy(source_fd, destination_fd)
+            with _naming(destination):
+                _kernel_copy(source_fd, destination_fd)
         finally:
             os.close(destination_fd)
     finally:
@@ -2240,7 +2259,7 @@ class _BackupWriter:
         destination = safe_join(self.partial, member)
         destination.parent.mkdir(parents=True, exist_ok=True)
         self.directories.append((destination.parent, os.stat(str(self.partial))))
-        with open(destination, "xb") as handle:
+        with _naming(destination), open(destination, "xb") as handle:
             handle.write(data)
         self.files.append(_file_record(member, len(data), hashlib.sha256(data).hexdigest(), destination.stat()))
         self.bytes_written += len(data)
@@ -2341,6 +2360,8 @@ def _write_backup(config: UnifiedConfig, plan: BackupPlan, incremental: bool = F
     final = backup_root / plan.backup_ref
     if final.exists():
         raise BackupError("backup %s already exists" % final, code="backup_exists", path=final)
+    if previous is None:  # an incremental backup links what it can: its size is not known in advance
+        _require_space({backup_root: plan.estimated_bytes}, "for backup %s" % plan.backup_ref)
     partial = backup_root / (".%s%s" % (plan.backup_ref, _PARTIAL_SUFFIX))
     partial.mkdir()
     progress = _Progress("backup %s" % plan.backup_ref, plan.estimated_bytes)
@@ -2437,11 +2458,11 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
     created_at = _utc_timestamp()
     warnings += walk.warnings + writer.warnings
     manifest = _backup_manifest(config, plan, created_at, walk, writer.files, warnings)
-    with open(partial / _MANIFEST_NAME, "wb") as handle:
+    with _naming(partial / _MANIFEST_NAME), open(partial / _MANIFEST_NAME, "wb") as handle:
         manifest_size, manifest_sha256 = _write_pretty_json(handle, manifest)
         handle.flush()
         os.fsync(handle.fileno())
-    with open(partial / _MANIFEST_DIGEST_NAME, "wb") as handle:
+    with _naming(partial / _MANIFEST_DIGEST_NAME), open(partial / _MANIFEST_DIGEST_NAME, "wb") as handle:
         handle.write(_digest_line(manifest_sha256))
         handle.flush()
         os.fsync(handle.fileno())
@@ -2523,13 +2544,15 @@ def create_backup_archive(config: UnifiedConfig, plan: BackupPlan, destination: 
         _resume_interrupted_restore(workspace_root, _relocated_roots(config, workspace_root))
         if final is None:
             return _write_archive(config, plan, sys.stdout.buffer, None, compress)
+        if not compress:
+            _require_space({final.parent: plan.estimated_bytes}, "for archive %s" % final)
         prefix = ".%s.partial-" % final.name
         for stale in final.parent.glob(prefix + "*"):
             if not _lock_is_held(stale):
                 stale.unlink()
         partial = final.parent / (prefix + uuid.uuid4().hex[:12])
         try:
-            with open(partial, "xb") as out, _Lock(partial, what="partial archive %s" % partial):
+            with _naming(partial), open(partial, "xb") as out, _Lock(partial, what="partial archive %s" % partial):
                 result = _write_archive(config, plan, out, final, compress, exclude=[partial])
                 out.flush()
                 os.fsync(out.fileno())
@@ -4617,7 +4640,10 @@ class _JournaledFileSink:
         handle = self.handles[path]
         if path in self.recovered and self._already_written(path, handle, replay_ref, payload):
             return
-        handle.write(line)
+        try:
+            handle.write(line)
+        except OSError as exc:  # per line, a try costs nothing; a context manager would
+            raise _named(exc, path)
         self.pending_bytes += len(line)
 
     def _already_written(self, path: str, handle: Any, replay_ref: str, payload: Any) -> bool:
@@ -4643,8 +4669,9 @@ class _JournaledFileSink:
         """fsync every sink file; the sizes delivered so far, for the journal."""
         sizes = {}
         for path, handle in self.handles.items():
-            handle.flush()
-            os.fsync(handle.fileno())
+            with _naming(path):
+                handle.flush()
+                os.fsync(handle.fileno())
             sizes[path] = self.recovered.get(path, handle.seek(0, os.SEEK_END))
         self.pending_bytes = 0
         return sizes
@@ -4790,8 +4817,9 @@ class _ReplayRun:
         """Make everything so far durable, then record how far that is."""
         sinks = self.file_sink.sync() if self.file_sink is not None else {}
         for handle in (self.kept, self.dead):
-            handle.flush()
-            os.fsync(handle.fileno())
+            with _naming(handle.name):
+                handle.flush()
+                os.fsync(handle.fileno())
         self.journal["checkpoint"] = {"offset": self.offset, "sinks": sinks, "kept": self.kept.tell(),
                                       "dead": self.dead.tell(), "counts": dict(self.counts)}
         atomic_write_bytes(self.journal_path, _pretty_json(self.journal))
@@ -4827,12 +4855,18 @@ class _ReplayRun:
     def keep(self, raw: bytes) -> None:
         self.counts["kept_lines"] += 1
         if self.kept is not None:
-            self.kept.write(raw if raw.endswith(b"\n") else raw + b"\n")
+            try:
+                self.kept.write(raw if raw.endswith(b"\n") else raw + b"\n")
+            except OSError as exc:
+                raise _named(exc, self.kept_path)
 
     def dead_letter_line(self, record: Mapping[str, Any]) -> None:
         self.counts["dead"] += 1
         if self.dead is not None:
-            self.dead.write(_json_line(record))
+            try:
+                self.dead.write(_json_line(record))
+            except OSError as exc:
+                raise _named(exc, self.dead_path)
 
     def record(self, *fields: Any) -> None:
         """Keep an entry's result (built only while under the cap: memory stays flat)."""

@@ -487,3 +487,17 @@ def test_cache_capture_is_backed_up_restored_and_checked(cli, tmp_path, contexta
     assert restored.returncode == 0, restored
     assert snapshot(capture) == original
     assert cli(*args, "check", "--plane", "capture").returncode == 0
+
+
+def test_a_disk_that_fills_while_writing_is_named_in_the_error(cli, fixture_dir, tmp_path):
+    """A gzip archive's size is not known before: the disk fills mid-write, and the one line names where."""
+    disk = tmp_path / "disk"
+    _tiny_filesystem(disk, "12k")
+    try:
+        result = _run(cli, fixture_dir, "backup", "create", "--archive", disk / "b.tar.gz", "--gzip")
+        assert result.returncode == 3, result
+        assert "No space left on device: %s" % disk in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert os.listdir(str(disk)) == []
+    finally:
+        subprocess.run(["umount", str(disk)])
