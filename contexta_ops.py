@@ -98,7 +98,7 @@ __all__ = [
     "scan_artifact_bindings", "ArtifactsReport", "artifact_object_relpath", "sanitize_component",
     # backup
     "BackupPlan", "BackupResult", "BackupVerifyResult", "BackupListEntry", "PruneResult",
-    "plan_workspace_backup", "create_workspace_backup", "create_backup_archive", "list_backups",
+    "plan_workspace_backup", "create_workspace_backup", "create_backup_archive", "create_cli_zip", "list_backups",
     "verify_backup", "prune_backups",
     # restore
     "RestorePlan", "RestoreResult", "plan_restore", "restore_workspace", "restore_workspace_forced",
@@ -122,6 +122,32 @@ EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_CANNOT_RUN = 3
 EXIT_LOCKED = 4
+
+# ---------------------------------------------------------------------------
+# Deviations from Contexta 1.0.0 (on purpose; the code refers to them as D1-D7)
+# ---------------------------------------------------------------------------
+#
+# D1 Backups hold the outbox and the capture sink's files, not the whole
+#    cache; relocated stores are copied too, stored at their default place;
+#    every file is listed with size and sha256; journals, locks and temp files
+#    are never copied; a backup is built as .partial and renamed when whole.
+# D2 A restore verifies before it changes anything, backs up the target it
+#    replaces (not the configured one), builds the new copy beside it and
+#    swaps atomically, keeps what the backup does not hold, puts each part
+#    where the target's configuration looks, never deletes a backup, and
+#    refuses while a writer or an interrupted operation is at the workspace.
+# D3 Verification reads the backup with its own layout and defaults, never
+#    the ambient environment, and any problem is a FAILURE.
+# D4 Contexta's CLI zips are verified for real (CRC-32 and planes) and
+#    restored into the target named, whatever the zip's folder is called.
+# D5 Replay streams the outbox, dead-letters a malformed line instead of
+#    stopping, replaces the outbox atomically, delivers to the file sink
+#    exactly once, filters by target, escapes lone surrogates, and keeps
+#    payload_type and payload_ref.
+# D6 Artifact import proves a package first: body_file is a plain name inside
+#    it, the body matches binding and manifest; a body is stored under its
+#    location_ref's suffix, where every reader looks.
+# D7 Unknown CONTEXTA_* variables are noted and ignored, not fatal.
 
 
 # ---------------------------------------------------------------------------
@@ -1079,6 +1105,9 @@ class UnifiedConfig(_Record):
     records: RecordStoreConfig = dataclasses.field(default_factory=RecordStoreConfig)
     artifacts: ArtifactStoreConfig = dataclasses.field(default_factory=ArtifactStoreConfig)
     recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
+    # Contexta's other sections (capture, surfaces, ...), carried as given, never read: a backup's
+    # resolved.config.json holds every section Contexta writes.
+    foreign_sections: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.profile_name not in ("local", "test"):
@@ -1119,8 +1148,48 @@ _CONFIG_SCHEMA: Dict[str, Dict[str, str]] = {
 }
 _SECTION_CLASSES = {"workspace": WorkspaceConfig, "metadata": MetadataStoreConfig, "records": RecordStoreConfig,
                     "artifacts": ArtifactStoreConfig, "recovery": RecoveryConfig}
-# Contexta sections this tool does not use: accepted in a config file, not read.
+# Contexta sections this tool does not use: accepted in a config file, not read, written into backups'
+# resolved.config.json with Contexta's defaults under what a config file gave.
 _FOREIGN_SECTIONS = ("contract", "capture", "interpretation", "surfaces", "retention", "security")
+_FOREIGN_DEFAULTS: Dict[str, Any] = {
+    "contract": {"compatibility_mode": "strict", "deterministic_serialization": True, "schema_version": "1.0.0",
+                 "validation_mode": "strict"},
+    "capture": {"capture_code_revision": True, "capture_config_snapshot": True, "capture_environment_snapshot": True,
+                "capture_installed_packages": True, "dispatch_failure_mode": "raise", "producer_ref": "sdk.python.local",
+                "retry_attempts": 0, "retry_backoff_seconds": 0.0, "write_degraded_marker_on_partial_failure": True},
+    "interpretation": {
+        "alert": {"default_severity": "warning", "stop_on_first_trigger": False},
+        "anomaly": {"min_baseline_runs": 3, "monitored_metrics": [], "z_score_threshold": 2.5},
+        "comparison": {"include_unchanged_metrics": False, "metric_selection": "latest",
+                       "missing_stage_severity": "warning"},
+        "diagnostics": {"detect_degraded_records": True, "expected_terminal_stage_names": ["evaluate", "package"],
+                        "require_metrics_for_completed_stages": True},
+        "reports": {"include_completeness_notes": True, "include_evidence_summary": True,
+                    "include_lineage_summary": True},
+        "search": {"case_sensitive": False, "default_limit": 50, "text_match_fields": ["name", "tags", "status"]},
+        "trend": {"default_window_runs": 20, "metric_aggregation": "latest"}},
+    "surfaces": {"cli": {"color": True, "default_output_format": "text", "verbosity": "normal"},
+                 "export": {"csv_delimiter": ",", "html_inline_charts": True, "include_completeness_notes": True},
+                 "html": {"enabled": True, "inline_charts": True},
+                 "http": {"enabled": False, "host": "127.0.0.1", "open_browser": False, "port": 8765},
+                 "notebook": {"enabled": True}},
+    "retention": {"artifact_retention_mode": "manual", "cache_ttl_days": 7, "export_ttl_days": None,
+                  "records_compaction_enabled": False, "report_ttl_days": None},
+    "security": {"allow_unredacted_local_exports": False, "encryption_provider": None,
+                 "environment_variable_allowlist": [], "redaction_mode": "safe_default",
+                 "secret_key_patterns": ["token", "secret", "password", "passwd", "key"]},
+}
+# Contexta's `test` profile, where it differs from `local`.
+_TEST_PROFILE: Dict[str, Dict[str, Any]] = {
+    "workspace": {"root_path": ".contexta-test"}, "records": {"durability_mode": "flush"},
+    "artifacts": {"verification_mode": "strict"}, "recovery": {"create_backup_before_restore": False},
+}
+_TEST_PROFILE_FOREIGN: Dict[str, Dict[str, Any]] = {
+    "capture": {"capture_environment_snapshot": False, "capture_installed_packages": False,
+                "capture_code_revision": False},
+    "surfaces": {"html": {"enabled": False, "inline_charts": True}, "notebook": {"enabled": False}},
+    "security": {"redaction_mode": "strict"},
+}
 _TOP_LEVEL_KEYS = ("config_version", "profile_name", "project_name", "profile", "overlays")
 # Flags and the setting each one overrides.
 _FLAG_SETTINGS = {"workspace": "workspace.root_path", "backup_root": "recovery.backup_root",
@@ -1140,10 +1209,10 @@ def _env_name(dotted: str) -> str:
 
 
 def _coerce_setting(dotted: str, kind: str, value: Any, origin: str) -> Any:
-    """Check one value's type; strings from the environment are converted."""
+    """Check one value's type; strings from the environment and --set are converted."""
     if value is None:
         return None
-    if isinstance(value, str) and origin.startswith("environment"):
+    if isinstance(value, str) and origin.startswith(("environment", "flag --set")):
         text = value.strip()
         if kind == "bool":
             lowered = text.lower()
@@ -1202,18 +1271,24 @@ def _load_config_with_sources(
     *,
     environ: Optional[Mapping[str, str]] = None,
     flags: Optional[Mapping[str, Any]] = None,
+    profile: Optional[str] = None,
+    overrides: Sequence[str] = (),
 ) -> Tuple[UnifiedConfig, Dict[str, str], List[str]]:
     """Resolve the configuration; also say where each path came from.
 
-    Returns ``(config, sources, notes)``: ``sources`` maps dotted names to
-    ``default``, ``config file …``, ``environment CONTEXTA_…`` or ``flag --…``;
-    ``notes`` lists ignored ``CONTEXTA_*`` names.
+    Precedence, lowest first, as in Contexta: defaults, the profile, the config
+    file, ``CONTEXTA_*`` variables, ``overrides`` (``--set KEY=VALUE``), then
+    the flags.  Returns ``(config, sources, notes)``: ``sources`` maps dotted
+    names to ``default``, ``config file …``, ``environment CONTEXTA_…`` or
+    ``flag --…``; ``notes`` lists ignored ``CONTEXTA_*`` names.
     """
     environ = os.environ if environ is None else environ
     settings: Dict[str, Dict[str, Any]] = {section: {} for section in _CONFIG_SCHEMA}
+    foreign: Dict[str, Any] = {}
     top: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
     notes: List[str] = []
+    selected_profile = profile
 
     def put(dotted: str, value: Any, origin: str) -> None:
         section, key = dotted.split(".", 1)
@@ -1240,7 +1315,9 @@ def _load_config_with_sources(
                                           code="unknown_config_field", path=path)
                     put("%s.%s" % (key, inner_key), inner_value, origin)
             elif key in _FOREIGN_SECTIONS:
-                continue
+                if not isinstance(value, dict):
+                    raise ConfigError("%s: [%s] must be a table" % (origin, key), path=path)
+                foreign[key] = value
             elif key in ("profile", "profile_name"):
                 profile = value
             elif key in _TOP_LEVEL_KEYS:
@@ -1266,21 +1343,39 @@ def _load_config_with_sources(
         elif not name.startswith("CONTEXTA_OPS_"):
             notes.append("ignored_environment:%s" % name)
 
+    for override in overrides:
+        dotted, equals, value = override.partition("=")
+        dotted = dotted.strip()
+        section = dotted.split(".", 1)[0]
+        if not equals or "." not in dotted:
+            raise ConfigError("--set %s: expected KEY=VALUE with a dotted KEY (recovery.backup_root=/srv/bk)"
+                              % override, code="config_invalid")
+        if section in _FOREIGN_SECTIONS:
+            foreign.setdefault(section, {})[dotted.split(".", 1)[1]] = value  # carried, never read
+        elif dotted.split(".", 1)[1] in _CONFIG_SCHEMA.get(section, {}):
+            cleared = value.strip().lower() in ("null", "none")
+            put(dotted, None if cleared else value, "flag --set %s" % dotted)
+        else:
+            raise ConfigError("--set %s: unknown setting %s" % (override, dotted), code="unknown_config_field")
     for flag, dotted in _FLAG_SETTINGS.items():
         value = (flags or {}).get(flag)
         if value is not None:
             put(dotted, str(value), "flag --%s" % flag.replace("_", "-"))
 
+    if selected_profile is not None:
+        profile = selected_profile
     if profile not in ("local", "test"):
         raise ConfigError("unsupported profile %r (local or test)" % (profile,))
     if profile == "test":
-        settings["workspace"].setdefault("root_path", ".contexta-test")
-        settings["recovery"].setdefault("create_backup_before_restore", False)
+        for section, values in _TEST_PROFILE.items():
+            for key, value in values.items():
+                settings[section].setdefault(key, value)
+        top.setdefault("project_name", "test")
     sections = {name: cls(**settings[name]) for name, cls in _SECTION_CLASSES.items()}
     project = top.get("project_name", "default")
     if not isinstance(project, str) or not project.strip():
         raise ConfigError("project_name must be a non-blank string")
-    config = UnifiedConfig(profile_name=profile, project_name=project, **sections)
+    config = UnifiedConfig(profile_name=profile, project_name=project, foreign_sections=foreign, **sections)
     for section, keys in _CONFIG_SCHEMA.items():
         for key, kind in keys.items():
             dotted = "%s.%s" % (section, key)
@@ -1298,14 +1393,19 @@ def load_config(
     backup_root: Any = None,
     staging_root: Any = None,
     outbox_root: Any = None,
+    profile: Optional[str] = None,
+    overrides: Sequence[str] = (),
 ) -> UnifiedConfig:
     """Resolve a :class:`UnifiedConfig` from defaults, a file, ``CONTEXTA_*`` and overrides.
 
-    Unrelated ``CONTEXTA_*`` variables are ignored (Contexta fails on them).
+    ``profile`` is Contexta's (``local`` or ``test``); ``overrides`` are
+    ``KEY=VALUE`` strings as Contexta's ``--set`` takes them.  Unrelated
+    ``CONTEXTA_*`` variables are ignored (Contexta fails on them).
     """
     flags = {"workspace": workspace, "backup_root": backup_root,
              "staging_root": staging_root, "outbox_root": outbox_root}
-    return _load_config_with_sources(config_file, environ=environ, flags=flags)[0]
+    return _load_config_with_sources(config_file, environ=environ, flags=flags, profile=profile,
+                                     overrides=overrides)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -2111,7 +2211,17 @@ def plan_workspace_backup(config: UnifiedConfig, *, label: Optional[str] = None,
 
 
 def _resolved_config_mapping(config: UnifiedConfig) -> Dict[str, Any]:
-    return _jsonable(config.to_dict())
+    """Every section Contexta writes into resolved.config.json, ours resolved, the rest carried over."""
+    mapping: Dict[str, Any] = _jsonable(config.to_dict())
+    foreign = mapping.pop("foreign_sections")
+    for section, defaults in _FOREIGN_DEFAULTS.items():
+        values = json_loads(json.dumps(defaults))  # a deep copy
+        patch = _TEST_PROFILE_FOREIGN.get(section, {}) if config.profile_name == "test" else {}
+        values.update(patch)
+        if isinstance(foreign.get(section), dict):
+            values.update(foreign[section])
+        mapping[section] = values
+    return mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2632,6 +2742,86 @@ def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Opt
         backup_ref=plan.backup_ref, created_at=created_at, location=final,
         included_sections=tuple(walk.copied), bytes_written=manifest["total_bytes"] + len(manifest_bytes),
         verification_notes=("manifest_written", "checksums_recorded:%d" % len(files)), file_count=len(files))
+
+# -- Contexta's CLI zip ---------------------------------------------------------
+#
+# `contexta backup create --output FILE` writes a zip of the whole workspace
+# under one folder named like it (shutil.make_archive).  We write that very
+# layout, so contexta's own `restore apply FILE.zip` takes it - but never the
+# zip itself, earlier zips, or backups and staging kept inside the workspace.
+
+def create_cli_zip(config: UnifiedConfig, destination: Any, label: Optional[str] = None) -> BackupResult:
+    """The workspace as contexta 1.0.0's CLI zips it; temp name, renamed when complete.
+
+    ``destination`` gets ``.zip`` appended unless it ends so (Contexta cuts a
+    dotted label short instead: ``v1.2`` became ``v1.zip``).
+    """
+    workspace_root = config.workspace.root_path
+    if not workspace_root.is_dir():
+        raise BackupError("workspace %s does not exist" % workspace_root, code="workspace_missing",
+                          path=workspace_root)
+    final = _resolve_path(destination)
+    if not final.name.endswith(".zip"):
+        final = final.with_name(final.name + ".zip")
+    if os.path.lexists(str(final)):
+        raise BackupError("archive %s already exists" % final, code="backup_exists", path=final)
+    if not final.parent.is_dir():
+        raise BackupError("directory %s does not exist" % final.parent, code="archive_directory_missing",
+                          path=final.parent)
+    excluded = [config.recovery.backup_root, config.recovery.restore_staging_root, final]
+    _require_space({final.parent: _tree_size(workspace_root, excluded, _NEVER_COPIED)[1]}, "for zip %s" % final)
+    with _workspace_lock(workspace_root):
+        _resume_interrupted_restore(workspace_root, _relocated_roots(config, workspace_root))
+        warnings = _unsafe_workspace_notices(config) + _metadata_in_use_warnings(config)[0]
+        partial = final.parent / (".%s.partial-%s" % (final.name, uuid.uuid4().hex[:12]))
+        try:
+            with _naming(partial):
+                files, size, sections = _write_cli_zip(workspace_root, partial, excluded + [partial])
+            _crash_point("zip:written")
+            os.rename(str(partial), str(final))
+            _fsync_dir(final.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(partial))
+            raise
+    return BackupResult(
+        status="DEGRADED" if warnings else "SUCCESS", warnings=tuple(warnings), notes=("contexta_cli_zip",),
+        details={"format": "contexta-cli-zip", "backup_path": str(final), "label": label,
+                 "workspace": str(workspace_root)},
+        backup_ref=final.stem, created_at=_utc_timestamp(), location=final, included_sections=tuple(sections),
+        bytes_written=final.stat().st_size, verification_notes=("zip_crc32_recorded:%d" % files,),
+        file_count=files)
+
+
+def _write_cli_zip(workspace_root: Path, partial: Path, excluded: Sequence[Path]) -> Tuple[int, int, List[str]]:
+    """(files, bytes, top-level names): every directory and file, sorted, under ``<workspace name>/``."""
+    top = workspace_root.name
+    files = 0
+    total = 0
+    sections: List[str] = []
+    with open(partial, "xb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, strict_timestamps=False) as out:
+        out.write(str(workspace_root), top + "/")
+        for rel, entry_stat, kind in _walk_tree(workspace_root, excluded, _NEVER_COPIED):
+            if kind not in ("dir", "file"):
+                continue  # links and special files are never archived (a restore would refuse them)
+            if "/" not in rel:
+                sections.append(rel)
+            if kind == "dir":
+                out.write(str(workspace_root / rel), "%s/%s/" % (top, rel))
+                continue
+            with open_regular(workspace_root / rel) as source:
+                info = zipfile.ZipInfo.from_file(str(workspace_root / rel), "%s/%s" % (top, rel),
+                                                 strict_timestamps=False)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with out.open(info, "w") as member:
+                    shutil.copyfileobj(source, member, _CHUNK)
+            files += 1
+            total += entry_stat.st_size
+            _crash_point("zip:member-written")
+        raw.flush()
+        os.fsync(raw.fileno())
+    return files, total, sections
+
 
 # -- reading a backup back ---------------------------------------------------
 
@@ -4274,7 +4464,7 @@ def _config_for_target(config: UnifiedConfig, target: Path) -> UnifiedConfig:
 
 
 def _safety_backup(config: UnifiedConfig, target: Path) -> str:
-    """Back up the target actually being replaced (not the configured workspace: Contexta's defect)."""
+    """Back up the target actually being replaced, not the configured workspace (D2)."""
     target_config = _config_for_target(config, target)
     plan = plan_workspace_backup(target_config, label=_SAFETY_LABEL, kind="safety")
     result = _write_backup(target_config, plan)
@@ -4533,7 +4723,7 @@ class SinkReceipt:
 
 
 def _json_line(payload: Any) -> bytes:
-    """C-JSONL bytes; a lone surrogate falls back to a \\u escape instead of failing (formats 11.15)."""
+    """C-JSONL bytes; a lone surrogate falls back to a \\u escape instead of failing (D5)."""
     try:
         return (_compact_json(payload) + "\n").encode("utf-8")
     except UnicodeEncodeError:
@@ -5448,7 +5638,7 @@ def _finish_interrupted_requeue(outbox_root: Path) -> None:
 # rename; and each put/import is journaled in ``staging/`` (which Contexta's
 # orphan sweep never looks at), with the binding as its commit point, so the
 # next artifact command rolls an interrupted one back - or forward, once its
-# binding is written.  Bodies always sit where readers look (formats 11.14).
+# binding is written.  Bodies always sit where readers look (D6).
 
 PACKAGE_FORMAT_VERSION = "contexta-artifact-export-v1"
 _ARTIFACT_DIRS = ("bindings", "objects", "staging", "exports", "history/bindings", "quarantine")
@@ -6927,6 +7117,12 @@ def _global_options() -> argparse.ArgumentParser:
     group.add_argument("--outbox-root", metavar="DIR", default=argparse.SUPPRESS, help="recovery outbox directory")
     group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print exactly one JSON object on stdout")
+    group.add_argument("--format", choices=("text", "json"), default=argparse.SUPPRESS,
+                       help="Contexta's spelling: --format json is --json")
+    group.add_argument("--profile", choices=("local", "test"), default=argparse.SUPPRESS,
+                       help="Contexta's configuration profile (default local)")
+    group.add_argument("--set", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                       help="a setting, as CONTEXTA_* would give it (recovery.backup_root=/srv/bk); repeatable")
     group.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="no progress and no report on success")
     return common
@@ -6985,6 +7181,8 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--include-exports", action="store_true", help="also copy exports/")
         if action == "create":
             sub.add_argument("--archive", metavar="FILE", help="write one tar file instead (- streams to stdout)")
+            sub.add_argument("--output", metavar="FILE.zip",
+                             help="write Contexta's CLI zip of the whole workspace instead (contexta's spelling)")
             sub.add_argument("--gzip", action="store_true", help="gzip the archive")
             sub.add_argument("--incremental", action="store_true",
                              help="hard-link files unchanged since the newest complete backup")
@@ -7020,7 +7218,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="backup ref, a backup directory or archive, a Contexta CLI zip, or - (stdin)")
         sub.add_argument("--verify-only", action="store_true",
                          help="materialize and verify in staging; never touch the target")
-        sub.add_argument("--target", metavar="DIR", help="workspace to restore into (default: --workspace)")
+        sub.add_argument("--target", "--target-workspace", dest="target", metavar="DIR",
+                         help="workspace to restore into (default: --workspace; --target-workspace is Contexta's "
+                              "spelling)")
         sub.add_argument("--force", action="store_true", help="apply even when verification finds problems")
 
     _add_command(commands, "status", "Confirm the workspace: paths and their sources, in-use signals, counts.",
@@ -7152,7 +7352,8 @@ def _config_from_args(args: argparse.Namespace) -> UnifiedConfig:
 
 def _config_and_sources_from_args(args: argparse.Namespace) -> Tuple[UnifiedConfig, Dict[str, str], List[str]]:
     flags = {name: _option(args, name) for name in _FLAG_SETTINGS}
-    return _load_config_with_sources(_option(args, "config"), flags=flags)
+    return _load_config_with_sources(_option(args, "config"), flags=flags, profile=_option(args, "profile"),
+                                     overrides=_option(args, "set", ()))
 
 
 class _Output:
@@ -7216,11 +7417,21 @@ def _cmd_backup_plan(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _cmd_backup_create(args: argparse.Namespace, out: _Output) -> int:
+    if args.output is not None and (args.archive is not None or args.incremental or args.gzip):
+        raise UsageError("--output writes Contexta's zip; it does not combine with --archive, --gzip or --incremental")
     if args.archive is not None and args.incremental:
         raise UsageError("--incremental makes a backup directory; it does not combine with --archive")
     if args.archive is None and (args.gzip or args.verify_unchanged and not args.incremental):
         raise UsageError("--gzip goes with --archive, --verify-unchanged with --incremental")
     config = _config_from_args(args)
+    if args.output is not None:
+        result = create_cli_zip(config, args.output, label=args.label)
+        out.say("Backup %s (Contexta's CLI zip): %s" % (result.backup_ref, result.status))
+        out.say("  location: %s" % result.location)
+        out.say("  %d files, %s" % (result.file_count, _human_bytes(result.bytes_written)))
+        _say_list(out, "Warnings:", result.warnings)
+        out.finish(result, result.status == "SUCCESS")
+        return _status_exit(result.status)
     plan = plan_workspace_backup(config, label=args.label, include_cache=args.include_cache,
                                  include_exports=args.include_exports)
     if args.archive is not None:
@@ -7544,12 +7755,13 @@ def _counts_text(counts: Mapping[str, int]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; return its exit code (also the entry point of ``contexta.pyz``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    as_json = "--json" in argv
+    as_json = "--json" in argv or "--format=json" in argv or any(
+        word == "--format" and following == "json" for word, following in zip(argv, argv[1:]))
     out = _Output(as_json, "--quiet" in argv)
     try:
         parser = _build_parser()
         args = parser.parse_args(_with_default_action(parser, argv))
-        out = _Output(bool(_option(args, "json")), bool(_option(args, "quiet")))
+        out = _Output(bool(_option(args, "json")) or _option(args, "format") == "json", bool(_option(args, "quiet")))
         _Progress.enabled = sys.stderr.isatty() and not out.as_json and not out.quiet
         if args.command is None:
             parser.print_help(sys.stderr)
