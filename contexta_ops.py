@@ -2458,7 +2458,13 @@ def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Opt
 
 # -- reading a backup back ---------------------------------------------------
 
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_INT63_MAX = (1 << 63) - 1  # sizes and nanosecond times: what a signed 64-bit field (stat, tar, zip) holds
+_MANIFEST_LIMIT = 256 << 20
+# Each listed file costs ~2 KB in memory once parsed; past this a manifest is refused before it is parsed.
+_MANIFEST_MAX_FILES = 1000000
+# One path component a directory may be named by: no separator, no control character, not . or ..
+_BACKUP_REF_TEXT = re.compile(r"(?!\.\.?$)[^/\\\x00-\x1f\x7f]{1,255}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2483,60 +2489,138 @@ def _manifest_error(location: Any, message: str) -> RestoreError:
                         code="recovery_manifest_invalid", path=Path(location) / _MANIFEST_NAME)
 
 
+def _is_int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _shown(value: Any) -> str:
+    """A value from untrusted input, short enough for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _validate_manifest(manifest: Any, location: Any) -> Dict[str, Any]:
-    """Check every manifest key we rely on, so bad input stops us before we write anything."""
+    """Check every manifest key a reader uses, by type and by range, before anything is written.
+
+    Every reader (backup directory, tar file, tar on stdin, list, incremental
+    base) goes through here, so ``backup verify``, ``restore plan``,
+    ``--verify-only`` and restore accept and refuse the same manifests.
+    """
     if not isinstance(manifest, dict):
         raise _manifest_error(location, "is not a JSON object")
-    if "backup_ref" in manifest and (not isinstance(manifest["backup_ref"], str) or not manifest["backup_ref"]):
-        raise _manifest_error(location, "backup_ref is not a non-empty string")
-    sections = manifest.get("included_sections", [])
-    if not isinstance(sections, list) or not all(isinstance(item, str) for item in sections):
-        raise _manifest_error(location, "included_sections is not a list of strings")
-    if "files" in manifest:
-        files = manifest["files"]
-        if not isinstance(files, list):
-            raise _manifest_error(location, "files is not a list")
-        seen: Set[str] = set()
-        for index, entry in enumerate(files):
-            if not isinstance(entry, dict):
-                raise _manifest_error(location, "files[%d] is not an object" % index)
-            path: Any = entry.get("path")
-            size, digest = entry.get("size"), entry.get("sha256")
-            try:
-                safe_join("/", path)
-            except OpsError:
-                raise _manifest_error(location, "files[%d].path %r is not a safe relative path" % (index, path))
-            if not path.startswith("workspace/"):
-                raise _manifest_error(location, "files[%d].path %r is outside workspace/" % (index, path))
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise _manifest_error(location, "files[%d].size is not a non-negative integer" % index)
-            if not isinstance(digest, str) or not _SHA256_HEX.match(digest):
-                raise _manifest_error(location, "files[%d].sha256 is not a sha256 hex digest" % index)
-            for key in ("mode", "mtime_ns"):
-                if key in entry and (not isinstance(entry[key], int) or isinstance(entry[key], bool)):
-                    raise _manifest_error(location, "files[%d].%s is not an integer" % (index, key))
-            if path in seen:
-                raise _manifest_error(location, "files lists %r twice" % path)
-            seen.add(path)
-    if "sections" in manifest:
-        if not isinstance(manifest["sections"], list):
-            raise _manifest_error(location, "sections is not a list")
-        for index, entry in enumerate(manifest["sections"]):
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise _manifest_error(location, "sections[%d] is not a section object" % index)
-            try:
-                safe_join("/", entry["path"])
-            except (OpsError, KeyError):
-                raise _manifest_error(location, "sections[%d].path is not a safe relative path" % index)
+    wrong = _manifest_header_fault(manifest) or _manifest_files_fault(manifest) or _manifest_sections_fault(manifest)
+    if wrong:
+        raise _manifest_error(location, wrong)
     return manifest
 
 
+def _manifest_header_fault(manifest: Dict[str, Any]) -> Optional[str]:
+    if "backup_ref" in manifest and not (isinstance(manifest["backup_ref"], str)
+                                         and _BACKUP_REF_TEXT.fullmatch(manifest["backup_ref"])):
+        return "backup_ref %s is not a backup name (one path component, no control characters)" % _shown(
+            manifest["backup_ref"])
+    for key in ("created_at", "format"):
+        if key in manifest and not isinstance(manifest[key], str):
+            return "%s is not a string" % key
+    for key in ("file_count", "total_bytes"):
+        if key in manifest and not _is_int_in(manifest[key], 0, _INT63_MAX):
+            return "%s is not a non-negative integer below 2**63" % key
+    sections = manifest.get("included_sections", [])
+    if not isinstance(sections, list) or not all(isinstance(item, str) for item in sections):
+        return "included_sections is not a list of strings"
+    return None
+
+
+def _manifest_files_fault(manifest: Dict[str, Any]) -> Optional[str]:
+    if "files" not in manifest:
+        return None
+    files = manifest["files"]
+    if not isinstance(files, list):
+        return "files is not a list"
+    if len(files) > _MANIFEST_MAX_FILES:
+        return "lists %d files, more than the %d a backup may hold" % (len(files), _MANIFEST_MAX_FILES)
+    seen: Set[str] = set()
+    total = 0
+    for index, entry in enumerate(files):
+        wrong = _manifest_file_fault(entry)
+        if wrong:
+            return "files[%d]%s" % (index, wrong)
+        if entry["path"] in seen:
+            return "files lists %s twice" % _shown(entry["path"])
+        seen.add(entry["path"])
+        total += entry["size"]
+    if manifest.get("file_count", len(files)) != len(files):
+        return "file_count is %d but files lists %d" % (manifest["file_count"], len(files))
+    if manifest.get("total_bytes", total) != total:
+        return "total_bytes is %d but the files add up to %d" % (manifest["total_bytes"], total)
+    return None
+
+
+def _manifest_file_fault(entry: Any) -> Optional[str]:
+    if not isinstance(entry, dict):
+        return " is not an object"
+    path: Any = entry.get("path")
+    try:
+        safe_join("/", path)
+    except OpsError:
+        return ".path %s is not a safe relative path" % _shown(path)
+    if not path.startswith("workspace/"):
+        return ".path %s is outside workspace/" % _shown(path)
+    if not _is_int_in(entry.get("size"), 0, _INT63_MAX):
+        return ".size is not a non-negative integer below 2**63"
+    if not isinstance(entry.get("sha256"), str) or not _SHA256_HEX.fullmatch(entry["sha256"]):
+        return ".sha256 is not a sha256 hex digest"
+    if "mode" in entry and not _is_int_in(entry["mode"], 0, 0o7777):
+        return ".mode is not a permission mode (an integer from 0 to 0o7777)"
+    if "mtime_ns" in entry and not _is_int_in(entry["mtime_ns"], 0, _INT63_MAX):
+        return ".mtime_ns is not an integer from 0 to 2**63-1"
+    return None
+
+
+def _manifest_sections_fault(manifest: Dict[str, Any]) -> Optional[str]:
+    if "sections" not in manifest:
+        return None
+    if not isinstance(manifest["sections"], list):
+        return "sections is not a list"
+    for index, entry in enumerate(manifest["sections"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            return "sections[%d] is not a section object" % index
+        try:
+            safe_join("/", entry["path"])
+        except (OpsError, KeyError):
+            return "sections[%d].path is not a safe relative path" % index
+        if not entry["path"].startswith("workspace/"):
+            return "sections[%d].path %s is outside workspace/" % (index, _shown(entry["path"]))
+    return None
+
+
+def _refuse_oversized_manifest(raw: bytes, location: Any) -> None:
+    """Size and entry count, checked before parsing: parsing is what costs the memory."""
+    if len(raw) > _MANIFEST_LIMIT:
+        raise _manifest_error(location, "is larger than %d bytes" % _MANIFEST_LIMIT)
+    if raw.count(b'"sha256"') > _MANIFEST_MAX_FILES:
+        raise _manifest_error(location, "lists more than the %d files a backup may hold" % _MANIFEST_MAX_FILES)
+
+
 def _parse_manifest_bytes(raw: bytes, location: Any) -> Dict[str, Any]:
+    _refuse_oversized_manifest(raw, location)
     try:
         manifest = json_loads(raw)
     except ValueError as exc:
         raise _manifest_error(location, str(exc))
     return _validate_manifest(manifest, location)
+
+
+def _read_manifest_file(path: Path, location: Path) -> bytes:
+    """A backup directory's manifest, refused unread when it is larger than any manifest may be."""
+    try:
+        with open_regular(path, follow_symlinks=False) as handle:
+            if os.fstat(handle.fileno()).st_size > _MANIFEST_LIMIT:
+                raise _manifest_error(location, "is larger than %d bytes" % _MANIFEST_LIMIT)
+            return handle.read(_MANIFEST_LIMIT + 1)
+    except OSError as exc:
+        raise RestoreError("cannot read %s: %s" % (path, exc.strerror or exc),
+                           code="recovery_manifest_unreadable", path=path)
 
 
 class _BackupSource:
@@ -2559,6 +2643,12 @@ class _BackupSource:
             files = self.manifest.get("files")
             self._expected_files = None if files is None else {entry["path"]: entry for entry in files}
         return self._expected_files
+
+    @property
+    def declared_bytes(self) -> Optional[int]:
+        """What the backup says its files add up to (what a restore will write), when it says so."""
+        expected = self.expected_files
+        return None if expected is None else sum(entry["size"] for entry in expected.values())
 
     def members(self) -> Iterator[_Member]:
         raise NotImplementedError
@@ -2585,19 +2675,19 @@ class _DirectoryBackup(_BackupSource):
     def __init__(self, location: Path) -> None:
         self.location = location
         manifest_path = location / _MANIFEST_NAME
-        if not manifest_path.is_file():
+        if not os.path.lexists(str(manifest_path)):
             raise RestoreError("backup %s has no manifest.json (incomplete or not a backup)" % location,
                                code="recovery_manifest_missing", path=manifest_path)
-        try:
-            raw = manifest_path.read_bytes()
-        except OSError as exc:
-            raise RestoreError("cannot read %s: %s" % (manifest_path, exc.strerror or exc),
-                               code="recovery_manifest_unreadable", path=manifest_path)
+        raw = _read_manifest_file(manifest_path, location)
         self.manifest = _parse_manifest_bytes(raw, location)
         self.manifest_bytes = raw
-        if not (location / "workspace").is_dir():
+        workspace = location / "workspace"
+        if workspace.is_symlink():
+            raise RestoreError("backup %s: workspace/ is a symbolic link, which is never followed; nothing was "
+                               "written" % location, code="archive_unsafe", path=workspace)
+        if not workspace.is_dir():
             raise RestoreError("backup %s has no workspace/ directory" % location,
-                               code="recovery_backup_workspace_missing", path=location / "workspace")
+                               code="recovery_backup_workspace_missing", path=workspace)
         self.backup_ref = self.manifest.get("backup_ref") or location.name
 
     def members(self) -> Iterator[_Member]:
@@ -2606,30 +2696,56 @@ class _DirectoryBackup(_BackupSource):
         for rel, entry_stat, kind in _walk_tree(root):
             on_disk = os.path.join(str(root), rel)
             yield _Member("workspace/" + rel, kind, entry_stat.st_size, entry_stat.st_mode,
-                          entry_stat.st_mtime_ns, functools.partial(open, on_disk, "rb"), on_disk)
+                          entry_stat.st_mtime_ns, functools.partial(open_regular, on_disk, follow_symlinks=False),
+                          on_disk)
 
     def manifest_problems(self) -> List[Problem]:
         sidecar = self.location / _MANIFEST_DIGEST_NAME
-        digest = sidecar.read_bytes() if sidecar.is_file() else None
+        digest = None
+        if os.path.lexists(str(sidecar)):
+            digest = self.read_member(_MANIFEST_DIGEST_NAME, 4096) or b""  # unreadable: it cannot match
         return _manifest_digest_problems(self.manifest_bytes, digest, required=False)
 
-    def read_member(self, path: str) -> Optional[bytes]:
-        target = self.location / path
+    def read_member(self, path: str, limit: int = _JSON_FILE_LIMIT) -> Optional[bytes]:
         try:
-            return target.read_bytes() if target.is_file() and not target.is_symlink() else None
-        except OSError:
+            return read_regular(self.location / path, limit, follow_symlinks=False)
+        except (OSError, InputRefusedError):
             return None
 
 
 # Archive read errors that mean "damaged", as opposed to our own I/O failing.
 _ARCHIVE_DAMAGE: Tuple[Type[BaseException], ...] = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) + (
     (gzip.BadGzipFile,) if hasattr(gzip, "BadGzipFile") else ())
-_MANIFEST_LIMIT = 256 << 20
 
 
 def _unsafe_member(location: Any, name: Any, why: str) -> RestoreError:
-    return RestoreError("archive %s: member %r refused: %s; nothing was written" % (location, name, why),
+    return RestoreError("archive %s: member %s refused: %s; nothing was written" % (location, _shown(name), why),
                         code="archive_unsafe", path=location)
+
+
+def _member_mtime_ns(seconds: Any) -> Optional[int]:
+    """An archive header's mtime in nanoseconds, or None when it is not a time (NaN, 1e30, before 1970)."""
+    try:
+        mtime_ns = int(seconds * 1e9)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return mtime_ns if 0 <= mtime_ns <= _INT63_MAX else None
+
+
+# Extended headers (pax, GNU long names) hold a path or a few attributes; tarfile reads one into memory whole.
+_TAR_EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                       tarfile.GNUTYPE_LONGLINK)
+_TAR_EXTENDED_LIMIT = 1 << 20
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended header, if any, is refused (as damage) beyond 1 MiB instead of read whole."""
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _TAR_EXTENDED_TYPES and self.size > _TAR_EXTENDED_LIMIT:
+            raise tarfile.HeaderError("extended header of %d bytes (at most %d are read)"
+                                      % (self.size, _TAR_EXTENDED_LIMIT))
+        return super()._proc_member(archive)  # type: ignore[misc]
 
 
 def _checked_member_name(location: Any, name: str) -> str:
@@ -2662,11 +2778,11 @@ class _TarBackup(_BackupSource):
     def _open(self) -> Tuple[tarfile.TarFile, Dict[str, Any]]:
         stream = self.stream
         if self.location is not None:
-            stream = open(self.location, "rb")
+            stream = open_regular(self.location)
         head = stream.peek(512)[:512] if hasattr(stream, "peek") else b""
         looks_like_archive = head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar"
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_BoundedTarInfo)
             first = tar.next()
         except _ARCHIVE_DAMAGE as exc:
             if looks_like_archive:
@@ -2681,6 +2797,7 @@ class _TarBackup(_BackupSource):
             raise _manifest_error(self.shown, "is larger than %d bytes" % _MANIFEST_LIMIT)
         try:
             raw = tar.extractfile(first).read()  # type: ignore[union-attr]
+            _refuse_oversized_manifest(raw, self.shown)
             manifest = json_loads(raw)
         except _ARCHIVE_DAMAGE + (ValueError,) as exc:
             raise ArchiveDamagedError("archive %s: member manifest.json is damaged (%s)" % (self.shown, exc),
@@ -2715,8 +2832,11 @@ class _TarBackup(_BackupSource):
                     kind = "file"
                 else:
                     raise _unsafe_member(self.shown, name, "links, devices and fifos are never restored")
-                yield _Member(name, kind, info.size, info.mode, int(info.mtime * 1e9),
-                              functools.partial(tar.extractfile, info))
+                mtime_ns = _member_mtime_ns(info.mtime)
+                if mtime_ns is None:
+                    raise _unsafe_member(self.shown, name, "its mtime %s is not a time from 1970 to 2262"
+                                         % _shown(info.mtime))
+                yield _Member(name, kind, info.size, info.mode, mtime_ns, functools.partial(tar.extractfile, info))
 
     def prescan(self) -> List[Problem]:
         """Every member's name, type and size against the manifest, before anything is written."""
@@ -2761,7 +2881,7 @@ class _ZipBackup(_BackupSource):
     def __init__(self, location: Path) -> None:
         self.location = location
         try:
-            self.zip = zipfile.ZipFile(str(location))
+            self.zip = zipfile.ZipFile(open_regular(location))
             infos = self.zip.infolist()
         except (zipfile.BadZipFile, OSError) as exc:
             raise RestoreError("%s is not a backup directory or archive (%s)" % (location, exc),
@@ -2780,6 +2900,7 @@ class _ZipBackup(_BackupSource):
             mode = info.external_attr >> 16
             if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise _unsafe_member(location, name, "links, devices and fifos are never restored")
+            _refuse_unreadable_zip_member(location, info)
             tops.add(name.split("/", 1)[0])
             kind = "dir" if info.filename.endswith("/") or stat.S_ISDIR(mode) else "file"
             self.entries.append((name, kind, info))
@@ -2792,6 +2913,11 @@ class _ZipBackup(_BackupSource):
                          "workspace_root": self.top}
         self.backup_ref = location.stem
 
+    @property
+    def declared_bytes(self) -> Optional[int]:
+        """What the zip's central directory says its members inflate to (zipfile stops each one there)."""
+        return sum(info.file_size for _name, kind, info in self.entries if kind == "file")
+
     def members(self) -> Iterator[_Member]:
         yield _Member("workspace", "dir", 0, 0o755, int(self.location.stat().st_mtime_ns))
         for name, kind, info in self.entries:
@@ -2801,6 +2927,19 @@ class _ZipBackup(_BackupSource):
             mtime = int(time.mktime(info.date_time + (0, 0, -1)) * 1e9)
             yield _Member("workspace/" + name[len(self.top) + 1:], kind, info.file_size, mode, mtime,
                           functools.partial(self.zip.open, info))
+
+
+def _refuse_unreadable_zip_member(location: Path, info: zipfile.ZipInfo) -> None:
+    """Encrypted members and compression methods contexta never writes are refused by name, up front."""
+    why = None
+    if info.flag_bits & 0x1:
+        why = "is encrypted"
+    elif info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        why = "is compressed with method %d" % info.compress_type
+    if why:
+        raise RestoreError("zip %s: member %s %s; contexta-ops reads stored and deflated, unencrypted zips "
+                           "(what contexta writes); nothing was written" % (location, _shown(info.filename), why),
+                           code="archive_unsupported", path=location)
 
 
 _STDIN_BACKUP: List[_TarBackup] = []
@@ -2815,7 +2954,7 @@ def _open_source(location: Any) -> Any:
     location = Path(location)
     if location.is_dir():
         return _DirectoryBackup(location)
-    with open(location, "rb") as handle:
+    with open_regular(location) as handle:
         magic = handle.read(4)
     if magic[:2] == b"PK":
         return _ZipBackup(location)
@@ -2941,6 +3080,26 @@ class BackupVerifyResult(_Record):
     warnings: Tuple[Notice, ...] = ()
 
 
+def _declared_size(member: _Member, entry: Optional[Mapping[str, Any]]) -> int:
+    """The most bytes a member may hold: the manifest's size, else its archive header's."""
+    return member.size if entry is None else int(entry["size"])
+
+
+class _BoundedReader:
+    """A member's reader that stops one byte past its declared size, so a lying member is never read whole."""
+
+    def __init__(self, handle: Any, declared: int) -> None:
+        self.handle = handle
+        self.left = declared + 1
+
+    def readinto(self, buffer: Any) -> int:
+        if self.left <= 0:
+            return 0
+        count = self.handle.readinto(memoryview(buffer)[:self.left]) or 0
+        self.left -= count
+        return count
+
+
 def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, Mapping[str, Any]]],
                    on_file: Callable[[_Member, Optional[Mapping[str, Any]]], Any],
                    problems: List[Problem]) -> Tuple[int, int, Set[str]]:
@@ -2960,6 +3119,11 @@ def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, M
             size, digest = result.result() if hasattr(result, "result") else result
             counted[0] += 1
             counted[1] += size
+            declared = _declared_size(member, entry)
+            if size > declared:
+                problems.append(Problem("size_mismatch", member.path, "holds more than the %d bytes declared; "
+                                        "reading stopped there" % declared, expected=declared, actual=size))
+                continue
             if size != member.size:
                 problems.append(Problem("size_mismatch", member.path, "%d bytes, the archive said %d"
                                         % (size, member.size), expected=member.size, actual=size))
@@ -2992,6 +3156,11 @@ def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, M
                 problems.append(Problem("unexpected_file", member.path, "file is not listed in the manifest"))
                 continue
             seen.add(member.path)
+            if entry is not None and member.size > entry["size"]:
+                problems.append(Problem("size_mismatch", member.path, "%d bytes, more than the %d the manifest "
+                                        "says; not read" % (member.size, entry["size"]), expected=entry["size"],
+                                        actual=member.size))
+                continue
             pending.append((member, entry, on_file(member, entry)))
             settle(keep=64)
         settle(keep=0)
@@ -3015,9 +3184,9 @@ def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyR
         warnings.append(Notice("checksums_absent", "this backup was made by %s and records no checksums; "
                                "`restore --verify-only` checks it by planes instead" % source.made_by))
 
-    def hash_member(member: _Member, _entry: Any) -> Tuple[int, str]:
+    def hash_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Tuple[int, str]:
         with member.open() as handle:
-            size, digest = _hash_stream(handle)
+            size, digest = _hash_stream(_BoundedReader(handle, _declared_size(member, entry)))
         progress.advance(size)
         return size, digest
 
@@ -3032,7 +3201,7 @@ def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyR
         checked_bytes=total,
         missing=tuple(p.path for p in problems if p.code == "missing_file"),
         extra=tuple(p.path for p in problems if p.code.startswith("unexpected_")),
-        changed=tuple(p.path for p in problems if p.code == "checksum_mismatch"),
+        changed=tuple(p.path for p in problems if p.code in ("checksum_mismatch", "size_mismatch")),
         problems=tuple(problems), warnings=tuple(warnings))
 
 
@@ -3399,6 +3568,9 @@ def _kept_roots(target: Path, replaced: Sequence[str], prefix: str = "") -> List
     return kept
 
 
+_RESTORABLE_MODE_BITS = 0o775
+
+
 class _Verification:
     """What materializing and checking one backup (or a restored workspace) found.
 
@@ -3415,6 +3587,24 @@ class _Verification:
         self.bytes = 0
         self.plane_results: Dict[str, Any] = {}
         self.plane_notes: List[str] = []
+        self.masked_modes = 0
+        self.first_masked: Optional[str] = None
+
+    def restorable_mode(self, path: str, mode: int) -> int:
+        """The permission bits a restore applies: never setuid, setgid, sticky or world-writable."""
+        wanted = mode & 0o7777
+        kept = wanted & _RESTORABLE_MODE_BITS
+        if kept != wanted:
+            self.masked_modes += 1
+            self.first_masked = self.first_masked or path
+        return kept
+
+    def notices(self) -> List[Notice]:
+        """Warnings for the result: modes that were not applied as the backup asked."""
+        if not self.masked_modes:
+            return []
+        return [Notice("mode_masked", "%d file(s) or directories asked for setuid, setgid, sticky or world-writable "
+                       "bits, which a restore never applies (first: %s)" % (self.masked_modes, self.first_masked))]
 
     def display(self, store_root: str) -> Callable[[str], str]:
         def show(rel: str) -> str:
@@ -3427,22 +3617,29 @@ class _Verification:
 
 def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verification: _Verification,
                  label: str) -> None:
-    """Copy the backup into ``stage`` as a workspace tree, hashing each file against the manifest."""
+    """Copy the backup into ``stage`` as a workspace tree, hashing each file against the manifest.
+
+    Nothing is read past what the manifest (or an archive header) declares, and
+    what the backup declares must fit on the staging filesystem before a byte is written.
+    """
+    _require_free_space(stage.parent, backup.declared_bytes, backup)
     progress = _Progress(label, int(backup.manifest.get("total_bytes") or 0))
-    directories: List[Tuple[Path, _Member]] = []
+    directories: List[Tuple[Path, int, int]] = []
     expected = backup.expected_files
 
     import concurrent.futures
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    in_flight: Set[Any] = set()
     made: Set[str] = set()
     stage_text = str(stage)
     bodies = layout.artifacts_root + "/objects/"
 
     def copy_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Any:
+        declared = _declared_size(member, entry)
         ws_rel = layout.workspace_path(member.path)
         if ws_rel is None:
             with member.open() as handle:
-                size, digest = _hash_stream(handle)
+                size, digest = _hash_stream(_BoundedReader(handle, declared))
             progress.advance(size)
             return size, digest
         destination = _safe_join_text(stage_text, ws_rel)
@@ -3450,7 +3647,7 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
         if parent not in made:
             os.makedirs(parent, exist_ok=True)
             made.add(parent)
-        mode = entry.get("mode", member.mode) if entry else member.mode
+        mode = verification.restorable_mode(member.path, entry.get("mode", member.mode) if entry else member.mode)
         mtime_ns = entry.get("mtime_ns", member.mtime_ns) if entry else member.mtime_ns
 
         def place(size: int, digest: str) -> Tuple[int, str]:
@@ -3461,9 +3658,15 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
 
         on_disk = member.on_disk
         if on_disk is not None:  # copied in the kernel on a worker, then the copy is hashed
-            return pool.submit(lambda: place(*_copy_then_hash(on_disk, destination, mode, mtime_ns)))
+            future = pool.submit(lambda: place(*_copy_then_hash(on_disk, destination, mode, mtime_ns)))
+            in_flight.add(future)
+            future.add_done_callback(in_flight.discard)
+            return future
         with member.open() as handle:
-            size, digest = _copy_stream_hashed(handle, destination)
+            size, digest = _copy_stream_hashed(_BoundedReader(handle, declared), destination)
+        if size > declared:  # a lying member's first bytes are never left where a forced restore would keep them
+            os.unlink(destination)
+            return size, digest
         _set_file_times_and_mode(destination, mode, mtime_ns)
         return place(size, digest)
 
@@ -3477,20 +3680,35 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
                     if directory not in made:
                         os.makedirs(directory, exist_ok=True)
                         made.add(directory)
-                    directories.append((Path(directory), member))
+                    directories.append((Path(directory), verification.restorable_mode(member.path, member.mode),
+                                        member.mtime_ns))
             yield member
 
     try:
         files, total, _seen = _check_members(members_making_directories(), expected, copy_member,
                                              verification.problems)
     finally:
+        for future in list(in_flight):  # an interrupted run waits for the copies running, not for the queue
+            future.cancel()
         pool.shutdown(wait=True)
         progress.finish()
     verification.files += files
     verification.bytes += total
-    for directory, member in reversed(directories):
-        os.chmod(str(directory), stat.S_IMODE(member.mode) | stat.S_IRWXU)
-        os.utime(str(directory), ns=(member.mtime_ns, member.mtime_ns))
+    for directory, mode, mtime_ns in reversed(directories):
+        os.chmod(str(directory), mode | stat.S_IRWXU)
+        os.utime(str(directory), ns=(mtime_ns, mtime_ns))
+
+
+def _require_free_space(directory: Path, needed: Optional[int], backup: _BackupSource) -> None:
+    """Refuse, before writing, a backup that declares more than the filesystem it is staged on can hold."""
+    if not needed:
+        return
+    info = os.statvfs(str(directory))
+    free = info.f_bavail * info.f_frsize
+    if needed > free:
+        raise RestoreError("backup %s declares %s (%d bytes) of files, but %s has only %s free; nothing was "
+                           "written" % (backup.backup_ref, _human_bytes(needed), needed, directory, _human_bytes(free)),
+                           code="insufficient_space", path=directory)
 
 
 def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, has_metadata: bool,
@@ -3606,7 +3824,7 @@ def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> R
     for stale in _stale_dirs(staging_root, prefix):
         if not _lock_is_held(stale, directory=True):
             _remove_tree(stale)
-    stage = staging_root / ("%s%s-%s" % (prefix, backup.backup_ref, uuid.uuid4().hex[:12]))
+    stage = staging_root / ("%s%s-%s" % (prefix, sanitize_component(backup.backup_ref)[:64], uuid.uuid4().hex[:12]))
     stage.mkdir()
     try:
         with _Lock(stage, what="staging %s" % stage, directory=True):
@@ -3614,7 +3832,8 @@ def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> R
     finally:
         _remove_tree(stage)
     return RestoreResult(
-        status="FAILURE" if verification.problems else "SUCCESS", warnings=plan.warnings, notes=plan.notes,
+        status="FAILURE" if verification.problems else "SUCCESS", notes=plan.notes,
+        warnings=plan.warnings + tuple(verification.notices()),
         details={"made_by": backup.made_by, "staged_files": verification.files, "staged_bytes": verification.bytes},
         backup_ref=backup.backup_ref, target_workspace=plan.target_workspace, applied=False,
         plane_results=verification.plane_results, verification_notes=_verification_notes(backup, verification),
@@ -3639,6 +3858,7 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
     safety_ref = None
     try:
         verification = _verify_into(backup, layout, new_tree, "restore %s" % backup.backup_ref)
+        warnings += verification.notices()
         verification_notes = _verification_notes(backup, verification)
         if verification.problems and not force:
             _remove_tree(new_tree)
