@@ -1326,6 +1326,26 @@ _CORRUPTING_RECORD_CODES = {"invalid_json_line", "truncated_line", "records_mani
                             "record_store_layout_mismatch"}
 
 
+def _special_kind(mode: int) -> str:
+    return "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(
+        mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
+
+
+def _special_problem(shown: str, mode: int) -> Problem:
+    """A store file that is not a regular file: named, never opened (a FIFO would block the reader forever)."""
+    return Problem("unexpected_special", shown, "is a %s, not a regular file; it is not read"
+                   % _special_kind(mode))
+
+
+def _not_regular_mode(path: Any) -> Optional[int]:
+    """The mode of ``path`` (symlinks followed) when it exists and is not a regular file, else None."""
+    try:
+        mode = os.stat(str(path)).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else mode
+
+
 class _ProblemSink:
     """Collects problems, capping how many one file may contribute."""
 
@@ -1364,7 +1384,11 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
 
     manifest_rel = "manifest.json"
     manifest_path = root / manifest_rel
-    if manifest_path.is_file():
+    manifest_present = os.path.lexists(str(manifest_path))
+    odd_manifest = _not_regular_mode(manifest_path)
+    if odd_manifest is not None:
+        sink.add(_special_problem(show(manifest_rel), odd_manifest))
+    elif manifest_present:
         try:
             manifest = json_loads(read_regular(manifest_path))
         except (OSError, ValueError):
@@ -1399,7 +1423,10 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
         # Kept only for index checks: one int per line, never the lines themselves.
         line_sequences: List[int] = []
         segment_sequences[segment_id] = line_sequences
-        with open(segment_path, "rb") as handle:
+        handle = _open_store_file(segment_path, show(rel), sink)
+        if handle is None:
+            continue
+        with handle:
             for line_number, raw in enumerate(handle, start=1):
                 sequence = _parse_segment_line(raw, line_number, show(rel), sink)
                 if check_indexes:
@@ -1414,7 +1441,7 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
                 report.highest_sequence = max(report.highest_sequence, sequence)
                 report.record_count += 1
 
-    if manifest_path.is_file():
+    if manifest_present:
         committed = report.last_committed_sequence
         if committed is not None and committed != report.highest_sequence:
             sink.add(Problem("manifest_sequence_mismatch", show(manifest_rel),
@@ -1433,6 +1460,15 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
     elif codes:
         report.integrity_state = "DEGRADED"
     return report
+
+
+def _open_store_file(path: Path, shown: str, sink: _ProblemSink) -> Optional[Any]:
+    """A segment or index file opened for reading, or None (and a problem) when it is not a regular file."""
+    try:
+        return open_regular(path)
+    except SpecialFileError:
+        sink.add(_special_problem(shown, os.stat(str(path)).st_mode))
+        return None
 
 
 def _parse_segment_line(raw: bytes, line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
@@ -1471,7 +1507,10 @@ def _check_record_indexes(root: Path, segment_sequences: Mapping[int, List[int]]
         return
     for index_path in sorted(indexes_dir.glob("*/*.jsonl")):
         rel = _relative_posix(index_path, root)
-        with open(index_path, "rb") as handle:
+        handle = _open_store_file(index_path, show(rel), sink)
+        if handle is None:
+            continue
+        with handle:
             for line_number, raw in enumerate(handle, start=1):
                 if not raw.strip():
                     continue
@@ -1535,12 +1574,18 @@ def check_metadata_file(database_path: Any, *, display: Optional[Callable[[str],
     shown = display(path.name) if display else str(path)
     report = MetadataReport(database_file=shown)
     report.wal_present = os.path.isfile(str(path) + ".wal")
+    odd = [(where, mode) for where, mode in ((shown, _not_regular_mode(path)),
+                                             (shown + ".wal", _not_regular_mode(str(path) + ".wal")))
+           if mode is not None]
+    report.problems += [_special_problem(where, mode) for where, mode in odd]
+    if odd:
+        return report  # DuckDB would open both files, and block on a FIFO
     if not path.is_file():
         report.problems.append(Problem("metadata_missing", shown, "metadata ledger is missing"))
         return report
     report.present = True
     report.size_bytes = path.stat().st_size
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         header = handle.read(128)
     if len(header) < 20 or header[8:12] != _DUCKDB_MAGIC:
         report.problems.append(Problem("metadata_not_duckdb", shown, "not a DuckDB file (no DUCK magic at byte 8)",
@@ -3482,8 +3527,10 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
     ``backup_ref`` is a ref under the backup root or a path to a backup
     directory; None picks the newest complete backup.
     """
-    backup = _open_backup(config, backup_ref)
     target = _resolve_path(target_workspace) if target_workspace is not None else config.workspace.root_path
+    if not verify_only:
+        _refuse_unsafe_target(target)
+    backup = _open_backup(config, backup_ref)
     warnings: List[Notice] = []
     notes = ["verify_only" if verify_only else "apply_restore"]
     if backup_ref is None:
@@ -3805,6 +3852,7 @@ def _restore(config: UnifiedConfig, plan: RestorePlan, force: bool) -> RestoreRe
         if plan.verify_only:
             return _verify_only(backup, layout, plan)
         target = Path(plan.target_workspace)
+        _refuse_unsafe_target(target)
         refused = backup.prescan()  # archives: every member's name, type and size before anything is touched
         if refused and not force:
             return RestoreResult(
@@ -3838,6 +3886,20 @@ def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> R
         backup_ref=backup.backup_ref, target_workspace=plan.target_workspace, applied=False,
         plane_results=verification.plane_results, verification_notes=_verification_notes(backup, verification),
         problems=tuple(verification.problems), source_root=backup.location)
+
+
+def _refuse_unsafe_target(target: Path) -> None:
+    """Refuse, before anything is written, a target a restore must not or cannot replace.
+
+    A restore builds the new tree beside the target and swaps the two by
+    rename: beside ``/`` there is nothing, and a mount point cannot be renamed.
+    """
+    if os.path.realpath(str(target)) == "/":
+        raise RestoreError("restore target %s is the root directory; refusing to replace it" % target,
+                           code="restore_target_refused", path=target)
+    if os.path.ismount(str(target)):
+        raise RestoreError("restore target %s is a mount point, which a restore cannot swap out; restore into a "
+                           "directory inside it (--target)" % target, code="restore_target_refused", path=target)
 
 
 def _journal_path(target: Path) -> Path:
@@ -6017,12 +6079,14 @@ def _check_reports(reports_root: Path, problems: List[Problem]) -> Dict[str, Any
     """Every report file can be read to its end."""
     result = {"present": reports_root.is_dir(), "file_count": 0, "size_bytes": 0, "unreadable_count": 0}
     for rel, entry_stat, kind in _walk_tree(reports_root) if reports_root.is_dir() else ():
+        if kind == "special":
+            problems.append(_special_problem(str(reports_root / rel), entry_stat.st_mode))
         if kind != "file":
             continue
         result["file_count"] += 1
         result["size_bytes"] += entry_stat.st_size
         try:
-            with open(reports_root / rel, "rb") as handle:
+            with open_regular(reports_root / rel, follow_symlinks=False) as handle:
                 while handle.read(_CHUNK):
                     pass
         except OSError as exc:

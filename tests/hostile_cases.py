@@ -15,6 +15,7 @@ CORPUS = REPO / "tests" / "hostile" / "corpus"
 CASES = json.loads((REPO / "tests" / "hostile" / "cases.json").read_text())
 GENERATED = make_corpus.GENERATED
 ALL_CASES = dict(CASES, **GENERATED)
+__all__ = ["ALL_CASES", "CASES", "CORPUS", "GENERATED", "by_kind", "corpus_file", "make_corpus"]
 
 
 def by_kind(kind):
