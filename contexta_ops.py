@@ -2585,7 +2585,6 @@ def _manifest_files_fault(manifest: Dict[str, Any]) -> Optional[str]:
     if len(files) > _MANIFEST_MAX_FILES:
         return "lists %d files, more than the %d a backup may hold" % (len(files), _MANIFEST_MAX_FILES)
     seen: Set[str] = set()
-    total = 0
     for index, entry in enumerate(files):
         wrong = _manifest_file_fault(entry)
         if wrong:
@@ -2593,11 +2592,6 @@ def _manifest_files_fault(manifest: Dict[str, Any]) -> Optional[str]:
         if entry["path"] in seen:
             return "files lists %s twice" % _shown(entry["path"])
         seen.add(entry["path"])
-        total += entry["size"]
-    if manifest.get("file_count", len(files)) != len(files):
-        return "file_count is %d but files lists %d" % (manifest["file_count"], len(files))
-    if manifest.get("total_bytes", total) != total:
-        return "total_bytes is %d but the files add up to %d" % (manifest["total_bytes"], total)
     return None
 
 
