@@ -3664,6 +3664,8 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
     what the backup declares must fit on the staging filesystem before a byte is written.
     """
     _require_free_space(stage.parent, backup.declared_bytes, backup)
+    # Whatever the umask, no directory of a restored tree is world-writable (a workspace member may narrow it).
+    os.chmod(str(stage), stat.S_IMODE(os.stat(str(stage)).st_mode) & _RESTORABLE_MODE_BITS)
     progress = _Progress(label, int(backup.manifest.get("total_bytes") or 0))
     directories: List[Tuple[Path, int, int]] = []
     expected = backup.expected_files
@@ -3686,7 +3688,7 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
         destination = _safe_join_text(stage_text, ws_rel)
         parent = os.path.dirname(destination)
         if parent not in made:
-            os.makedirs(parent, exist_ok=True)
+            os.makedirs(parent, 0o755, exist_ok=True)
             made.add(parent)
         mode = verification.restorable_mode(member.path, entry.get("mode", member.mode) if entry else member.mode)
         mtime_ns = entry.get("mtime_ns", member.mtime_ns) if entry else member.mtime_ns
@@ -3719,7 +3721,7 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
                 if ws_rel is not None:
                     directory = _safe_join_text(stage_text, ws_rel) if ws_rel else stage_text
                     if directory not in made:
-                        os.makedirs(directory, exist_ok=True)
+                        os.makedirs(directory, 0o755, exist_ok=True)
                         made.add(directory)
                     directories.append((Path(directory), verification.restorable_mode(member.path, member.mode),
                                         member.mtime_ns))

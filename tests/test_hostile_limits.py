@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -206,3 +207,15 @@ def test_a_directory_backup_holding_fifos_is_verified_without_blocking(cli, fixt
     os.mkfifo(str(location / "manifest.json"))
     _one_line(cli(*_args(fixture_dir, "backup", "verify", ref, "--json"), timeout=60), 3,
               "recovery_manifest_unreadable")
+
+
+def test_directories_a_restore_creates_are_never_world_writable_whatever_the_umask(pyz, fixture_dir, tmp_path):
+    members = [(member, data) for member, data in make_corpus.valid_members() if not member.isdir()]
+    make_corpus.write_tar("no-directories.tar", members, out=tmp_path)
+    result = subprocess.run([sys.executable, str(pyz)] + [str(arg) for arg in _args(
+        fixture_dir, "restore", tmp_path / "no-directories.tar")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, preexec_fn=lambda: os.umask(0))
+    assert result.returncode == 0, result.stderr
+    assert (_ws(fixture_dir) / "records/segments/segment-000001.jsonl").read_bytes() == make_corpus.SEGMENT
+    for dirpath, _dirnames, _filenames in os.walk(str(_ws(fixture_dir))):
+        assert not os.stat(dirpath).st_mode & 0o002, dirpath
