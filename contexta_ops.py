@@ -1427,7 +1427,7 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
         if handle is None:
             continue
         with handle:
-            for line_number, raw in enumerate(handle, start=1):
+            for line_number, raw in enumerate(_lines_within(handle), start=1):
                 sequence = _parse_segment_line(raw, line_number, show(rel), sink)
                 if check_indexes:
                     line_sequences.append(-1 if sequence is None else sequence)
@@ -1471,8 +1471,26 @@ def _open_store_file(path: Path, shown: str, sink: _ProblemSink) -> Optional[Any
         return None
 
 
-def _parse_segment_line(raw: bytes, line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
+def _lines_within(handle: Any, limit: int = _JSON_FILE_LIMIT) -> Iterator[Optional[bytes]]:
+    """Each line of a store file, or None for one longer than ``limit`` bytes (read past, never held whole)."""
+    while True:
+        raw = handle.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(_CHUNK)
+        yield None
+
+
+def _parse_segment_line(raw: Optional[bytes], line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
     """The sequence of one segment line, or None (blank lines silently, bad ones with a problem)."""
+    if raw is None:
+        sink.add(Problem("invalid_json_line", where, "line %d is longer than %d bytes" % (line_number,
+                                                                                          _JSON_FILE_LIMIT)))
+        return None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -1511,11 +1529,13 @@ def _check_record_indexes(root: Path, segment_sequences: Mapping[int, List[int]]
         if handle is None:
             continue
         with handle:
-            for line_number, raw in enumerate(handle, start=1):
-                if not raw.strip():
+            for line_number, raw in enumerate(_lines_within(handle), start=1):
+                if raw is not None and not raw.strip():
                     continue
                 report.index_pointer_count += 1
                 try:
+                    if raw is None:
+                        raise ValueError("longer than %d bytes" % _JSON_FILE_LIMIT)
                     pointer = json_loads(raw)
                     offset = int(pointer["offset"])
                     segment_id = int(pointer["segment_id"])

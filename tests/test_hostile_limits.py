@@ -219,3 +219,18 @@ def test_directories_a_restore_creates_are_never_world_writable_whatever_the_uma
     assert (_ws(fixture_dir) / "records/segments/segment-000001.jsonl").read_bytes() == make_corpus.SEGMENT
     for dirpath, _dirnames, _filenames in os.walk(str(_ws(fixture_dir))):
         assert not os.stat(dirpath).st_mode & 0o002, dirpath
+
+
+@pytest.mark.slow
+def test_a_record_line_longer_than_64_mib_is_a_problem_not_a_memory_bomb(cli, fixture_dir):
+    ws = _ws(fixture_dir)
+    segment = ws / "records/segments/segment-000001.jsonl"
+    with open(str(segment), "ab") as handle:
+        handle.write(b'{"sequence": 51, "appended_at": "x", "record": {"note": "')
+        for _ in range(65):
+            handle.write(b"x" * (1 << 20))
+        handle.write(b'"}}\n')
+    check = cli("--workspace", ws, "check", "--json")
+    assert check.returncode == 1, check
+    assert ("invalid_json_line", str(segment), "line 51 is longer than %d bytes" % (64 << 20)) in [
+        (p["code"], p["path"], p["message"]) for p in check.json["problems"]]
