@@ -2863,7 +2863,10 @@ class _TarBackup(_BackupSource):
                                       path=self.location)
         self.manifest_bytes = raw
         self.manifest_digest: Optional[bytes] = None
-        return tar, _validate_manifest(manifest, self.shown)
+        manifest = _validate_manifest(manifest, self.shown)
+        if "files" not in manifest:  # every archive we write lists them; without them no size is bounded
+            raise _manifest_error(self.shown, "lists no files, which an archive backup must")
+        return tar, manifest
 
     def members(self) -> Iterator[_Member]:
         if self._ready is not None:

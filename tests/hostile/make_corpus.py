@@ -249,6 +249,11 @@ def main():
     members[1][0].pax_headers = {"mtime": "1e30"}  # the workspace directory, from the year 10**22
     write_tar("tar-member-mtime-out-of-range.tar", members)
     case("tar-member-mtime-out-of-range.tar", 3, "archive_unsafe")
+    no_files = json.loads(manifest())
+    del no_files["files"]
+    no_files = json.dumps(no_files).encode()
+    write_tar("tar-manifest-without-files.tar", valid_members(no_files))
+    case("tar-manifest-without-files.tar", 3, "recovery_manifest_invalid", ("verify", "verify-only", "apply", "plan"))
     for name, flag, method in (("zip-encrypted-member.zip", 0x1, None), ("zip-unknown-method.zip", None, 99)):
         write_zip(name, zip_workspace())
         raw = (CORPUS / name).read_bytes()
