@@ -2525,6 +2525,7 @@ def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Opt
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _INT63_MAX = (1 << 63) - 1  # sizes and nanosecond times: what a signed 64-bit field (stat, tar, zip) holds
+_INT63_MIN = -(1 << 63)  # a file from before 1970 has a negative mtime
 _MANIFEST_LIMIT = 256 << 20
 # Each listed file costs ~2 KB in memory once parsed; past this a manifest is refused before it is parsed.
 _MANIFEST_MAX_FILES = 1000000
@@ -2631,8 +2632,8 @@ def _manifest_file_fault(entry: Any) -> Optional[str]:
         return ".sha256 is not a sha256 hex digest"
     if "mode" in entry and not _is_int_in(entry["mode"], 0, 0o7777):
         return ".mode is not a permission mode (an integer from 0 to 0o7777)"
-    if "mtime_ns" in entry and not _is_int_in(entry["mtime_ns"], 0, _INT63_MAX):
-        return ".mtime_ns is not an integer from 0 to 2**63-1"
+    if "mtime_ns" in entry and not _is_int_in(entry["mtime_ns"], _INT63_MIN, _INT63_MAX):
+        return ".mtime_ns is not a 64-bit integer"
     return None
 
 
@@ -2783,12 +2784,12 @@ def _unsafe_member(location: Any, name: Any, why: str) -> RestoreError:
 
 
 def _member_mtime_ns(seconds: Any) -> Optional[int]:
-    """An archive header's mtime in nanoseconds, or None when it is not a time (NaN, 1e30, before 1970)."""
+    """An archive header's mtime in nanoseconds, or None when it is not a time (NaN, 1e30)."""
     try:
         mtime_ns = int(seconds * 1e9)
     except (TypeError, ValueError, OverflowError):
         return None
-    return mtime_ns if 0 <= mtime_ns <= _INT63_MAX else None
+    return mtime_ns if _INT63_MIN <= mtime_ns <= _INT63_MAX else None
 
 
 # Extended headers (pax, GNU long names) hold a path or a few attributes; tarfile reads one into memory whole.
@@ -2896,7 +2897,7 @@ class _TarBackup(_BackupSource):
                     raise _unsafe_member(self.shown, name, "links, devices and fifos are never restored")
                 mtime_ns = _member_mtime_ns(info.mtime)
                 if mtime_ns is None:
-                    raise _unsafe_member(self.shown, name, "its mtime %s is not a time from 1970 to 2262"
+                    raise _unsafe_member(self.shown, name, "its mtime %s is not a time from 1677 to 2262"
                                          % _shown(info.mtime))
                 yield _Member(name, kind, info.size, info.mode, mtime_ns, functools.partial(tar.extractfile, info))
 

@@ -234,3 +234,21 @@ def test_a_record_line_longer_than_64_mib_is_a_problem_not_a_memory_bomb(cli, fi
     assert check.returncode == 1, check
     assert ("invalid_json_line", str(segment), "line 51 is longer than %d bytes" % (64 << 20)) in [
         (p["code"], p["path"], p["message"]) for p in check.json["problems"]]
+
+
+@pytest.mark.parametrize("archive", [False, True], ids=["directory", "archive"])
+def test_files_from_before_1970_survive_a_round_trip(cli, fixture_dir, archive):
+    ws = _ws(fixture_dir)
+    old = ws / "records/manifest.json"
+    os.utime(str(old), ns=(-315619200 * 10 ** 9, -315619200 * 10 ** 9))  # 1960-01-01
+    os.utime(str(ws / "records/quarantine"), ns=(-1, -1))
+    original = snapshot(ws)
+    target = [fixture_dir / "b.tar"] if archive else []
+    created = cli(*_args(fixture_dir, "backup", "create", "--json", *(["--archive"] + target if archive else [])))
+    assert created.returncode == 0, created
+    ref = target[0] if archive else created.json["backup_ref"]
+    assert cli(*_args(fixture_dir, "backup", "verify", ref)).returncode == 0
+    old.write_bytes(b"{}")
+    restored = cli(*_args(fixture_dir, "restore", ref, "--json"))
+    assert restored.returncode == 0, restored
+    assert snapshot(ws) == original and os.stat(str(old)).st_mtime_ns == -315619200 * 10 ** 9
