@@ -1448,6 +1448,26 @@ _CORRUPTING_RECORD_CODES = {"invalid_json_line", "truncated_line", "records_mani
                             "record_store_layout_mismatch"}
 
 
+def _special_kind(mode: int) -> str:
+    return "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(
+        mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
+
+
+def _special_problem(shown: str, mode: int) -> Problem:
+    """A store file that is not a regular file: named, never opened (a FIFO would block the reader forever)."""
+    return Problem("unexpected_special", shown, "is a %s, not a regular file; it is not read"
+                   % _special_kind(mode))
+
+
+def _not_regular_mode(path: Any) -> Optional[int]:
+    """The mode of ``path`` (symlinks followed) when it exists and is not a regular file, else None."""
+    try:
+        mode = os.stat(str(path)).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else mode
+
+
 class _ProblemSink:
     """Collects problems, capping how many one file may contribute."""
 
@@ -1486,7 +1506,11 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
 
     manifest_rel = "manifest.json"
     manifest_path = root / manifest_rel
-    if manifest_path.is_file():
+    manifest_present = os.path.lexists(str(manifest_path))
+    odd_manifest = _not_regular_mode(manifest_path)
+    if odd_manifest is not None:
+        sink.add(_special_problem(show(manifest_rel), odd_manifest))
+    elif manifest_present:
         try:
             manifest = json_loads(read_regular(manifest_path))
         except (OSError, ValueError):
@@ -1521,8 +1545,11 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
         # Kept only for index checks: one int per line, never the lines themselves.
         line_sequences: List[int] = []
         segment_sequences[segment_id] = line_sequences
-        with open(segment_path, "rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
+        handle = _open_store_file(segment_path, show(rel), sink)
+        if handle is None:
+            continue
+        with handle:
+            for line_number, raw in enumerate(_lines_within(handle), start=1):
                 sequence = _parse_segment_line(raw, line_number, show(rel), sink)
                 if check_indexes:
                     line_sequences.append(-1 if sequence is None else sequence)
@@ -1536,7 +1563,7 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
                 report.highest_sequence = max(report.highest_sequence, sequence)
                 report.record_count += 1
 
-    if manifest_path.is_file():
+    if manifest_present:
         committed = report.last_committed_sequence
         if committed is not None and committed != report.highest_sequence:
             sink.add(Problem("manifest_sequence_mismatch", show(manifest_rel),
@@ -1557,8 +1584,35 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
     return report
 
 
-def _parse_segment_line(raw: bytes, line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
+def _open_store_file(path: Path, shown: str, sink: _ProblemSink) -> Optional[Any]:
+    """A segment or index file opened for reading, or None (and a problem) when it is not a regular file."""
+    try:
+        return open_regular(path)
+    except SpecialFileError:
+        sink.add(_special_problem(shown, os.stat(str(path)).st_mode))
+        return None
+
+
+def _lines_within(handle: Any, limit: int = _JSON_FILE_LIMIT) -> Iterator[Optional[bytes]]:
+    """Each line of a store file, or None for one longer than ``limit`` bytes (read past, never held whole)."""
+    while True:
+        raw = handle.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(_CHUNK)
+        yield None
+
+
+def _parse_segment_line(raw: Optional[bytes], line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
     """The sequence of one segment line, or None (blank lines silently, bad ones with a problem)."""
+    if raw is None:
+        sink.add(Problem("invalid_json_line", where, "line %d is longer than %d bytes" % (line_number,
+                                                                                          _JSON_FILE_LIMIT)))
+        return None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -1593,12 +1647,17 @@ def _check_record_indexes(root: Path, segment_sequences: Mapping[int, List[int]]
         return
     for index_path in sorted(indexes_dir.glob("*/*.jsonl")):
         rel = _relative_posix(index_path, root)
-        with open(index_path, "rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
-                if not raw.strip():
+        handle = _open_store_file(index_path, show(rel), sink)
+        if handle is None:
+            continue
+        with handle:
+            for line_number, raw in enumerate(_lines_within(handle), start=1):
+                if raw is not None and not raw.strip():
                     continue
                 report.index_pointer_count += 1
                 try:
+                    if raw is None:
+                        raise ValueError("longer than %d bytes" % _JSON_FILE_LIMIT)
                     pointer = json_loads(raw)
                     offset = int(pointer["offset"])
                     segment_id = int(pointer["segment_id"])
@@ -1657,12 +1716,18 @@ def check_metadata_file(database_path: Any, *, display: Optional[Callable[[str],
     shown = display(path.name) if display else str(path)
     report = MetadataReport(database_file=shown)
     report.wal_present = os.path.isfile(str(path) + ".wal")
+    odd = [(where, mode) for where, mode in ((shown, _not_regular_mode(path)),
+                                             (shown + ".wal", _not_regular_mode(str(path) + ".wal")))
+           if mode is not None]
+    report.problems += [_special_problem(where, mode) for where, mode in odd]
+    if odd:
+        return report  # DuckDB would open both files, and block on a FIFO
     if not path.is_file():
         report.problems.append(Problem("metadata_missing", shown, "metadata ledger is missing"))
         return report
     report.present = True
     report.size_bytes = path.stat().st_size
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         header = handle.read(128)
     if len(header) < 20 or header[8:12] != _DUCKDB_MAGIC:
         report.problems.append(Problem("metadata_not_duckdb", shown, "not a DuckDB file (no DUCK magic at byte 8)",
@@ -2825,7 +2890,14 @@ def _write_cli_zip(workspace_root: Path, partial: Path, excluded: Sequence[Path]
 
 # -- reading a backup back ---------------------------------------------------
 
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_INT63_MAX = (1 << 63) - 1  # sizes and nanosecond times: what a signed 64-bit field (stat, tar, zip) holds
+_INT63_MIN = -(1 << 63)  # a file from before 1970 has a negative mtime
+_MANIFEST_LIMIT = 256 << 20
+# Each listed file costs ~2 KB in memory once parsed; past this a manifest is refused before it is parsed.
+_MANIFEST_MAX_FILES = 1000000
+# One path component a directory may be named by: no separator, no control character, not . or ..
+_BACKUP_REF_TEXT = re.compile(r"(?!\.\.?$)[^/\\\x00-\x1f\x7f]{1,255}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2850,60 +2922,132 @@ def _manifest_error(location: Any, message: str) -> RestoreError:
                         code="recovery_manifest_invalid", path=Path(location) / _MANIFEST_NAME)
 
 
+def _is_int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _shown(value: Any) -> str:
+    """A value from untrusted input, short enough for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _validate_manifest(manifest: Any, location: Any) -> Dict[str, Any]:
-    """Check every manifest key we rely on, so bad input stops us before we write anything."""
+    """Check every manifest key a reader uses, by type and by range, before anything is written.
+
+    Every reader (backup directory, tar file, tar on stdin, list, incremental
+    base) goes through here, so ``backup verify``, ``restore plan``,
+    ``--verify-only`` and restore accept and refuse the same manifests.
+    """
     if not isinstance(manifest, dict):
         raise _manifest_error(location, "is not a JSON object")
-    if "backup_ref" in manifest and (not isinstance(manifest["backup_ref"], str) or not manifest["backup_ref"]):
-        raise _manifest_error(location, "backup_ref is not a non-empty string")
-    sections = manifest.get("included_sections", [])
-    if not isinstance(sections, list) or not all(isinstance(item, str) for item in sections):
-        raise _manifest_error(location, "included_sections is not a list of strings")
-    if "files" in manifest:
-        files = manifest["files"]
-        if not isinstance(files, list):
-            raise _manifest_error(location, "files is not a list")
-        seen: Set[str] = set()
-        for index, entry in enumerate(files):
-            if not isinstance(entry, dict):
-                raise _manifest_error(location, "files[%d] is not an object" % index)
-            path: Any = entry.get("path")
-            size, digest = entry.get("size"), entry.get("sha256")
-            try:
-                safe_join("/", path)
-            except OpsError:
-                raise _manifest_error(location, "files[%d].path %r is not a safe relative path" % (index, path))
-            if not path.startswith("workspace/"):
-                raise _manifest_error(location, "files[%d].path %r is outside workspace/" % (index, path))
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise _manifest_error(location, "files[%d].size is not a non-negative integer" % index)
-            if not isinstance(digest, str) or not _SHA256_HEX.match(digest):
-                raise _manifest_error(location, "files[%d].sha256 is not a sha256 hex digest" % index)
-            for key in ("mode", "mtime_ns"):
-                if key in entry and (not isinstance(entry[key], int) or isinstance(entry[key], bool)):
-                    raise _manifest_error(location, "files[%d].%s is not an integer" % (index, key))
-            if path in seen:
-                raise _manifest_error(location, "files lists %r twice" % path)
-            seen.add(path)
-    if "sections" in manifest:
-        if not isinstance(manifest["sections"], list):
-            raise _manifest_error(location, "sections is not a list")
-        for index, entry in enumerate(manifest["sections"]):
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise _manifest_error(location, "sections[%d] is not a section object" % index)
-            try:
-                safe_join("/", entry["path"])
-            except (OpsError, KeyError):
-                raise _manifest_error(location, "sections[%d].path is not a safe relative path" % index)
+    wrong = _manifest_header_fault(manifest) or _manifest_files_fault(manifest) or _manifest_sections_fault(manifest)
+    if wrong:
+        raise _manifest_error(location, wrong)
     return manifest
 
 
+def _manifest_header_fault(manifest: Dict[str, Any]) -> Optional[str]:
+    if "backup_ref" in manifest and not (isinstance(manifest["backup_ref"], str)
+                                         and _BACKUP_REF_TEXT.fullmatch(manifest["backup_ref"])):
+        return "backup_ref %s is not a backup name (one path component, no control characters)" % _shown(
+            manifest["backup_ref"])
+    for key in ("created_at", "format"):
+        if key in manifest and not isinstance(manifest[key], str):
+            return "%s is not a string" % key
+    for key in ("file_count", "total_bytes"):
+        if key in manifest and not _is_int_in(manifest[key], 0, _INT63_MAX):
+            return "%s is not a non-negative integer below 2**63" % key
+    sections = manifest.get("included_sections", [])
+    if not isinstance(sections, list) or not all(isinstance(item, str) for item in sections):
+        return "included_sections is not a list of strings"
+    return None
+
+
+def _manifest_files_fault(manifest: Dict[str, Any]) -> Optional[str]:
+    if "files" not in manifest:
+        return None
+    files = manifest["files"]
+    if not isinstance(files, list):
+        return "files is not a list"
+    if len(files) > _MANIFEST_MAX_FILES:
+        return "lists %d files, more than the %d a backup may hold" % (len(files), _MANIFEST_MAX_FILES)
+    seen: Set[str] = set()
+    for index, entry in enumerate(files):
+        wrong = _manifest_file_fault(entry)
+        if wrong:
+            return "files[%d]%s" % (index, wrong)
+        if entry["path"] in seen:
+            return "files lists %s twice" % _shown(entry["path"])
+        seen.add(entry["path"])
+    return None
+
+
+def _manifest_file_fault(entry: Any) -> Optional[str]:
+    if not isinstance(entry, dict):
+        return " is not an object"
+    path: Any = entry.get("path")
+    try:
+        safe_join("/", path)
+    except OpsError:
+        return ".path %s is not a safe relative path" % _shown(path)
+    if not path.startswith("workspace/"):
+        return ".path %s is outside workspace/" % _shown(path)
+    if not _is_int_in(entry.get("size"), 0, _INT63_MAX):
+        return ".size is not a non-negative integer below 2**63"
+    if not isinstance(entry.get("sha256"), str) or not _SHA256_HEX.fullmatch(entry["sha256"]):
+        return ".sha256 is not a sha256 hex digest"
+    if "mode" in entry and not _is_int_in(entry["mode"], 0, 0o7777):
+        return ".mode is not a permission mode (an integer from 0 to 0o7777)"
+    if "mtime_ns" in entry and not _is_int_in(entry["mtime_ns"], _INT63_MIN, _INT63_MAX):
+        return ".mtime_ns is not a 64-bit integer"
+    return None
+
+
+def _manifest_sections_fault(manifest: Dict[str, Any]) -> Optional[str]:
+    if "sections" not in manifest:
+        return None
+    if not isinstance(manifest["sections"], list):
+        return "sections is not a list"
+    for index, entry in enumerate(manifest["sections"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            return "sections[%d] is not a section object" % index
+        try:
+            safe_join("/", entry["path"])
+        except (OpsError, KeyError):
+            return "sections[%d].path is not a safe relative path" % index
+        if not entry["path"].startswith("workspace/"):
+            return "sections[%d].path %s is outside workspace/" % (index, _shown(entry["path"]))
+    return None
+
+
+def _refuse_oversized_manifest(raw: bytes, location: Any) -> None:
+    """Size and entry count, checked before parsing: parsing is what costs the memory."""
+    if len(raw) > _MANIFEST_LIMIT:
+        raise _manifest_error(location, "is larger than %d bytes" % _MANIFEST_LIMIT)
+    if raw.count(b'"sha256"') > _MANIFEST_MAX_FILES:
+        raise _manifest_error(location, "lists more than the %d files a backup may hold" % _MANIFEST_MAX_FILES)
+
+
 def _parse_manifest_bytes(raw: bytes, location: Any) -> Dict[str, Any]:
+    _refuse_oversized_manifest(raw, location)
     try:
         manifest = json_loads(raw)
     except ValueError as exc:
         raise _manifest_error(location, str(exc))
     return _validate_manifest(manifest, location)
+
+
+def _read_manifest_file(path: Path, location: Path) -> bytes:
+    """A backup directory's manifest, refused unread when it is larger than any manifest may be."""
+    try:
+        with open_regular(path, follow_symlinks=False) as handle:
+            if os.fstat(handle.fileno()).st_size > _MANIFEST_LIMIT:
+                raise _manifest_error(location, "is larger than %d bytes" % _MANIFEST_LIMIT)
+            return handle.read(_MANIFEST_LIMIT + 1)
+    except OSError as exc:
+        raise RestoreError("cannot read %s: %s" % (path, exc.strerror or exc),
+                           code="recovery_manifest_unreadable", path=path)
 
 
 class _BackupSource:
@@ -2926,6 +3070,12 @@ class _BackupSource:
             files = self.manifest.get("files")
             self._expected_files = None if files is None else {entry["path"]: entry for entry in files}
         return self._expected_files
+
+    @property
+    def declared_bytes(self) -> Optional[int]:
+        """What the backup says its files add up to (what a restore will write), when it says so."""
+        expected = self.expected_files
+        return None if expected is None else sum(entry["size"] for entry in expected.values())
 
     def members(self) -> Iterator[_Member]:
         raise NotImplementedError
@@ -2952,19 +3102,19 @@ class _DirectoryBackup(_BackupSource):
     def __init__(self, location: Path) -> None:
         self.location = location
         manifest_path = location / _MANIFEST_NAME
-        if not manifest_path.is_file():
+        if not os.path.lexists(str(manifest_path)):
             raise RestoreError("backup %s has no manifest.json (incomplete or not a backup)" % location,
                                code="recovery_manifest_missing", path=manifest_path)
-        try:
-            raw = manifest_path.read_bytes()
-        except OSError as exc:
-            raise RestoreError("cannot read %s: %s" % (manifest_path, exc.strerror or exc),
-                               code="recovery_manifest_unreadable", path=manifest_path)
+        raw = _read_manifest_file(manifest_path, location)
         self.manifest = _parse_manifest_bytes(raw, location)
         self.manifest_bytes = raw
-        if not (location / "workspace").is_dir():
+        workspace = location / "workspace"
+        if workspace.is_symlink():
+            raise RestoreError("backup %s: workspace/ is a symbolic link, which is never followed; nothing was "
+                               "written" % location, code="archive_unsafe", path=workspace)
+        if not workspace.is_dir():
             raise RestoreError("backup %s has no workspace/ directory" % location,
-                               code="recovery_backup_workspace_missing", path=location / "workspace")
+                               code="recovery_backup_workspace_missing", path=workspace)
         self.backup_ref = self.manifest.get("backup_ref") or location.name
 
     def members(self) -> Iterator[_Member]:
@@ -2973,30 +3123,56 @@ class _DirectoryBackup(_BackupSource):
         for rel, entry_stat, kind in _walk_tree(root):
             on_disk = os.path.join(str(root), rel)
             yield _Member("workspace/" + rel, kind, entry_stat.st_size, entry_stat.st_mode,
-                          entry_stat.st_mtime_ns, functools.partial(open, on_disk, "rb"), on_disk)
+                          entry_stat.st_mtime_ns, functools.partial(open_regular, on_disk, follow_symlinks=False),
+                          on_disk)
 
     def manifest_problems(self) -> List[Problem]:
         sidecar = self.location / _MANIFEST_DIGEST_NAME
-        digest = sidecar.read_bytes() if sidecar.is_file() else None
+        digest = None
+        if os.path.lexists(str(sidecar)):
+            digest = self.read_member(_MANIFEST_DIGEST_NAME, 4096) or b""  # unreadable: it cannot match
         return _manifest_digest_problems(self.manifest_bytes, digest, required=self.made_by == TOOL_NAME)
 
-    def read_member(self, path: str) -> Optional[bytes]:
-        target = self.location / path
+    def read_member(self, path: str, limit: int = _JSON_FILE_LIMIT) -> Optional[bytes]:
         try:
-            return target.read_bytes() if target.is_file() and not target.is_symlink() else None
-        except OSError:
+            return read_regular(self.location / path, limit, follow_symlinks=False)
+        except (OSError, InputRefusedError):
             return None
 
 
 # Archive read errors that mean "damaged", as opposed to our own I/O failing.
 _ARCHIVE_DAMAGE: Tuple[Type[BaseException], ...] = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) + (
     (gzip.BadGzipFile,) if hasattr(gzip, "BadGzipFile") else ())
-_MANIFEST_LIMIT = 256 << 20
 
 
 def _unsafe_member(location: Any, name: Any, why: str) -> RestoreError:
-    return RestoreError("archive %s: member %r refused: %s; nothing was written" % (location, name, why),
+    return RestoreError("archive %s: member %s refused: %s; nothing was written" % (location, _shown(name), why),
                         code="archive_unsafe", path=location)
+
+
+def _member_mtime_ns(seconds: Any) -> Optional[int]:
+    """An archive header's mtime in nanoseconds, or None when it is not a time (NaN, 1e30)."""
+    try:
+        mtime_ns = int(seconds * 1e9)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return mtime_ns if _INT63_MIN <= mtime_ns <= _INT63_MAX else None
+
+
+# Extended headers (pax, GNU long names) hold a path or a few attributes; tarfile reads one into memory whole.
+_TAR_EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                       tarfile.GNUTYPE_LONGLINK)
+_TAR_EXTENDED_LIMIT = 1 << 20
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended header, if any, is refused (as damage) beyond 1 MiB instead of read whole."""
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _TAR_EXTENDED_TYPES and self.size > _TAR_EXTENDED_LIMIT:
+            raise tarfile.HeaderError("extended header of %d bytes (at most %d are read)"
+                                      % (self.size, _TAR_EXTENDED_LIMIT))
+        return super()._proc_member(archive)  # type: ignore[misc]
 
 
 def _checked_member_name(location: Any, name: str) -> str:
@@ -3029,11 +3205,11 @@ class _TarBackup(_BackupSource):
     def _open(self) -> Tuple[tarfile.TarFile, Dict[str, Any]]:
         stream = self.stream
         if self.location is not None:
-            stream = open(self.location, "rb")
+            stream = open_regular(self.location)
         head = stream.peek(512)[:512] if hasattr(stream, "peek") else b""
         looks_like_archive = head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar"
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_BoundedTarInfo)
             first = tar.next()
         except _ARCHIVE_DAMAGE as exc:
             if looks_like_archive:
@@ -3048,13 +3224,17 @@ class _TarBackup(_BackupSource):
             raise _manifest_error(self.shown, "is larger than %d bytes" % _MANIFEST_LIMIT)
         try:
             raw = tar.extractfile(first).read()  # type: ignore[union-attr]
+            _refuse_oversized_manifest(raw, self.shown)
             manifest = json_loads(raw)
         except _ARCHIVE_DAMAGE + (ValueError,) as exc:
             raise ArchiveDamagedError("archive %s: member manifest.json is damaged (%s)" % (self.shown, exc),
                                       path=self.location)
         self.manifest_bytes = raw
         self.manifest_digest: Optional[bytes] = None
-        return tar, _validate_manifest(manifest, self.shown)
+        manifest = _validate_manifest(manifest, self.shown)
+        if "files" not in manifest:  # every archive we write lists them; without them no size is bounded
+            raise _manifest_error(self.shown, "lists no files, which an archive backup must")
+        return tar, manifest
 
     def members(self) -> Iterator[_Member]:
         if self._ready is not None:
@@ -3082,8 +3262,11 @@ class _TarBackup(_BackupSource):
                     kind = "file"
                 else:
                     raise _unsafe_member(self.shown, name, "links, devices and fifos are never restored")
-                yield _Member(name, kind, info.size, info.mode, int(info.mtime * 1e9),
-                              functools.partial(tar.extractfile, info))
+                mtime_ns = _member_mtime_ns(info.mtime)
+                if mtime_ns is None:
+                    raise _unsafe_member(self.shown, name, "its mtime %s is not a time from 1677 to 2262"
+                                         % _shown(info.mtime))
+                yield _Member(name, kind, info.size, info.mode, mtime_ns, functools.partial(tar.extractfile, info))
 
     def prescan(self) -> List[Problem]:
         """Every member's name, type and size against the manifest, before anything is written."""
@@ -3128,7 +3311,7 @@ class _ZipBackup(_BackupSource):
     def __init__(self, location: Path) -> None:
         self.location = location
         try:
-            self.zip = zipfile.ZipFile(str(location))
+            self.zip = zipfile.ZipFile(open_regular(location))
             infos = self.zip.infolist()
         except (zipfile.BadZipFile, OSError) as exc:
             raise RestoreError("%s is not a backup directory or archive (%s)" % (location, exc),
@@ -3147,6 +3330,7 @@ class _ZipBackup(_BackupSource):
             mode = info.external_attr >> 16
             if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise _unsafe_member(location, name, "links, devices and fifos are never restored")
+            _refuse_unreadable_zip_member(location, info)
             tops.add(name.split("/", 1)[0])
             kind = "dir" if info.filename.endswith("/") or stat.S_ISDIR(mode) else "file"
             self.entries.append((name, kind, info))
@@ -3159,6 +3343,11 @@ class _ZipBackup(_BackupSource):
                          "workspace_root": self.top}
         self.backup_ref = location.stem
 
+    @property
+    def declared_bytes(self) -> Optional[int]:
+        """What the zip's central directory says its members inflate to (zipfile stops each one there)."""
+        return sum(info.file_size for _name, kind, info in self.entries if kind == "file")
+
     def members(self) -> Iterator[_Member]:
         yield _Member("workspace", "dir", 0, 0o755, int(self.location.stat().st_mtime_ns))
         for name, kind, info in self.entries:
@@ -3168,6 +3357,19 @@ class _ZipBackup(_BackupSource):
             mtime = int(time.mktime(info.date_time + (0, 0, -1)) * 1e9)
             yield _Member("workspace/" + name[len(self.top) + 1:], kind, info.file_size, mode, mtime,
                           functools.partial(self.zip.open, info))
+
+
+def _refuse_unreadable_zip_member(location: Path, info: zipfile.ZipInfo) -> None:
+    """Encrypted members and compression methods contexta never writes are refused by name, up front."""
+    why = None
+    if info.flag_bits & 0x1:
+        why = "is encrypted"
+    elif info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        why = "is compressed with method %d" % info.compress_type
+    if why:
+        raise RestoreError("zip %s: member %s %s; contexta-ops reads stored and deflated, unencrypted zips "
+                           "(what contexta writes); nothing was written" % (location, _shown(info.filename), why),
+                           code="archive_unsupported", path=location)
 
 
 _STDIN_BACKUP: List[_TarBackup] = []
@@ -3182,7 +3384,7 @@ def _open_source(location: Any) -> Any:
     location = Path(location)
     if location.is_dir():
         return _DirectoryBackup(location)
-    with open(location, "rb") as handle:
+    with open_regular(location) as handle:
         magic = handle.read(4)
     if magic[:2] == b"PK":
         return _ZipBackup(location)
@@ -3402,6 +3604,26 @@ class BackupVerifyResult(_Record):
     warnings: Tuple[Notice, ...] = ()
 
 
+def _declared_size(member: _Member, entry: Optional[Mapping[str, Any]]) -> int:
+    """The most bytes a member may hold: the manifest's size, else its archive header's."""
+    return member.size if entry is None else int(entry["size"])
+
+
+class _BoundedReader:
+    """A member's reader that stops one byte past its declared size, so a lying member is never read whole."""
+
+    def __init__(self, handle: Any, declared: int) -> None:
+        self.handle = handle
+        self.left = declared + 1
+
+    def readinto(self, buffer: Any) -> int:
+        if self.left <= 0:
+            return 0
+        count = self.handle.readinto(memoryview(buffer)[:self.left]) or 0
+        self.left -= count
+        return count
+
+
 def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, Mapping[str, Any]]],
                    on_file: Callable[[_Member, Optional[Mapping[str, Any]]], Any],
                    problems: List[Problem]) -> Tuple[int, int, Set[str]]:
@@ -3421,6 +3643,11 @@ def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, M
             size, digest = result.result() if hasattr(result, "result") else result
             counted[0] += 1
             counted[1] += size
+            declared = _declared_size(member, entry)
+            if size > declared:
+                problems.append(Problem("size_mismatch", member.path, "holds more than the %d bytes declared; "
+                                        "reading stopped there" % declared, expected=declared, actual=size))
+                continue
             if size != member.size:
                 problems.append(Problem("size_mismatch", member.path, "%d bytes, the archive said %d"
                                         % (size, member.size), expected=member.size, actual=size))
@@ -3453,6 +3680,11 @@ def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, M
                 problems.append(Problem("unexpected_file", member.path, "file is not listed in the manifest"))
                 continue
             seen.add(member.path)
+            if entry is not None and member.size > entry["size"]:
+                problems.append(Problem("size_mismatch", member.path, "%d bytes, more than the %d the manifest "
+                                        "says; not read" % (member.size, entry["size"]), expected=entry["size"],
+                                        actual=member.size))
+                continue
             pending.append((member, entry, on_file(member, entry)))
             settle(keep=64)
         settle(keep=0)
@@ -3476,9 +3708,9 @@ def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyR
         warnings.append(Notice("checksums_absent", "this backup was made by %s and records no checksums; "
                                "`restore --verify-only` checks it by planes instead" % source.made_by))
 
-    def hash_member(member: _Member, _entry: Any) -> Tuple[int, str]:
+    def hash_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Tuple[int, str]:
         with member.open() as handle:
-            size, digest = _hash_stream(handle)
+            size, digest = _hash_stream(_BoundedReader(handle, _declared_size(member, entry)))
         progress.advance(size)
         return size, digest
 
@@ -3493,7 +3725,7 @@ def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyR
         checked_bytes=total,
         missing=tuple(p.path for p in problems if p.code == "missing_file"),
         extra=tuple(p.path for p in problems if p.code.startswith("unexpected_")),
-        changed=tuple(p.path for p in problems if p.code == "checksum_mismatch"),
+        changed=tuple(p.path for p in problems if p.code in ("checksum_mismatch", "size_mismatch")),
         problems=tuple(problems), warnings=tuple(warnings))
 
 
@@ -3943,8 +4175,10 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
     unique prefix of a ref, or a path to a backup; None picks the newest
     complete backup that is not a safety backup.
     """
-    backup = _open_backup(config, backup_ref)
     target = _resolve_path(target_workspace) if target_workspace is not None else config.workspace.root_path
+    if not verify_only:
+        _refuse_unsafe_target(target)
+    backup = _open_backup(config, backup_ref)
     warnings: List[Notice] = []
     notes = ["verify_only" if verify_only else "apply_restore"]
     if backup_ref is None or backup_ref == "latest":
@@ -4046,6 +4280,9 @@ def _kept_roots(target: Path, replaced: Sequence[str], prefix: str = "") -> List
     return kept
 
 
+_RESTORABLE_MODE_BITS = 0o775
+
+
 class _Verification:
     """What materializing and checking one backup (or a restored workspace) found.
 
@@ -4064,6 +4301,24 @@ class _Verification:
         self.bytes = 0
         self.plane_results: Dict[str, Any] = {}
         self.plane_notes: List[str] = []
+        self.masked_modes = 0
+        self.first_masked: Optional[str] = None
+
+    def restorable_mode(self, path: str, mode: int) -> int:
+        """The permission bits a restore applies: never setuid, setgid, sticky or world-writable."""
+        wanted = mode & 0o7777
+        kept = wanted & _RESTORABLE_MODE_BITS
+        if kept != wanted:
+            self.masked_modes += 1
+            self.first_masked = self.first_masked or path
+        return kept
+
+    def notices(self) -> List[Notice]:
+        """Warnings for the result: modes that were not applied as the backup asked."""
+        if not self.masked_modes:
+            return []
+        return [Notice("mode_masked", "%d file(s) or directories asked for setuid, setgid, sticky or world-writable "
+                       "bits, which a restore never applies (first: %s)" % (self.masked_modes, self.first_masked))]
 
     def path_in(self, tree: Path, ws_rel: str) -> Path:
         """Where a workspace-relative path of the backup was materialized."""
@@ -4082,29 +4337,37 @@ class _Verification:
 
 def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verification: _Verification,
                  label: str) -> None:
-    """Copy the backup into ``stage`` as a workspace tree, hashing each file against the manifest."""
+    """Copy the backup into ``stage`` as a workspace tree, hashing each file against the manifest.
+
+    Nothing is read past what the manifest (or an archive header) declares; the
+    callers have checked that what the backup declares fits (``_require_space``).
+    """
+    # Whatever the umask, no directory of a restored tree is world-writable (a workspace member may narrow it).
+    os.chmod(str(stage), stat.S_IMODE(os.stat(str(stage)).st_mode) & _RESTORABLE_MODE_BITS)
     progress = _Progress(label, int(backup.manifest.get("total_bytes") or 0))
-    directories: List[Tuple[Path, _Member]] = []
+    directories: List[Tuple[Path, int, int]] = []
     expected = backup.expected_files
 
     import concurrent.futures
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    in_flight: Set[Any] = set()
     made: Set[str] = set()
     bodies = layout.artifacts_root + "/objects/"
 
     def copy_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Any:
+        declared = _declared_size(member, entry)
         ws_rel = layout.workspace_path(member.path)
         if ws_rel is None:
             with member.open() as handle:
-                size, digest = _hash_stream(handle)
+                size, digest = _hash_stream(_BoundedReader(handle, declared))
             progress.advance(size)
             return size, digest
         destination = str(verification.path_in(stage, ws_rel))
         parent = os.path.dirname(destination)
         if parent not in made:
-            os.makedirs(parent, exist_ok=True)
+            os.makedirs(parent, 0o755, exist_ok=True)
             made.add(parent)
-        mode = entry.get("mode", member.mode) if entry else member.mode
+        mode = verification.restorable_mode(member.path, entry.get("mode", member.mode) if entry else member.mode)
         mtime_ns = entry.get("mtime_ns", member.mtime_ns) if entry else member.mtime_ns
 
         def place(size: int, digest: str) -> Tuple[int, str]:
@@ -4115,9 +4378,15 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
 
         on_disk = member.on_disk
         if on_disk is not None:  # copied in the kernel on a worker, then the copy is hashed
-            return pool.submit(lambda: place(*_copy_then_hash(on_disk, destination, mode, mtime_ns)))
+            future = pool.submit(lambda: place(*_copy_then_hash(on_disk, destination, mode, mtime_ns)))
+            in_flight.add(future)
+            future.add_done_callback(in_flight.discard)
+            return future
         with member.open() as handle:
-            size, digest = _copy_stream_hashed(handle, destination)
+            size, digest = _copy_stream_hashed(_BoundedReader(handle, declared), destination)
+        if size > declared:  # a lying member's first bytes are never left where a forced restore would keep them
+            os.unlink(destination)
+            return size, digest
         _set_file_times_and_mode(destination, mode, mtime_ns)
         return place(size, digest)
 
@@ -4129,22 +4398,25 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
                 if ws_rel is not None:
                     directory = str(verification.path_in(stage, ws_rel))
                     if directory not in made:
-                        os.makedirs(directory, exist_ok=True)
+                        os.makedirs(directory, 0o755, exist_ok=True)
                         made.add(directory)
-                    directories.append((Path(directory), member))
+                    directories.append((Path(directory), verification.restorable_mode(member.path, member.mode),
+                                        member.mtime_ns))
             yield member
 
     try:
         files, total, _seen = _check_members(members_making_directories(), expected, copy_member,
                                              verification.problems)
     finally:
+        for future in list(in_flight):  # an interrupted run waits for the copies running, not for the queue
+            future.cancel()
         pool.shutdown(wait=True)
         progress.finish()
     verification.files += files
     verification.bytes += total
-    for directory, member in reversed(directories):
-        os.chmod(str(directory), stat.S_IMODE(member.mode) | stat.S_IRWXU)
-        os.utime(str(directory), ns=(member.mtime_ns, member.mtime_ns))
+    for directory, mode, mtime_ns in reversed(directories):
+        os.chmod(str(directory), mode | stat.S_IRWXU)
+        os.utime(str(directory), ns=(mtime_ns, mtime_ns))
 
 
 def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, has_metadata: bool,
@@ -4268,6 +4540,7 @@ def _restore(config: UnifiedConfig, plan: RestorePlan, force: bool) -> RestoreRe
                 _record_backup_event(config, backup, "verified_clean")
             return result
         target = Path(plan.target_workspace)
+        _refuse_unsafe_target(target)
         refused = backup.prescan()  # archives: every member's name, type and size before anything is touched
         if refused and not force:
             return RestoreResult(
@@ -4291,8 +4564,8 @@ def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> R
     for stale in _stale_dirs(staging_root, prefix):
         if not _lock_is_held(stale, directory=True):
             _remove_tree(stale)
-    _require_space({staging_root: _backup_bytes(backup)}, "to stage %s for verification" % backup.backup_ref)
-    stage = staging_root / ("%s%s-%s" % (prefix, backup.backup_ref, uuid.uuid4().hex[:12]))
+    _require_space({staging_root: backup.declared_bytes or 0}, "to stage %s for verification" % backup.backup_ref)
+    stage = staging_root / ("%s%s-%s" % (prefix, sanitize_component(backup.backup_ref)[:64], uuid.uuid4().hex[:12]))
     stage.mkdir()
     try:
         with _Lock(stage, what="staging %s" % stage, directory=True):
@@ -4300,20 +4573,12 @@ def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> R
     finally:
         _remove_tree(stage)
     return RestoreResult(
-        status="FAILURE" if verification.problems else "SUCCESS", warnings=plan.warnings, notes=plan.notes,
+        status="FAILURE" if verification.problems else "SUCCESS", notes=plan.notes,
+        warnings=plan.warnings + tuple(verification.notices()),
         details={"made_by": backup.made_by, "staged_files": verification.files, "staged_bytes": verification.bytes},
         backup_ref=backup.backup_ref, target_workspace=plan.target_workspace, applied=False,
         plane_results=verification.plane_results, verification_notes=_verification_notes(backup, verification),
         problems=tuple(verification.problems), source_root=backup.location)
-
-
-def _backup_bytes(backup: _BackupSource) -> int:
-    total = backup.manifest.get("total_bytes")
-    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
-        return total
-    if backup.kind == "zip":
-        return sum(info.file_size for _name, _kind, info in getattr(backup, "entries", ()))
-    return 0
 
 
 def _require_space(needs: Mapping[Path, int], purpose: str) -> None:
@@ -4330,9 +4595,23 @@ def _require_space(needs: Mapping[Path, int], purpose: str) -> None:
         fs = os.statvfs(str(shown))
         free = fs.f_bavail * fs.f_frsize
         if amount > free:
-            raise OpsError("not enough free space %s: %s needed on the filesystem of %s, %s free; nothing was "
-                           "written" % (purpose, _human_bytes(amount), shown, _human_bytes(free)),
+            raise OpsError("not enough free space %s: %s (%d bytes) needed on the filesystem of %s, %s free; "
+                           "nothing was written" % (purpose, _human_bytes(amount), amount, shown, _human_bytes(free)),
                            code="insufficient_space", path=shown)
+
+
+def _refuse_unsafe_target(target: Path) -> None:
+    """Refuse, before anything is written, a target a restore must not or cannot replace.
+
+    A restore builds the new tree beside the target and swaps the two by
+    rename: beside ``/`` there is nothing, and a mount point cannot be renamed.
+    """
+    if os.path.realpath(str(target)) == "/":
+        raise RestoreError("restore target %s is the root directory; refusing to replace it" % target,
+                           code="restore_target_refused", path=target)
+    if os.path.ismount(str(target)):
+        raise RestoreError("restore target %s is a mount point, which a restore cannot swap out; restore into a "
+                           "directory inside it (--target)" % target, code="restore_target_refused", path=target)
 
 
 def _journal_path(target: Path) -> Path:
@@ -4368,7 +4647,7 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
                      if notice.code != "workspace_lock_held"]
     else:
         _refuse_unsafe_restore(target_config, ignore_workspace_lock=True)
-    needs = {target.parent: _backup_bytes(backup)}
+    needs = {target.parent: backup.declared_bytes or 0}
     if plan.create_safety_backup and target.is_dir():
         needs[config.recovery.backup_root] = _tree_size(target, [config.recovery.backup_root])[1]
     _require_space(needs, "to restore %s into %s" % (backup.backup_ref, target))
@@ -4387,6 +4666,7 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
         new_tree = units[0].new
         assert new_tree is not None
         verification = _verify_into(backup, layout, new_tree, "restore %s" % backup.backup_ref, route=route)
+        warnings += verification.notices()
         verification_notes = _verification_notes(backup, verification)
         if verification.problems and not force:
             _remove_new_trees(units)
@@ -6677,12 +6957,14 @@ def _check_reports(reports_root: Path, problems: List[Problem]) -> Dict[str, Any
     """Every report file can be read to its end."""
     result = {"present": reports_root.is_dir(), "file_count": 0, "size_bytes": 0, "unreadable_count": 0}
     for rel, entry_stat, kind in _walk_tree(reports_root) if reports_root.is_dir() else ():
+        if kind == "special":
+            problems.append(_special_problem(str(reports_root / rel), entry_stat.st_mode))
         if kind != "file":
             continue
         result["file_count"] += 1
         result["size_bytes"] += entry_stat.st_size
         try:
-            with open(reports_root / rel, "rb") as handle:
+            with open_regular(reports_root / rel, follow_symlinks=False) as handle:
                 while handle.read(_CHUNK):
                     pass
         except OSError as exc:

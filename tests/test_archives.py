@@ -12,10 +12,9 @@ import pytest
 
 import contexta_ops as ops
 from helpers import REPO, snapshot
+from hostile_cases import ALL_CASES, by_kind as _by_kind, corpus_file
 
-CORPUS = REPO / "tests" / "hostile" / "corpus"
-CASES = {name: case for name, case in json.loads((REPO / "tests" / "hostile" / "cases.json").read_text()).items()
-         if case["kind"] == "archive"}
+CASES = {name: case for name, case in ALL_CASES.items() if case["kind"] == "archive"}
 CANARY = Path("/tmp/contexta-ops-hostile-canary")
 
 
@@ -116,26 +115,47 @@ def _expected_outcome(name):
     return CASES[name]["exit"], CASES[name]["code"]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+def _outside_staging(tree):
+    return {k: v for k, v in tree.items() if not k.startswith("staging")}
+
+
+def _assert_case_details(case, command, result, ws):
+    """What a case names beyond its exit code: a problem it must find, a warning it must give."""
+    if case.get("problem"):
+        assert case["problem"] in [p["code"] for p in result.json["problems"]], (command, result)
+    if case.get("warning") and command in ("verify-only", "apply"):
+        assert case["warning"] in [w["code"] for w in result.json["warnings"]], (command, result)
+    if command == "apply" and result.returncode == 0:
+        for path in snapshot(ws):
+            mode = os.lstat(str(ws / path)).st_mode
+            assert not mode & 0o7002, (path, oct(mode))
+
+
+@pytest.mark.parametrize("name", _by_kind("archive"))
 def test_hostile_archives_are_refused_and_nothing_is_written_outside(cli, fixture_dir, tmp_path, name):
     shutil.rmtree(str(CANARY), ignore_errors=True)
     exit_code, code = _expected_outcome(name)
+    path = corpus_file(name, tmp_path)
     ws = _ws(fixture_dir)
     for command in CASES[name]["commands"]:
-        before = {k: v for k, v in snapshot(fixture_dir).items() if not k.startswith("staging")}
-        args = {"verify": ("backup", "verify", CORPUS / name),
-                "verify-only": ("restore", CORPUS / name, "--verify-only"),
-                "apply": ("restore", CORPUS / name)}[command]
+        before = _outside_staging(snapshot(fixture_dir))
+        args = {"verify": ("backup", "verify", path),
+                "verify-only": ("restore", path, "--verify-only"),
+                "apply": ("restore", path),
+                "plan": ("restore", "plan", path)}[command]
         result = cli(*_args(fixture_dir, *args, "--json"))
         assert result.returncode == exit_code, (command, result)
+        assert "Traceback" not in result.stderr
         if code is not None:
             assert result.json["error"]["code"] == code, (command, result)
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        _assert_case_details(CASES[name], command, result, ws)
         assert not CANARY.exists()
         assert [n for n in os.listdir(str(ws.parent)) if "restore" in n] == []
         if exit_code != 0:
             after = snapshot(fixture_dir)
             lock = "workspace/..contexta.contexta-ops.lock"  # the (empty) workspace lock may now exist
-            assert {k: v for k, v in after.items() if not k.startswith("staging") and k != lock} == \
+            assert {k: v for k, v in _outside_staging(after).items() if k != lock} == \
                 {k: v for k, v in before.items() if k != lock}, command
             assert not (fixture_dir / "staging").exists() or list((fixture_dir / "staging").iterdir()) == []
 

@@ -9,19 +9,14 @@ import time
 
 import pytest
 
-from helpers import FIXTURE_BACKUP_REF, REPO, snapshot
-
-CORPUS = REPO / "tests" / "hostile" / "corpus"
-CASES = json.loads((REPO / "tests" / "hostile" / "cases.json").read_text())
-
-
-def _by_kind(kind):
-    return sorted(name for name, case in CASES.items() if case["kind"] == kind)
+from helpers import FIXTURE_BACKUP_REF, snapshot
+from hostile_cases import ALL_CASES, CASES, CORPUS, GENERATED, by_kind as _by_kind, corpus_file
 
 
 def test_the_corpus_is_large_and_complete():
     assert len(CASES) >= 40
     assert sorted(os.listdir(str(CORPUS))) == sorted(CASES)
+    assert len(ALL_CASES) == len(CASES) + len(GENERATED)  # no generated case hides a checked-in one
 
 
 def _one_line_error(result, code):
@@ -32,12 +27,13 @@ def _one_line_error(result, code):
 
 
 @pytest.mark.parametrize("name", _by_kind("manifest"))
-def test_hostile_backup_manifests(cli, fixture_dir, name):
-    case = CASES[name]
+def test_hostile_backup_manifests(cli, fixture_dir, tmp_path, name):
+    """Every reader gives the same verdict: verify, verify-only, restore and its plan."""
+    case = ALL_CASES[name]
     backup = fixture_dir / "backups" / FIXTURE_BACKUP_REF
-    shutil.copy(str(CORPUS / name), str(backup / "manifest.json"))
+    shutil.copy(str(corpus_file(name, tmp_path)), str(backup / "manifest.json"))
     for command in (("backup", "verify", FIXTURE_BACKUP_REF), ("restore", FIXTURE_BACKUP_REF, "--verify-only"),
-                    ("restore", FIXTURE_BACKUP_REF)):
+                    ("restore", FIXTURE_BACKUP_REF), ("restore", "plan", FIXTURE_BACKUP_REF)):
         before = snapshot(fixture_dir)
         result = cli("--workspace", fixture_dir / "workspace/.contexta", "--backup-root", fixture_dir / "backups",
                      "--staging-root", fixture_dir / "staging", *command, "--json")
@@ -64,9 +60,10 @@ def test_hostile_outbox_lines_never_block_the_queue(cli, fixture_dir, name):
 
 
 @pytest.mark.parametrize("name", _by_kind("config"))
-def test_hostile_config_files(cli, fixture_dir, name):
+def test_hostile_config_files(cli, fixture_dir, tmp_path, name):
+    path = corpus_file(name, tmp_path)
     before = snapshot(fixture_dir)
-    result = cli("--config", CORPUS / name, "status", "--json")
+    result = cli("--config", path, "status", "--json")
     assert result.returncode == 3, result
     _one_line_error(result, None)
     assert result.json["error"]["code"] in ("config_invalid", "unknown_config_field")
