@@ -902,16 +902,31 @@ def _crash_point(name: str) -> None:
 _crash_point.count = 0  # type: ignore[attr-defined]
 
 
+def _write_quietly(stream: Any, text: str) -> None:
+    """Write and flush; a reader gone away (EPIPE) ends the output, not the command's verdict."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):  # no second complaint when Python flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 class _Progress:
-    """Progress on stderr, only when stderr is a terminal and the CLI allows it."""
+    """Progress of one phase on stderr - name, amount, rate, ETA - only on a terminal and never with --json/--quiet.
+
+    Updated at most five times a second, so hot loops may call ``advance`` freely.
+    """
 
     enabled = False
 
-    def __init__(self, label: str, total_bytes: int = 0) -> None:
+    def __init__(self, label: str, total_bytes: int = 0, unit: str = "files") -> None:
         self.label = label
         self.total_bytes = total_bytes
+        self.unit = unit
         self.files = 0
         self.bytes = 0
+        self.started = time.monotonic()
         self._last = 0.0
 
     def advance(self, nbytes: int, files: int = 1) -> None:
@@ -923,17 +938,26 @@ class _Progress:
         if now - self._last < 0.2:
             return
         self._last = now
-        if self.total_bytes:
-            share = " (%d%%)" % min(100, self.bytes * 100 // max(self.total_bytes, 1))
+        _write_quietly(sys.stderr, "\r%s   " % self._line(now))
+
+    def _line(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-6)
+        if self.bytes:
+            amount = "%d %s, %s" % (self.files, self.unit, _human_bytes(self.bytes))
+            rate = "%s/s" % _human_bytes(int(self.bytes / elapsed))
         else:
-            share = ""
-        sys.stderr.write("\r%s: %d files, %s%s   " % (self.label, self.files, _human_bytes(self.bytes), share))
-        sys.stderr.flush()
+            amount = "%d %s" % (self.files, self.unit)
+            rate = "%d/s" % (self.files / elapsed)
+        tail = ""
+        if self.total_bytes and self.bytes:
+            share = min(self.bytes / self.total_bytes, 1.0)
+            remaining = (self.total_bytes - self.bytes) / max(self.bytes / elapsed, 1)
+            tail = " (%d%%, ETA %ds)" % (share * 100, max(remaining, 0))
+        return "%s: %s, %s%s" % (self.label, amount, rate, tail)
 
     def finish(self) -> None:
-        if _Progress.enabled and self.bytes:
-            sys.stderr.write("\r%s: %d files, %s done.   \n" % (self.label, self.files, _human_bytes(self.bytes)))
-            sys.stderr.flush()
+        if _Progress.enabled and (self.bytes or self.files):
+            _write_quietly(sys.stderr, "\r%s, done.   \n" % self._line(time.monotonic()))
 
 
 def _human_bytes(count: int) -> str:
@@ -7382,7 +7406,24 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors raise instead of exiting, so --json can still answer in JSON."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError("%s (see `%s --help`)" % (message, self.prog))
+        raise UsageError("%s%s (see `%s --help`)" % (message, _close_match(message), self.prog))
+
+
+_KNOWN_OPTIONS: Set[str] = set()  # every option of every command, filled as the parser is built
+
+
+def _close_match(message: str) -> str:
+    """"; did you mean ...?" for a mistyped command, action or flag (argparse's own words are parsed)."""
+    import difflib
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        options = re.findall(r"'([^']*)'", choice.group(2)) or [part.strip() for part in choice.group(2).split(",")]
+        found = difflib.get_close_matches(choice.group(1), options, 1)
+    else:
+        unknown = re.search(r"unrecognized arguments: (.*)", message)
+        words = [word.split("=", 1)[0] for word in (unknown.group(1).split() if unknown else []) if word.startswith("-")]
+        found = [match for word in words for match in difflib.get_close_matches(word, sorted(_KNOWN_OPTIONS), 1)]
+    return "; did you mean %s?" % " / ".join("'%s'" % each for each in found) if found else ""
 
 
 def _global_options() -> argparse.ArgumentParser:
@@ -7410,13 +7451,30 @@ def _global_options() -> argparse.ArgumentParser:
     return common
 
 
+_BACKUP_FORMS = """BACKUP is one of:
+  a ref under --backup-root      nightly-2026-11-26T03-00-00Z
+  latest                         the newest complete backup that is not a safety backup
+  a label                        the newest backup made with --label LABEL
+  a unique prefix of a ref       nightly-2026-11
+  a path                         a backup directory, a .tar or .tar.gz archive, or Contexta's CLI zip
+  -                              a tar archive on stdin"""
+_REF_FORM = "REF is an artifact ref, artifact:<project>.<run>.<key> (artifact:proj.run-01.model)."
+_PACKAGE_FORM = ("PACKAGE is a directory holding Contexta's export package (export.package.json, the body, its\n"
+                 "binding and manifest.snapshot.json), as `artifact export` writes it.")
+_CONFLICT_FORM = """--conflict says what happens when the store already binds REF to a different body:
+  error    (default) exit 1, nothing changes
+  skip     keep the store's body, report skipped
+  replace  bind the package's body; the old one is kept in quarantine/bound/"""
+
+
 def _add_command(subparsers: Any, name: str, purpose: str, example: str, common: argparse.ArgumentParser,
                  handler: Optional[Callable[[argparse.Namespace, "_Output"], int]] = None,
-                 hidden: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
+                 hidden: bool = False, explain: str = "", **kwargs: Any) -> argparse.ArgumentParser:
     """One command or action: its own help with an example, the global flags, and the function that runs it."""
     if not hidden:
         kwargs["help"] = purpose
-    parser = subparsers.add_parser(name, description=purpose, parents=[common], epilog="example:\n  " + example,
+    epilog = (explain + "\n\n" if explain else "") + "example:\n  " + example
+    parser = subparsers.add_parser(name, description=purpose, parents=[common], epilog=epilog,
                                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                    **kwargs)
     if handler is not None:
@@ -7424,9 +7482,18 @@ def _add_command(subparsers: Any, name: str, purpose: str, example: str, common:
     return parser
 
 
+def _all_options(parser: argparse.ArgumentParser) -> Iterator[str]:
+    for action in parser._actions:
+        yield from action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_options(sub)
+
+
 def _add_actions(parser: argparse.ArgumentParser, name: str) -> Any:
     """Sub-actions of a command; the command alone is a usage error that lists them (from the parser)."""
-    actions = parser.add_subparsers(dest=name.replace("-", "_") + "_action", metavar="ACTION", parser_class=_Parser)
+    actions = parser.add_subparsers(dest=name.replace("-", "_") + "_action", metavar="ACTION", parser_class=_Parser,
+                                    prog=parser.prog)
 
     def needs_action(_args: argparse.Namespace, _out: "_Output") -> int:
         visible = [choice.dest for choice in actions._choices_actions]
@@ -7473,7 +7540,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_command(backup_actions, "list", "List backups: ref, time, size, sections, checksums, complete.",
                  "%s backup list --json" % _PROG, common, _cmd_backup_list)
     verify = _add_command(backup_actions, "verify", "Re-hash every file of a backup against its manifest.",
-                          "%s backup verify nightly-2026-11-26T03-00-00Z" % _PROG, common, _cmd_backup_verify)
+                          "%s backup verify nightly-2026-11-26T03-00-00Z" % _PROG, common, _cmd_backup_verify,
+                          explain=_BACKUP_FORMS)
     verify.add_argument("backup", metavar="BACKUP", help="backup ref, a backup directory or archive, or - (stdin)")
     prune = _add_command(backup_actions, "prune", "Delete old backups and leftovers; never the newest complete one.",
                          "%s backup prune --keep-last 7 --keep-within 30 --dry-run" % _PROG, common, _cmd_backup_prune)
@@ -7485,7 +7553,8 @@ def _build_parser() -> argparse.ArgumentParser:
         commands, "restore", "Prove a backup restorable (--verify-only), plan a restore, or apply one.",
         "%s restore --verify-only\n  %s restore plan nightly-2026-11-26T03-00-00Z\n"
         "  %s restore nightly-2026-11-26T03-00-00Z --target /srv/ml/.contexta" % (_PROG, _PROG, _PROG), common,
-        usage="%s restore [plan|apply] [BACKUP] [--verify-only] [--target DIR] [--force]" % _PROG)
+        usage="%s restore [plan|apply] [BACKUP] [--verify-only] [--target DIR] [--force]" % _PROG,
+        explain=_BACKUP_FORMS)
     restore_actions = _add_actions(restore, "restore")
     for action, purpose, example, handler, hidden in (
             ("plan", "Say what a restore would replace, keep and lose; changes nothing.",
@@ -7495,7 +7564,7 @@ def _build_parser() -> argparse.ArgumentParser:
             ("run", "Verify a backup and apply it (`restore BACKUP`).", "restore nightly-2026-11-26T03-00-00Z",
              _cmd_restore_run, True)):
         sub = _add_command(restore_actions, action, purpose, "%s %s" % (_PROG, example), common, handler,
-                           hidden=hidden)
+                           hidden=hidden, explain=_BACKUP_FORMS)
         sub.add_argument("backup", nargs="?", metavar="BACKUP",
                          help="backup ref, a backup directory or archive, a Contexta CLI zip, or - (stdin)")
         sub.add_argument("--verify-only", action="store_true",
@@ -7553,7 +7622,10 @@ def _build_parser() -> argparse.ArgumentParser:
              _cmd_artifact_import),
             ("put", "Ingest a file as an artifact.",
              "artifact put model.bin --ref artifact:proj.run-01.model --kind checkpoint", _cmd_artifact_put)):
-        sub = _add_command(artifact_actions, name, purpose, "%s %s" % (_PROG, example), common, handler)
+        explain = {"verify": _REF_FORM, "export": _REF_FORM, "put": _REF_FORM.replace("REF", "--ref"),
+                   "import": _PACKAGE_FORM + "\n\n" + _CONFLICT_FORM}.get(name, "")
+        sub = _add_command(artifact_actions, name, purpose, "%s %s" % (_PROG, example), common, handler,
+                           explain=explain)
         sub.add_argument("--store", metavar="DIR", help="a bare artifact store root (default: the workspace's)")
         if name == "verify":
             sub.add_argument("ref", nargs="?", metavar="REF")
@@ -7564,13 +7636,15 @@ def _build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--export-root", metavar="DIR", help="default: <store>/exports")
         elif name == "import":
             sub.add_argument("package", metavar="PACKAGE")
-            sub.add_argument("--conflict", choices=_CONFLICT_POLICIES, default="error")
+            sub.add_argument("--conflict", choices=_CONFLICT_POLICIES, default="error",
+                             help="error, skip or replace (see below)")
         elif name == "put":
             sub.add_argument("file", metavar="FILE")
             sub.add_argument("--ref", required=True, help="artifact:<project>.<run>.<key>")
             sub.add_argument("--kind", required=True, help="artifact kind, e.g. checkpoint")
             sub.add_argument("--run", help="run ref (default: the artifact ref's run)")
             sub.add_argument("--location", help="location_ref (default: vault://<project>/<run>/<file name>)")
+    _KNOWN_OPTIONS.update(_all_options(parser))
     return parser
 
 
@@ -7639,13 +7713,19 @@ def _config_and_sources_from_args(args: argparse.Namespace) -> Tuple[UnifiedConf
 
 
 class _Output:
-    """Where a command's words go: stdout for the report, stderr for notes; JSON keeps stdout to itself."""
+    """Where a command's words go: stdout for the report, stderr for notes; JSON keeps stdout to itself.
+
+    Every JSON object carries ``status``, ``exit_code`` and ``tool_version``; every
+    failure ends with the next step an operator can take.  A reader that stops
+    early (``check | head -1``) is not an error: the exit code stays the result's.
+    """
 
     def __init__(self, as_json: bool, quiet: bool) -> None:
         self.as_json = as_json
         self.quiet = quiet
         self.lines: List[str] = []
         self.stdout = sys.stdout
+        self.always = False  # a listing prints even with --quiet: it is what was asked for
 
     def say(self, line: str = "") -> None:
         self.lines.append(line)
@@ -7656,19 +7736,68 @@ class _Output:
 
     def note(self, line: str) -> None:
         if not self.quiet:
-            sys.stderr.write(line + "\n")
+            _write_quietly(sys.stderr, line + "\n")
 
-    def finish(self, payload: Any, ok: bool) -> None:
-        """Print the report; ``payload`` (a result or a mapping) becomes JSON only when asked for."""
+    def finish(self, payload: Any, exit_code: int, next_step: Optional[str] = None) -> int:
+        """Print the report (``payload`` becomes JSON only when asked for); returns ``exit_code``."""
+        ok = exit_code == EXIT_OK
+        if next_step and not ok:
+            self.say("Next: " + next_step)
         if self.as_json:
-            self.stdout.write(json.dumps(_jsonable(payload), sort_keys=False, default=str) + "\n")
+            document = _jsonable(payload)
+            if isinstance(document, dict):
+                document.setdefault("status", "SUCCESS" if ok else "FAILURE")
+                document["exit_code"] = exit_code
+                document["tool_version"] = __version__
+                if next_step and not ok:
+                    document["next_step"] = next_step
+            _write_quietly(self.stdout, json.dumps(document, sort_keys=False, default=str) + "\n")
             if not ok:
-                for line in self.lines:
-                    sys.stderr.write(line + "\n")
-        elif not self.quiet or not ok:
-            for line in self.lines:
-                self.stdout.write(line + "\n")
-        self.stdout.flush()
+                _write_quietly(sys.stderr, "".join(line + "\n" for line in self.lines))
+        elif not self.quiet or not ok or self.always:
+            _write_quietly(self.stdout, "".join(line + "\n" for line in self.lines))
+        return exit_code
+
+
+def _global_flags(args: argparse.Namespace) -> str:
+    """The global flags of this run, to repeat in a suggested next command."""
+    words = []
+    for name in ("workspace", "config", "backup_root", "staging_root", "outbox_root"):
+        value = _option(args, name)
+        if value is not None:
+            words += ["--" + name.replace("_", "-"), str(value)]
+    return " ".join(_shell_quote(word) for word in words)
+
+
+def _shell_quote(word: str) -> str:
+    import shlex
+    return shlex.quote(word)
+
+
+def _suggest(args: argparse.Namespace, command: str) -> str:
+    flags = _global_flags(args)
+    return "`%s %s%s`" % (_PROG, flags + " " if flags else "", command)
+
+
+def _other_good_backup(config: UnifiedConfig, failed: Optional[str]) -> Optional[BackupListEntry]:
+    """The backup to reach for when ``failed`` (or the workspace) is bad: verified clean newest, else newest."""
+    candidates = [entry for entry in list_backups(config) if entry.complete and entry.kind != "safety"
+                  and entry.backup_ref != failed and entry.location.name != failed]
+    verified = [entry for entry in candidates if entry.last_verified_clean_at]
+    chosen = verified or candidates
+    return chosen[-1] if chosen else None
+
+
+def _next_step_for_bad_data(args: argparse.Namespace, config: UnifiedConfig, failed: Optional[str]) -> str:
+    """After a backup or a workspace failed verification: the next backup to look at, and how."""
+    other = _other_good_backup(config, failed)
+    if other is None:
+        return ("no other complete backup under %s; read the problems above, then `check` the live workspace"
+                % config.recovery.backup_root)
+    if other.last_verified_clean_at:
+        return "backup %s verified clean on %s; %s" % (other.backup_ref, other.last_verified_clean_at,
+                                                        _suggest(args, "restore plan " + other.backup_ref))
+    return "prove the next backup first: %s" % _suggest(args, "restore --verify-only " + other.backup_ref)
 
 
 def _status_exit(status: str) -> int:
@@ -7694,8 +7823,7 @@ def _cmd_backup_plan(args: argparse.Namespace, out: _Output) -> int:
     out.say("  about %d files, %s" % (plan.estimated_files, _human_bytes(plan.estimated_bytes)))
     _say_list(out, "Notes:", plan.notes)
     _say_list(out, "Warnings:", plan.warnings)
-    out.finish(plan, True)
-    return EXIT_OK
+    return out.finish(plan, EXIT_OK)
 
 
 def _cmd_backup_create(args: argparse.Namespace, out: _Output) -> int:
@@ -7712,8 +7840,7 @@ def _cmd_backup_create(args: argparse.Namespace, out: _Output) -> int:
         out.say("  location: %s" % result.location)
         out.say("  %d files, %s" % (result.file_count, _human_bytes(result.bytes_written)))
         _say_list(out, "Warnings:", result.warnings)
-        out.finish(result, result.status == "SUCCESS")
-        return _status_exit(result.status)
+        return out.finish(result, _status_exit(result.status))
     plan = plan_workspace_backup(config, label=args.label, include_cache=args.include_cache,
                                  include_exports=args.include_exports)
     if args.archive is not None:
@@ -7728,24 +7855,55 @@ def _cmd_backup_create(args: argparse.Namespace, out: _Output) -> int:
     out.say("  sections: %s" % ", ".join(result.included_sections))
     out.say("  %d files, %s, every file checksummed" % (result.file_count, _human_bytes(result.bytes_written)))
     _say_list(out, "Warnings:", result.warnings)
-    out.finish(result, result.status == "SUCCESS")
-    return _status_exit(result.status)
+    return out.finish(result, _status_exit(result.status))
 
 
 def _cmd_backup_list(args: argparse.Namespace, out: _Output) -> int:
     config = _config_from_args(args)
     entries = list_backups(config)
+    out.always = True  # the list is what was asked for, --quiet or not
     out.say("Backups in %s" % config.recovery.backup_root)
-    if not entries:
+    if entries:
+        for line in _backup_table(entries, shutil.get_terminal_size((120, 24)).columns):
+            out.say(line)
+    else:
         out.say("  (none)")
+    return out.finish({"status": "SUCCESS", "backup_root": config.recovery.backup_root,
+                       "backups": [entry.to_dict() for entry in entries]}, EXIT_OK)
+
+
+def _backup_table(entries: Sequence[BackupListEntry], width: int) -> List[str]:
+    """One row per backup under a header; on a narrow terminal the least telling columns go, then the ref is cut
+    from the left (its end, the time, stays)."""
+    header = ("BACKUP", "KIND", "CREATED (UTC)", "SIZE", "STATE", "VERIFIED", "SECTIONS")
+    rows = [header]
     for entry in entries:
-        state = "complete" if entry.complete else ("in progress" if entry.in_progress else "INCOMPLETE")
-        out.say("  %-48s %-28s %10s  %-10s %s  %s" % (
-            entry.backup_ref, entry.created_at or "-", _human_bytes(entry.size_bytes), state,
-            "checksums" if entry.has_checksums else "no-checksums", ",".join(entry.included_sections)))
-    out.finish({"status": "SUCCESS", "backup_root": config.recovery.backup_root,
-                "backups": [entry.to_dict() for entry in entries]}, True)
-    return EXIT_OK
+        state = "complete" if entry.complete else ("writing" if entry.in_progress else "INCOMPLETE")
+        if entry.complete and not entry.has_checksums:
+            state += ", no checksums"
+        rows.append((entry.backup_ref, entry.kind or "-", (entry.created_at or "-")[:19].replace("T", " "),
+                     _human_bytes(entry.size_bytes), state, (entry.last_verified_clean_at or "-")[:10],
+                     ",".join(entry.included_sections)))
+    columns = list(range(len(header)))
+    widths = {index: max(len(row[index]) for row in rows) for index in columns}
+
+    def total() -> int:
+        return 2 + sum(widths[index] for index in columns) + 2 * (len(columns) - 1)
+
+    for dropped in (6, 5, 1, 3):  # sections, verified, kind, size
+        if total() <= width:
+            break
+        columns.remove(dropped)
+    widths[0] = max(12, widths[0] - max(total() - width, 0))
+
+    def cell(text: str, index: int) -> str:
+        size = widths[index]
+        if len(text) > size:
+            text = "~" + text[len(text) - size + 1:]
+        return text.rjust(size) if index == 3 else text.ljust(size)
+
+    return [("  " + "  ".join(cell(row[index], index) for index in columns)).rstrip()[:max(width, 20)]
+            for row in rows]
 
 
 def _cmd_backup_prune(args: argparse.Namespace, out: _Output) -> int:
@@ -7756,18 +7914,20 @@ def _cmd_backup_prune(args: argparse.Namespace, out: _Output) -> int:
     _say_list(out, "Kept:", pruned.kept)
     _say_list(out, "In use, skipped:", pruned.in_use)
     _say_list(out, "Notes:", pruned.notes)
-    out.finish(pruned, True)
-    return EXIT_OK
+    return out.finish(pruned, EXIT_OK)
 
 
 def _cmd_backup_verify(args: argparse.Namespace, out: _Output) -> int:
-    result = verify_backup(_config_from_args(args), args.backup)
+    config = _config_from_args(args)
+    result = verify_backup(config, args.backup)
     out.say("Backup %s: %s" % (result.backup_ref, result.status))
     out.say("  %d files, %s re-hashed" % (result.checked_files, _human_bytes(result.checked_bytes)))
     _say_list(out, "Problems:", result.problems)
     _say_list(out, "Warnings:", result.warnings)
-    out.finish(result, result.status == "SUCCESS")
-    return _status_exit(result.status)
+    next_step = _next_step_for_bad_data(args, config, result.backup_ref) if result.status == "FAILURE" else (
+        "this backup has no checksums: %s checks it by planes" % _suggest(args, "restore --verify-only "
+                                                                          + args.backup))
+    return out.finish(result, _status_exit(result.status), next_step)
 
 
 _METADATA_CHECK_TEXT = {
@@ -7814,8 +7974,9 @@ def _cmd_restore_plan(args: argparse.Namespace, out: _Output) -> int:
     refused = bool(plan.refusals) and not (args.force and all(
         notice.code != "restore_would_delete_backups" for notice in plan.refusals))
     _say_list(out, "An apply would refuse:" if refused else "Overridden by --force:", plan.refusals)
-    out.finish(plan, not refused)
-    return EXIT_PROBLEMS if refused else EXIT_OK
+    next_step = ("move the backups out of the stores, or stop the writer / finish the interrupted operation "
+                 "(%s shows which), then plan again" % _suggest(args, "status"))
+    return out.finish(plan, EXIT_PROBLEMS if refused else EXIT_OK, next_step)
 
 
 def _cmd_restore_run(args: argparse.Namespace, out: _Output) -> int:
@@ -7834,8 +7995,13 @@ def _cmd_restore_run(args: argparse.Namespace, out: _Output) -> int:
         out.say("  safety backup: %s" % result.safety_backup_ref)
     _say_list(out, "Problems:", result.problems)
     _say_list(out, "Warnings:", result.warnings)
-    out.finish(result, result.status == "SUCCESS")
-    return _status_exit(result.status)
+    if result.applied:
+        next_step = ("the restore is applied but its check found problems; the safety backup %s holds what was "
+                     "there before" % result.safety_backup_ref if result.safety_backup_ref else
+                     "the restore is applied but its check found problems; read them above")
+    else:
+        next_step = _next_step_for_bad_data(args, config, result.backup_ref)
+    return out.finish(result, _status_exit(result.status), next_step)
 
 
 def _check_limit(args: argparse.Namespace) -> None:
@@ -7856,8 +8022,7 @@ def _cmd_replay_status(args: argparse.Namespace, out: _Output) -> int:
         out.say("  malformed pending lines: %d (the next replay dead-letters them)" % status.malformed_pending)
     if status.interrupted_replay:
         out.say("  an interrupted replay will be finished by the next `replay`")
-    out.finish(status, True)
-    return EXIT_OK
+    return out.finish(status, EXIT_OK)
 
 
 def _cmd_replay_requeue(args: argparse.Namespace, out: _Output) -> int:
@@ -7867,8 +8032,7 @@ def _cmd_replay_requeue(args: argparse.Namespace, out: _Output) -> int:
                                                                    result.remaining_dead_lettered))
     if result.skipped_malformed:
         out.say("  %d malformed dead letter(s) cannot be requeued" % result.skipped_malformed)
-    out.finish(result, True)
-    return EXIT_OK
+    return out.finish(result, EXIT_OK)
 
 
 def _cmd_replay_run(args: argparse.Namespace, out: _Output) -> int:
@@ -7885,8 +8049,8 @@ def _cmd_replay_run(args: argparse.Namespace, out: _Output) -> int:
             out.say("  %-8s %s %s" % (entry.status, entry.replay_ref, entry.detail))
     _say_list(out, "Notes:", result.notes)
     _say_list(out, "Warnings:", result.warnings)
-    out.finish(result, result.exit_code == EXIT_OK)
-    return result.exit_code
+    return out.finish(result, result.exit_code, "%s shows the errors; fix the sink and replay again; %s brings dead "
+                      "letters back" % (_suggest(args, "replay status"), _suggest(args, "replay requeue")))
 
 
 def _store_from_args(args: argparse.Namespace) -> ArtifactStore:
@@ -7905,8 +8069,11 @@ def _cmd_artifact_inspect(args: argparse.Namespace, out: _Output) -> int:
         summary.verified_count, summary.missing_count, summary.drift_count, summary.orphan_count))
     _say_list(out, "Problems:", summary.problems)
     _say_list(out, "Notes:", summary.notes)
-    out.finish(summary, not summary.problems)
-    return EXIT_PROBLEMS if summary.problems else EXIT_OK
+    return out.finish(summary, EXIT_PROBLEMS if summary.problems else EXIT_OK, _ARTIFACT_NEXT_STEP)
+
+
+_ARTIFACT_NEXT_STEP = ("bodies that are missing or drifted come back from a backup (`restore plan BACKUP --only "
+                       "artifacts` shows what it replaces) or from an export package (`artifact import`)")
 
 
 def _cmd_artifact_verify(args: argparse.Namespace, out: _Output) -> int:
@@ -7919,23 +8086,20 @@ def _cmd_artifact_verify(args: argparse.Namespace, out: _Output) -> int:
         out.say("  %s" % report.path)
         out.say("  size   expected %s, actual %s" % (report.expected_size_bytes, report.actual_size_bytes))
         out.say("  sha256 expected %s, actual %s" % (report.expected_hash_value, report.actual_hash_value))
-        out.finish(report, report.verified)
-        return EXIT_OK if report.verified else EXIT_PROBLEMS
+        return out.finish(report, EXIT_OK if report.verified else EXIT_PROBLEMS, _ARTIFACT_NEXT_STEP)
     sweep = verify_all(store, record=args.record)
     out.say("Artifact store %s: %d verified of %d; %d missing, %d drifted, %d orphans" % (
         store.root_path, sum(1 for item in sweep.reports if item.verified), len(sweep.reports),
         len(sweep.missing_refs), len(sweep.drifted_refs), len(sweep.orphan_paths)))
     _say_list(out, "Problems:", sweep.problems)
     _say_list(out, "Notes:", sweep.notes)
-    out.finish(sweep, sweep.clean)
-    return EXIT_OK if sweep.clean else EXIT_PROBLEMS
+    return out.finish(sweep, EXIT_OK if sweep.clean else EXIT_PROBLEMS, _ARTIFACT_NEXT_STEP)
 
 
 def _cmd_artifact_export(args: argparse.Namespace, out: _Output) -> int:
     receipt = export_artifact(_store_from_args(args), args.ref, export_root=args.export_root)
     out.say("Exported %s to %s" % (receipt.artifact_ref, receipt.export_directory))
-    out.finish(receipt, True)
-    return EXIT_OK
+    return out.finish(receipt, EXIT_OK)
 
 
 def _cmd_artifact_import(args: argparse.Namespace, out: _Output) -> int:
@@ -7945,8 +8109,7 @@ def _cmd_artifact_import(args: argparse.Namespace, out: _Output) -> int:
     if receipt.quarantine_path:
         out.say("  replaced body kept at %s" % receipt.quarantine_path)
     _say_list(out, "Notes:", receipt.notes)
-    out.finish(receipt, True)
-    return EXIT_OK
+    return out.finish(receipt, EXIT_OK)
 
 
 def _cmd_artifact_put(args: argparse.Namespace, out: _Output) -> int:
@@ -7954,8 +8117,7 @@ def _cmd_artifact_put(args: argparse.Namespace, out: _Output) -> int:
     receipt = store.put_artifact(_manifest_for_put(args), args.file)
     out.say("Put %s at %s (%s written)" % (receipt.binding.artifact_ref, receipt.path,
                                            _human_bytes(receipt.bytes_written)))
-    out.finish(receipt, True)
-    return EXIT_OK
+    return out.finish(receipt, EXIT_OK)
 
 
 def _manifest_for_put(args: argparse.Namespace) -> ArtifactManifest:
@@ -7988,12 +8150,13 @@ def _cmd_status(args: argparse.Namespace, out: _Output) -> int:
     for warning in status.warnings:
         out.say("%s %s" % ("UNSAFE:" if warning.unsafe else "warning:", warning.message))
     _say_list(out, "Notes:", status.notes)
-    out.finish(status, status.status == "SUCCESS")
-    return _status_exit(status.status)
+    return out.finish(status, _status_exit(status.status), "resolve each UNSAFE line before a backup or restore: "
+                      "stop the writer, or let the interrupted command finish (run it again)")
 
 
 def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
-    result = check_workspace(_config_from_args(args), planes=args.plane)
+    config = _config_from_args(args)
+    result = check_workspace(config, planes=args.plane)
     out.say("Check of %s: %s" % (result.workspace_root, result.status))
     _say_planes(out, result.plane_results)
     if "reports" in result.plane_results:
@@ -8005,8 +8168,7 @@ def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
         out.say("  outbox:    %d pending (%d malformed), %d dead-lettered" % (
             outbox["pending_count"], outbox["malformed_pending"], outbox["dead_lettered_count"]))
     _say_list(out, "Problems:", result.problems)
-    out.finish(result, result.status == "SUCCESS")
-    return _status_exit(result.status)
+    return out.finish(result, _status_exit(result.status), _next_step_for_bad_data(args, config, None))
 
 
 def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
@@ -8014,9 +8176,10 @@ def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
     out.say("Demo in %s: %s" % (result.root, result.status))
     for step in result.steps:
         out.say("  %-60s %-8s %s" % (step["step"], step["status"], step["summary"]))
-    out.say("Try it yourself: %s --workspace %s status" % (_PROG, result.root / ".contexta"))
-    out.finish(result, result.status == "SUCCESS")
-    return _status_exit(result.status)
+    out.say("Try it yourself: %s --workspace %s --backup-root %s --staging-root %s status" % (
+        _PROG, _shell_quote(str(result.root / ".contexta")), _shell_quote(str(result.root / "backups")),
+        _shell_quote(str(result.root / "staging"))))
+    return out.finish(result, _status_exit(result.status), "the demo's steps above name what failed")
 
 
 def _cmd_self_check(args: argparse.Namespace, out: _Output) -> int:
@@ -8026,8 +8189,7 @@ def _cmd_self_check(args: argparse.Namespace, out: _Output) -> int:
                                                   result.members_checked))
     _say_list(out, "Problems:", result.problems)
     _say_list(out, "Notes:", result.notes)
-    out.finish(result, result.status == "SUCCESS")
-    return _status_exit(result.status)
+    return out.finish(result, _status_exit(result.status))
 
 
 def _counts_text(counts: Mapping[str, int]) -> str:
@@ -8080,13 +8242,13 @@ def _release_startup_memory() -> None:
 
 
 def _report_error(out: _Output, code: str, message: str, exit_code: int, path: Any = None) -> int:
-    sys.stderr.write("%s: error: %s\n" % (TOOL_NAME, message))
+    _write_quietly(sys.stderr, "%s: error: %s\n" % (TOOL_NAME, message))
     if out.as_json:
         error = {"code": code, "message": message}
         if path is not None:
             error["path"] = str(path)
-        sys.stdout.write(json.dumps({"status": "ERROR", "exit_code": exit_code, "error": error}) + "\n")
-        sys.stdout.flush()
+        _write_quietly(sys.stdout, json.dumps({"status": "ERROR", "exit_code": exit_code, "tool_version": __version__,
+                                               "error": error}) + "\n")
     return exit_code
 
 

@@ -225,7 +225,7 @@ def test_backup_list_shows_completeness_and_checksums(cli, fixture_dir):
     broken = by_ref["broken-2026-01-01T00-00-00Z"]
     assert not broken["complete"] and "manifest" in broken["problem"]
     text = cli("--backup-root", backup_root, "backup", "list")
-    assert "no-checksums" in text.stdout and "INCOMPLETE" in text.stdout
+    assert "no checksums" in text.stdout and "INCOMPLETE" in text.stdout
 
 
 def test_backup_verify_finds_changed_missing_and_extra_files(cli, fixture_dir):

@@ -197,7 +197,7 @@ def test_progress_only_on_a_terminal(pyz, fixture_dir, tmp_path):
     finally:
         os.close(master)
     assert process.returncode == 0
-    assert b"files" in shown and b"done." in shown
+    assert b"files" in shown and b"done." in shown and b"/s" in shown  # how many, how fast
     quiet = _run(pyz, "--workspace", fixture_dir / "workspace/.contexta", "--backup-root", tmp_path / "bk2",
                  "backup", "create", "--json")
     assert quiet.returncode == 0 and quiet.stderr == ""
