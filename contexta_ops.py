@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import fnmatch
 import functools
 import gzip
 import hashlib
@@ -60,6 +61,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    FrozenSet,
     Iterable,
     Iterator,
     List,
@@ -3883,8 +3885,9 @@ class _Layout:
     notes: Tuple[str, ...] = ()
     reports_root: str = "reports"
     part_roots: Tuple[Tuple[str, str], ...] = ()  # (workspace-relative path in the backup, registry part)
+    selection: Optional["_Selection"] = None      # a partial restore: only these parts and paths
 
-    def workspace_path(self, member_path: str) -> Optional[str]:
+    def workspace_path(self, member_path: str, is_dir: bool = False) -> Optional[str]:
         """The workspace-relative path of a backup member, or None when it is not restored."""
         if member_path == "workspace":
             return ""
@@ -3894,8 +3897,24 @@ class _Layout:
         if rest == "recovery" or rest.startswith("recovery/"):
             if self.recovery_dest is None:
                 return None
-            return (self.recovery_dest + rest[len("recovery"):]).strip("/")
+            rest = (self.recovery_dest + rest[len("recovery"):]).strip("/")
+        if self.selection is not None and not self.selection.takes(rest, is_dir):
+            return None
         return rest
+
+    def selected(self, selection: "_Selection") -> "_Layout":
+        """This layout, restoring only what ``selection`` names (and replacing only that)."""
+        roots = [rel for rel, part in self.part_roots if selection.parts is None or part in selection.parts]
+        replaced = []
+        for root in roots:
+            for path in self.replaced:
+                if _is_within("/" + root, "/" + path):
+                    replaced.append(root)  # e.g. only capture, of a cache the backup holds whole
+                elif _is_within("/" + path, "/" + root):
+                    replaced.append(path)
+        return dataclasses.replace(self, replaced=_outermost(replaced),
+                                   selection=dataclasses.replace(selection, roots=tuple(roots)))
+
 
     def member_path(self, workspace_path: str) -> str:
         """The backup member a workspace-relative path came from (to name problems by)."""
@@ -3904,6 +3923,46 @@ class _Layout:
             return "workspace/recovery" + workspace_path[len(dest):]
         return "workspace/" + workspace_path
 
+
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    """A partial restore: registry parts (--only) and path patterns (--path) of a default-shaped workspace."""
+
+    parts: Optional[FrozenSet[str]] = None
+    patterns: Tuple[str, ...] = ()
+    roots: Tuple[str, ...] = ()  # the chosen parts' places in the backup, filled by _Layout.selected
+
+    @classmethod
+    def of(cls, only: Sequence[str] = (), paths: Sequence[str] = ()) -> Optional["_Selection"]:
+        """The selection --only and --path name, or None for a whole restore."""
+        if not only and not paths:
+            return None
+        unknown = sorted(set(only) - set(RESTORE_PARTS))
+        if unknown:
+            raise UsageError("--only takes %s, not %s" % (", ".join(RESTORE_PARTS), ", ".join(unknown)))
+        parts = None
+        if only:
+            parts = frozenset(only) | (frozenset(("ledger", "ledger_wal")) if "metadata" in only else frozenset())
+        return cls(parts, tuple(paths))
+
+    def matches(self, rel: Optional[str]) -> bool:
+        """A file at this workspace-relative path of the backup's shape is selected."""
+        if rel is None:
+            return False
+        if self.parts is not None and not any(_is_within("/" + rel, "/" + root) for root in self.roots):
+            return False
+        return not self.patterns or any(fnmatch.fnmatchcase(rel, pattern) for pattern in self.patterns)
+
+    def takes(self, rel: str, is_dir: bool) -> bool:
+        if not is_dir:
+            return self.matches(rel)
+        if self.patterns:
+            return False  # directories are made as the parents of what is placed
+        return any(_is_within("/" + rel, "/" + root) or root.startswith(rel + "/") for root in self.roots)
+
+
+# What --only can name: the parts a workspace's data lives in.
+RESTORE_PARTS = ("metadata", "records", "artifacts", "outbox", "capture")
 
 # Where each registry part sits in a default-shaped workspace tree, which is how Contexta's CLI zip holds it.
 _DEFAULT_PART_ROOTS = tuple((part.default_path, part.name) for part in _SECTION_PARTS) + (("reports", "reports"),)
@@ -4028,6 +4087,8 @@ class RestorePlan(_Record):
     destinations: Mapping[str, str] = dataclasses.field(default_factory=dict)
     refusals: Tuple[Notice, ...] = ()
     kind: str = "manual"
+    only: Tuple[str, ...] = ()   # a partial restore: these parts (--only) ...
+    paths: Tuple[str, ...] = ()  # ... and the files matching these patterns (--path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4092,6 +4153,14 @@ class _Routes:
             if ws_rel.startswith(rel + "/"):
                 return safe_join(location, ws_rel[len(rel) + 1:])
         return safe_join(self.target, ws_rel) if ws_rel else self.target
+
+    def source_of(self, path: Path) -> Optional[str]:
+        """The inverse: the backup-shaped workspace-relative path that lands at ``path``, if any."""
+        for rel, _part, location in sorted(self.rules, key=lambda rule: -len(str(rule[2]))):
+            if _is_within(path, location):
+                rest = _relative_posix(path, location)
+                return rel if rest == "." else rel + "/" + rest
+        return _relative_posix(path, self.target) if _is_within(path, self.target) else None
 
     def held(self, replaced: Sequence[str], backup_files: Set[str]) -> Dict[str, Path]:
         """Each part the backup holds, and where it goes."""
@@ -4192,13 +4261,17 @@ def _refuse_unsafe_restore(target_config: UnifiedConfig, *, ignore_workspace_loc
 
 
 def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target_workspace: Any = None,
-                 verify_only: bool = False) -> RestorePlan:
+                 verify_only: bool = False, *, only: Sequence[str] = (), paths: Sequence[str] = ()) -> RestorePlan:
     """Open and validate a backup and say what a restore would replace, keep and lose.  Changes nothing.
 
     ``backup_ref`` is a ref under the backup root, ``latest``, a label, a
     unique prefix of a ref, or a path to a backup; None picks the newest
-    complete backup that is not a safety backup.
+    complete backup that is not a safety backup.  ``only`` (parts of
+    RESTORE_PARTS) and ``paths`` (patterns of backup-shaped workspace paths,
+    ``artifacts/objects/checkpoint/*``) make it partial: everything else stays
+    as it is, byte for byte.
     """
+    selection = _Selection.of(only, paths)
     target = _resolve_path(target_workspace) if target_workspace is not None else config.workspace.root_path
     if not verify_only:
         _refuse_unsafe_target(target)
@@ -4227,6 +4300,9 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
 
     layout = _layout_for(backup, _recovery_children(backup))
     notes += list(layout.notes)
+    if selection is not None:
+        layout = layout.selected(selection)
+        notes += ["only:%s" % part for part in only] + ["path:%s" % pattern for pattern in paths]
     target_config = _config_for_target(config, target)
     routes = _Routes(layout, target_config, target)
     backup_paths = _backup_workspace_files(backup, layout)
@@ -4239,7 +4315,9 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         refusals += _protected_inside(config, backup, units, replaced_inside, target)
         refusals += [notice for notice, _held in _unsafe_for_restore(target_config)]
     restored = {str(routes.destination(path)) for path in backup_paths}
-    replaced_count, lost_count, lost = _count_lost(target, replaced_inside, units[1:], restored)
+    chosen = None if selection is None or not selection.patterns else (
+        lambda path: selection.matches(routes.source_of(Path(path))))
+    replaced_count, lost_count, lost = _count_lost(target, replaced_inside, units[1:], restored, chosen)
     safety = bool(config.recovery.create_backup_before_restore) and not verify_only
     return RestorePlan(
         backup_ref=backup.backup_ref, source_root=backup.location or Path(ARCHIVE_STDOUT), target_workspace=target,
@@ -4248,12 +4326,14 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         kept=tuple(_kept_roots(target, replaced_inside)) if target.is_dir() else (), lost=tuple(lost),
         lost_count=lost_count, replaced_file_count=replaced_count, backup_file_count=len(backup_paths),
         warnings=tuple(warnings), destinations=destinations, refusals=tuple(refusals),
-        kind=_backup_kind(backup))
+        kind=_backup_kind(backup), only=tuple(only), paths=tuple(paths))
 
 
-def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequence[_Unit],
-                restored: Set[str]) -> Tuple[int, int, List[str]]:
-    """(files replaced, files replaced that the backup does not have, the first of those)."""
+def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequence[_Unit], restored: Set[str],
+                chosen: Optional[Callable[[str], bool]] = None) -> Tuple[int, int, List[str]]:
+    """(files replaced, files replaced that the backup does not have, the first of those).
+
+    ``chosen`` narrows "replaced" to the files a partial restore selects."""
     replaced_count = 0
     lost: List[str] = []
     lost_count = 0
@@ -4266,6 +4346,8 @@ def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequenc
         else:
             candidates = []
         for path in candidates:
+            if chosen is not None and not chosen(path):
+                continue
             replaced_count += 1
             if path not in restored:
                 lost_count += 1
@@ -4418,7 +4500,7 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
         """Create directories as the walk meets them, so empty ones survive too."""
         for member in backup.members():
             if member.kind == "dir":
-                ws_rel = layout.workspace_path(member.path)
+                ws_rel = layout.workspace_path(member.path, is_dir=True)
                 if ws_rel is not None:
                     directory = str(verification.path_in(stage, ws_rel))
                     if directory not in made:
@@ -4494,13 +4576,21 @@ def _own_format_problems(backup: _BackupSource) -> List[Problem]:
 
 
 def _verify_into(backup: _BackupSource, layout: _Layout, stage: Path, label: str,
-                 route: Optional[Callable[[str], str]] = None) -> _Verification:
+                 route: Optional[Callable[[str], str]] = None, check_planes: bool = True) -> _Verification:
     verification = _Verification(layout=layout, route=route)
     _materialize(backup, layout, stage, verification, label)
     verification.problems += _own_format_problems(backup)
     if not any(problem.code == "archive_corrupt" for problem in verification.problems):
         verification.problems += backup.manifest_problems()
-    has_metadata = "metadata" in backup.manifest.get("included_sections", [])
+    if check_planes:
+        _check_backup_planes(backup, layout, stage, verification)
+    return verification
+
+
+def _check_backup_planes(backup: _BackupSource, layout: _Layout, stage: Path, verification: _Verification) -> None:
+    """Every plane of a restored (or staged) tree, named by the backup members the files came from."""
+    parts = layout.selection.parts if layout.selection is not None else None
+    has_metadata = "metadata" in backup.manifest.get("included_sections", []) and (parts is None or "metadata" in parts)
     _check_planes(stage, layout, verification, has_metadata=has_metadata, digests=verification.digests)
     for rel in [rel for rel, part in layout.part_roots if part == "capture"]:
         root = verification.path_in(stage, rel)
@@ -4508,7 +4598,6 @@ def _verify_into(backup: _BackupSource, layout: _Layout, stage: Path, label: str
             rel + "/" + _relative_posix(path, root)), verification.problems)
         if capture["present"]:
             verification.plane_notes.append("capture_lines:%d" % capture["line_count"])
-    return verification
 
 
 def _verification_notes(backup: _BackupSource, verification: _Verification) -> Tuple[str, ...]:
@@ -4557,6 +4646,9 @@ def restore_workspace_forced(config: UnifiedConfig, plan: RestorePlan) -> Restor
 def _restore(config: UnifiedConfig, plan: RestorePlan, force: bool) -> RestoreResult:
     backup = _open_source(plan.source_root)
     layout = _layout_for(backup, _recovery_children(backup))
+    selection = _Selection.of(plan.only, plan.paths)
+    if selection is not None:
+        layout = layout.selected(selection)
     with _source_lock(backup):
         if plan.verify_only:
             result = _verify_only(backup, layout, plan)
@@ -4689,8 +4781,22 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
         route = functools.partial(_route_into_units, routes, units)
         new_tree = units[0].new
         assert new_tree is not None
-        verification = _verify_into(backup, layout, new_tree, "restore %s" % backup.backup_ref, route=route)
+        selection = layout.selection
+        verification = _verify_into(backup, layout, new_tree, "restore %s" % backup.backup_ref, route=route,
+                                    check_planes=selection is None)
         warnings += verification.notices()
+        if selection is not None:  # a part alone proves little: check the whole future workspace, before any swap
+            _link_partial(routes, units, target, replaced_inside, selection)
+            future = _Verification(layout=layout, route=functools.partial(_future_path, routes, units))
+            _check_backup_planes(backup, layout, new_tree, future)
+            verification.plane_results, verification.plane_notes = future.plane_results, future.plane_notes
+            for problem in future.problems:  # only what this restore writes can refuse it
+                if selection.matches(problem.path[len("workspace/"):]):
+                    verification.problems.append(problem)
+            left = [problem for problem in future.problems if problem not in verification.problems]
+            if left:
+                warnings.append(Notice("problems_left_alone", "%d problem(s) in what this partial restore keeps "
+                                       "as it is, e.g. %s; the check after it lists them" % (len(left), left[0].line())))
         verification_notes = _verification_notes(backup, verification)
         if verification.problems and not force:
             _remove_new_trees(units)
@@ -4705,7 +4811,7 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
         if plan.create_safety_backup and target.is_dir() and any(os.scandir(str(target))):
             safety_ref = _safety_backup(config, target)
             notes.append("safety_backup:%s" % safety_ref)
-        if target.is_dir():
+        if target.is_dir() and selection is None:
             linked = _link_kept(target, new_tree, replaced_inside, skip=[new_tree])
             notes.append("kept_entries:%d" % linked)
         for unit in units:
@@ -4733,6 +4839,29 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
         plane_results=verification.plane_results, safety_backup_ref=safety_ref,
         verification_notes=verification_notes, problems=tuple(problems), source_root=backup.location,
         post_apply_check=post.to_dict())
+
+
+def _link_partial(routes: _Routes, units: Sequence[_Unit], target: Path, replaced_inside: Sequence[str],
+                  selection: _Selection) -> None:
+    """Fill every new copy with what a partial restore keeps: all but the selected parts, or the selected files."""
+    chosen = (lambda path: selection.matches(routes.source_of(path))) if selection.patterns else None
+    for unit in units:
+        if unit.new is None or unit.kind == "remove" or not unit.root.is_dir():
+            continue
+        if unit.kind == "workspace":
+            _link_kept(target, unit.new, () if chosen else replaced_inside, skip=[unit.new], drop=chosen)
+        elif chosen is not None:  # a relocated store: replaced whole, unless only some of its files are chosen
+            _link_kept(unit.root, unit.new, (), skip=[], drop=chosen)
+
+
+def _future_path(routes: _Routes, units: Sequence[_Unit], ws_rel: str) -> str:
+    """Where a part will be once the restore switches over: in a new copy, or where it already is."""
+    destination = routes.destination(ws_rel)
+    for unit in sorted(units, key=lambda each: -len(str(each.root))):
+        if unit.new is not None and unit.kind != "remove" and unit.contains(destination):
+            rest = _relative_posix(destination, unit.root)
+            return str(unit.new) if rest == "." else str(unit.new / rest)
+    return str(destination)
 
 
 def _route_into_units(routes: _Routes, units: Sequence[_Unit], ws_rel: str) -> str:
@@ -4775,8 +4904,11 @@ def _safety_backup(config: UnifiedConfig, target: Path) -> str:
     return result.backup_ref
 
 
-def _link_kept(old_root: Path, new_root: Path, replaced: Sequence[str], skip: Sequence[Path]) -> int:
-    """Carry over what the backup does not hold: hard links (copies across devices), never the data twice."""
+def _link_kept(old_root: Path, new_root: Path, replaced: Sequence[str], skip: Sequence[Path],
+               drop: Optional[Callable[[Path], bool]] = None) -> int:
+    """Carry over what the backup does not hold: hard links (copies across devices), never the data twice.
+
+    ``drop`` names single files a partial restore replaces (or removes) within what is otherwise kept."""
     excludes = [old_root / rel for rel in replaced] + list(skip)
     directories: List[Tuple[Path, os.stat_result]] = []
     count = 0
@@ -4788,7 +4920,7 @@ def _link_kept(old_root: Path, new_root: Path, replaced: Sequence[str], skip: Se
                 destination.mkdir()
                 directories.append((destination, entry_stat))
             continue
-        if os.path.lexists(str(destination)):
+        if os.path.lexists(str(destination)) or (drop is not None and drop(source)):
             continue  # the backup's copy wins
         if kind == "file":
             try:
@@ -7573,6 +7705,11 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="workspace to restore into (default: --workspace; --target-workspace is Contexta's "
                               "spelling)")
         sub.add_argument("--force", action="store_true", help="apply even when verification finds problems")
+        sub.add_argument("--only", action="append", metavar="PART[,PART]",
+                         help="restore only these parts: %s; the rest stays as it is" % ", ".join(RESTORE_PARTS))
+        sub.add_argument("--path", action="append", metavar="PATTERN", dest="paths",
+                         help="restore only the files matching PATTERN (a workspace path as the backup lists it, "
+                              "after workspace/: 'artifacts/objects/checkpoint/*'); repeatable")
 
     _add_command(commands, "status", "Confirm the workspace: paths and their sources, in-use signals, counts.",
                  "%s --workspace /srv/ml/.contexta status" % _PROG, common, _cmd_status)
@@ -7952,11 +8089,17 @@ def _say_planes(out: _Output, plane_results: Mapping[str, Any]) -> None:
             artifacts.get("drift_count"), artifacts.get("orphan_count")))
 
 
+def _partial(args: argparse.Namespace) -> Dict[str, Tuple[str, ...]]:
+    """--only and --path, as plan_restore takes them."""
+    only = tuple(part.strip() for value in (args.only or ()) for part in value.split(",") if part.strip())
+    return {"only": only, "paths": tuple(args.paths or ())}
+
+
 def _cmd_restore_plan(args: argparse.Namespace, out: _Output) -> int:
     if args.backup is None:
         raise UsageError("restore plan needs a BACKUP")
     config = _config_from_args(args)
-    plan = plan_restore(config, args.backup, args.target, verify_only=bool(args.verify_only))
+    plan = plan_restore(config, args.backup, args.target, verify_only=bool(args.verify_only), **_partial(args))
     out.say("Restore plan: %s (made by %s%s) -> %s" % (plan.backup_ref, plan.made_by,
                                                        "" if plan.has_checksums else ", no checksums",
                                                        plan.target_workspace))
@@ -7983,7 +8126,7 @@ def _cmd_restore_run(args: argparse.Namespace, out: _Output) -> int:
     if args.backup is None and not args.verify_only:
         raise UsageError("restore needs a BACKUP to apply; `restore --verify-only` alone checks the newest")
     config = _config_from_args(args)
-    plan = plan_restore(config, args.backup, args.target, verify_only=args.verify_only)
+    plan = plan_restore(config, args.backup, args.target, verify_only=args.verify_only, **_partial(args))
     if args.backup is None:
         out.note("using the newest complete backup: %s" % plan.backup_ref)
     result = restore_workspace_forced(config, plan) if args.force else restore_workspace(config, plan)

@@ -165,6 +165,30 @@ class ArchiveRestore(RestoreApply):
         return str(archive)
 
 
+class PartialRestore(RestoreApply):
+    """--only artifacts: the same switch-over, for one part; the rest must come through byte for byte."""
+
+    name = "restore apply --only artifacts"
+
+    def setup(self, root):
+        config = _config(root)
+        self.source = self.make_source(root, config)
+        ws = _ws(root)
+        backed_up = snapshot(ws)
+        shutil.rmtree(str(ws / "artifacts/objects/report"))
+        (ws / "records/quarantine/kept.txt").write_text("not the backup's, not artifacts: kept")
+        with open(str(ws / "cache/outbox/failed_deliveries.jsonl"), "a") as handle:
+            handle.write('{"replay_ref": "late", "family": "RECORD", "payload": {}}\n')
+        (ws / "exports/made-after.txt").write_text("kept")
+        self.old = snapshot(ws)
+        self.new = {path: entry for path, entry in self.old.items() if not path.startswith("artifacts")}
+        self.new.update({path: entry for path, entry in backed_up.items() if path.startswith("artifacts")})
+        self.new.pop("exports/made-after.txt")
+
+    def args(self, root):
+        return RestoreApply.args(self, root) + ("--only", "artifacts")
+
+
 class RelocatedRestore(RestoreApply):
     """Stores relocated outside the workspace: one restore swaps several trees under one journal."""
 
@@ -360,8 +384,8 @@ class Prune(Operation):
         assert [entry["backup_ref"] for entry in listing] == [self.newest]
 
 
-OPERATIONS = [BackupCreate, IncrementalBackup, ArchiveCreate, RestoreApply, ArchiveRestore, RelocatedRestore, Replay,
-              Requeue, ArtifactImport, ArtifactReplace, Prune]
+OPERATIONS = [BackupCreate, IncrementalBackup, ArchiveCreate, RestoreApply, ArchiveRestore, PartialRestore,
+              RelocatedRestore, Replay, Requeue, ArtifactImport, ArtifactReplace, Prune]
 
 
 def _rehearse(operation, root):
