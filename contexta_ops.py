@@ -104,6 +104,8 @@ __all__ = [
     "verify_backup", "prune_backups",
     # restore
     "RestorePlan", "RestoreResult", "plan_restore", "restore_workspace", "restore_workspace_forced",
+    # comparisons
+    "DiffResult", "diff_backups", "check_against",
     # outbox replay
     "ReplayBatchResult", "ReplayEntryResult", "OutboxStatus", "RequeueResult", "LocalJsonlSink", "SinkReceipt",
     "replay_outbox", "outbox_status", "requeue_dead_letters",
@@ -5085,6 +5087,141 @@ def _finish_unit_switch(unit: Mapping[str, Any], journal_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Comparisons: a backup against another, or against the live workspace
+# ---------------------------------------------------------------------------
+#
+# `check` proves each store is sound; it cannot see a changed digit inside a
+# valid record line.  These compare file by file (size, then sha256).  One side
+# goes into an on-disk index (sqlite3), the other streams past it, so memory
+# stays flat whatever the number of files.
+
+_DIFF_LISTED = 1000  # entries listed per kind; the counts cover them all
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffResult(_Record):
+    """``backup diff`` and ``check --against``: files added, removed and changed from ``left`` to ``right``."""
+
+    status: str
+    left: str
+    right: str
+    added_count: int = 0
+    removed_count: int = 0
+    changed_count: int = 0
+    unchanged_count: int = 0
+    added: Tuple[Mapping[str, Any], ...] = ()
+    removed: Tuple[Mapping[str, Any], ...] = ()
+    changed: Tuple[Mapping[str, Any], ...] = ()
+    truncated: bool = False
+    notes: Tuple[str, ...] = ()
+
+    @property
+    def identical(self) -> bool:
+        return not (self.added_count or self.removed_count or self.changed_count)
+
+
+# (path inside the backup's workspace/, size, sha256 - or a callable that computes it only when needed)
+_ListedFile = Tuple[str, int, Any]
+
+
+def _backup_files(backup: _BackupSource) -> Iterator[_ListedFile]:
+    """A backup's files as its list records them; without a list (Contexta's backups), hashed as they are read."""
+    listed = backup.expected_files
+    if listed is not None:
+        for path, entry in listed.items():
+            yield path, entry["size"], entry["sha256"]
+        return
+    for member in backup.members():
+        if member.kind == "file":
+            with member.open() as handle:
+                size, digest = _hash_stream(handle)
+            yield member.path, size, digest
+
+
+def _live_files(config: UnifiedConfig) -> Iterator[_ListedFile]:
+    """The live workspace as a backup of it would list it, each digest computed only when asked for."""
+    plan = plan_workspace_backup(config)
+    for entry in _SectionWalk(config, plan).entries():
+        if entry.kind == "file":
+            source = str(entry.source)
+            yield entry.member, entry.stat.st_size, functools.partial(lambda path: sha256_file(path)[1], source)
+
+
+def _compare(left: Iterable[_ListedFile], right: Iterable[_ListedFile], left_name: str, right_name: str,
+             skip: Callable[[str], bool]) -> DiffResult:
+    import sqlite3
+    counts = {"added": 0, "removed": 0, "changed": 0, "unchanged": 0}
+    listed: Dict[str, List[Mapping[str, Any]]] = {"added": [], "removed": [], "changed": []}
+
+    def note(kind: str, item: Mapping[str, Any]) -> None:
+        counts[kind] += 1
+        if len(listed[kind]) < _DIFF_LISTED:
+            listed[kind].append(item)
+
+    with tempfile.TemporaryDirectory(prefix="contexta-ops-diff-") as scratch:
+        index = sqlite3.connect(os.path.join(scratch, "left.sqlite"))
+        try:
+            index.execute("CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER, sha256 TEXT, seen INTEGER)")
+            index.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, 0)",
+                              ((path, size, digest() if callable(digest) else digest)
+                               for path, size, digest in left if not skip(path)))
+            for path, size, digest in right:
+                if skip(path):
+                    continue
+                found = index.execute("SELECT size, sha256 FROM files WHERE path = ?", (path,)).fetchone()
+                if found is None:
+                    note("added", {"path": path, "size": size})
+                    continue
+                index.execute("UPDATE files SET seen = 1 WHERE path = ?", (path,))
+                before_size, before_sha = found
+                after_sha = None if size != before_size else (digest() if callable(digest) else digest)
+                if size != before_size or after_sha != before_sha:
+                    note("changed", {"path": path, "size_before": before_size, "size_after": size,
+                                     "sha256_before": before_sha, "sha256_after": after_sha})
+                else:
+                    counts["unchanged"] += 1
+            for path, size in index.execute("SELECT path, size FROM files WHERE seen = 0 ORDER BY path"):
+                note("removed", {"path": path, "size": size})
+        finally:
+            index.close()
+    differs = counts["added"] or counts["removed"] or counts["changed"]
+    return DiffResult(
+        status="DEGRADED" if differs else "SUCCESS", left=left_name, right=right_name,
+        added_count=counts["added"], removed_count=counts["removed"], changed_count=counts["changed"],
+        unchanged_count=counts["unchanged"], added=tuple(listed["added"]), removed=tuple(listed["removed"]),
+        changed=tuple(listed["changed"]), truncated=any(counts[kind] > _DIFF_LISTED for kind in listed))
+
+
+def _not_workspace_data(path: str) -> bool:
+    """The resolved config documents a backup; the live workspace has none."""
+    return path == _CONFIG_MEMBER
+
+
+def diff_backups(config: UnifiedConfig, left: str, right: Optional[str] = None) -> DiffResult:
+    """Files added, removed and changed from backup ``left`` to backup ``right`` (or the live workspace).
+
+    Listed digests are compared as they are; live files are hashed only when
+    their size matches.  Changes nothing.
+    """
+    old = _open_backup(config, left)
+    with _source_lock(old):
+        if right is None:
+            if not config.workspace.root_path.is_dir():
+                raise OpsError("workspace %s does not exist" % config.workspace.root_path, code="workspace_missing",
+                               path=config.workspace.root_path)
+            return _compare(_backup_files(old), _live_files(config), old.backup_ref,
+                            str(config.workspace.root_path), _not_workspace_data)
+        new = _open_backup(config, right)
+        with _source_lock(new):
+            return _compare(_backup_files(old), _backup_files(new), old.backup_ref, new.backup_ref, lambda path: False)
+
+
+def check_against(config: UnifiedConfig, backup: str) -> DiffResult:
+    """The live workspace against a backup, file by file: what changed, went missing or is new since it."""
+    return diff_backups(config, backup, None)
+
+
+# ---------------------------------------------------------------------------
 # Outbox replay
 # ---------------------------------------------------------------------------
 #
@@ -7675,6 +7812,11 @@ def _build_parser() -> argparse.ArgumentParser:
                           "%s backup verify nightly-2026-11-26T03-00-00Z" % _PROG, common, _cmd_backup_verify,
                           explain=_BACKUP_FORMS)
     verify.add_argument("backup", metavar="BACKUP", help="backup ref, a backup directory or archive, or - (stdin)")
+    diff = _add_command(backup_actions, "diff", "Files added, removed and changed between two backups, or a backup "
+                        "and the live workspace.", "%s backup diff nightly-2026-11-25 nightly-2026-11-26" % _PROG,
+                        common, _cmd_backup_diff, explain=_BACKUP_FORMS)
+    diff.add_argument("left", metavar="BACKUP", help="the earlier side")
+    diff.add_argument("right", metavar="BACKUP", nargs="?", help="the later side (default: the live workspace)")
     prune = _add_command(backup_actions, "prune", "Delete old backups and leftovers; never the newest complete one.",
                          "%s backup prune --keep-last 7 --keep-within 30 --dry-run" % _PROG, common, _cmd_backup_prune)
     prune.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N complete backups")
@@ -7717,6 +7859,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          "%s check --plane records --plane artifacts" % _PROG, common, _cmd_check)
     check.add_argument("--plane", action="append", choices=CHECK_PLANES, metavar="PLANE",
                        help="one of %s; repeat for several (default: all)" % ", ".join(CHECK_PLANES))
+    check.add_argument("--against", metavar="BACKUP",
+                       help="compare every file with a backup's list (size, sha256): changed, missing, new")
     demo = _add_command(commands, "demo", "Build a sample workspace and walk the operator flow on it.",
                         "%s demo --root /tmp/contexta-demo" % _PROG, common, _cmd_demo)
     demo.add_argument("--root", metavar="DIR", help="where to build it (default: a new temporary directory)")
@@ -8297,8 +8441,34 @@ def _cmd_status(args: argparse.Namespace, out: _Output) -> int:
                       "stop the writer, or let the interrupted command finish (run it again)")
 
 
+def _say_diff(out: _Output, result: DiffResult) -> None:
+    out.say("Diff %s -> %s: %d changed, %d removed, %d added, %d unchanged" % (
+        result.left, result.right, result.changed_count, result.removed_count, result.added_count,
+        result.unchanged_count))
+    _say_list(out, "Changed:", ["%s  (%s -> %s)" % (item["path"], _human_bytes(item["size_before"]),
+                                                   _human_bytes(item["size_after"])) for item in result.changed])
+    _say_list(out, "Removed (only in %s):" % result.left, ["%s  (%s)" % (item["path"], _human_bytes(item["size"]))
+                                                          for item in result.removed])
+    _say_list(out, "Added (only in %s):" % result.right, ["%s  (%s)" % (item["path"], _human_bytes(item["size"]))
+                                                         for item in result.added])
+    if result.truncated:
+        out.say("(%d entries listed per kind; --json has the counts of all)" % _DIFF_LISTED)
+
+
+def _cmd_backup_diff(args: argparse.Namespace, out: _Output) -> int:
+    result = diff_backups(_config_from_args(args), args.left, args.right)
+    _say_diff(out, result)
+    return out.finish(result, EXIT_OK if result.identical else EXIT_PROBLEMS)
+
+
 def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
     config = _config_from_args(args)
+    if args.against is not None:
+        against = check_against(config, args.against)
+        _say_diff(out, against)
+        return out.finish(against, EXIT_OK if against.identical else EXIT_PROBLEMS,
+                          "%s shows what a restore of %s would replace" % (_suggest(args, "restore plan " + args.against),
+                                                                           args.against))
     result = check_workspace(config, planes=args.plane)
     out.say("Check of %s: %s" % (result.workspace_root, result.status))
     _say_planes(out, result.plane_results)
