@@ -494,9 +494,9 @@ def read_regular(path: Any, limit: Optional[int] = _JSON_FILE_LIMIT, *, follow_s
     return data
 
 
-def sha256_file(path: Any) -> Tuple[int, str]:
+def sha256_file(path: Any, *, follow_symlinks: bool = True) -> Tuple[int, str]:
     """Size and lowercase sha256 of a regular file, read in constant memory (never a FIFO or device)."""
-    fd = open_regular_fd(path)
+    fd = open_regular_fd(path, follow_symlinks=follow_symlinks)
     try:
         expected = os.fstat(fd).st_size
         if expected < _CHUNK:  # most files: one read, no buffer
@@ -1618,6 +1618,7 @@ class ArtifactCheck:
     expected_hash_value: Optional[str]
     actual_hash_value: Optional[str]
     binding_size_bytes: int = 0
+    body_kind: str = "missing"  # what is at the body's place: file, missing, symbolic link, FIFO, ...
 
     @property
     def verified(self) -> bool:
@@ -1652,9 +1653,54 @@ class ArtifactsReport(_Record):
                 "orphan_count": self.orphan_count}
 
 
+def _mode_kind(mode: int) -> str:
+    """What an ``lstat`` mode is, in the words a message uses."""
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    return "socket" if stat.S_ISSOCK(mode) else "device"
+
+
+def _path_kind(path: Any) -> str:
+    """:func:`_mode_kind` of what is at ``path`` (a symlink is not followed), or ``missing``."""
+    try:
+        return _mode_kind(os.lstat(str(path)).st_mode)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):  # no such name can be there
+            return "missing"
+        raise
+
+
+def _irregular_problem(shown: str, kind: str, what: str) -> Problem:
+    """A symlink or special file where a store keeps regular files: reported, never followed or opened."""
+    if kind == "symbolic link":
+        return Problem("symlink_not_followed", shown, "%s is a symbolic link, which is never followed" % what)
+    return Problem("special_file", shown, "%s is a %s, not a regular file; it was not opened" % (what, kind))
+
+
+def _read_json_document(path: Path) -> Any:
+    """A store's or a package's JSON file: a regular file (never a symlink or FIFO), within the shared limits.
+
+    The size is checked before reading, so an oversized file costs nothing.
+    """
+    with open_regular(path, follow_symlinks=False) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > _JSON_FILE_LIMIT:
+            raise InputRefusedError("is larger than %d bytes" % _JSON_FILE_LIMIT)
+        data = handle.read(size + 1)
+        if len(data) > size:  # grew since: read on, up to the limit
+            data += handle.read(_JSON_FILE_LIMIT + 1 - len(data))
+    return json_loads(data, max_bytes=_JSON_FILE_LIMIT)
+
+
 def _read_binding(path: Path) -> Dict[str, Any]:
     """A binding file's object, checked for the keys verification needs (ValueError if not)."""
-    binding = json_loads(read_regular(path))
+    binding = _read_json_document(path)
     if not isinstance(binding, dict):
         raise ValueError("binding is not a JSON object")
     snapshot = binding.get("manifest_snapshot")
@@ -1692,16 +1738,17 @@ def _evaluate_body(root: Path, binding: Mapping[str, Any],
                           expected_hash_value=expected_hash, actual_hash_value=None,
                           binding_size_bytes=binding["size_bytes"])
     body = root / rel
-    try:
-        body_stat = os.lstat(str(body))
-    except OSError:
-        return check
-    if not stat.S_ISREG(body_stat.st_mode):
+    check.body_kind = _path_kind(body)
+    if check.body_kind != "file":
         return check
     if digests is not None and rel in digests:
         check.actual_size_bytes, check.actual_hash_value = digests[rel]
     else:
-        check.actual_size_bytes, check.actual_hash_value = sha256_file(body)
+        try:
+            check.actual_size_bytes, check.actual_hash_value = sha256_file(body, follow_symlinks=False)
+        except SpecialFileError:  # replaced since the lstat
+            check.body_kind = _path_kind(body)
+            return check
     if expected_size is not None and check.actual_size_bytes != expected_size:
         check.status = "size_mismatch"
     elif expected_hash is not None and check.actual_hash_value != expected_hash:
@@ -1726,16 +1773,21 @@ def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tu
     if not root.is_dir():
         return report
     report.present = True
-    canonical: Set[str] = set()
+    known: Set[str] = set()  # store-relative paths already judged: bindings and bodies
     refs: Set[str] = set()
     bindings_dir = root / "bindings"
     binding_paths = sorted(bindings_dir.glob("*.binding.json")) if bindings_dir.is_dir() else []
     for binding_path in binding_paths:
         rel = "bindings/" + binding_path.name
+        known.add(rel)
         report.artifact_count += 1
+        kind = _path_kind(binding_path)
+        if kind != "file":
+            report.problems.append(_irregular_problem(show(rel), kind, "binding"))
+            continue
         try:
             binding = _read_binding(binding_path)
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             report.problems.append(Problem("binding_invalid", show(rel), "unreadable binding: %s" % exc))
             continue
         expected_name = "%s.binding.json" % sanitize_component(binding["artifact_ref"])
@@ -1748,11 +1800,12 @@ def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tu
         report.kinds[binding["artifact_kind"]] = report.kinds.get(binding["artifact_kind"], 0) + 1
         report.total_size_bytes += binding["size_bytes"]
         check = _evaluate_body(root, binding, digests)
-        canonical.add(check.path)
+        known.add(check.path)
         report.checks.append(check)
         _count_artifact_check(report, check, show)
     report.kinds = dict(sorted(report.kinds.items()))
-    for rel in _find_orphans(root, canonical):
+    orphans, irregular = _find_orphans(root, known)
+    for rel in orphans:
         report.orphan_paths.append(show(rel))
         is_temp = rel.endswith(".tmp")
         if is_temp:
@@ -1761,6 +1814,7 @@ def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tu
                                        "interrupted write left a temp file" if is_temp
                                        else "body that no binding points at"))
     report.orphan_count = len(report.orphan_paths)
+    report.problems.extend(_irregular_problem(show(rel), kind, "store entry") for rel, kind in irregular)
     return report
 
 
@@ -1770,8 +1824,10 @@ def _count_artifact_check(report: ArtifactsReport, check: ArtifactCheck, show: C
         return
     if check.status == "missing":
         report.missing_count += 1
-        report.problems.append(Problem("artifact_missing", show(check.path),
-                                       "body of %s is missing" % check.artifact_ref))
+        what = "body of %s" % check.artifact_ref
+        report.problems.append(Problem("artifact_missing", show(check.path), "%s is missing" % what)
+                               if check.body_kind == "missing" else _irregular_problem(show(check.path),
+                                                                                       check.body_kind, what))
         return
     report.drift_count += 1
     if check.status == "size_mismatch":
@@ -1786,12 +1842,66 @@ def _count_artifact_check(report: ArtifactsReport, check: ArtifactCheck, show: C
                                        expected=check.expected_hash_value, actual=check.actual_hash_value))
 
 
-def _find_orphans(root: Path, canonical: Set[str]) -> List[str]:
-    objects = root / "objects"
-    if not objects.is_dir():
-        return []
-    return ["objects/" + rel for rel, _st, kind in _walk_tree(objects)
-            if kind != "dir" and "objects/" + rel not in canonical]
+def _find_orphans(root: Path, known: Set[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Orphan bodies, and entries no reader may open: ``(orphans, [(path, kind), ...])``, store-relative.
+
+    An orphan is a regular file under ``objects/`` whose path is not in ``known``.
+    A FIFO, socket or device anywhere in the store is never opened, only named;
+    so is a symbolic link where bodies and bindings live.  Nothing is followed.
+    """
+    orphans: List[str] = []
+    irregular: List[Tuple[str, str]] = []
+    for rel, kind in _store_entries(str(root)):
+        if rel in known:
+            continue
+        top = rel.split("/", 1)[0]
+        if kind == "file":
+            if top == "objects":
+                orphans.append(rel)
+        elif kind != "symbolic link" or top in ("objects", "bindings"):
+            irregular.append((rel, kind))
+    return sorted(orphans), sorted(irregular)
+
+
+# Folders below this depth are read whole rather than held open, so a hostile nesting cannot use up descriptors.
+_LAZY_LISTING_DEPTH = 32
+
+
+def _store_entries(root: str) -> Iterator[Tuple[str, str]]:
+    """``(relative path, kind)`` of everything below ``root`` but folders, never following a link.
+
+    Kinds come from the directory listing itself (``d_type``): a store holds
+    hundreds of thousands of files, and a ``stat`` of each would double the
+    cost of a sweep.  Only an entry that is none of folder, file or link is
+    asked what it is.  Listings are read as they are walked, so memory does
+    not grow with the widest folder (``history/verification`` has one
+    subfolder per artifact).
+    """
+    stack: List[Tuple[str, Iterator[Any]]] = [("", _listing(root, lazy=True))]
+    while stack:
+        prefix, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        relative = prefix + entry.name
+        if entry.is_dir(follow_symlinks=False):
+            stack.append((relative + "/", _listing(entry.path, lazy=len(stack) < _LAZY_LISTING_DEPTH)))
+        elif entry.is_file(follow_symlinks=False):
+            yield relative, "file"
+        elif entry.is_symlink():
+            yield relative, "symbolic link"
+        else:
+            yield relative, _mode_kind(entry.stat(follow_symlinks=False).st_mode)
+
+
+def _listing(directory: str, lazy: bool) -> Iterator[Any]:
+    """A folder's entries: read as iterated (one open descriptor), or all at once (none held open)."""
+    try:
+        entries = os.scandir(directory)
+    except (FileNotFoundError, NotADirectoryError):  # removed or replaced while we walked
+        return iter(())
+    return entries if lazy else iter(list(entries))
 
 
 # ---------------------------------------------------------------------------
