@@ -95,6 +95,7 @@ __all__ = [
     # reading Contexta's stores
     "scan_records", "RecordsReport", "check_metadata_file", "MetadataReport",
     "scan_artifact_bindings", "ArtifactsReport", "artifact_object_relpath", "sanitize_component",
+    "RecoveryResult", "ImportResult",
     # backup
     "BackupPlan", "BackupResult", "BackupVerifyResult", "BackupListEntry", "PruneResult",
     "plan_workspace_backup", "create_workspace_backup", "create_backup_archive", "list_backups",
@@ -1902,6 +1903,45 @@ def _listing(directory: str, lazy: bool) -> Iterator[Any]:
     except (FileNotFoundError, NotADirectoryError):  # removed or replaced while we walked
         return iter(())
     return entries if lazy else iter(list(entries))
+
+
+# -- the result every recovery job returns ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryResult(_Record):
+    """Contexta's base of recovery results: a status (upper case), warnings, notes and details."""
+
+    status: str
+    warnings: Tuple[Any, ...] = ()
+    notes: Tuple[str, ...] = ()
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", str(self.status).strip().upper())
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+        object.__setattr__(self, "notes", tuple(str(note) for note in self.notes))
+        object.__setattr__(self, "details", dict(sorted((self.details or {}).items())))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportResult(RecoveryResult):
+    """Contexta's result of importing a workspace (its fields; this tool does not make one itself)."""
+
+    source_root: Optional[Path] = None
+    target_workspace: Optional[Path] = None
+    created_run_count: int = 0
+    created_artifact_count: int = 0
+    created_record_count: int = 0
+    loss_notes: Tuple[str, ...] = ()
+    verification_notes: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        RecoveryResult.__post_init__(self)
+        for name in ("source_root", "target_workspace"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else Path(value))
+        for name in ("loss_notes", "verification_notes"):
+            object.__setattr__(self, name, tuple(str(note) for note in getattr(self, name)))
 
 
 # ---------------------------------------------------------------------------
@@ -5141,11 +5181,8 @@ class VaultConfig(_Record):
 
     @classmethod
     def from_unified_config(cls, config: UnifiedConfig) -> "VaultConfig":
-        artifacts = config.artifacts
-        return cls(root_path=artifacts.root_path, default_ingest_mode=artifacts.default_ingest_mode,
-                   verification_mode=artifacts.verification_mode, create_missing_dirs=artifacts.create_missing_dirs,
-                   layout_version=artifacts.layout_version, chunk_size_bytes=artifacts.chunk_size_bytes,
-                   read_only=artifacts.read_only)
+        """The ``artifacts`` table, setting for setting (the two classes hold the same fields)."""
+        return cls(**{f.name: getattr(config.artifacts, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
