@@ -5635,6 +5635,8 @@ def inspect_store(store: ArtifactStore) -> StoreSummary:
     """Counts of every bound artifact's state, and orphans (Contexta's StoreSummary)."""
     notes = _recover_before_reading(store)
     report = scan_artifact_bindings(store.root_path)
+    if not report.present:
+        notes.append("artifact_store_absent")
     return StoreSummary(artifact_count=report.artifact_count, total_size_bytes=report.total_size_bytes,
                         kinds=report.kinds, verified_count=report.verified_count,
                         missing_count=report.missing_count, drift_count=report.drift_count,
@@ -5645,6 +5647,8 @@ def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
     """Verify every body; with ``record`` append Contexta's verification history events."""
     notes = _recover_before_reading(store)
     report = scan_artifact_bindings(store.root_path)
+    if not report.present:
+        notes.append("artifact_store_absent")
     checked_at = _utc_timestamp()
     reports = tuple(_report_from_check(check, store.root_path, checked_at) for check in report.checks)
     records = tuple(VerificationRecord(item.artifact_ref, item.status, item.checked_at, item.messages[0])
@@ -6555,7 +6559,10 @@ def _build_parser() -> argparse.ArgumentParser:
         elif name == "import":
             sub.add_argument("package", metavar="PACKAGE")
             sub.add_argument("--conflict", choices=_CONFLICT_POLICIES, default="error")
-        elif name == "put":
+        if name in ("import", "put"):
+            sub.add_argument("--create-store", action="store_true",
+                             help="create the --store root (or a relocated store) if it does not exist")
+        if name == "put":
             sub.add_argument("file", metavar="FILE")
             sub.add_argument("--ref", required=True, help="artifact:<project>.<run>.<key>")
             sub.add_argument("--kind", required=True, help="artifact kind, e.g. checkpoint")
@@ -6861,10 +6868,31 @@ def _cmd_replay_run(args: argparse.Namespace, out: _Output) -> int:
     return result.exit_code
 
 
-def _store_from_args(args: argparse.Namespace) -> ArtifactStore:
+def _store_from_args(args: argparse.Namespace, writing: bool = False) -> ArtifactStore:
+    """The store a command works on.  Fail closed: a store that is not there is refused, not taken as empty.
+
+    The one exception is the workspace's own store inside an existing workspace:
+    reading it finds nothing and says so; writing creates it, as Contexta does.
+    ``--create-store`` lets import and put create any other store root.
+    """
     if args.store:
-        return ArtifactStore(VaultConfig(root_path=args.store))
-    return ArtifactStore(VaultConfig.from_unified_config(_config_from_args(args)))
+        store = ArtifactStore(VaultConfig(root_path=args.store))
+    else:
+        config = _config_from_args(args)
+        workspace = config.workspace.root_path
+        if not workspace.is_dir():
+            raise OpsError("workspace %s does not exist" % workspace, code="workspace_missing", path=workspace)
+        store = ArtifactStore(VaultConfig.from_unified_config(config))
+        if _is_within(store.root_path, workspace) and _path_kind(store.root_path) == "missing":
+            return store
+    if store.root_path.is_dir() or (writing and _option(args, "create_store")):
+        return store
+    if store.root_path.exists():
+        raise ArtifactError("artifact store %s is not a directory" % store.root_path,
+                            code="artifact_store_not_found", path=store.root_path)
+    raise ArtifactError("artifact store %s does not exist%s" % (store.root_path, " (--create-store creates it)"
+                                                                if writing else ""),
+                        code="artifact_store_not_found", path=store.root_path)
 
 
 def _cmd_artifact_inspect(args: argparse.Namespace, out: _Output) -> int:
@@ -6911,7 +6939,7 @@ def _cmd_artifact_export(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _cmd_artifact_import(args: argparse.Namespace, out: _Output) -> int:
-    receipt = import_export_package(_store_from_args(args), args.package, conflict_policy=args.conflict)
+    receipt = import_export_package(_store_from_args(args, writing=True), args.package, conflict_policy=args.conflict)
     out.say("Import of %s: %s (%s written)" % (receipt.artifact_ref, receipt.outcome.value,
                                                 _human_bytes(receipt.bytes_written)))
     if receipt.quarantine_path:
@@ -6922,7 +6950,7 @@ def _cmd_artifact_import(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _cmd_artifact_put(args: argparse.Namespace, out: _Output) -> int:
-    store = _store_from_args(args)
+    store = _store_from_args(args, writing=True)
     receipt = store.put_artifact(_manifest_for_put(args), args.file)
     out.say("Put %s at %s (%s written)" % (receipt.binding.artifact_ref, receipt.path,
                                            _human_bytes(receipt.bytes_written)))

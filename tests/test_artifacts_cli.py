@@ -1,0 +1,77 @@
+"""The artifact commands fail closed on a store that is not there."""
+
+import shutil
+
+import pytest
+
+PACKAGE = "exports/artifact__fixture-proj.tuned.model"
+REF = "artifact:fixture-proj.tuned.model"
+BODY = "objects/checkpoint/0d/artifact__fixture-proj.tuned.model.bin"
+
+ACTIONS = {
+    "inspect": lambda fx, tmp: ("artifact", "inspect"),
+    "verify-all": lambda fx, tmp: ("artifact", "verify", "--all"),
+    "verify-ref": lambda fx, tmp: ("artifact", "verify", REF),
+    "export": lambda fx, tmp: ("artifact", "export", REF, "--export-root", tmp / "out"),
+    "import": lambda fx, tmp: ("artifact", "import", fx / PACKAGE),
+    "put": lambda fx, tmp: ("artifact", "put", fx / PACKAGE / "manifest.snapshot.json", "--ref", "artifact:p.r.m",
+                            "--kind", "report"),
+}
+
+
+def _ws(fixture_dir):
+    return fixture_dir / "workspace" / ".contexta"
+
+
+# -- 4. fail closed ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("action", sorted(ACTIONS))
+def test_a_workspace_that_does_not_exist_is_refused(cli, fixture_dir, tmp_path, action):
+    missing = tmp_path / "nowhere" / ".contexta"
+    result = cli("--workspace", missing, *ACTIONS[action](fixture_dir, tmp_path), "--json")
+    assert result.returncode == 3, result
+    assert "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.json["error"]["path"] == str(missing)
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("action", sorted(ACTIONS))
+def test_a_store_that_does_not_exist_is_refused(cli, fixture_dir, tmp_path, action):
+    missing = tmp_path / "no-store"
+    result = cli(*ACTIONS[action](fixture_dir, tmp_path), "--store", missing, "--json")
+    assert result.returncode == 3, result
+    assert result.json["error"]["code"] == "artifact_store_not_found"
+    assert result.json["error"]["path"] == str(missing)
+    assert "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("action", ["import", "put"])
+def test_create_store_makes_a_new_store(cli, fixture_dir, tmp_path, action):
+    store = tmp_path / "new" / "store"
+    result = cli(*ACTIONS[action](fixture_dir, tmp_path), "--store", store, "--create-store", "--json")
+    assert result.returncode == 0, result
+    assert cli("artifact", "verify", "--all", "--store", store).returncode == 0
+
+
+def test_a_relocated_store_that_does_not_exist_is_refused(cli, fixture_dir, tmp_path):
+    env = {"CONTEXTA_ARTIFACTS_ROOT_PATH": str(tmp_path / "unmounted" / "artifacts")}
+    for action in ("inspect", "verify-all", "import"):
+        result = cli("--workspace", _ws(fixture_dir), *ACTIONS[action](fixture_dir, tmp_path), "--json", env=env)
+        assert result.returncode == 3, (action, result)
+        assert result.json["error"]["code"] == "artifact_store_not_found"
+    assert not (tmp_path / "unmounted").exists()
+
+
+def test_a_workspace_without_an_artifact_store(cli, fixture_dir, tmp_path):
+    """Reading finds nothing and says so; writing creates the store where Contexta would."""
+    workspace = _ws(fixture_dir)
+    shutil.rmtree(str(workspace / "artifacts"))
+    for action in ("inspect", "verify-all"):
+        result = cli("--workspace", workspace, *ACTIONS[action](fixture_dir, tmp_path), "--json")
+        assert result.returncode == 0, result
+        assert "artifact_store_absent" in result.json["notes"]
+    assert not (workspace / "artifacts").exists()
+    imported = cli("--workspace", workspace, *ACTIONS["import"](fixture_dir, tmp_path), "--json")
+    assert imported.returncode == 0 and imported.json["outcome"] == "imported"
+    assert (workspace / "artifacts" / BODY).is_file()
