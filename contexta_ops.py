@@ -109,7 +109,7 @@ __all__ = [
     "ArtifactStore", "VaultConfig", "ArtifactManifest", "ArtifactBinding", "ArtifactHandle", "ArtifactPutReceipt",
     "VerificationReport", "VerificationRecord", "StoreSummary", "SweepReport", "ExportReceipt", "ImportReceipt",
     "ImportOutcome", "inspect_store", "verify_artifact", "verify_all", "export_artifact", "import_export_package",
-    "verify_export_package",
+    "verify_export_package", "get_artifact", "artifact_exists", "read_artifact_bytes", "list_refs",
     # status, check, demo, self-check
     "CheckResult", "WorkspaceStatus", "PathStatus", "StatusWarning", "DemoResult", "SelfCheckResult",
     "check_workspace", "workspace_status", "build_demo_workspace", "run_demo", "self_check",
@@ -4957,6 +4957,8 @@ PACKAGE_FORMAT_VERSION = "contexta-artifact-export-v1"
 _ARTIFACT_DIRS = ("bindings", "objects", "staging", "exports", "history/bindings", "quarantine")
 _STORE_LOCK = "staging/contexta-ops.lock"
 _WRITE_JOURNAL_SUFFIX = ".contexta-ops-write.json"
+# Where a manifest's object sits inside a write journal: journal > events > event > payload > binding > manifest.
+_MANIFEST_DEPTH_IN_JOURNAL = 5
 _REF_KIND = re.compile(r"^[a-z][a-z0-9_]*$")
 _REF_COMPONENT = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _LOWER_SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -5276,7 +5278,11 @@ _CONFLICT_POLICIES = ("error", "skip", "replace")
 
 @dataclasses.dataclass(frozen=True)
 class ImportReceipt:
-    """Contexta's ImportReceipt (``outcome.value`` is imported/skipped/replaced/idempotent)."""
+    """Contexta's ImportReceipt (``outcome.value`` is imported/skipped/replaced/idempotent).
+
+    ``bytes_written`` counts as Contexta's does: 0 whenever the binding stays as it was
+    (idempotent, skipped), even when a damaged body was restored (a note says so).
+    """
 
     artifact_ref: str
     outcome: ImportOutcome
@@ -5297,10 +5303,91 @@ _VERIFICATION_MESSAGES = {
     "hash_mismatch": "artifact body hash does not match the expected hash",
     "verified": "artifact body matches the current verification claims",
 }
+_NOT_A_BODY_MESSAGE = "artifact body at the canonical object path is a %s, not a regular file; it was not read"
 
 
 def _event_name() -> str:
     return "%s-%s.json" % (_path_safe_timestamp(_utc_timestamp()), uuid.uuid4().hex)
+
+
+@contextlib.contextmanager
+def _name_errors(path: Any) -> Iterator[None]:
+    """Give an OS error raised without a file name (a full disk on write or fsync) the path it concerns."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+def _write_store_file(path: Path, data: bytes) -> None:
+    """Contexta writes its store's JSON files owner-only; ours go through a temp file and a rename."""
+    with _name_errors(path):
+        atomic_write_bytes(path, data, mode=0o600)
+
+
+def _sync_dir(path: Path) -> None:
+    with _name_errors(path):
+        _fsync_dir(path)
+
+
+def _problem_error(problem: Problem) -> ArtifactError:
+    """A finding that stops a command which cannot go on without the file (exit 3, naming it)."""
+    code = problem.code
+    return ArtifactError("%s: %s" % (problem.path, problem.message), code=code, path=problem.path)
+
+
+def _binding_document(path: Path) -> Dict[str, Any]:
+    """A binding a command cannot go on without: its object, or an error naming the file."""
+    kind = _path_kind(path)
+    if kind != "file":
+        raise _problem_error(_irregular_problem(str(path), kind, "binding"))
+    try:
+        return _read_binding(path)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError("binding %s is invalid: %s" % (path, exc), code="artifact_store_invalid_binding",
+                            path=path)
+
+
+def _name_limits(path: Path) -> Tuple[int, int]:
+    """(NAME_MAX, PATH_MAX) of the filesystem that will hold ``path``, asked of its nearest existing folder."""
+    anchor = path.parent
+    while not anchor.is_dir() and anchor != anchor.parent:
+        anchor = anchor.parent
+    limits = []
+    for name, fallback in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            limits.append(os.pathconf(str(anchor), name) or fallback)
+        except (OSError, ValueError):
+            limits.append(fallback)
+    return limits[0], limits[1]
+
+
+def _check_names_fit(paths: Iterable[Path]) -> None:
+    """Refuse, before anything is written, a write naming a file this filesystem cannot hold."""
+    for path in paths:
+        name_max, path_max = _name_limits(path)
+        for name in path.parts:
+            if len(os.fsencode(name)) > name_max:
+                raise ArtifactError("cannot store %s: the name %s is %d bytes, longer than the %d this filesystem "
+                                    "allows" % (path, name, len(os.fsencode(name)), name_max),
+                                    code="artifact_name_too_long", path=path)
+        if len(os.fsencode(str(path))) >= path_max:
+            raise ArtifactError("cannot store %s: the path is %d bytes, longer than the %d this system allows"
+                                % (path, len(os.fsencode(str(path))), path_max), code="artifact_name_too_long",
+                                path=path)
+
+
+def _check_manifest_storable(manifest: ArtifactManifest, code: str = "artifact_manifest_too_large",
+                             path: Any = None) -> None:
+    """Refuse a manifest that, wrapped in its binding and write journal, would nest deeper than any reader takes."""
+    depth = _json_depth(_compact_json(manifest.to_dict()))
+    if depth + _MANIFEST_DEPTH_IN_JOURNAL > _JSON_MAX_DEPTH:
+        raise ArtifactError("%smanifest of %s nests %d levels; its binding and write journal would be deeper than "
+                            "the %d levels every reader accepts" % ("%s: " % path if path else "",
+                                                                    manifest.artifact_ref, depth, _JSON_MAX_DEPTH),
+                            code=code, path=path)
 
 
 class ArtifactStore:
@@ -5325,40 +5412,38 @@ class ArtifactStore:
         return self.root_path / artifact_object_relpath(manifest.artifact_ref, manifest.artifact_kind,
                                                         manifest.location_ref)
 
+    def _planned_paths(self, manifest: ArtifactManifest) -> List[Path]:
+        """The files a put or import of ``manifest`` creates (besides temp and journal names of fixed length)."""
+        history = self.root_path / "history" / "imports" / sanitize_component(manifest.artifact_ref)
+        return [self.binding_path(manifest.artifact_ref), self.object_path(manifest), history / _event_name()]
+
     # -- reading -------------------------------------------------------------------
 
     def load_binding(self, artifact_ref: str) -> Optional[ArtifactBinding]:
         path = self.binding_path(artifact_ref)
-        if not path.is_file():
+        if _path_kind(path) == "missing":
             return None
+        data = _binding_document(path)
         try:
-            data = json_loads(read_regular(path))
-        except ValueError:
-            raise ArtifactError("binding %s is not valid JSON" % path, code="artifact_store_invalid_binding",
-                                path=path)
-        return ArtifactBinding.from_dict(data)
+            return ArtifactBinding.from_dict(data)
+        except ArtifactError as exc:
+            code = exc.code
+            raise ArtifactError("binding %s: %s" % (path, exc), code=code, path=path)
 
     def get_artifact(self, artifact_ref: str) -> ArtifactHandle:
-        binding = self.load_binding(artifact_ref)
-        if binding is None:
-            raise ArtifactError("no artifact bound as %s in %s" % (artifact_ref, self.root_path),
-                                code="artifact_store_binding_not_found", path=self.binding_path(artifact_ref))
-        path = self.object_path(binding.manifest_snapshot)
-        if not path.is_file():
-            raise ArtifactError("body of %s is missing at %s" % (artifact_ref, path),
-                                code="artifact_store_body_not_found", path=path)
-        return ArtifactHandle(binding, path)
+        return get_artifact(self, artifact_ref)
+
+    def artifact_exists(self, artifact_ref: str) -> bool:
+        return artifact_exists(self, artifact_ref)
+
+    def read_artifact_bytes(self, artifact_ref: str) -> bytes:
+        return read_artifact_bytes(self, artifact_ref)
 
     def list_refs(self) -> List[str]:
-        bindings = self.root_path / "bindings"
-        refs = []
-        for path in sorted(bindings.glob("*.binding.json")) if bindings.is_dir() else []:
-            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
-                refs.append(json_loads(read_regular(path))["artifact_ref"])
-        return refs
+        return list_refs(self)
 
-    def verify_artifact(self, artifact_ref: str) -> VerificationReport:
-        return verify_artifact(self, artifact_ref)
+    def verify_artifact(self, artifact_ref: str, *, manifest: Any = None) -> VerificationReport:
+        return verify_artifact(self, artifact_ref, manifest=manifest)
 
     def inspect_store(self) -> StoreSummary:
         return inspect_store(self)
@@ -5386,13 +5471,16 @@ class ArtifactStore:
         if not source_path.is_file():
             raise ArtifactError("source %s is not a file" % source_path, code="artifact_store_missing_source",
                                 path=source_path)
+        _check_manifest_storable(manifest)
+        _check_names_fit(self._planned_paths(manifest))
         with self._writing():
             staged, size, digest = self._stage_body(source_path)
             try:
                 existing = self.load_binding(manifest.artifact_ref)
                 if existing is not None:
                     existing_path = self.object_path(existing.manifest_snapshot)
-                    if existing_path.is_file() and (existing.size_bytes, existing.hash_value) == (size, digest):
+                    if _path_kind(existing_path) == "file" and \
+                            (existing.size_bytes, existing.hash_value) == (size, digest):
                         return ArtifactPutReceipt(existing, existing_path, 0)
                     raise ConflictError("%s is already bound to a different body" % manifest.artifact_ref)
                 self._check_claims(manifest, size, digest)
@@ -5430,23 +5518,37 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
-        """Hold the store's write lock, having first finished whatever a killed writer left."""
+        """Hold the store's write lock, having first finished whatever a killed writer left.
+
+        A journal that cannot be acted on (unreadable, or not a regular file)
+        stops every write until a person has judged it: exit 3, naming it.
+        """
         if self.config.read_only:
             raise ArtifactError("artifact store %s is read-only" % self.root_path, code="artifact_store_read_only")
+        journals, problems = _write_journals(self)
+        if problems:
+            raise _problem_error(problems[0])
         for name in _ARTIFACT_DIRS:
             (self.root_path / name).mkdir(parents=True, exist_ok=True)
         with _Lock(self.root_path / _STORE_LOCK, what="artifact store %s" % self.root_path):
-            _recover_artifact_writes(self)
+            journals, problems = _write_journals(self)  # again, under the lock
+            if problems:
+                raise _problem_error(problems[0])
+            _recover_artifact_writes(self, journals)
             yield
 
     def _stage_body(self, source: Path, expected: Optional[Tuple[int, str]] = None) -> Tuple[Path, int, str]:
         """Copy a body into staging/, hashing it; with ``expected``, refuse anything else."""
-        staged = self.root_path / "staging" / ("ingest-%s-%s.part" % (sanitize_component(source.name),
+        staged = self.root_path / "staging" / ("ingest-%s-%s.part" % (sanitize_component(source.name)[:64],
                                                                       uuid.uuid4().hex))
-        progress = _Progress("copy %s" % source.name, source.stat().st_size)
         try:
-            with open(source, "rb") as reader:
-                size, digest = _copy_stream_hashed(_ProgressReader(reader, progress), staged, durable=True)
+            reader = open_regular(source, follow_symlinks=expected is None)  # a package's body is never a link
+        except SpecialFileError as exc:
+            raise ArtifactError("%s %s" % (source, exc.strerror), code="artifact_store_missing_source", path=source)
+        progress = _Progress("copy %s" % source.name, os.fstat(reader.fileno()).st_size)
+        try:
+            with reader, _name_errors(staged):
+                size, digest = _copy_stream_hashed(_ProgressReader(reader, progress, source), staged, durable=True)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(staged))
@@ -5464,23 +5566,28 @@ class ArtifactStore:
                 replaced: Optional[ArtifactBinding] = None) -> Tuple[Path, Optional[Path]]:
         """Journal, (quarantine the old body,) move the body into place, write the binding, then the events.
 
-        The binding write is the commit point: before it, recovery undoes
-        everything; after it, recovery only finishes the history events.
-        Returns the body's path and, for a replace, where the old body went.
+        The binding write is the commit point: a run killed before it is rolled
+        back by the next command, one killed after it rolled forward.  A step
+        that fails here rolls the whole write back at once, so an error leaves
+        the store as it was.  Returns the body's path and, for a replace, where
+        the old body went.
         """
         body = self.object_path(binding.manifest_snapshot)
+        binding_path = self.binding_path(binding.artifact_ref)
         journal: Dict[str, Any] = {
-            "binding_id": binding.binding_id,
-            "binding": _relative_posix(self.binding_path(binding.artifact_ref), self.root_path),
+            "binding_id": binding.binding_id, "binding": _relative_posix(binding_path, self.root_path),
             "body": _relative_posix(body, self.root_path), "body_ino": os.stat(str(staged)).st_ino,
             "staged": _relative_posix(staged, self.root_path)}
         old_body = quarantine = None
+        if _path_kind(binding_path) == "file":  # a replace, or a damaged body restored under its binding
+            journal["old_binding"] = read_regular(binding_path, follow_symlinks=False).decode("utf-8")
         if replaced is not None:
-            journal["old_binding"] = self.binding_path(binding.artifact_ref).read_text(encoding="utf-8")
             old_body = self.object_path(replaced.manifest_snapshot)
-            if old_body.is_file():  # Contexta's place for a replaced body
-                quarantine = self.root_path / "quarantine" / "bound" / _path_safe_timestamp(_utc_timestamp()) / (
-                    "%s-%s" % (uuid.uuid4().hex, old_body.name))
+            if _path_kind(old_body) == "file":  # Contexta's place for a replaced body, its name cut to fit
+                name = "%s-%s" % (uuid.uuid4().hex, old_body.name)
+                while len(os.fsencode(name)) > _name_limits(old_body)[0]:
+                    name = name[:-1]
+                quarantine = self.root_path / "quarantine" / "bound" / _path_safe_timestamp(_utc_timestamp()) / name
                 journal["quarantine"] = {"from": _relative_posix(old_body, self.root_path),
                                          "to": _relative_posix(quarantine, self.root_path)}
         journal["events"] = []
@@ -5497,87 +5604,193 @@ class ArtifactStore:
                 payload["quarantine_path"] = None if quarantine is None else str(quarantine)
             journal["events"].append({"path": "%s/%s" % (folder, _event_name()), "payload": payload})
         journal_path = self.root_path / "staging" / (uuid.uuid4().hex + _WRITE_JOURNAL_SUFFIX)
-        atomic_write_bytes(journal_path, _pretty_json(journal))
+        journal_bytes = self._checked_journal_bytes(journal, journal_path)
+        _write_store_file(journal_path, journal_bytes)
         _crash_point("artifact:journal-written")
+        try:
+            self._apply(journal_path, journal, staged, binding)
+        except BaseException:
+            with contextlib.suppress(Exception):  # if even this fails, the next command rolls back from the journal
+                _roll_back_write(self, journal_path, journal)
+            raise
+        return body, quarantine
+
+    def _checked_journal_bytes(self, journal: Mapping[str, Any], journal_path: Path) -> bytes:
+        """The journal as it will be written, proven readable and every name it holds storable, or refusal."""
+        data = _pretty_json(journal)
+        try:
+            json_loads(data, max_bytes=_JSON_FILE_LIMIT)
+        except JsonInputError as exc:
+            raise ArtifactError("the write journal of %s %s; its manifest is too large to store"
+                                % (journal["binding"], exc), code="artifact_manifest_too_large")
+        names = [journal["body"], journal["binding"]] + [event["path"] for event in journal["events"]]
+        if "quarantine" in journal:
+            names.append(journal["quarantine"]["to"])
+        _check_names_fit([journal_path] + [self.root_path / name for name in names])
+        return data
+
+    def _apply(self, journal_path: Path, journal: Mapping[str, Any], staged: Path, binding: ArtifactBinding) -> None:
+        """The journaled steps of a write, in order; each durable step is a crash point."""
+        root = self.root_path
+        quarantine = journal.get("quarantine")
         if quarantine is not None:
-            assert old_body is not None
-            quarantine.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(str(old_body), str(quarantine))
-            _fsync_dir(quarantine.parent)
-            _fsync_dir(old_body.parent)
+            source, destination = root / quarantine["from"], root / quarantine["to"]
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(str(source), str(destination))
+            _sync_dir(destination.parent)
+            _sync_dir(source.parent)
             _crash_point("artifact:old-body-quarantined")
+        body = root / journal["body"]
         body.parent.mkdir(parents=True, exist_ok=True)
         os.replace(str(staged), str(body))
-        _fsync_dir(body.parent)
+        _sync_dir(body.parent)
         _crash_point("artifact:body-in-place")
-        atomic_write_bytes(self.binding_path(binding.artifact_ref), _pretty_json(binding.to_dict()), mode=0o600)
+        _write_store_file(root / journal["binding"], _pretty_json(binding.to_dict()))
         _crash_point("artifact:binding-written")
         _finish_artifact_write(self, journal_path, journal)
-        return body, quarantine
 
 
 class _ProgressReader:
-    """A reader that reports progress as it is read."""
+    """A reader that reports progress as it is read, and names its file when reading fails."""
 
-    def __init__(self, reader: Any, progress: _Progress) -> None:
+    def __init__(self, reader: Any, progress: _Progress, path: Path) -> None:
         self.reader = reader
         self.progress = progress
+        self.path = path
 
     def readinto(self, buffer: Any) -> int:
-        count = self.reader.readinto(buffer)
+        with _name_errors(self.path):
+            count = self.reader.readinto(buffer)
         if count:
             self.progress.advance(count, files=0)
         return count
+
+
+# -- write journals: recovery of a killed or failed put/import ------------------------------------
+
+_JOURNAL_PATH_KEYS = ("binding", "body", "staged")
+
+
+def _checked_journal(data: Any) -> Dict[str, Any]:
+    """A write journal's object, each path in it store-relative and safe (ValueError saying what is wrong)."""
+    if not isinstance(data, dict):
+        raise ValueError("is not a JSON object")
+    for key in ("binding_id",) + _JOURNAL_PATH_KEYS:
+        if not isinstance(data.get(key), str):
+            raise ValueError("has no %s text" % key)
+    if not isinstance(data.get("body_ino"), int) or isinstance(data["body_ino"], bool):
+        raise ValueError("has no body_ino number")
+    events = data.get("events")
+    if not isinstance(events, list) or not all(isinstance(event, dict) and isinstance(event.get("payload"), dict)
+                                               for event in events):
+        raise ValueError("has no list of events with payloads")
+    quarantine = data.get("quarantine", {})
+    if not isinstance(quarantine, dict) or not isinstance(data.get("old_binding", ""), str):
+        raise ValueError("has an invalid quarantine or old_binding")
+    paths = [data[key] for key in _JOURNAL_PATH_KEYS] + [event.get("path") for event in events]
+    paths += [quarantine.get(key) for key in ("from", "to") if quarantine]
+    for relative in paths:
+        try:
+            _safe_join_text("", relative)
+        except OpsError as exc:
+            raise ValueError("holds an %s" % exc)
+    return data
+
+
+def _write_journals(store: ArtifactStore) -> Tuple[List[Tuple[Path, Dict[str, Any]]], List[Problem]]:
+    """The write journals in staging/: those that can be acted on, and a problem for each that cannot."""
+    staging = store.root_path / "staging"
+    journals: List[Tuple[Path, Dict[str, Any]]] = []
+    problems: List[Problem] = []
+    for path in sorted(staging.glob("*" + _WRITE_JOURNAL_SUFFIX)) if staging.is_dir() else []:
+        kind = _path_kind(path)
+        if kind != "file":
+            problems.append(_irregular_problem(str(path), kind, "store entry"))
+            continue
+        try:
+            journals.append((path, _checked_journal(_read_json_document(path))))
+        except (OSError, ValueError) as exc:
+            problems.append(Problem("artifact_write_journal_invalid", str(path), "write journal %s; it is left in "
+                                    "place: judge it, then remove it" % (getattr(exc, "strerror", None) or exc)))
+    return journals, problems
+
+
+def _journal_committed(store: ArtifactStore, journal: Mapping[str, Any]) -> bool:
+    """Whether the journal's binding is the one on disk (its commit point was reached)."""
+    binding_path = store.root_path / journal["binding"]
+    if _path_kind(binding_path) != "file":
+        return False
+    try:
+        binding = _read_json_document(binding_path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(binding, dict) and binding.get("binding_id") == journal["binding_id"]
 
 
 def _finish_artifact_write(store: ArtifactStore, journal_path: Path, journal: Mapping[str, Any]) -> None:
     """After the commit point: write any missing history event, then forget the journal."""
     for event in journal["events"]:
         path = store.root_path / event["path"]
-        if not path.exists():
+        if _path_kind(path) == "missing":
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, _pretty_json(event["payload"]), mode=0o600)
+            _write_store_file(path, _pretty_json(event["payload"]))
     _crash_point("artifact:events-written")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(str(store.root_path / journal["staged"]))
     os.unlink(str(journal_path))
-    _fsync_dir(journal_path.parent)
+    _sync_dir(journal_path.parent)
 
 
-def _recover_artifact_writes(store: ArtifactStore) -> List[str]:
+def _unlink_quietly(path: Path) -> None:
+    """Remove a file that may not be there (or whose name cannot even exist)."""
+    try:
+        os.unlink(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            raise
+
+
+def _roll_back_write(store: ArtifactStore, journal_path: Path, journal: Mapping[str, Any]) -> None:
+    """Undo a put or import, committed or not: binding as it was, new body and events gone, old body back.
+
+    The binding goes first, so a run killed half-way through this leaves an
+    uncommitted write, which the next command rolls back the same way.
+    """
+    root = store.root_path
+    binding_path = root / journal["binding"]
+    if "old_binding" in journal:
+        _write_store_file(binding_path, journal["old_binding"].encode("utf-8"))
+    elif _journal_committed(store, journal):
+        os.unlink(str(binding_path))
+        _sync_dir(binding_path.parent)
+    for event in journal["events"]:
+        _unlink_quietly(root / event["path"])
+    body = root / journal["body"]
+    if _path_kind(body) == "file" and os.lstat(str(body)).st_ino == journal["body_ino"]:
+        os.unlink(str(body))
+    quarantine = journal.get("quarantine")
+    if quarantine:
+        if _path_kind(root / quarantine["to"]) == "file":
+            os.replace(str(root / quarantine["to"]), str(root / quarantine["from"]))
+        _remove_empty_parents(root / quarantine["to"], root / "quarantine")
+    _unlink_quietly(root / journal["staged"])
+    _unlink_quietly(journal_path)
+    _sync_dir(journal_path.parent)
+
+
+def _recover_artifact_writes(store: ArtifactStore, journals: Sequence[Tuple[Path, Dict[str, Any]]]) -> List[str]:
     """Roll back uncommitted writes a killed run left, roll committed ones forward; say what was done."""
-    staging = store.root_path / "staging"
     done: List[str] = []
-    if not staging.is_dir():
-        return done
-    for journal_path in sorted(staging.glob("*" + _WRITE_JOURNAL_SUFFIX)):
-        journal = json_loads(read_regular(journal_path))
-        binding_path = store.root_path / journal["binding"]
-        committed = False
-        with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, KeyError):
-            committed = json_loads(read_regular(binding_path))["binding_id"] == journal["binding_id"]
-        if committed:
+    for journal_path, journal in journals:
+        if _journal_committed(store, journal):
             _finish_artifact_write(store, journal_path, journal)
             done.append("rolled_forward:%s" % journal["binding"])
-            continue
-        body = store.root_path / journal["body"]
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(str(body)).st_ino == journal["body_ino"]:
-                os.unlink(str(body))
-        quarantine = journal.get("quarantine")
-        if quarantine and (store.root_path / quarantine["to"]).exists():
-            os.replace(str(store.root_path / quarantine["to"]), str(store.root_path / quarantine["from"]))
-        if quarantine:
-            _remove_empty_parents(store.root_path / quarantine["to"], store.root_path / "quarantine")
-        if "old_binding" in journal:
-            atomic_write_bytes(binding_path, journal["old_binding"].encode("utf-8"), mode=0o600)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(str(store.root_path / journal["staged"]))
-        os.unlink(str(journal_path))
-        _fsync_dir(staging)
-        done.append("rolled_back:%s" % journal["binding"])
-    for stale in staging.glob("ingest-*.part"):
-        os.unlink(str(stale))  # a body copy that never reached its journal
+        else:
+            _roll_back_write(store, journal_path, journal)
+            done.append("rolled_back:%s" % journal["binding"])
+    for stale in (store.root_path / "staging").glob("ingest-*.part"):
+        if not stale.with_suffix(".session.json").exists():  # with one, it is Contexta's own staged ingest
+            os.unlink(str(stale))  # a body copy that never reached its journal
     return done
 
 
@@ -5597,46 +5810,110 @@ def _interrupted_artifact_writes(store: ArtifactStore) -> List[str]:
     return sorted(path.name for path in staging.glob("*" + _WRITE_JOURNAL_SUFFIX)) if staging.is_dir() else []
 
 
-def _recover_before_reading(store: ArtifactStore) -> List[str]:
-    """Verification sees the store as the last complete write left it: finish a killed writer first."""
-    if not _interrupted_artifact_writes(store):
-        return []
-    if store.config.read_only:
-        return ["interrupted_write_pending:%s" % name for name in _interrupted_artifact_writes(store)]
-    with _Lock(store.root_path / _STORE_LOCK, what="artifact store %s" % store.root_path):
-        return _recover_artifact_writes(store)
+def _recover_before_reading(store: ArtifactStore) -> Tuple[List[str], List[Problem]]:
+    """Verification sees the store as the last complete write left it: finish a killed writer first.
 
+    Returns what was done, and a problem for each journal that cannot be acted on.
+    """
+    journals, problems = _write_journals(store)
+    if not journals:
+        return [], problems
+    if store.config.read_only:
+        return ["interrupted_write_pending:%s" % path.name for path, _journal in journals], problems
+    with _Lock(store.root_path / _STORE_LOCK, what="artifact store %s" % store.root_path):
+        journals, problems = _write_journals(store)
+        return _recover_artifact_writes(store, journals), problems
+
+
+# -- reading -----------------------------------------------------------------------------------------
 
 def _report_from_check(check: ArtifactCheck, root: Path, checked_at: str) -> VerificationReport:
+    message = _VERIFICATION_MESSAGES[check.status] if check.body_kind in ("file", "missing") \
+        else _NOT_A_BODY_MESSAGE % check.body_kind
     return VerificationReport(
         artifact_ref=check.artifact_ref, status=check.status, verified=check.verified,
         exists=check.actual_size_bytes is not None, actual_size_bytes=check.actual_size_bytes,
         expected_size_bytes=check.expected_size_bytes, actual_hash_value=check.actual_hash_value,
         expected_hash_value=check.expected_hash_value, checked_at=checked_at,
-        messages=(_VERIFICATION_MESSAGES[check.status],), path=str(root / check.path))
+        messages=(message,), path=str(root / check.path))
 
 
-def verify_artifact(store: ArtifactStore, artifact_ref: str) -> VerificationReport:
-    """Re-hash one bound body against its claims (Contexta's statuses)."""
+def _binding_not_found(store: ArtifactStore, artifact_ref: str) -> ArtifactError:
+    return ArtifactError("no artifact bound as %s in %s" % (artifact_ref, store.root_path),
+                         code="artifact_store_binding_not_found", path=store.binding_path(artifact_ref))
+
+
+def get_artifact(store: ArtifactStore, artifact_ref: str) -> ArtifactHandle:
+    """The binding and body path of a bound artifact (Contexta's); the body must be a regular file."""
+    binding = store.load_binding(artifact_ref)
+    if binding is None:
+        raise _binding_not_found(store, artifact_ref)
+    path = store.object_path(binding.manifest_snapshot)
+    kind = _path_kind(path)
+    if kind == "missing":
+        raise ArtifactError("body of %s is missing at %s" % (artifact_ref, path),
+                            code="artifact_store_body_not_found", path=path)
+    if kind != "file":
+        raise _problem_error(_irregular_problem(str(path), kind, "body of %s" % artifact_ref))
+    return ArtifactHandle(binding, path)
+
+
+def artifact_exists(store: ArtifactStore, artifact_ref: str) -> bool:
+    """Whether ``artifact_ref`` is bound and its body is in place (any other trouble is raised)."""
+    try:
+        get_artifact(store, artifact_ref)
+    except ArtifactError as exc:
+        if exc.code in ("artifact_store_binding_not_found", "artifact_store_body_not_found"):
+            return False
+        raise
+    return True
+
+
+def read_artifact_bytes(store: ArtifactStore, artifact_ref: str) -> bytes:
+    """A bound body's bytes, read whole (a symlink or special file is refused, never followed)."""
+    return read_regular(get_artifact(store, artifact_ref).path, None, follow_symlinks=False)
+
+
+def list_refs(store: ArtifactStore) -> List[str]:
+    """Every bound ref, in binding file order (Contexta's); an unreadable binding is an error naming it."""
+    bindings = store.root_path / "bindings"
+    paths = sorted(bindings.glob("*.binding.json")) if bindings.is_dir() else []
+    return [_binding_document(path)["artifact_ref"] for path in paths]
+
+
+def verify_artifact(store: ArtifactStore, artifact_ref: str, *, manifest: Any = None) -> VerificationReport:
+    """Re-hash one bound body against its claims (Contexta's statuses).
+
+    With ``manifest`` (an :class:`ArtifactManifest` or its dict) its claims and
+    object path are checked instead of the binding's snapshot, as in Contexta.
+    """
     _recover_before_reading(store)
     path = store.binding_path(artifact_ref)
-    if not path.is_file():
-        raise ArtifactError("no artifact bound as %s in %s" % (artifact_ref, store.root_path),
-                            code="artifact_store_binding_not_found", path=path)
-    try:
-        binding = _read_binding(path)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError("binding %s is invalid: %s" % (path, exc), code="artifact_store_invalid_binding",
-                            path=path)
+    if _path_kind(path) == "missing":
+        raise _binding_not_found(store, artifact_ref)
+    binding = _binding_document(path)
+    if manifest is not None:
+        claims = manifest if isinstance(manifest, ArtifactManifest) else ArtifactManifest.from_dict(manifest)
+        if claims.artifact_ref != binding["artifact_ref"]:
+            raise ArtifactError("the verification manifest is for %s, not %s" % (claims.artifact_ref, artifact_ref),
+                                code="artifact_store_verification_manifest_mismatch")
+        binding = dict(binding, manifest_snapshot=claims.to_dict())
     return _report_from_check(_evaluate_body(store.root_path, binding), store.root_path, _utc_timestamp())
+
+
+def _sweep(store: ArtifactStore) -> Tuple[ArtifactsReport, List[str]]:
+    """Finish killed writes, then scan: every finding (journals included) and what recovery did."""
+    notes, journal_problems = _recover_before_reading(store)
+    report = scan_artifact_bindings(store.root_path)
+    report.problems += [problem for problem in journal_problems if problem not in report.problems]
+    if not report.present:
+        notes.append("artifact_store_absent")
+    return report, notes
 
 
 def inspect_store(store: ArtifactStore) -> StoreSummary:
     """Counts of every bound artifact's state, and orphans (Contexta's StoreSummary)."""
-    notes = _recover_before_reading(store)
-    report = scan_artifact_bindings(store.root_path)
-    if not report.present:
-        notes.append("artifact_store_absent")
+    report, notes = _sweep(store)
     return StoreSummary(artifact_count=report.artifact_count, total_size_bytes=report.total_size_bytes,
                         kinds=report.kinds, verified_count=report.verified_count,
                         missing_count=report.missing_count, drift_count=report.drift_count,
@@ -5645,10 +5922,7 @@ def inspect_store(store: ArtifactStore) -> StoreSummary:
 
 def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
     """Verify every body; with ``record`` append Contexta's verification history events."""
-    notes = _recover_before_reading(store)
-    report = scan_artifact_bindings(store.root_path)
-    if not report.present:
-        notes.append("artifact_store_absent")
+    report, notes = _sweep(store)
     checked_at = _utc_timestamp()
     reports = tuple(_report_from_check(check, store.root_path, checked_at) for check in report.checks)
     records = tuple(VerificationRecord(item.artifact_ref, item.status, item.checked_at, item.messages[0])
@@ -5662,8 +5936,8 @@ def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
                 event_report["messages"] = list(verification.messages)
                 payload = {"artifact_ref": item.artifact_ref, "status": item.status, "checked_at": item.checked_at,
                            "message": item.message, "report": event_report}
-                atomic_write_bytes(folder / ("%s-%s.json" % (_path_safe_timestamp(item.checked_at),
-                                                             uuid.uuid4().hex)), _pretty_json(payload), mode=0o600)
+                _write_store_file(folder / ("%s-%s.json" % (_path_safe_timestamp(item.checked_at),
+                                                            uuid.uuid4().hex)), _pretty_json(payload))
     return SweepReport(
         verification_records=records,
         missing_refs=tuple(check.artifact_ref for check in report.checks if check.status == "missing"),
@@ -5673,9 +5947,11 @@ def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
         notes=tuple(notes))
 
 
+# -- export and import ---------------------------------------------------------------------------------
+
 def export_artifact(store: ArtifactStore, artifact_ref: str, export_root: Any = None) -> ExportReceipt:
     """Write Contexta's four-file export package, from a body proven to match its binding."""
-    handle = store.get_artifact(artifact_ref)
+    handle = get_artifact(store, artifact_ref)
     binding = handle.binding
     root = _resolve_path(export_root) if export_root is not None else store.root_path / "exports"
     safe_ref = sanitize_component(artifact_ref)
@@ -5688,8 +5964,11 @@ def export_artifact(store: ArtifactStore, artifact_ref: str, export_root: Any = 
     metadata_path = directory / "export.package.json"
     tmp_body = directory / ("tmp-%s.part" % uuid.uuid4().hex)
     try:
-        with open(handle.path, "rb") as reader:
-            size, digest = _copy_stream_hashed(reader, tmp_body, durable=True)
+        progress = _Progress("export %s" % handle.path.name, binding.size_bytes)
+        with open_regular(handle.path, follow_symlinks=False) as reader, _name_errors(tmp_body):
+            size, digest = _copy_stream_hashed(_ProgressReader(reader, progress, handle.path), tmp_body,
+                                               durable=True)
+        progress.finish()
         expected_size, expected_hash = _expected_claims(binding.to_dict())
         if (expected_size is not None and size != expected_size) or (
                 expected_hash is not None and digest != expected_hash):
@@ -5707,20 +5986,20 @@ def export_artifact(store: ArtifactStore, artifact_ref: str, export_root: Any = 
             with contextlib.suppress(OSError):
                 os.rmdir(str(directory))
         raise
-    atomic_write_bytes(binding_path, _pretty_json(binding.to_dict()), mode=0o600)
-    atomic_write_bytes(manifest_path, _pretty_json(binding.manifest_snapshot.to_dict()), mode=0o600)
-    atomic_write_bytes(metadata_path, _pretty_json({
+    _write_store_file(binding_path, _pretty_json(binding.to_dict()))
+    _write_store_file(manifest_path, _pretty_json(binding.manifest_snapshot.to_dict()))
+    _write_store_file(metadata_path, _pretty_json({
         "package_format_version": PACKAGE_FORMAT_VERSION, "artifact_ref": artifact_ref,
         "artifact_kind": binding.artifact_kind, "exported_at": _utc_timestamp(), "body_file": body_path.name,
         "binding_file": binding_path.name, "manifest_file": manifest_path.name,
-        "source_layout_version": binding.layout_version}), mode=0o600)
+        "source_layout_version": binding.layout_version}))
     if not store.config.read_only:
         with store._writing():
             event_dir = store.root_path / "history" / "exports" / safe_ref
             event_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(event_dir / _event_name(), _pretty_json({
+            _write_store_file(event_dir / _event_name(), _pretty_json({
                 "artifact_ref": artifact_ref, "export_directory": str(directory), "exported_at": _utc_timestamp(),
-                "package_format_version": PACKAGE_FORMAT_VERSION}), mode=0o600)
+                "package_format_version": PACKAGE_FORMAT_VERSION}))
     return ExportReceipt(artifact_ref, directory, body_path, binding_path, metadata_path)
 
 
@@ -5745,10 +6024,10 @@ def _package_member(root: Path, metadata: Mapping[str, Any], key: str, default: 
 
 def _read_package_json(path: Path) -> Dict[str, Any]:
     try:
-        data = json_loads(read_regular(path))
-    except ValueError as exc:
-        raise ArtifactError("%s %s" % (path, exc), code="artifact_export_package_invalid",
-                            path=path)
+        data = _read_json_document(path)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError("%s %s" % (path, getattr(exc, "strerror", None) or exc),
+                            code="artifact_export_package_invalid", path=path)
     if not isinstance(data, dict):
         raise ArtifactError("%s is not a JSON object" % path, code="artifact_export_package_invalid", path=path)
     return data
@@ -5776,8 +6055,9 @@ def verify_export_package(package_root: Any) -> _VerifiedPackage:
             code="artifact_export_package_invalid", path=root / "export.package.json")
     body = _package_member(root, metadata, "body_file")
     binding_data = _read_package_json(_package_member(root, metadata, "binding_file"))
-    manifest_data = _read_package_json(_package_member(root, metadata, "manifest_file", "manifest.snapshot.json"))
-    manifest = ArtifactManifest.from_dict(manifest_data)
+    manifest_path = _package_member(root, metadata, "manifest_file", "manifest.snapshot.json")
+    manifest = ArtifactManifest.from_dict(_read_package_json(manifest_path))
+    _check_manifest_storable(manifest, code="artifact_export_package_invalid", path=manifest_path)
     binding = ArtifactBinding.from_dict(binding_data)
     for key in ("artifact_ref", "artifact_kind"):
         values = {metadata.get(key), binding_data.get(key), getattr(manifest, key),
@@ -5786,7 +6066,7 @@ def verify_export_package(package_root: Any) -> _VerifiedPackage:
             raise ArtifactError("export package %s: %s differs between its files (%s)" % (
                 root, key, ", ".join(sorted(str(value) for value in values))),
                 code="artifact_export_package_invalid", path=root)
-    size, digest = sha256_file(body)
+    size, digest = sha256_file(body, follow_symlinks=False)
     claims = [("binding", binding.size_bytes, binding.hash_value),
               ("manifest", manifest.size_bytes, manifest.hash_value)]
     for source, claimed_size, claimed_hash in claims:
@@ -5810,6 +6090,7 @@ def import_export_package(store: ArtifactStore, package_root: Any, conflict_poli
                             code="artifact_store_invalid_conflict_policy")
     package = verify_export_package(package_root)
     manifest = package.manifest
+    _check_names_fit(store._planned_paths(manifest))
     loss_report = {"package_root": str(package.root)}
 
     def event(outcome: ImportOutcome, written: int) -> Tuple[str, Dict[str, Any]]:
@@ -5820,35 +6101,30 @@ def import_export_package(store: ArtifactStore, package_root: Any, conflict_poli
 
     with store._writing():
         existing = store.load_binding(manifest.artifact_ref)
-        notes: Tuple[str, ...] = ()
-        if existing is not None and (existing.size_bytes, existing.hash_value) == (package.size, package.digest):
-            outcome = ImportOutcome.SKIPPED if policy == "skip" else ImportOutcome.IDEMPOTENT
-            body = store.object_path(existing.manifest_snapshot)
-            if body.is_file() and sha256_file(body) == (package.size, package.digest):
-                _write_event(store, manifest.artifact_ref, event(outcome, 0))
-                return ImportReceipt(manifest.artifact_ref, outcome, 0, loss_report)
-            notes = ("damaged_body_restored_from_package",)  # same binding, body missing or drifted
-        elif existing is not None and policy == "skip":
-            _write_event(store, manifest.artifact_ref, event(ImportOutcome.SKIPPED, 0))
-            return ImportReceipt(manifest.artifact_ref, ImportOutcome.SKIPPED, 0, loss_report)
-        elif existing is not None and policy == "error":
-            raise ConflictError("%s is already bound to a different body (size %d, sha256 %s); use --conflict "
-                                "skip or replace" % (manifest.artifact_ref, existing.size_bytes, existing.hash_value))
+        same = existing is not None and (existing.size_bytes, existing.hash_value) == (package.size, package.digest)
         if existing is None:
             outcome = ImportOutcome.IMPORTED
-        elif notes:
-            outcome = ImportOutcome.IDEMPOTENT
+        elif same or policy == "skip":
+            outcome = ImportOutcome.SKIPPED if policy == "skip" else ImportOutcome.IDEMPOTENT
+        elif policy == "error":
+            raise ConflictError("%s is already bound to a different body (size %d, sha256 %s); use --conflict "
+                                "skip or replace" % (manifest.artifact_ref, existing.size_bytes, existing.hash_value))
         else:
             outcome = ImportOutcome.REPLACED
+        restore = same and not _body_matches(store, existing, package)  # same binding, body missing or drifted
+        if outcome in (ImportOutcome.SKIPPED, ImportOutcome.IDEMPOTENT) and not restore:
+            _write_event(store, manifest.artifact_ref, event(outcome, 0))
+            return ImportReceipt(manifest.artifact_ref, outcome, 0, loss_report)
         staged, size, digest = store._stage_body(package.body, expected=(package.size, package.digest))
+        written = 0 if restore else size  # Contexta counts bytes bound: none when the binding stays
         try:
-            binding = existing if notes else store._new_binding(manifest, package.body.name, "copy", size, digest)
+            binding = existing if restore else store._new_binding(manifest, package.body.name, "copy", size, digest)
             assert binding is not None
-            events = [event(outcome, size)]
+            events = [event(outcome, written)]
             if outcome is ImportOutcome.REPLACED:
                 events.insert(0, ("quarantine", {"kind": "bound_artifact", "recorded_at": _utc_timestamp(),
                                                  "details": {"artifact_ref": manifest.artifact_ref}}))
-            if not notes:  # a new binding: Contexta's put event
+            if not restore:  # a new binding: Contexta's put event
                 events.append(("bindings", {"action": "put", "artifact_ref": binding.artifact_ref,
                                             "binding": binding.to_dict(), "path": str(store.object_path(manifest)),
                                             "recorded_at": _utc_timestamp()}))
@@ -5857,13 +6133,21 @@ def import_export_package(store: ArtifactStore, package_root: Any, conflict_poli
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(staged))
-    return ImportReceipt(manifest.artifact_ref, outcome, size, loss_report, quarantine, notes)
+    notes = ("damaged_body_restored_from_package",) if restore else ()
+    return ImportReceipt(manifest.artifact_ref, outcome, written, loss_report, quarantine, notes)
+
+
+def _body_matches(store: ArtifactStore, binding: Optional[ArtifactBinding], package: _VerifiedPackage) -> bool:
+    if binding is None:
+        return False
+    body = store.object_path(binding.manifest_snapshot)
+    return _path_kind(body) == "file" and sha256_file(body, follow_symlinks=False) == (package.size, package.digest)
 
 
 def _write_event(store: ArtifactStore, artifact_ref: str, event: Tuple[str, Mapping[str, Any]]) -> None:
     folder = store.root_path / "history" / event[0] / sanitize_component(artifact_ref)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / _event_name(), _pretty_json(event[1]), mode=0o600)
+    _write_store_file(folder / _event_name(), _pretty_json(event[1]))
 
 
 # ---------------------------------------------------------------------------

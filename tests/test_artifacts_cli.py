@@ -1,5 +1,6 @@
-"""The artifact commands fail closed on a store that is not there."""
+"""The artifact commands fail closed on a store that is not there, and count bytes as Contexta does."""
 
+import json
 import shutil
 
 import pytest
@@ -75,3 +76,24 @@ def test_a_workspace_without_an_artifact_store(cli, fixture_dir, tmp_path):
     imported = cli("--workspace", workspace, *ACTIONS["import"](fixture_dir, tmp_path), "--json")
     assert imported.returncode == 0 and imported.json["outcome"] == "imported"
     assert (workspace / "artifacts" / BODY).is_file()
+
+
+# -- 6. bytes_written as Contexta counts it --------------------------------------------------------------
+
+@pytest.mark.parametrize("policy, outcome", [("error", "idempotent"), ("skip", "skipped"),
+                                             ("replace", "idempotent")])
+def test_reimporting_an_identical_package_writes_0_bytes_even_when_it_repairs_the_body(cli, fixture_dir, policy,
+                                                                                       outcome):
+    store = _ws(fixture_dir) / "artifacts"
+    package = fixture_dir / PACKAGE
+    plain = cli("artifact", "import", package, "--store", store, "--conflict", policy, "--json")
+    assert plain.returncode == 0 and (plain.json["outcome"], plain.json["bytes_written"]) == (outcome, 0)
+    (store / BODY).unlink()
+    repaired = cli("artifact", "import", package, "--store", store, "--conflict", policy, "--json")
+    assert repaired.returncode == 0, repaired
+    assert (repaired.json["outcome"], repaired.json["bytes_written"]) == (outcome, 0)
+    assert repaired.json["notes"] == ["damaged_body_restored_from_package"]
+    assert (store / BODY).read_bytes() == (package / "artifact__fixture-proj.tuned.model.bin").read_bytes()
+    events = [json.loads(path.read_text()) for path in (store / "history/imports").rglob("*.json")]
+    assert sorted((event["outcome"], event["bytes_written"]) for event in events) == [(outcome, 0)] * 2
+    assert cli("artifact", "verify", "--all", "--store", store).returncode == 0
