@@ -5193,8 +5193,21 @@ class ArtifactHandle:
     path: Path
 
 
+class _StatusRecord(_Record):
+    """A result whose JSON also says ``status``, after Contexta's fields: FAILURE when it holds problems."""
+
+    @property
+    def status(self) -> str:
+        return "FAILURE" if getattr(self, "problems", ()) else "SUCCESS"
+
+    def to_dict(self) -> Dict[str, Any]:
+        payload = _fields_dict(self)
+        payload["status"] = self.status
+        return payload
+
+
 @dataclasses.dataclass(frozen=True)
-class ArtifactPutReceipt(_Record):
+class ArtifactPutReceipt(_StatusRecord):
     binding: ArtifactBinding
     path: Path
     bytes_written: int
@@ -5226,7 +5239,7 @@ class VerificationRecord(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class StoreSummary(_Record):
+class StoreSummary(_StatusRecord):
     """Contexta's StoreSummary, plus the findings behind its counts."""
 
     artifact_count: int
@@ -5241,7 +5254,7 @@ class StoreSummary(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepReport(_Record):
+class SweepReport(_StatusRecord):
     """Contexta's SweepReport, plus each problem's path, expected and actual size and digest."""
 
     verification_records: Tuple[VerificationRecord, ...] = ()
@@ -5258,7 +5271,7 @@ class SweepReport(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportReceipt(_Record):
+class ExportReceipt(_StatusRecord):
     artifact_ref: str
     export_directory: Path
     body_path: Path
@@ -5277,7 +5290,7 @@ _CONFLICT_POLICIES = ("error", "skip", "replace")
 
 
 @dataclasses.dataclass(frozen=True)
-class ImportReceipt:
+class ImportReceipt(_StatusRecord):
     """Contexta's ImportReceipt (``outcome.value`` is imported/skipped/replaced/idempotent).
 
     ``bytes_written`` counts as Contexta's does: 0 whenever the binding stays as it was
@@ -5292,7 +5305,7 @@ class ImportReceipt:
     notes: Tuple[str, ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
-        payload = _fields_dict(self)
+        payload = _StatusRecord.to_dict(self)
         payload["outcome"] = self.outcome.value
         return payload
 

@@ -1,4 +1,5 @@
-"""The artifact commands fail closed on a store that is not there, and count bytes as Contexta does."""
+"""The artifact commands fail closed on a store that is not there, say their status, and count bytes as
+Contexta does."""
 
 import json
 import shutil
@@ -71,11 +72,32 @@ def test_a_workspace_without_an_artifact_store(cli, fixture_dir, tmp_path):
     for action in ("inspect", "verify-all"):
         result = cli("--workspace", workspace, *ACTIONS[action](fixture_dir, tmp_path), "--json")
         assert result.returncode == 0, result
+        assert result.json["status"] == "SUCCESS"
         assert "artifact_store_absent" in result.json["notes"]
     assert not (workspace / "artifacts").exists()
     imported = cli("--workspace", workspace, *ACTIONS["import"](fixture_dir, tmp_path), "--json")
     assert imported.returncode == 0 and imported.json["outcome"] == "imported"
     assert (workspace / "artifacts" / BODY).is_file()
+
+
+# -- 8. every artifact command has a status; exit codes agree ------------------------------------------
+
+@pytest.mark.parametrize("action", sorted(ACTIONS))
+def test_every_artifact_result_has_a_status(cli, fixture_dir, tmp_path, action):
+    store = _ws(fixture_dir) / "artifacts"
+    result = cli(*ACTIONS[action](fixture_dir, tmp_path), "--store", store, "--json")
+    assert result.returncode == 0, result
+    expected = "verified" if action == "verify-ref" else "SUCCESS"  # verify REF: Contexta's own status field
+    assert result.json["status"] == expected
+
+
+def test_problems_give_status_failure_and_exit_1(cli, fixture_dir, tmp_path):
+    store = _ws(fixture_dir) / "artifacts"
+    (store / BODY).write_bytes(b"drifted")
+    for action in ("inspect", "verify-all", "verify-ref"):
+        result = cli(*ACTIONS[action](fixture_dir, tmp_path), "--store", store, "--json")
+        assert result.returncode == 1, (action, result)
+        assert result.json["status"] == ("size_mismatch" if action == "verify-ref" else "FAILURE")
 
 
 # -- 6. bytes_written as Contexta counts it --------------------------------------------------------------
