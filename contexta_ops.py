@@ -98,6 +98,7 @@ __all__ = [
     # reading Contexta's stores
     "scan_records", "RecordsReport", "check_metadata_file", "MetadataReport",
     "scan_artifact_bindings", "ArtifactsReport", "artifact_object_relpath", "sanitize_component",
+    "RecoveryResult", "ImportResult",
     # backup
     "BackupPlan", "BackupResult", "BackupVerifyResult", "BackupListEntry", "PruneResult",
     "plan_workspace_backup", "create_workspace_backup", "create_backup_archive", "create_cli_zip", "list_backups",
@@ -113,7 +114,7 @@ __all__ = [
     "ArtifactStore", "VaultConfig", "ArtifactManifest", "ArtifactBinding", "ArtifactHandle", "ArtifactPutReceipt",
     "VerificationReport", "VerificationRecord", "StoreSummary", "SweepReport", "ExportReceipt", "ImportReceipt",
     "ImportOutcome", "inspect_store", "verify_artifact", "verify_all", "export_artifact", "import_export_package",
-    "verify_export_package",
+    "verify_export_package", "get_artifact", "artifact_exists", "read_artifact_bytes", "list_refs",
     # status, check, demo, self-check
     "CheckResult", "WorkspaceStatus", "PathStatus", "StatusWarning", "DemoResult", "SelfCheckResult",
     "check_workspace", "workspace_status", "build_demo_workspace", "run_demo", "self_check",
@@ -543,9 +544,9 @@ def read_regular(path: Any, limit: Optional[int] = _JSON_FILE_LIMIT, *, follow_s
     return data
 
 
-def sha256_file(path: Any) -> Tuple[int, str]:
+def sha256_file(path: Any, *, follow_symlinks: bool = True) -> Tuple[int, str]:
     """Size and lowercase sha256 of a regular file, read in constant memory (never a FIFO or device)."""
-    fd = open_regular_fd(path)
+    fd = open_regular_fd(path, follow_symlinks=follow_symlinks)
     try:
         expected = os.fstat(fd).st_size
         if expected < _CHUNK:  # most files: one read, no buffer
@@ -1833,6 +1834,7 @@ class ArtifactCheck:
     expected_hash_value: Optional[str]
     actual_hash_value: Optional[str]
     binding_size_bytes: int = 0
+    body_kind: str = "missing"  # what is at the body's place: file, missing, symbolic link, FIFO, ...
 
     @property
     def verified(self) -> bool:
@@ -1867,9 +1869,54 @@ class ArtifactsReport(_Record):
                 "orphan_count": self.orphan_count}
 
 
+def _mode_kind(mode: int) -> str:
+    """What an ``lstat`` mode is, in the words a message uses."""
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    return "socket" if stat.S_ISSOCK(mode) else "device"
+
+
+def _path_kind(path: Any) -> str:
+    """:func:`_mode_kind` of what is at ``path`` (a symlink is not followed), or ``missing``."""
+    try:
+        return _mode_kind(os.lstat(str(path)).st_mode)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):  # no such name can be there
+            return "missing"
+        raise
+
+
+def _irregular_problem(shown: str, kind: str, what: str) -> Problem:
+    """A symlink or special file where a store keeps regular files: reported, never followed or opened."""
+    if kind == "symbolic link":
+        return Problem("symlink_not_followed", shown, "%s is a symbolic link, which is never followed" % what)
+    return Problem("special_file", shown, "%s is a %s, not a regular file; it was not opened" % (what, kind))
+
+
+def _read_json_document(path: Path) -> Any:
+    """A store's or a package's JSON file: a regular file (never a symlink or FIFO), within the shared limits.
+
+    The size is checked before reading, so an oversized file costs nothing.
+    """
+    with open_regular(path, follow_symlinks=False) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > _JSON_FILE_LIMIT:
+            raise InputRefusedError("is larger than %d bytes" % _JSON_FILE_LIMIT)
+        data = handle.read(size + 1)
+        if len(data) > size:  # grew since: read on, up to the limit
+            data += handle.read(_JSON_FILE_LIMIT + 1 - len(data))
+    return json_loads(data, max_bytes=_JSON_FILE_LIMIT)
+
+
 def _read_binding(path: Path) -> Dict[str, Any]:
     """A binding file's object, checked for the keys verification needs (ValueError if not)."""
-    binding = json_loads(read_regular(path))
+    binding = _read_json_document(path)
     if not isinstance(binding, dict):
         raise ValueError("binding is not a JSON object")
     snapshot = binding.get("manifest_snapshot")
@@ -1907,16 +1954,17 @@ def _evaluate_body(root: Path, binding: Mapping[str, Any],
                           expected_hash_value=expected_hash, actual_hash_value=None,
                           binding_size_bytes=binding["size_bytes"])
     body = root / rel
-    try:
-        body_stat = os.lstat(str(body))
-    except OSError:
-        return check
-    if not stat.S_ISREG(body_stat.st_mode):
+    check.body_kind = _path_kind(body)
+    if check.body_kind != "file":
         return check
     if digests is not None and rel in digests:
         check.actual_size_bytes, check.actual_hash_value = digests[rel]
     else:
-        check.actual_size_bytes, check.actual_hash_value = sha256_file(body)
+        try:
+            check.actual_size_bytes, check.actual_hash_value = sha256_file(body, follow_symlinks=False)
+        except SpecialFileError:  # replaced since the lstat
+            check.body_kind = _path_kind(body)
+            return check
     if expected_size is not None and check.actual_size_bytes != expected_size:
         check.status = "size_mismatch"
     elif expected_hash is not None and check.actual_hash_value != expected_hash:
@@ -1941,16 +1989,21 @@ def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tu
     if not root.is_dir():
         return report
     report.present = True
-    canonical: Set[str] = set()
+    known: Set[str] = set()  # store-relative paths already judged: bindings and bodies
     refs: Set[str] = set()
     bindings_dir = root / "bindings"
     binding_paths = sorted(bindings_dir.glob("*.binding.json")) if bindings_dir.is_dir() else []
     for binding_path in binding_paths:
         rel = "bindings/" + binding_path.name
+        known.add(rel)
         report.artifact_count += 1
+        kind = _path_kind(binding_path)
+        if kind != "file":
+            report.problems.append(_irregular_problem(show(rel), kind, "binding"))
+            continue
         try:
             binding = _read_binding(binding_path)
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             report.problems.append(Problem("binding_invalid", show(rel), "unreadable binding: %s" % exc))
             continue
         expected_name = "%s.binding.json" % sanitize_component(binding["artifact_ref"])
@@ -1963,11 +2016,12 @@ def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tu
         report.kinds[binding["artifact_kind"]] = report.kinds.get(binding["artifact_kind"], 0) + 1
         report.total_size_bytes += binding["size_bytes"]
         check = _evaluate_body(root, binding, digests)
-        canonical.add(check.path)
+        known.add(check.path)
         report.checks.append(check)
         _count_artifact_check(report, check, show)
     report.kinds = dict(sorted(report.kinds.items()))
-    for rel in _find_orphans(root, canonical):
+    orphans, irregular = _find_orphans(root, known)
+    for rel in orphans:
         report.orphan_paths.append(show(rel))
         is_temp = rel.endswith(".tmp")
         if is_temp:
@@ -1976,6 +2030,7 @@ def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tu
                                        "interrupted write left a temp file" if is_temp
                                        else "body that no binding points at"))
     report.orphan_count = len(report.orphan_paths)
+    report.problems.extend(_irregular_problem(show(rel), kind, "store entry") for rel, kind in irregular)
     return report
 
 
@@ -1985,8 +2040,10 @@ def _count_artifact_check(report: ArtifactsReport, check: ArtifactCheck, show: C
         return
     if check.status == "missing":
         report.missing_count += 1
-        report.problems.append(Problem("artifact_missing", show(check.path),
-                                       "body of %s is missing" % check.artifact_ref))
+        what = "body of %s" % check.artifact_ref
+        report.problems.append(Problem("artifact_missing", show(check.path), "%s is missing" % what)
+                               if check.body_kind == "missing" else _irregular_problem(show(check.path),
+                                                                                       check.body_kind, what))
         return
     report.drift_count += 1
     if check.status == "size_mismatch":
@@ -2001,12 +2058,105 @@ def _count_artifact_check(report: ArtifactsReport, check: ArtifactCheck, show: C
                                        expected=check.expected_hash_value, actual=check.actual_hash_value))
 
 
-def _find_orphans(root: Path, canonical: Set[str]) -> List[str]:
-    objects = root / "objects"
-    if not objects.is_dir():
-        return []
-    return ["objects/" + rel for rel, _st, kind in _walk_tree(objects)
-            if kind != "dir" and "objects/" + rel not in canonical]
+def _find_orphans(root: Path, known: Set[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Orphan bodies, and entries no reader may open: ``(orphans, [(path, kind), ...])``, store-relative.
+
+    An orphan is a regular file under ``objects/`` whose path is not in ``known``.
+    A FIFO, socket or device anywhere in the store is never opened, only named;
+    so is a symbolic link where bodies and bindings live.  Nothing is followed.
+    """
+    orphans: List[str] = []
+    irregular: List[Tuple[str, str]] = []
+    for rel, kind in _store_entries(str(root)):
+        if rel in known:
+            continue
+        top = rel.split("/", 1)[0]
+        if kind == "file":
+            if top == "objects":
+                orphans.append(rel)
+        elif kind != "symbolic link" or top in ("objects", "bindings"):
+            irregular.append((rel, kind))
+    return sorted(orphans), sorted(irregular)
+
+
+# Folders below this depth are read whole rather than held open, so a hostile nesting cannot use up descriptors.
+_LAZY_LISTING_DEPTH = 32
+
+
+def _store_entries(root: str) -> Iterator[Tuple[str, str]]:
+    """``(relative path, kind)`` of everything below ``root`` but folders, never following a link.
+
+    Kinds come from the directory listing itself (``d_type``): a store holds
+    hundreds of thousands of files, and a ``stat`` of each would double the
+    cost of a sweep.  Only an entry that is none of folder, file or link is
+    asked what it is.  Listings are read as they are walked, so memory does
+    not grow with the widest folder (``history/verification`` has one
+    subfolder per artifact).
+    """
+    stack: List[Tuple[str, Iterator[Any]]] = [("", _listing(root, lazy=True))]
+    while stack:
+        prefix, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        relative = prefix + entry.name
+        if entry.is_dir(follow_symlinks=False):
+            stack.append((relative + "/", _listing(entry.path, lazy=len(stack) < _LAZY_LISTING_DEPTH)))
+        elif entry.is_file(follow_symlinks=False):
+            yield relative, "file"
+        elif entry.is_symlink():
+            yield relative, "symbolic link"
+        else:
+            yield relative, _mode_kind(entry.stat(follow_symlinks=False).st_mode)
+
+
+def _listing(directory: str, lazy: bool) -> Iterator[Any]:
+    """A folder's entries: read as iterated (one open descriptor), or all at once (none held open)."""
+    try:
+        entries = os.scandir(directory)
+    except (FileNotFoundError, NotADirectoryError):  # removed or replaced while we walked
+        return iter(())
+    return entries if lazy else iter(list(entries))
+
+
+# -- the result every recovery job returns ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryResult(_Record):
+    """Contexta's base of recovery results: a status (upper case), warnings, notes and details."""
+
+    status: str
+    warnings: Tuple[Any, ...] = ()
+    notes: Tuple[str, ...] = ()
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", str(self.status).strip().upper())
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+        object.__setattr__(self, "notes", tuple(str(note) for note in self.notes))
+        object.__setattr__(self, "details", dict(sorted((self.details or {}).items())))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportResult(RecoveryResult):
+    """Contexta's result of importing a workspace (its fields; this tool does not make one itself)."""
+
+    source_root: Optional[Path] = None
+    target_workspace: Optional[Path] = None
+    created_run_count: int = 0
+    created_artifact_count: int = 0
+    created_record_count: int = 0
+    loss_notes: Tuple[str, ...] = ()
+    verification_notes: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        RecoveryResult.__post_init__(self)
+        for name in ("source_root", "target_workspace"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else Path(value))
+        for name in ("loss_notes", "verification_notes"):
+            object.__setattr__(self, name, tuple(str(note) for note in getattr(self, name)))
 
 
 # ---------------------------------------------------------------------------
@@ -2122,13 +2272,9 @@ class BackupPlan(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class BackupResult(_Record):
+class BackupResult(RecoveryResult):
     """Contexta's BackupResult fields; status is DEGRADED (exit 1) when the copy may be inconsistent."""
 
-    status: str
-    warnings: Tuple[Notice, ...] = ()
-    notes: Tuple[str, ...] = ()
-    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     backup_ref: str = ""
     created_at: str = ""
     location: Optional[Path] = None
@@ -4094,13 +4240,9 @@ class RestorePlan(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class RestoreResult(_Record):
+class RestoreResult(RecoveryResult):
     """Contexta's RestoreResult fields, plus every problem found (each naming its file)."""
 
-    status: str
-    warnings: Tuple[Notice, ...] = ()
-    notes: Tuple[str, ...] = ()
-    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     backup_ref: str = ""
     target_workspace: Optional[Path] = None
     applied: bool = False
@@ -6217,6 +6359,8 @@ PACKAGE_FORMAT_VERSION = "contexta-artifact-export-v1"
 _ARTIFACT_DIRS = ("bindings", "objects", "staging", "exports", "history/bindings", "quarantine")
 _STORE_LOCK = "staging/contexta-ops.lock"
 _WRITE_JOURNAL_SUFFIX = ".contexta-ops-write.json"
+# Where a manifest's object sits inside a write journal: journal > events > event > payload > binding > manifest.
+_MANIFEST_DEPTH_IN_JOURNAL = 5
 _REF_KIND = re.compile(r"^[a-z][a-z0-9_]*$")
 _REF_COMPONENT = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _LOWER_SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -6441,11 +6585,8 @@ class VaultConfig(_Record):
 
     @classmethod
     def from_unified_config(cls, config: UnifiedConfig) -> "VaultConfig":
-        artifacts = config.artifacts
-        return cls(root_path=artifacts.root_path, default_ingest_mode=artifacts.default_ingest_mode,
-                   verification_mode=artifacts.verification_mode, create_missing_dirs=artifacts.create_missing_dirs,
-                   layout_version=artifacts.layout_version, chunk_size_bytes=artifacts.chunk_size_bytes,
-                   read_only=artifacts.read_only)
+        """The ``artifacts`` table, setting for setting (the two classes hold the same fields)."""
+        return cls(**{f.name: getattr(config.artifacts, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6454,8 +6595,21 @@ class ArtifactHandle:
     path: Path
 
 
+class _StatusRecord(_Record):
+    """A result whose JSON also says ``status``, after Contexta's fields: FAILURE when it holds problems."""
+
+    @property
+    def status(self) -> str:
+        return "FAILURE" if getattr(self, "problems", ()) else "SUCCESS"
+
+    def to_dict(self) -> Dict[str, Any]:
+        payload = _fields_dict(self)
+        payload["status"] = self.status
+        return payload
+
+
 @dataclasses.dataclass(frozen=True)
-class ArtifactPutReceipt(_Record):
+class ArtifactPutReceipt(_StatusRecord):
     binding: ArtifactBinding
     path: Path
     bytes_written: int
@@ -6487,7 +6641,7 @@ class VerificationRecord(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class StoreSummary(_Record):
+class StoreSummary(_StatusRecord):
     """Contexta's StoreSummary, plus the findings behind its counts."""
 
     artifact_count: int
@@ -6502,7 +6656,7 @@ class StoreSummary(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepReport(_Record):
+class SweepReport(_StatusRecord):
     """Contexta's SweepReport, plus each problem's path, expected and actual size and digest."""
 
     verification_records: Tuple[VerificationRecord, ...] = ()
@@ -6519,7 +6673,7 @@ class SweepReport(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportReceipt(_Record):
+class ExportReceipt(_StatusRecord):
     artifact_ref: str
     export_directory: Path
     body_path: Path
@@ -6538,8 +6692,12 @@ _CONFLICT_POLICIES = ("error", "skip", "replace")
 
 
 @dataclasses.dataclass(frozen=True)
-class ImportReceipt:
-    """Contexta's ImportReceipt (``outcome.value`` is imported/skipped/replaced/idempotent)."""
+class ImportReceipt(_StatusRecord):
+    """Contexta's ImportReceipt (``outcome.value`` is imported/skipped/replaced/idempotent).
+
+    ``bytes_written`` counts as Contexta's does: 0 whenever the binding stays as it was
+    (idempotent, skipped), even when a damaged body was restored (a note says so).
+    """
 
     artifact_ref: str
     outcome: ImportOutcome
@@ -6549,7 +6707,7 @@ class ImportReceipt:
     notes: Tuple[str, ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
-        payload = _fields_dict(self)
+        payload = _StatusRecord.to_dict(self)
         payload["outcome"] = self.outcome.value
         return payload
 
@@ -6560,10 +6718,91 @@ _VERIFICATION_MESSAGES = {
     "hash_mismatch": "artifact body hash does not match the expected hash",
     "verified": "artifact body matches the current verification claims",
 }
+_NOT_A_BODY_MESSAGE = "artifact body at the canonical object path is a %s, not a regular file; it was not read"
 
 
 def _event_name() -> str:
     return "%s-%s.json" % (_path_safe_timestamp(_utc_timestamp()), uuid.uuid4().hex)
+
+
+@contextlib.contextmanager
+def _name_errors(path: Any) -> Iterator[None]:
+    """Give an OS error raised without a file name (a full disk on write or fsync) the path it concerns."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+def _write_store_file(path: Path, data: bytes) -> None:
+    """Contexta writes its store's JSON files owner-only; ours go through a temp file and a rename."""
+    with _name_errors(path):
+        atomic_write_bytes(path, data, mode=0o600)
+
+
+def _sync_dir(path: Path) -> None:
+    with _name_errors(path):
+        _fsync_dir(path)
+
+
+def _problem_error(problem: Problem) -> ArtifactError:
+    """A finding that stops a command which cannot go on without the file (exit 3, naming it)."""
+    code = problem.code
+    return ArtifactError("%s: %s" % (problem.path, problem.message), code=code, path=problem.path)
+
+
+def _binding_document(path: Path) -> Dict[str, Any]:
+    """A binding a command cannot go on without: its object, or an error naming the file."""
+    kind = _path_kind(path)
+    if kind != "file":
+        raise _problem_error(_irregular_problem(str(path), kind, "binding"))
+    try:
+        return _read_binding(path)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError("binding %s is invalid: %s" % (path, exc), code="artifact_store_invalid_binding",
+                            path=path)
+
+
+def _name_limits(path: Path) -> Tuple[int, int]:
+    """(NAME_MAX, PATH_MAX) of the filesystem that will hold ``path``, asked of its nearest existing folder."""
+    anchor = path.parent
+    while not anchor.is_dir() and anchor != anchor.parent:
+        anchor = anchor.parent
+    limits = []
+    for name, fallback in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            limits.append(os.pathconf(str(anchor), name) or fallback)
+        except (OSError, ValueError):
+            limits.append(fallback)
+    return limits[0], limits[1]
+
+
+def _check_names_fit(paths: Iterable[Path]) -> None:
+    """Refuse, before anything is written, a write naming a file this filesystem cannot hold."""
+    for path in paths:
+        name_max, path_max = _name_limits(path)
+        for name in path.parts:
+            if len(os.fsencode(name)) > name_max:
+                raise ArtifactError("cannot store %s: the name %s is %d bytes, longer than the %d this filesystem "
+                                    "allows" % (path, name, len(os.fsencode(name)), name_max),
+                                    code="artifact_name_too_long", path=path)
+        if len(os.fsencode(str(path))) >= path_max:
+            raise ArtifactError("cannot store %s: the path is %d bytes, longer than the %d this system allows"
+                                % (path, len(os.fsencode(str(path))), path_max), code="artifact_name_too_long",
+                                path=path)
+
+
+def _check_manifest_storable(manifest: ArtifactManifest, code: str = "artifact_manifest_too_large",
+                             path: Any = None) -> None:
+    """Refuse a manifest that, wrapped in its binding and write journal, would nest deeper than any reader takes."""
+    depth = _json_depth(_compact_json(manifest.to_dict()))
+    if depth + _MANIFEST_DEPTH_IN_JOURNAL > _JSON_MAX_DEPTH:
+        raise ArtifactError("%smanifest of %s nests %d levels; its binding and write journal would be deeper than "
+                            "the %d levels every reader accepts" % ("%s: " % path if path else "",
+                                                                    manifest.artifact_ref, depth, _JSON_MAX_DEPTH),
+                            code=code, path=path)
 
 
 class ArtifactStore:
@@ -6588,40 +6827,38 @@ class ArtifactStore:
         return self.root_path / artifact_object_relpath(manifest.artifact_ref, manifest.artifact_kind,
                                                         manifest.location_ref)
 
+    def _planned_paths(self, manifest: ArtifactManifest) -> List[Path]:
+        """The files a put or import of ``manifest`` creates (besides temp and journal names of fixed length)."""
+        history = self.root_path / "history" / "imports" / sanitize_component(manifest.artifact_ref)
+        return [self.binding_path(manifest.artifact_ref), self.object_path(manifest), history / _event_name()]
+
     # -- reading -------------------------------------------------------------------
 
     def load_binding(self, artifact_ref: str) -> Optional[ArtifactBinding]:
         path = self.binding_path(artifact_ref)
-        if not path.is_file():
+        if _path_kind(path) == "missing":
             return None
+        data = _binding_document(path)
         try:
-            data = json_loads(read_regular(path))
-        except ValueError:
-            raise ArtifactError("binding %s is not valid JSON" % path, code="artifact_store_invalid_binding",
-                                path=path)
-        return ArtifactBinding.from_dict(data)
+            return ArtifactBinding.from_dict(data)
+        except ArtifactError as exc:
+            code = exc.code
+            raise ArtifactError("binding %s: %s" % (path, exc), code=code, path=path)
 
     def get_artifact(self, artifact_ref: str) -> ArtifactHandle:
-        binding = self.load_binding(artifact_ref)
-        if binding is None:
-            raise ArtifactError("no artifact bound as %s in %s" % (artifact_ref, self.root_path),
-                                code="artifact_store_binding_not_found", path=self.binding_path(artifact_ref))
-        path = self.object_path(binding.manifest_snapshot)
-        if not path.is_file():
-            raise ArtifactError("body of %s is missing at %s" % (artifact_ref, path),
-                                code="artifact_store_body_not_found", path=path)
-        return ArtifactHandle(binding, path)
+        return get_artifact(self, artifact_ref)
+
+    def artifact_exists(self, artifact_ref: str) -> bool:
+        return artifact_exists(self, artifact_ref)
+
+    def read_artifact_bytes(self, artifact_ref: str) -> bytes:
+        return read_artifact_bytes(self, artifact_ref)
 
     def list_refs(self) -> List[str]:
-        bindings = self.root_path / "bindings"
-        refs = []
-        for path in sorted(bindings.glob("*.binding.json")) if bindings.is_dir() else []:
-            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
-                refs.append(json_loads(read_regular(path))["artifact_ref"])
-        return refs
+        return list_refs(self)
 
-    def verify_artifact(self, artifact_ref: str) -> VerificationReport:
-        return verify_artifact(self, artifact_ref)
+    def verify_artifact(self, artifact_ref: str, *, manifest: Any = None) -> VerificationReport:
+        return verify_artifact(self, artifact_ref, manifest=manifest)
 
     def inspect_store(self) -> StoreSummary:
         return inspect_store(self)
@@ -6649,13 +6886,16 @@ class ArtifactStore:
         if not source_path.is_file():
             raise ArtifactError("source %s is not a file" % source_path, code="artifact_store_missing_source",
                                 path=source_path)
+        _check_manifest_storable(manifest)
+        _check_names_fit(self._planned_paths(manifest))
         with self._writing():
             staged, size, digest = self._stage_body(source_path)
             try:
                 existing = self.load_binding(manifest.artifact_ref)
                 if existing is not None:
                     existing_path = self.object_path(existing.manifest_snapshot)
-                    if existing_path.is_file() and (existing.size_bytes, existing.hash_value) == (size, digest):
+                    if _path_kind(existing_path) == "file" and \
+                            (existing.size_bytes, existing.hash_value) == (size, digest):
                         return ArtifactPutReceipt(existing, existing_path, 0)
                     raise ConflictError("%s is already bound to a different body" % manifest.artifact_ref)
                 self._check_claims(manifest, size, digest)
@@ -6693,23 +6933,37 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
-        """Hold the store's write lock, having first finished whatever a killed writer left."""
+        """Hold the store's write lock, having first finished whatever a killed writer left.
+
+        A journal that cannot be acted on (unreadable, or not a regular file)
+        stops every write until a person has judged it: exit 3, naming it.
+        """
         if self.config.read_only:
             raise ArtifactError("artifact store %s is read-only" % self.root_path, code="artifact_store_read_only")
+        journals, problems = _write_journals(self)
+        if problems:
+            raise _problem_error(problems[0])
         for name in _ARTIFACT_DIRS:
             (self.root_path / name).mkdir(parents=True, exist_ok=True)
         with _Lock(self.root_path / _STORE_LOCK, what="artifact store %s" % self.root_path):
-            _recover_artifact_writes(self)
+            journals, problems = _write_journals(self)  # again, under the lock
+            if problems:
+                raise _problem_error(problems[0])
+            _recover_artifact_writes(self, journals)
             yield
 
     def _stage_body(self, source: Path, expected: Optional[Tuple[int, str]] = None) -> Tuple[Path, int, str]:
         """Copy a body into staging/, hashing it; with ``expected``, refuse anything else."""
-        staged = self.root_path / "staging" / ("ingest-%s-%s.part" % (sanitize_component(source.name),
+        staged = self.root_path / "staging" / ("ingest-%s-%s.part" % (sanitize_component(source.name)[:64],
                                                                       uuid.uuid4().hex))
-        progress = _Progress("copy %s" % source.name, source.stat().st_size)
         try:
-            with open(source, "rb") as reader:
-                size, digest = _copy_stream_hashed(_ProgressReader(reader, progress), staged, durable=True)
+            reader = open_regular(source, follow_symlinks=expected is None)  # a package's body is never a link
+        except SpecialFileError as exc:
+            raise ArtifactError("%s %s" % (source, exc.strerror), code="artifact_store_missing_source", path=source)
+        progress = _Progress("copy %s" % source.name, os.fstat(reader.fileno()).st_size)
+        try:
+            with reader, _name_errors(staged):
+                size, digest = _copy_stream_hashed(_ProgressReader(reader, progress, source), staged, durable=True)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(staged))
@@ -6727,23 +6981,28 @@ class ArtifactStore:
                 replaced: Optional[ArtifactBinding] = None) -> Tuple[Path, Optional[Path]]:
         """Journal, (quarantine the old body,) move the body into place, write the binding, then the events.
 
-        The binding write is the commit point: before it, recovery undoes
-        everything; after it, recovery only finishes the history events.
-        Returns the body's path and, for a replace, where the old body went.
+        The binding write is the commit point: a run killed before it is rolled
+        back by the next command, one killed after it rolled forward.  A step
+        that fails here rolls the whole write back at once, so an error leaves
+        the store as it was.  Returns the body's path and, for a replace, where
+        the old body went.
         """
         body = self.object_path(binding.manifest_snapshot)
+        binding_path = self.binding_path(binding.artifact_ref)
         journal: Dict[str, Any] = {
-            "binding_id": binding.binding_id,
-            "binding": _relative_posix(self.binding_path(binding.artifact_ref), self.root_path),
+            "binding_id": binding.binding_id, "binding": _relative_posix(binding_path, self.root_path),
             "body": _relative_posix(body, self.root_path), "body_ino": os.stat(str(staged)).st_ino,
             "staged": _relative_posix(staged, self.root_path)}
         old_body = quarantine = None
+        if _path_kind(binding_path) == "file":  # a replace, or a damaged body restored under its binding
+            journal["old_binding"] = read_regular(binding_path, follow_symlinks=False).decode("utf-8")
         if replaced is not None:
-            journal["old_binding"] = self.binding_path(binding.artifact_ref).read_text(encoding="utf-8")
             old_body = self.object_path(replaced.manifest_snapshot)
-            if old_body.is_file():  # Contexta's place for a replaced body
-                quarantine = self.root_path / "quarantine" / "bound" / _path_safe_timestamp(_utc_timestamp()) / (
-                    "%s-%s" % (uuid.uuid4().hex, old_body.name))
+            if _path_kind(old_body) == "file":  # Contexta's place for a replaced body, its name cut to fit
+                name = "%s-%s" % (uuid.uuid4().hex, old_body.name)
+                while len(os.fsencode(name)) > _name_limits(old_body)[0]:
+                    name = name[:-1]
+                quarantine = self.root_path / "quarantine" / "bound" / _path_safe_timestamp(_utc_timestamp()) / name
                 journal["quarantine"] = {"from": _relative_posix(old_body, self.root_path),
                                          "to": _relative_posix(quarantine, self.root_path)}
         journal["events"] = []
@@ -6760,87 +7019,193 @@ class ArtifactStore:
                 payload["quarantine_path"] = None if quarantine is None else str(quarantine)
             journal["events"].append({"path": "%s/%s" % (folder, _event_name()), "payload": payload})
         journal_path = self.root_path / "staging" / (uuid.uuid4().hex + _WRITE_JOURNAL_SUFFIX)
-        atomic_write_bytes(journal_path, _pretty_json(journal))
+        journal_bytes = self._checked_journal_bytes(journal, journal_path)
+        _write_store_file(journal_path, journal_bytes)
         _crash_point("artifact:journal-written")
+        try:
+            self._apply(journal_path, journal, staged, binding)
+        except BaseException:
+            with contextlib.suppress(Exception):  # if even this fails, the next command rolls back from the journal
+                _roll_back_write(self, journal_path, journal)
+            raise
+        return body, quarantine
+
+    def _checked_journal_bytes(self, journal: Mapping[str, Any], journal_path: Path) -> bytes:
+        """The journal as it will be written, proven readable and every name it holds storable, or refusal."""
+        data = _pretty_json(journal)
+        try:
+            json_loads(data, max_bytes=_JSON_FILE_LIMIT)
+        except JsonInputError as exc:
+            raise ArtifactError("the write journal of %s %s; its manifest is too large to store"
+                                % (journal["binding"], exc), code="artifact_manifest_too_large")
+        names = [journal["body"], journal["binding"]] + [event["path"] for event in journal["events"]]
+        if "quarantine" in journal:
+            names.append(journal["quarantine"]["to"])
+        _check_names_fit([journal_path] + [self.root_path / name for name in names])
+        return data
+
+    def _apply(self, journal_path: Path, journal: Mapping[str, Any], staged: Path, binding: ArtifactBinding) -> None:
+        """The journaled steps of a write, in order; each durable step is a crash point."""
+        root = self.root_path
+        quarantine = journal.get("quarantine")
         if quarantine is not None:
-            assert old_body is not None
-            quarantine.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(str(old_body), str(quarantine))
-            _fsync_dir(quarantine.parent)
-            _fsync_dir(old_body.parent)
+            source, destination = root / quarantine["from"], root / quarantine["to"]
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(str(source), str(destination))
+            _sync_dir(destination.parent)
+            _sync_dir(source.parent)
             _crash_point("artifact:old-body-quarantined")
+        body = root / journal["body"]
         body.parent.mkdir(parents=True, exist_ok=True)
         os.replace(str(staged), str(body))
-        _fsync_dir(body.parent)
+        _sync_dir(body.parent)
         _crash_point("artifact:body-in-place")
-        atomic_write_bytes(self.binding_path(binding.artifact_ref), _pretty_json(binding.to_dict()), mode=0o600)
+        _write_store_file(root / journal["binding"], _pretty_json(binding.to_dict()))
         _crash_point("artifact:binding-written")
         _finish_artifact_write(self, journal_path, journal)
-        return body, quarantine
 
 
 class _ProgressReader:
-    """A reader that reports progress as it is read."""
+    """A reader that reports progress as it is read, and names its file when reading fails."""
 
-    def __init__(self, reader: Any, progress: _Progress) -> None:
+    def __init__(self, reader: Any, progress: _Progress, path: Path) -> None:
         self.reader = reader
         self.progress = progress
+        self.path = path
 
     def readinto(self, buffer: Any) -> int:
-        count = self.reader.readinto(buffer)
+        with _name_errors(self.path):
+            count = self.reader.readinto(buffer)
         if count:
             self.progress.advance(count, files=0)
         return count
+
+
+# -- write journals: recovery of a killed or failed put/import ------------------------------------
+
+_JOURNAL_PATH_KEYS = ("binding", "body", "staged")
+
+
+def _checked_journal(data: Any) -> Dict[str, Any]:
+    """A write journal's object, each path in it store-relative and safe (ValueError saying what is wrong)."""
+    if not isinstance(data, dict):
+        raise ValueError("is not a JSON object")
+    for key in ("binding_id",) + _JOURNAL_PATH_KEYS:
+        if not isinstance(data.get(key), str):
+            raise ValueError("has no %s text" % key)
+    if not isinstance(data.get("body_ino"), int) or isinstance(data["body_ino"], bool):
+        raise ValueError("has no body_ino number")
+    events = data.get("events")
+    if not isinstance(events, list) or not all(isinstance(event, dict) and isinstance(event.get("payload"), dict)
+                                               for event in events):
+        raise ValueError("has no list of events with payloads")
+    quarantine = data.get("quarantine", {})
+    if not isinstance(quarantine, dict) or not isinstance(data.get("old_binding", ""), str):
+        raise ValueError("has an invalid quarantine or old_binding")
+    paths = [data[key] for key in _JOURNAL_PATH_KEYS] + [event.get("path") for event in events]
+    paths += [quarantine.get(key) for key in ("from", "to") if quarantine]
+    for relative in paths:
+        try:
+            _safe_join_text("", relative)
+        except OpsError as exc:
+            raise ValueError("holds an %s" % exc)
+    return data
+
+
+def _write_journals(store: ArtifactStore) -> Tuple[List[Tuple[Path, Dict[str, Any]]], List[Problem]]:
+    """The write journals in staging/: those that can be acted on, and a problem for each that cannot."""
+    staging = store.root_path / "staging"
+    journals: List[Tuple[Path, Dict[str, Any]]] = []
+    problems: List[Problem] = []
+    for path in sorted(staging.glob("*" + _WRITE_JOURNAL_SUFFIX)) if staging.is_dir() else []:
+        kind = _path_kind(path)
+        if kind != "file":
+            problems.append(_irregular_problem(str(path), kind, "store entry"))
+            continue
+        try:
+            journals.append((path, _checked_journal(_read_json_document(path))))
+        except (OSError, ValueError) as exc:
+            problems.append(Problem("artifact_write_journal_invalid", str(path), "write journal %s; it is left in "
+                                    "place: judge it, then remove it" % (getattr(exc, "strerror", None) or exc)))
+    return journals, problems
+
+
+def _journal_committed(store: ArtifactStore, journal: Mapping[str, Any]) -> bool:
+    """Whether the journal's binding is the one on disk (its commit point was reached)."""
+    binding_path = store.root_path / journal["binding"]
+    if _path_kind(binding_path) != "file":
+        return False
+    try:
+        binding = _read_json_document(binding_path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(binding, dict) and binding.get("binding_id") == journal["binding_id"]
 
 
 def _finish_artifact_write(store: ArtifactStore, journal_path: Path, journal: Mapping[str, Any]) -> None:
     """After the commit point: write any missing history event, then forget the journal."""
     for event in journal["events"]:
         path = store.root_path / event["path"]
-        if not path.exists():
+        if _path_kind(path) == "missing":
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, _pretty_json(event["payload"]), mode=0o600)
+            _write_store_file(path, _pretty_json(event["payload"]))
     _crash_point("artifact:events-written")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(str(store.root_path / journal["staged"]))
     os.unlink(str(journal_path))
-    _fsync_dir(journal_path.parent)
+    _sync_dir(journal_path.parent)
 
 
-def _recover_artifact_writes(store: ArtifactStore) -> List[str]:
+def _unlink_quietly(path: Path) -> None:
+    """Remove a file that may not be there (or whose name cannot even exist)."""
+    try:
+        os.unlink(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            raise
+
+
+def _roll_back_write(store: ArtifactStore, journal_path: Path, journal: Mapping[str, Any]) -> None:
+    """Undo a put or import, committed or not: binding as it was, new body and events gone, old body back.
+
+    The binding goes first, so a run killed half-way through this leaves an
+    uncommitted write, which the next command rolls back the same way.
+    """
+    root = store.root_path
+    binding_path = root / journal["binding"]
+    if "old_binding" in journal:
+        _write_store_file(binding_path, journal["old_binding"].encode("utf-8"))
+    elif _journal_committed(store, journal):
+        os.unlink(str(binding_path))
+        _sync_dir(binding_path.parent)
+    for event in journal["events"]:
+        _unlink_quietly(root / event["path"])
+    body = root / journal["body"]
+    if _path_kind(body) == "file" and os.lstat(str(body)).st_ino == journal["body_ino"]:
+        os.unlink(str(body))
+    quarantine = journal.get("quarantine")
+    if quarantine:
+        if _path_kind(root / quarantine["to"]) == "file":
+            os.replace(str(root / quarantine["to"]), str(root / quarantine["from"]))
+        _remove_empty_parents(root / quarantine["to"], root / "quarantine")
+    _unlink_quietly(root / journal["staged"])
+    _unlink_quietly(journal_path)
+    _sync_dir(journal_path.parent)
+
+
+def _recover_artifact_writes(store: ArtifactStore, journals: Sequence[Tuple[Path, Dict[str, Any]]]) -> List[str]:
     """Roll back uncommitted writes a killed run left, roll committed ones forward; say what was done."""
-    staging = store.root_path / "staging"
     done: List[str] = []
-    if not staging.is_dir():
-        return done
-    for journal_path in sorted(staging.glob("*" + _WRITE_JOURNAL_SUFFIX)):
-        journal = json_loads(read_regular(journal_path))
-        binding_path = store.root_path / journal["binding"]
-        committed = False
-        with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, KeyError):
-            committed = json_loads(read_regular(binding_path))["binding_id"] == journal["binding_id"]
-        if committed:
+    for journal_path, journal in journals:
+        if _journal_committed(store, journal):
             _finish_artifact_write(store, journal_path, journal)
             done.append("rolled_forward:%s" % journal["binding"])
-            continue
-        body = store.root_path / journal["body"]
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(str(body)).st_ino == journal["body_ino"]:
-                os.unlink(str(body))
-        quarantine = journal.get("quarantine")
-        if quarantine and (store.root_path / quarantine["to"]).exists():
-            os.replace(str(store.root_path / quarantine["to"]), str(store.root_path / quarantine["from"]))
-        if quarantine:
-            _remove_empty_parents(store.root_path / quarantine["to"], store.root_path / "quarantine")
-        if "old_binding" in journal:
-            atomic_write_bytes(binding_path, journal["old_binding"].encode("utf-8"), mode=0o600)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(str(store.root_path / journal["staged"]))
-        os.unlink(str(journal_path))
-        _fsync_dir(staging)
-        done.append("rolled_back:%s" % journal["binding"])
-    for stale in staging.glob("ingest-*.part"):
-        os.unlink(str(stale))  # a body copy that never reached its journal
+        else:
+            _roll_back_write(store, journal_path, journal)
+            done.append("rolled_back:%s" % journal["binding"])
+    for stale in (store.root_path / "staging").glob("ingest-*.part"):
+        if not stale.with_suffix(".session.json").exists():  # with one, it is Contexta's own staged ingest
+            os.unlink(str(stale))  # a body copy that never reached its journal
     return done
 
 
@@ -6860,44 +7225,110 @@ def _interrupted_artifact_writes(store: ArtifactStore) -> List[str]:
     return sorted(path.name for path in staging.glob("*" + _WRITE_JOURNAL_SUFFIX)) if staging.is_dir() else []
 
 
-def _recover_before_reading(store: ArtifactStore) -> List[str]:
-    """Verification sees the store as the last complete write left it: finish a killed writer first."""
-    if not _interrupted_artifact_writes(store):
-        return []
-    if store.config.read_only:
-        return ["interrupted_write_pending:%s" % name for name in _interrupted_artifact_writes(store)]
-    with _Lock(store.root_path / _STORE_LOCK, what="artifact store %s" % store.root_path):
-        return _recover_artifact_writes(store)
+def _recover_before_reading(store: ArtifactStore) -> Tuple[List[str], List[Problem]]:
+    """Verification sees the store as the last complete write left it: finish a killed writer first.
 
+    Returns what was done, and a problem for each journal that cannot be acted on.
+    """
+    journals, problems = _write_journals(store)
+    if not journals:
+        return [], problems
+    if store.config.read_only:
+        return ["interrupted_write_pending:%s" % path.name for path, _journal in journals], problems
+    with _Lock(store.root_path / _STORE_LOCK, what="artifact store %s" % store.root_path):
+        journals, problems = _write_journals(store)
+        return _recover_artifact_writes(store, journals), problems
+
+
+# -- reading -----------------------------------------------------------------------------------------
 
 def _report_from_check(check: ArtifactCheck, root: Path, checked_at: str) -> VerificationReport:
+    message = _VERIFICATION_MESSAGES[check.status] if check.body_kind in ("file", "missing") \
+        else _NOT_A_BODY_MESSAGE % check.body_kind
     return VerificationReport(
         artifact_ref=check.artifact_ref, status=check.status, verified=check.verified,
         exists=check.actual_size_bytes is not None, actual_size_bytes=check.actual_size_bytes,
         expected_size_bytes=check.expected_size_bytes, actual_hash_value=check.actual_hash_value,
         expected_hash_value=check.expected_hash_value, checked_at=checked_at,
-        messages=(_VERIFICATION_MESSAGES[check.status],), path=str(root / check.path))
+        messages=(message,), path=str(root / check.path))
 
 
-def verify_artifact(store: ArtifactStore, artifact_ref: str) -> VerificationReport:
-    """Re-hash one bound body against its claims (Contexta's statuses)."""
+def _binding_not_found(store: ArtifactStore, artifact_ref: str) -> ArtifactError:
+    return ArtifactError("no artifact bound as %s in %s" % (artifact_ref, store.root_path),
+                         code="artifact_store_binding_not_found", path=store.binding_path(artifact_ref))
+
+
+def get_artifact(store: ArtifactStore, artifact_ref: str) -> ArtifactHandle:
+    """The binding and body path of a bound artifact (Contexta's); the body must be a regular file."""
+    binding = store.load_binding(artifact_ref)
+    if binding is None:
+        raise _binding_not_found(store, artifact_ref)
+    path = store.object_path(binding.manifest_snapshot)
+    kind = _path_kind(path)
+    if kind == "missing":
+        raise ArtifactError("body of %s is missing at %s" % (artifact_ref, path),
+                            code="artifact_store_body_not_found", path=path)
+    if kind != "file":
+        raise _problem_error(_irregular_problem(str(path), kind, "body of %s" % artifact_ref))
+    return ArtifactHandle(binding, path)
+
+
+def artifact_exists(store: ArtifactStore, artifact_ref: str) -> bool:
+    """Whether ``artifact_ref`` is bound and its body is in place (any other trouble is raised)."""
+    try:
+        get_artifact(store, artifact_ref)
+    except ArtifactError as exc:
+        if exc.code in ("artifact_store_binding_not_found", "artifact_store_body_not_found"):
+            return False
+        raise
+    return True
+
+
+def read_artifact_bytes(store: ArtifactStore, artifact_ref: str) -> bytes:
+    """A bound body's bytes, read whole (a symlink or special file is refused, never followed)."""
+    return read_regular(get_artifact(store, artifact_ref).path, None, follow_symlinks=False)
+
+
+def list_refs(store: ArtifactStore) -> List[str]:
+    """Every bound ref, in binding file order (Contexta's); an unreadable binding is an error naming it."""
+    bindings = store.root_path / "bindings"
+    paths = sorted(bindings.glob("*.binding.json")) if bindings.is_dir() else []
+    return [_binding_document(path)["artifact_ref"] for path in paths]
+
+
+def verify_artifact(store: ArtifactStore, artifact_ref: str, *, manifest: Any = None) -> VerificationReport:
+    """Re-hash one bound body against its claims (Contexta's statuses).
+
+    With ``manifest`` (an :class:`ArtifactManifest` or its dict) its claims and
+    object path are checked instead of the binding's snapshot, as in Contexta.
+    """
     _recover_before_reading(store)
     path = store.binding_path(artifact_ref)
-    if not path.is_file():
-        raise ArtifactError("no artifact bound as %s in %s" % (artifact_ref, store.root_path),
-                            code="artifact_store_binding_not_found", path=path)
-    try:
-        binding = _read_binding(path)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError("binding %s is invalid: %s" % (path, exc), code="artifact_store_invalid_binding",
-                            path=path)
+    if _path_kind(path) == "missing":
+        raise _binding_not_found(store, artifact_ref)
+    binding = _binding_document(path)
+    if manifest is not None:
+        claims = manifest if isinstance(manifest, ArtifactManifest) else ArtifactManifest.from_dict(manifest)
+        if claims.artifact_ref != binding["artifact_ref"]:
+            raise ArtifactError("the verification manifest is for %s, not %s" % (claims.artifact_ref, artifact_ref),
+                                code="artifact_store_verification_manifest_mismatch")
+        binding = dict(binding, manifest_snapshot=claims.to_dict())
     return _report_from_check(_evaluate_body(store.root_path, binding), store.root_path, _utc_timestamp())
+
+
+def _sweep(store: ArtifactStore) -> Tuple[ArtifactsReport, List[str]]:
+    """Finish killed writes, then scan: every finding (journals included) and what recovery did."""
+    notes, journal_problems = _recover_before_reading(store)
+    report = scan_artifact_bindings(store.root_path)
+    report.problems += [problem for problem in journal_problems if problem not in report.problems]
+    if not report.present:
+        notes.append("artifact_store_absent")
+    return report, notes
 
 
 def inspect_store(store: ArtifactStore) -> StoreSummary:
     """Counts of every bound artifact's state, and orphans (Contexta's StoreSummary)."""
-    notes = _recover_before_reading(store)
-    report = scan_artifact_bindings(store.root_path)
+    report, notes = _sweep(store)
     return StoreSummary(artifact_count=report.artifact_count, total_size_bytes=report.total_size_bytes,
                         kinds=report.kinds, verified_count=report.verified_count,
                         missing_count=report.missing_count, drift_count=report.drift_count,
@@ -6906,8 +7337,7 @@ def inspect_store(store: ArtifactStore) -> StoreSummary:
 
 def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
     """Verify every body; with ``record`` append Contexta's verification history events."""
-    notes = _recover_before_reading(store)
-    report = scan_artifact_bindings(store.root_path)
+    report, notes = _sweep(store)
     checked_at = _utc_timestamp()
     reports = tuple(_report_from_check(check, store.root_path, checked_at) for check in report.checks)
     records = tuple(VerificationRecord(item.artifact_ref, item.status, item.checked_at, item.messages[0])
@@ -6921,8 +7351,8 @@ def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
                 event_report["messages"] = list(verification.messages)
                 payload = {"artifact_ref": item.artifact_ref, "status": item.status, "checked_at": item.checked_at,
                            "message": item.message, "report": event_report}
-                atomic_write_bytes(folder / ("%s-%s.json" % (_path_safe_timestamp(item.checked_at),
-                                                             uuid.uuid4().hex)), _pretty_json(payload), mode=0o600)
+                _write_store_file(folder / ("%s-%s.json" % (_path_safe_timestamp(item.checked_at),
+                                                            uuid.uuid4().hex)), _pretty_json(payload))
     return SweepReport(
         verification_records=records,
         missing_refs=tuple(check.artifact_ref for check in report.checks if check.status == "missing"),
@@ -6932,9 +7362,11 @@ def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
         notes=tuple(notes))
 
 
+# -- export and import ---------------------------------------------------------------------------------
+
 def export_artifact(store: ArtifactStore, artifact_ref: str, export_root: Any = None) -> ExportReceipt:
     """Write Contexta's four-file export package, from a body proven to match its binding."""
-    handle = store.get_artifact(artifact_ref)
+    handle = get_artifact(store, artifact_ref)
     binding = handle.binding
     root = _resolve_path(export_root) if export_root is not None else store.root_path / "exports"
     safe_ref = sanitize_component(artifact_ref)
@@ -6947,8 +7379,11 @@ def export_artifact(store: ArtifactStore, artifact_ref: str, export_root: Any = 
     metadata_path = directory / "export.package.json"
     tmp_body = directory / ("tmp-%s.part" % uuid.uuid4().hex)
     try:
-        with open(handle.path, "rb") as reader:
-            size, digest = _copy_stream_hashed(reader, tmp_body, durable=True)
+        progress = _Progress("export %s" % handle.path.name, binding.size_bytes)
+        with open_regular(handle.path, follow_symlinks=False) as reader, _name_errors(tmp_body):
+            size, digest = _copy_stream_hashed(_ProgressReader(reader, progress, handle.path), tmp_body,
+                                               durable=True)
+        progress.finish()
         expected_size, expected_hash = _expected_claims(binding.to_dict())
         if (expected_size is not None and size != expected_size) or (
                 expected_hash is not None and digest != expected_hash):
@@ -6966,20 +7401,20 @@ def export_artifact(store: ArtifactStore, artifact_ref: str, export_root: Any = 
             with contextlib.suppress(OSError):
                 os.rmdir(str(directory))
         raise
-    atomic_write_bytes(binding_path, _pretty_json(binding.to_dict()), mode=0o600)
-    atomic_write_bytes(manifest_path, _pretty_json(binding.manifest_snapshot.to_dict()), mode=0o600)
-    atomic_write_bytes(metadata_path, _pretty_json({
+    _write_store_file(binding_path, _pretty_json(binding.to_dict()))
+    _write_store_file(manifest_path, _pretty_json(binding.manifest_snapshot.to_dict()))
+    _write_store_file(metadata_path, _pretty_json({
         "package_format_version": PACKAGE_FORMAT_VERSION, "artifact_ref": artifact_ref,
         "artifact_kind": binding.artifact_kind, "exported_at": _utc_timestamp(), "body_file": body_path.name,
         "binding_file": binding_path.name, "manifest_file": manifest_path.name,
-        "source_layout_version": binding.layout_version}), mode=0o600)
+        "source_layout_version": binding.layout_version}))
     if not store.config.read_only:
         with store._writing():
             event_dir = store.root_path / "history" / "exports" / safe_ref
             event_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(event_dir / _event_name(), _pretty_json({
+            _write_store_file(event_dir / _event_name(), _pretty_json({
                 "artifact_ref": artifact_ref, "export_directory": str(directory), "exported_at": _utc_timestamp(),
-                "package_format_version": PACKAGE_FORMAT_VERSION}), mode=0o600)
+                "package_format_version": PACKAGE_FORMAT_VERSION}))
     return ExportReceipt(artifact_ref, directory, body_path, binding_path, metadata_path)
 
 
@@ -7004,10 +7439,10 @@ def _package_member(root: Path, metadata: Mapping[str, Any], key: str, default: 
 
 def _read_package_json(path: Path) -> Dict[str, Any]:
     try:
-        data = json_loads(read_regular(path))
-    except ValueError as exc:
-        raise ArtifactError("%s %s" % (path, exc), code="artifact_export_package_invalid",
-                            path=path)
+        data = _read_json_document(path)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError("%s %s" % (path, getattr(exc, "strerror", None) or exc),
+                            code="artifact_export_package_invalid", path=path)
     if not isinstance(data, dict):
         raise ArtifactError("%s is not a JSON object" % path, code="artifact_export_package_invalid", path=path)
     return data
@@ -7035,8 +7470,9 @@ def verify_export_package(package_root: Any) -> _VerifiedPackage:
             code="artifact_export_package_invalid", path=root / "export.package.json")
     body = _package_member(root, metadata, "body_file")
     binding_data = _read_package_json(_package_member(root, metadata, "binding_file"))
-    manifest_data = _read_package_json(_package_member(root, metadata, "manifest_file", "manifest.snapshot.json"))
-    manifest = ArtifactManifest.from_dict(manifest_data)
+    manifest_path = _package_member(root, metadata, "manifest_file", "manifest.snapshot.json")
+    manifest = ArtifactManifest.from_dict(_read_package_json(manifest_path))
+    _check_manifest_storable(manifest, code="artifact_export_package_invalid", path=manifest_path)
     binding = ArtifactBinding.from_dict(binding_data)
     for key in ("artifact_ref", "artifact_kind"):
         values = {metadata.get(key), binding_data.get(key), getattr(manifest, key),
@@ -7045,7 +7481,7 @@ def verify_export_package(package_root: Any) -> _VerifiedPackage:
             raise ArtifactError("export package %s: %s differs between its files (%s)" % (
                 root, key, ", ".join(sorted(str(value) for value in values))),
                 code="artifact_export_package_invalid", path=root)
-    size, digest = sha256_file(body)
+    size, digest = sha256_file(body, follow_symlinks=False)
     claims = [("binding", binding.size_bytes, binding.hash_value),
               ("manifest", manifest.size_bytes, manifest.hash_value)]
     for source, claimed_size, claimed_hash in claims:
@@ -7069,6 +7505,7 @@ def import_export_package(store: ArtifactStore, package_root: Any, conflict_poli
                             code="artifact_store_invalid_conflict_policy")
     package = verify_export_package(package_root)
     manifest = package.manifest
+    _check_names_fit(store._planned_paths(manifest))
     loss_report = {"package_root": str(package.root)}
 
     def event(outcome: ImportOutcome, written: int) -> Tuple[str, Dict[str, Any]]:
@@ -7079,35 +7516,30 @@ def import_export_package(store: ArtifactStore, package_root: Any, conflict_poli
 
     with store._writing():
         existing = store.load_binding(manifest.artifact_ref)
-        notes: Tuple[str, ...] = ()
-        if existing is not None and (existing.size_bytes, existing.hash_value) == (package.size, package.digest):
-            outcome = ImportOutcome.SKIPPED if policy == "skip" else ImportOutcome.IDEMPOTENT
-            body = store.object_path(existing.manifest_snapshot)
-            if body.is_file() and sha256_file(body) == (package.size, package.digest):
-                _write_event(store, manifest.artifact_ref, event(outcome, 0))
-                return ImportReceipt(manifest.artifact_ref, outcome, 0, loss_report)
-            notes = ("damaged_body_restored_from_package",)  # same binding, body missing or drifted
-        elif existing is not None and policy == "skip":
-            _write_event(store, manifest.artifact_ref, event(ImportOutcome.SKIPPED, 0))
-            return ImportReceipt(manifest.artifact_ref, ImportOutcome.SKIPPED, 0, loss_report)
-        elif existing is not None and policy == "error":
-            raise ConflictError("%s is already bound to a different body (size %d, sha256 %s); use --conflict "
-                                "skip or replace" % (manifest.artifact_ref, existing.size_bytes, existing.hash_value))
+        same = existing is not None and (existing.size_bytes, existing.hash_value) == (package.size, package.digest)
         if existing is None:
             outcome = ImportOutcome.IMPORTED
-        elif notes:
-            outcome = ImportOutcome.IDEMPOTENT
+        elif same or policy == "skip":
+            outcome = ImportOutcome.SKIPPED if policy == "skip" else ImportOutcome.IDEMPOTENT
+        elif policy == "error":
+            raise ConflictError("%s is already bound to a different body (size %d, sha256 %s); use --conflict "
+                                "skip or replace" % (manifest.artifact_ref, existing.size_bytes, existing.hash_value))
         else:
             outcome = ImportOutcome.REPLACED
+        restore = same and not _body_matches(store, existing, package)  # same binding, body missing or drifted
+        if outcome in (ImportOutcome.SKIPPED, ImportOutcome.IDEMPOTENT) and not restore:
+            _write_event(store, manifest.artifact_ref, event(outcome, 0))
+            return ImportReceipt(manifest.artifact_ref, outcome, 0, loss_report)
         staged, size, digest = store._stage_body(package.body, expected=(package.size, package.digest))
+        written = 0 if restore else size  # Contexta counts bytes bound: none when the binding stays
         try:
-            binding = existing if notes else store._new_binding(manifest, package.body.name, "copy", size, digest)
+            binding = existing if restore else store._new_binding(manifest, package.body.name, "copy", size, digest)
             assert binding is not None
-            events = [event(outcome, size)]
+            events = [event(outcome, written)]
             if outcome is ImportOutcome.REPLACED:
                 events.insert(0, ("quarantine", {"kind": "bound_artifact", "recorded_at": _utc_timestamp(),
                                                  "details": {"artifact_ref": manifest.artifact_ref}}))
-            if not notes:  # a new binding: Contexta's put event
+            if not restore:  # a new binding: Contexta's put event
                 events.append(("bindings", {"action": "put", "artifact_ref": binding.artifact_ref,
                                             "binding": binding.to_dict(), "path": str(store.object_path(manifest)),
                                             "recorded_at": _utc_timestamp()}))
@@ -7116,13 +7548,21 @@ def import_export_package(store: ArtifactStore, package_root: Any, conflict_poli
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(staged))
-    return ImportReceipt(manifest.artifact_ref, outcome, size, loss_report, quarantine, notes)
+    notes = ("damaged_body_restored_from_package",) if restore else ()
+    return ImportReceipt(manifest.artifact_ref, outcome, written, loss_report, quarantine, notes)
+
+
+def _body_matches(store: ArtifactStore, binding: Optional[ArtifactBinding], package: _VerifiedPackage) -> bool:
+    if binding is None:
+        return False
+    body = store.object_path(binding.manifest_snapshot)
+    return _path_kind(body) == "file" and sha256_file(body, follow_symlinks=False) == (package.size, package.digest)
 
 
 def _write_event(store: ArtifactStore, artifact_ref: str, event: Tuple[str, Mapping[str, Any]]) -> None:
     folder = store.root_path / "history" / event[0] / sanitize_component(artifact_ref)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / _event_name(), _pretty_json(event[1]), mode=0o600)
+    _write_store_file(folder / _event_name(), _pretty_json(event[1]))
 
 
 # ---------------------------------------------------------------------------
@@ -7185,6 +7625,7 @@ def check_workspace(config: UnifiedConfig, planes: Optional[Sequence[str]] = Non
                 verification.problems.append(Problem(
                     "artifact_write_interrupted", str(store.root_path / "staging" / name),
                     "a put or import was killed; the next artifact command rolls it back or finishes it"))
+            verification.problems += _write_journals(store)[1]  # journals no command can act on
     if "reports" in selected:
         verification.plane_results["reports"] = _check_reports(config.workspace.reports_path, verification.problems)
     if "outbox" in selected:
@@ -7919,7 +8360,10 @@ def _build_parser() -> argparse.ArgumentParser:
             sub.add_argument("package", metavar="PACKAGE")
             sub.add_argument("--conflict", choices=_CONFLICT_POLICIES, default="error",
                              help="error, skip or replace (see below)")
-        elif name == "put":
+        if name in ("import", "put"):
+            sub.add_argument("--create-store", action="store_true",
+                             help="create the --store root (or a relocated store) if it does not exist")
+        if name == "put":
             sub.add_argument("file", metavar="FILE")
             sub.add_argument("--ref", required=True, help="artifact:<project>.<run>.<key>")
             sub.add_argument("--kind", required=True, help="artifact kind, e.g. checkpoint")
@@ -8340,10 +8784,31 @@ def _cmd_replay_run(args: argparse.Namespace, out: _Output) -> int:
                       "letters back" % (_suggest(args, "replay status"), _suggest(args, "replay requeue")))
 
 
-def _store_from_args(args: argparse.Namespace) -> ArtifactStore:
+def _store_from_args(args: argparse.Namespace, writing: bool = False) -> ArtifactStore:
+    """The store a command works on.  Fail closed: a store that is not there is refused, not taken as empty.
+
+    The one exception is the workspace's own store inside an existing workspace:
+    reading it finds nothing and says so; writing creates it, as Contexta does.
+    ``--create-store`` lets import and put create any other store root.
+    """
     if args.store:
-        return ArtifactStore(VaultConfig(root_path=args.store))
-    return ArtifactStore(VaultConfig.from_unified_config(_config_from_args(args)))
+        store = ArtifactStore(VaultConfig(root_path=args.store))
+    else:
+        config = _config_from_args(args)
+        workspace = config.workspace.root_path
+        if not workspace.is_dir():
+            raise OpsError("workspace %s does not exist" % workspace, code="workspace_missing", path=workspace)
+        store = ArtifactStore(VaultConfig.from_unified_config(config))
+        if _is_within(store.root_path, workspace) and _path_kind(store.root_path) == "missing":
+            return store
+    if store.root_path.is_dir() or (writing and _option(args, "create_store")):
+        return store
+    if store.root_path.exists():
+        raise ArtifactError("artifact store %s is not a directory" % store.root_path,
+                            code="artifact_store_not_found", path=store.root_path)
+    raise ArtifactError("artifact store %s does not exist%s" % (store.root_path, " (--create-store creates it)"
+                                                                if writing else ""),
+                        code="artifact_store_not_found", path=store.root_path)
 
 
 def _cmd_artifact_inspect(args: argparse.Namespace, out: _Output) -> int:
@@ -8373,7 +8838,10 @@ def _cmd_artifact_verify(args: argparse.Namespace, out: _Output) -> int:
         out.say("  %s" % report.path)
         out.say("  size   expected %s, actual %s" % (report.expected_size_bytes, report.actual_size_bytes))
         out.say("  sha256 expected %s, actual %s" % (report.expected_hash_value, report.actual_hash_value))
-        return out.finish(report, EXIT_OK if report.verified else EXIT_PROBLEMS, _ARTIFACT_NEXT_STEP)
+        # Contexta's report keeps its own `status` (verified, missing, ...); the command's verdict sits above it.
+        return out.finish({"status": "SUCCESS" if report.verified else "FAILURE", "artifact_ref": report.artifact_ref,
+                           "report": report.to_dict()}, EXIT_OK if report.verified else EXIT_PROBLEMS,
+                          _ARTIFACT_NEXT_STEP)
     sweep = verify_all(store, record=args.record)
     out.say("Artifact store %s: %d verified of %d; %d missing, %d drifted, %d orphans" % (
         store.root_path, sum(1 for item in sweep.reports if item.verified), len(sweep.reports),
@@ -8390,7 +8858,7 @@ def _cmd_artifact_export(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _cmd_artifact_import(args: argparse.Namespace, out: _Output) -> int:
-    receipt = import_export_package(_store_from_args(args), args.package, conflict_policy=args.conflict)
+    receipt = import_export_package(_store_from_args(args, writing=True), args.package, conflict_policy=args.conflict)
     out.say("Import of %s: %s (%s written)" % (receipt.artifact_ref, receipt.outcome.value,
                                                 _human_bytes(receipt.bytes_written)))
     if receipt.quarantine_path:
@@ -8400,7 +8868,7 @@ def _cmd_artifact_import(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _cmd_artifact_put(args: argparse.Namespace, out: _Output) -> int:
-    store = _store_from_args(args)
+    store = _store_from_args(args, writing=True)
     receipt = store.put_artifact(_manifest_for_put(args), args.file)
     out.say("Put %s at %s (%s written)" % (receipt.binding.artifact_ref, receipt.path,
                                            _human_bytes(receipt.bytes_written)))

@@ -89,6 +89,8 @@ def snapshot(root):
                 entries[rel] = ("link", os.readlink(str(path)))
             elif stat.S_ISDIR(info.st_mode):
                 entries[rel] = ("dir",)
+            elif not stat.S_ISREG(info.st_mode):  # a FIFO would block the read below
+                entries[rel] = ("special", stat.S_IFMT(info.st_mode))
             else:
                 entries[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), stat.S_IMODE(info.st_mode))
     return entries

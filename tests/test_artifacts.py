@@ -27,7 +27,7 @@ def _package(fixture_dir):
 
 
 def _import(cli, store, package, *extra):
-    return cli("artifact", "import", package, "--store", store, "--json", *extra)
+    return cli("artifact", "import", package, "--store", store, "--create-store", "--json", *extra)
 
 
 CONTEXTA_INSPECT = r"""
@@ -110,8 +110,8 @@ def test_no_suffix_split_for_artifacts_we_put(cli, tmp_path):
     body = tmp_path / "notes.txt"
     body.write_bytes(b"free-form notes\n")
     store = tmp_path / "store"
-    put = cli("artifact", "put", body, "--store", store, "--ref", "artifact:p.r.notes", "--kind", "report",
-              "--location", "vault://p/r/notes", "--json")
+    put = cli("artifact", "put", body, "--store", store, "--create-store", "--ref", "artifact:p.r.notes", "--kind",
+              "report", "--location", "vault://p/r/notes", "--json")
     assert put.returncode == 0, put
     assert put.json["path"].endswith("/artifact__p.r.notes")
     verify = cli("artifact", "verify", "--all", "--store", store, "--json")
@@ -231,7 +231,8 @@ def test_verify_all_finds_missing_drift_and_orphans_with_details(cli, fixture_di
     assert by_code["artifact_stray_temp"]["path"].endswith(".tmp")
     assert not (store / "history/verification").exists()  # no --record, no writes
     single = cli("artifact", "verify", REF, "--store", store, "--json")
-    assert single.returncode == 1 and single.json["status"] == "hash_mismatch"
+    assert single.returncode == 1 and single.json["status"] == "FAILURE"
+    assert single.json["report"]["status"] == "hash_mismatch"
 
 
 def test_verify_record_writes_contextas_verification_events(cli, fixture_dir):
@@ -265,8 +266,8 @@ def test_export_refuses_a_drifted_body(cli, fixture_dir, tmp_path):
 def test_put_validates_refs_like_contexta(cli, tmp_path, ref, code):
     body = tmp_path / "b.bin"
     body.write_bytes(b"x")
-    result = cli("artifact", "put", body, "--store", tmp_path / "store", "--ref", ref, "--kind", "checkpoint",
-                 "--json")
+    result = cli("artifact", "put", body, "--store", tmp_path / "store", "--create-store", "--ref", ref, "--kind",
+                 "checkpoint", "--json")
     assert result.returncode == 3 and result.json["error"]["code"] == code
     assert not (tmp_path / "store").exists()
 
@@ -342,7 +343,7 @@ def test_kill_9_at_every_durable_step_of_an_import_leaves_a_store_that_verifies(
 
     def args(prepared):
         target, package = prepared
-        return ("artifact", "import", package, "--store", target, "--conflict", "replace")
+        return ("artifact", "import", package, "--store", target, "--create-store", "--conflict", "replace")
 
     steps = _trace(cli, args, tmp_path, prepare)
     assert "artifact:binding-written" in steps
@@ -374,6 +375,7 @@ def test_kill_9_at_every_durable_step_of_an_import_leaves_a_store_that_verifies(
 def test_kill_9_at_random_moments_of_a_large_import(cli, pyz, tmp_path):
     package = _big_package(tmp_path / "src", 96)
     target = tmp_path / "target"
+    target.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONTEXTA_OPS_CRASH")}
     for delay in (0.05, 0.15, 0.3, 0.5):
         process = subprocess.Popen([sys.executable, str(pyz), "artifact", "import", str(package), "--store",

@@ -325,6 +325,7 @@ class ArtifactImport(Operation):
 
     def setup(self, root):
         self.store = root / "store"
+        self.store.mkdir()  # an empty store: a kill before the import made anything leaves one to verify
         self.package = root / "fx" / "exports" / "artifact__fixture-proj.tuned.model"
 
     def args(self, root):

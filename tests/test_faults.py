@@ -123,7 +123,7 @@ def test_artifact_import_into_a_full_store(cli, fixture_dir):
         binding_path = big / "artifact__fixture-proj.tuned.model.binding.json"
         binding_path.write_text(json.dumps(dict(json.loads(binding_path.read_text()), size_bytes=size,
                                                 hash_value=digest)))
-        result = cli("artifact", "import", big, "--store", store)
+        result = cli("artifact", "import", big, "--store", store, "--create-store")
         assert_could_not_run(result)
         assert list((store / "staging").glob("*.part")) == [] and list((store / "bindings").iterdir()) == []
         assert cli("artifact", "verify", "--all", "--store", store).returncode == 0
