@@ -13,8 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 FIXTURE_TARBALL = DATA / "contexta-1.0.0-fixture.tar.gz"
-SHARED = REPO.parent / "shared"
-REF_SCRIPT = SHARED / "tools" / "contexta-ref.sh"
+REF_SCRIPT = REPO / "tests" / "reference" / "contexta_ref.sh"
+SHARED_REF_SCRIPT = REPO.parent / "shared" / "tools" / "contexta-ref.sh"  # a fallback, where it exists
 FIXTURE_BACKUP_REF = "fixture-2026-11-26T03-48-11_819023Z"
 
 if str(REPO) not in sys.path:
