@@ -1,5 +1,6 @@
 """Helpers shared by the tests: paths, the CLI runner, tree snapshots, byte flips, the reference contexta."""
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,44 @@ FIXTURE_BACKUP_REF = "fixture-2026-11-26T03-48-11_819023Z"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+def fill_disk(directory, leave=0):
+    """Fill the filesystem holding ``directory`` until a write fails with ENOSPC (or about ``leave`` bytes are left).
+
+    Writes filler-N files of up to 1 MiB each with os.write: nothing waits in a buffer to fail later, when a
+    file is closed (Python 3.14's larger default buffer did that to a single buffered filler), and no one
+    file has to take all the space.  Returns the filler files, which the caller removes to make room again.
+    """
+    fillers = []
+    block = b"\0" * 65536
+    while True:
+        path = Path(directory) / ("filler-%d" % len(fillers))
+        try:
+            fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                return fillers
+            raise
+        fillers.append(path)
+        try:
+            written = 0
+            while written < (1 << 20):
+                size = len(block)
+                if leave:
+                    info = os.statvfs(str(directory))
+                    free = info.f_bavail * info.f_frsize
+                    if free <= leave:
+                        return fillers
+                    size = min(size, max(free - leave, 4096))
+                try:
+                    written += os.write(fd, block[:size])
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        return fillers
+                    raise
+        finally:
+            os.close(fd)
 
 
 def extract(tarball, destination):
