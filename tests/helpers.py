@@ -114,6 +114,26 @@ def run_ref(contexta_ref, script, *args, cwd=None):
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def jsonl_objects(path, killed=False):
+    """The JSON value of each line of a file the tool appends to (a sink file, the outbox on requeue).
+
+    Only newline-terminated lines count.  A SIGKILL that lands during a large write() stops it at a
+    page boundary, so the file can end in half a line; that line was never written as far as the
+    tool is concerned (its journal does not cover it, and the next run cuts it off or completes it).
+    With ``killed`` such a torn last line is left out; without it - after a run that finished - a
+    torn line fails the test.
+    """
+    complete, _, torn = Path(path).read_bytes().rpartition(b"\n")
+    assert killed or not torn, "%s ends in a torn line %r after a finished run" % (path, torn[-200:])
+    return [json.loads(line) for line in complete.decode("utf-8").splitlines()]
+
+
+def delivered_refs(replayed_dir, killed=False):
+    """The replay_ref of every line in the sink files under ``replayed_dir`` (<exports>/replayed)."""
+    return [line["replay_ref"] for path in sorted(Path(replayed_dir).glob("*.jsonl"))
+            for line in jsonl_objects(path, killed)]
+
+
 def snapshot(root):
     """Every entry under root: type, content digest and mode for files, target for links."""
     root = Path(root)

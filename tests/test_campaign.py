@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import reseal_package, snapshot
+from helpers import delivered_refs, jsonl_objects, reseal_package, snapshot
 
 FULL = os.environ.get("CONTEXTA_OPS_CAMPAIGN") == "full"
 TIMED_FRACTIONS = (0.15, 0.35, 0.55, 0.75) if FULL else (0.5,)
@@ -179,16 +179,14 @@ class Replay(Operation):
     def args(self, root):
         return ("--workspace", _ws(root), "replay")
 
-    def refs(self, root):
-        replayed = _ws(root) / "exports/replayed"
-        delivered = [json.loads(line)["replay_ref"] for path in sorted(replayed.glob("*.jsonl"))
-                     for line in path.read_text().splitlines()] if replayed.is_dir() else []
+    def refs(self, root, killed=False):
+        delivered = delivered_refs(_ws(root) / "exports/replayed", killed)
         outbox = _ws(root) / "cache/outbox/failed_deliveries.jsonl"
         pending = [json.loads(line)["replay_ref"] for line in outbox.read_text().splitlines()]
         return delivered, pending
 
     def after_kill(self, root):
-        delivered, pending = self.refs(root)
+        delivered, pending = self.refs(root, killed=True)
         assert len(delivered) == len(set(delivered)), "delivered twice"
         assert set(delivered) | set(pending) == {"ref-%05d" % i for i in range(self.count)}, "lost"
 
@@ -213,19 +211,20 @@ class Requeue(Operation):
     def args(self, root):
         return ("--workspace", _ws(root), "replay", "requeue")
 
-    def places(self, root):
+    def places(self, root, killed=False):
         outbox = _ws(root) / "cache/outbox"
         found = {}
         for name in ("failed_deliveries.jsonl", "dead_letter.jsonl"):
-            for line in (outbox / name).read_text().splitlines():
-                found.setdefault(json.loads(line)["replay_ref"], []).append(name)
+            # requeue appends to the outbox in place (a kill can tear its last line); it replaces dead_letter
+            for line in jsonl_objects(outbox / name, killed and name == "failed_deliveries.jsonl"):
+                found.setdefault(line["replay_ref"], []).append(name)
         journal = outbox / "requeue.journal.json"
         journaled = {json.loads(line)["replay_ref"] for line in json.loads(journal.read_text())["lines"]} \
             if journal.exists() else set()
         return found, journaled
 
     def after_kill(self, root):
-        found, journaled = self.places(root)
+        found, journaled = self.places(root, killed=True)
         assert all(len(places) == 1 for places in found.values()), found  # never in both
         expected = {"p-%d" % i for i in range(10)} | {"d-%d" % i for i in range(50)}
         assert set(found) | journaled == expected  # what is in neither file is in the journal

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import run_ref, snapshot
+from helpers import delivered_refs, run_ref, snapshot
 
 
 def _ws(fixture_dir):
@@ -293,12 +293,8 @@ def _big_outbox(outbox_root, count):
                                       "attempts": 0}) + "\n").encode())
 
 
-def _delivered_refs(ws):
-    refs = []
-    replayed = ws / "exports" / "replayed"
-    for path in sorted(replayed.glob("*.jsonl")) if replayed.is_dir() else []:
-        refs += [json.loads(line)["replay_ref"] for line in path.read_text().splitlines()]
-    return refs
+def _delivered_refs(ws, killed=False):
+    return delivered_refs(ws / "exports" / "replayed", killed)
 
 
 def _pending_refs(outbox_root):
@@ -312,7 +308,7 @@ def _assert_exactly_once(ws, outbox_root, count, finished=True):
     Right after a kill an entry may be delivered and still listed as pending: delivery is made
     durable before the outbox changes.  The next run recognizes it and never delivers it again.
     """
-    delivered = _delivered_refs(ws)
+    delivered = _delivered_refs(ws, killed=not finished)
     pending = _pending_refs(outbox_root)
     assert len(delivered) == len(set(delivered)), "an entry was delivered twice"
     if finished:
