@@ -114,6 +114,23 @@ def run_ref(contexta_ref, script, *args, cwd=None):
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def traced_steps(cli, fixture_dir, tmp_path, args_for):
+    """The durable steps (CONTEXTA_OPS_CRASH_TRACE) of one run, learnt from an identical copy run to completion."""
+    rehearsal = tmp_path / "rehearsal"
+    shutil.copytree(str(fixture_dir), str(rehearsal), symlinks=True)
+    trace = tmp_path / "trace"
+    result = cli(*args_for(rehearsal), env={"CONTEXTA_OPS_CRASH_TRACE": str(trace)})
+    assert result.returncode == 0, result
+    return trace.read_text().split()
+
+
+def crash_point(steps, name, occurrence=1):
+    """The CONTEXTA_OPS_CRASH_AT that kills a run at the ``occurrence``-th step called ``name`` (-1: the last)."""
+    numbers = [number for number, seen in enumerate(steps, start=1) if seen == name]
+    assert numbers, "%s is not among the traced steps %s" % (name, sorted(set(steps)))
+    return numbers[occurrence - 1 if occurrence > 0 else occurrence]
+
+
 def jsonl_objects(path, killed=False):
     """The JSON value of each line of a file the tool appends to (a sink file, the outbox on requeue).
 

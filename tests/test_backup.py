@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import flip_byte
+from helpers import crash_point, flip_byte, traced_steps
 
 CONTEXTA_MANIFEST_KEYS = {"backup_ref", "created_at", "workspace_root", "profile_name", "included_sections",
                           "store_schema_versions", "notes"}
@@ -188,15 +188,23 @@ def test_symlinks_inside_the_workspace_are_not_followed(cli, fixture_dir, tmp_pa
     assert not os.path.lexists(str(location / "workspace/records/link-out"))
 
 
-@pytest.mark.parametrize("crash_at", [1, 5, 10, 23, 24, 25, 26])
-def test_killed_backup_never_looks_like_a_backup_and_is_cleaned_next_time(cli, fixture_dir, crash_at):
-    killed = cli("--workspace", _ws(fixture_dir), "--backup-root", fixture_dir / "bk", "backup", "create",
-                 "--label", "killed", env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
+@pytest.mark.parametrize("step", [
+    ("backup:file-copied", 1), ("backup:file-copied", 5), ("backup:file-copied", 10), ("backup:file-copied", -1),
+    ("backup:files-durable", 1), ("backup:manifest-written", 1), ("backup:renamed", 1), ("backup:complete", 1),
+])
+def test_killed_backup_never_looks_like_a_backup_and_is_cleaned_next_time(cli, fixture_dir, tmp_path, step):
+    def backup_args(root):
+        return ("--workspace", _ws(root), "--backup-root", root / "bk", "backup", "create", "--label", "killed")
+
+    steps = traced_steps(cli, fixture_dir, tmp_path, backup_args)
+    crash_at = crash_point(steps, *step)
+    killed = cli(*backup_args(fixture_dir), env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
     listing = cli("--workspace", _ws(fixture_dir), "--backup-root", fixture_dir / "bk", "backup", "list", "--json")
     entries = listing.json["backups"]
-    assert killed.returncode == -9, killed  # the fixture backup has 26 durable steps
+    assert killed.returncode == -9, killed
     complete = [entry for entry in entries if entry["complete"]]
-    assert len(complete) == (1 if crash_at >= 25 else 0)  # complete only once renamed into place
+    # complete only once renamed into place
+    assert len(complete) == (1 if crash_at >= crash_point(steps, "backup:renamed") else 0)
     for entry in complete:
         verify = cli("--backup-root", fixture_dir / "bk", "backup", "verify", entry["location"], "--json")
         assert verify.returncode == 0, verify
