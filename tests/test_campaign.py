@@ -22,6 +22,8 @@ import pytest
 import contexta_ops as ops
 from helpers import Cli, delivered_refs, jsonl_objects, reseal_package, snapshot
 
+pytestmark = pytest.mark.slow
+
 FULL = os.environ.get("CONTEXTA_OPS_CAMPAIGN") == "full"
 STRIDE = 5
 OFFSET = int(os.environ.get("CONTEXTA_OPS_CAMPAIGN_OFFSET") or 0) % STRIDE

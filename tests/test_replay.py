@@ -317,6 +317,7 @@ def _assert_exactly_once(ws, outbox_root, count, finished=True):
     assert set(delivered) | set(pending) == {"ref-%06d" % i for i in range(count)}, "an entry was lost"
 
 
+@pytest.mark.slow
 def test_kill_9_at_each_durable_step_then_rerun_delivers_each_entry_once(cli, fixture_dir, tmp_path):
     count = 10000  # three sink files and a few checkpoints
     _big_outbox(_outbox(fixture_dir), count)
@@ -342,6 +343,7 @@ def test_kill_9_at_each_durable_step_then_rerun_delivers_each_entry_once(cli, fi
         assert not (outbox_root / "replay.journal.json").exists()
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_of_a_large_replay(cli, fixture_dir, pyz):
     ws = _ws(fixture_dir)
     outbox_root = _outbox(fixture_dir)
@@ -361,6 +363,7 @@ def test_kill_9_at_random_moments_of_a_large_replay(cli, fixture_dir, pyz):
     _assert_exactly_once(ws, outbox_root, count)
 
 
+@pytest.mark.slow
 def test_lines_appended_by_a_writer_during_replay_are_kept(cli, fixture_dir, pyz):
     ws = _ws(fixture_dir)
     outbox_root = _outbox(fixture_dir)
