@@ -14,6 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import FIXTURE_TARBALL, REF_SCRIPT, REPO, SHARED_REF_SCRIPT, Cli, extract  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that compares against the real contexta 1.0.0 is marked interop (`pytest -m interop`)."""
+    for item in items:
+        if "contexta_ref" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.interop)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def bytecode_cache(tmp_path_factory):
     """Hundreds of CLI runs: let contexta.pyz keep its compiled module (an opt-in operators have too)."""
