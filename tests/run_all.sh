@@ -79,7 +79,7 @@ pids=()
 for index in "${!pythons[@]}"; do
   campaign=sampled
   (( index == 0 )) && campaign=full
-  run_one "${pythons[$index]}" "$campaign" "$(( index > 0 ? index - 1 : 0 ))" "$@" &
+  run_one "${pythons[$index]}" "$campaign" "$(( index > 0 ? (index - 1) % 5 : 0 ))" "$@" &  # 5: the campaign's stride
   pids+=($!)
   if (( ${#pids[@]} >= ${CONTEXTA_OPS_JOBS:-2} )); then
     wait "${pids[0]}" || status=1
