@@ -11,6 +11,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 FIXTURE_TARBALL = DATA / "contexta-1.0.0-fixture.tar.gz"
@@ -112,6 +114,11 @@ def run_ref(contexta_ref, script, *args, cwd=None):
                                timeout=300)
     assert completed.returncode == 0, completed.stderr
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def slow_except(fast, values):
+    """parametrize values: those in ``fast`` as they are, the others marked slow (run_all.sh runs them all)."""
+    return [value if value in fast else pytest.param(value, marks=pytest.mark.slow) for value in values]
 
 
 def traced_steps(cli, fixture_dir, tmp_path, args_for):
