@@ -37,12 +37,13 @@ version=$(version_of "$base") || fail "$base does not run"
 case $version in 3.12|3.13|3.14) ;; *) fail "contexta 1.0.0 needs CPython 3.12+ here, not $version ($base)" ;; esac
 
 venv=$HOME_DIR/contexta-ref-$version
-ready=$venv/.contexta-ref-ready
-if [[ -f $ready ]]; then echo "$venv/bin/python"; exit 0; fi
+marker=$venv/.contexta-ref-ready
+ready() { [[ -f $marker && -x $venv/bin/python ]]; }  # -x: the interpreter the venv links to still exists
+if ready; then echo "$venv/bin/python"; exit 0; fi
 mkdir -p "$HOME_DIR"
 exec 9>"$venv.lock"
 flock 9
-if [[ -f $ready ]]; then echo "$venv/bin/python"; exit 0; fi  # another process installed it meanwhile
+if ready; then echo "$venv/bin/python"; exit 0; fi  # another process installed it meanwhile
 
 rm -rf "$venv"
 log=$venv.log
@@ -71,5 +72,5 @@ results = [ReplayBatchResult(status="ok"), BackupResult(status="ok", backup_ref=
 assert [result.to_dict()["status"] for result in results] == ["OK"] * 4
 assert duckdb.connect().execute("select 42").fetchall() == [(42,)]
 PY
-touch "$ready"
+touch "$marker"
 echo "$venv/bin/python"
