@@ -69,7 +69,7 @@ echo "deb [signed-by=$keyring] http://deb.debian.org/debian $SUITE main" >"$apt_
 APT=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
      -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o "Dir::State::status=$apt_dir/status"
      -o Dir::Etc::Preferences=/dev/null -o Dir::Etc::PreferencesParts=/dev/null -o Debug::NoLocking=1)
-apt-get "${APT[@]}" update -qq >>"$log" 2>&1 || fail "cannot read Debian's $SUITE package lists (no network?); see $log"
+apt-get "${APT[@]}" update -qq --error-on=any >>"$log" 2>&1 || fail "cannot read Debian's $SUITE package lists (no network?); see $log"
 # libstdc++6: what binary wheels such as duckdb's load, resolved through the same rpath.
 apt-get "${APT[@]}" install --download-only --no-install-recommends -y -qq \
   python3.14-minimal libpython3.14-stdlib python3.14-venv libstdc++6 >>"$log" 2>&1 ||
