@@ -17,14 +17,22 @@ OUT=${1:-contexta.pyz}
 BUILD=.build
 SHIV_VERSION=1.0.8
 
+# Builds may run at once (parallel test sessions each build one): they take turns, and each works
+# in a temp dir of its own, so none sees another's half-made shiv venv, site dir or archive.
+mkdir -p "$BUILD"
+exec 9>"$BUILD/build.lock"
+flock 9
+work=$(mktemp -d "$BUILD/build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
 if [[ ! -x $BUILD/tools/bin/shiv ]]; then
+  rm -rf "$BUILD/tools"
   "$PYTHON" -m venv "$BUILD/tools" >&2
   "$BUILD/tools/bin/pip" install -q --disable-pip-version-check "shiv==$SHIV_VERSION" 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
 fi
 
-site=$BUILD/site
-rm -rf "$site"
+site=$work/site
 mkdir -p "$site"
 cp contexta_ops.py "$site/"
 export SOURCE_DATE_EPOCH=315532800
@@ -32,9 +40,9 @@ build_id=$("$PYTHON" -c "import hashlib,sys;print(hashlib.sha256(open(sys.argv[1
   contexta_ops.py)
 "$BUILD/tools/bin/shiv" --site-packages "$site" --reproducible --compressed \
   --entry-point contexta_ops:main --python "/usr/bin/env python3" \
-  --build-id "$build_id" --output-file "$BUILD/shiv.pyz" 2>&1 | grep -v "overridden the default build-id" >&2 || true
+  --build-id "$build_id" --output-file "$work/shiv.pyz" 2>&1 | grep -v "overridden the default build-id" >&2 || true
 
-"$PYTHON" - "$BUILD/shiv.pyz" "$OUT" <<'PY'
+"$PYTHON" - "$work/shiv.pyz" "$OUT" <<'PY'
 import hashlib, json, os, sys, zipfile
 
 LAUNCHER = b'''# -*- coding: utf-8 -*-
@@ -89,7 +97,7 @@ digests = {name: hashlib.sha256(data).hexdigest() for name, data in members}
 members.append(("contexta_ops.digests.json", (json.dumps(
     {"members": digests, "source_sha256": digests["site-packages/contexta_ops.py"]},
     indent=2, sort_keys=True) + "\n").encode()))
-partial = target + ".partial"
+partial = "%s.partial-%d" % (target, os.getpid())
 with open(partial, "wb") as out:
     out.write(b"#!/usr/bin/env python3\n")
     with zipfile.ZipFile(out, "w") as archive:

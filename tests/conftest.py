@@ -11,7 +11,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import FIXTURE_TARBALL, REF_SCRIPT, REPO, Cli, extract  # noqa: E402
+from helpers import FIXTURE_TARBALL, REF_SCRIPT, REPO, SHARED_REF_SCRIPT, Cli, extract  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that compares against the real contexta 1.0.0 is marked interop (`pytest -m interop`)."""
+    for item in items:
+        if "contexta_ref" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.interop)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,16 +63,25 @@ def cli(pyz, tmp_path):
     return Cli(pyz, tmp_path)
 
 
-@pytest.fixture(scope="session")
-def contexta_ref():
-    """Python with the real contexta 1.0.0, or a skip that says why."""
-    if not REF_SCRIPT.exists():
-        pytest.skip("interop with contexta 1.0.0 needs %s (present in CI checkouts beside ../shared)" % REF_SCRIPT)
+def _reference_python(script):
+    """(interpreter, None) from a script that provides contexta 1.0.0, or (None, why not)."""
     try:
-        completed = subprocess.run(["bash", str(REF_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        completed = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    universal_newlines=True, timeout=900)
     except subprocess.TimeoutExpired:
-        pytest.skip("contexta-ref.sh timed out installing contexta 1.0.0")
-    if completed.returncode != 0:
-        pytest.skip("contexta-ref.sh could not provide contexta 1.0.0: %s" % completed.stderr.strip()[-300:])
-    return completed.stdout.strip().splitlines()[-1]
+        return None, "%s timed out installing contexta 1.0.0" % script.name
+    lines = completed.stdout.strip().splitlines()
+    if completed.returncode != 0 or not lines:
+        return None, (completed.stderr.strip().splitlines() or ["%s failed" % script.name])[-1]
+    return lines[-1], None
+
+
+@pytest.fixture(scope="session")
+def contexta_ref():
+    """Python with the real contexta 1.0.0 (tests/reference/contexta_ref.sh), or a skip that says why."""
+    python, reason = _reference_python(REF_SCRIPT)
+    if python is None and SHARED_REF_SCRIPT.exists():
+        python = _reference_python(SHARED_REF_SCRIPT)[0]
+    if python is None:
+        pytest.skip("interop: %s" % reason)
+    return python

@@ -1,5 +1,6 @@
 """Helpers shared by the tests: paths, the CLI runner, tree snapshots, byte flips, the reference contexta."""
 
+import errno
 import hashlib
 import json
 import os
@@ -10,15 +11,55 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 FIXTURE_TARBALL = DATA / "contexta-1.0.0-fixture.tar.gz"
-SHARED = REPO.parent / "shared"
-REF_SCRIPT = SHARED / "tools" / "contexta-ref.sh"
+REF_SCRIPT = REPO / "tests" / "reference" / "contexta_ref.sh"
+SHARED_REF_SCRIPT = REPO.parent / "shared" / "tools" / "contexta-ref.sh"  # a fallback, where it exists
 FIXTURE_BACKUP_REF = "fixture-2026-11-26T03-48-11_819023Z"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+def fill_disk(directory, leave=0):
+    """Fill the filesystem holding ``directory`` until a write fails with ENOSPC (or about ``leave`` bytes are left).
+
+    Writes filler-N files of up to 1 MiB each with os.write: nothing waits in a buffer to fail later, when a
+    file is closed (Python 3.14's larger default buffer did that to a single buffered filler), and no one
+    file has to take all the space.  Returns the filler files, which the caller removes to make room again.
+    """
+    fillers = []
+    block = b"\0" * 65536
+    while True:
+        path = Path(directory) / ("filler-%d" % len(fillers))
+        try:
+            fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                return fillers
+            raise
+        fillers.append(path)
+        try:
+            written = 0
+            while written < (1 << 20):
+                size = len(block)
+                if leave:
+                    info = os.statvfs(str(directory))
+                    free = info.f_bavail * info.f_frsize
+                    if free <= leave:
+                        return fillers
+                    size = min(size, max(free - leave, 4096))
+                try:
+                    written += os.write(fd, block[:size])
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        return fillers
+                    raise
+        finally:
+            os.close(fd)
 
 
 def extract(tarball, destination):
@@ -73,6 +114,48 @@ def run_ref(contexta_ref, script, *args, cwd=None):
                                timeout=300)
     assert completed.returncode == 0, completed.stderr
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def slow_except(fast, values):
+    """parametrize values: those in ``fast`` as they are, the others marked slow (run_all.sh runs them all)."""
+    return [value if value in fast else pytest.param(value, marks=pytest.mark.slow) for value in values]
+
+
+def traced_steps(cli, fixture_dir, tmp_path, args_for):
+    """The durable steps (CONTEXTA_OPS_CRASH_TRACE) of one run, learnt from an identical copy run to completion."""
+    rehearsal = tmp_path / "rehearsal"
+    shutil.copytree(str(fixture_dir), str(rehearsal), symlinks=True)
+    trace = tmp_path / "trace"
+    result = cli(*args_for(rehearsal), env={"CONTEXTA_OPS_CRASH_TRACE": str(trace)})
+    assert result.returncode == 0, result
+    return trace.read_text().split()
+
+
+def crash_point(steps, name, occurrence=1):
+    """The CONTEXTA_OPS_CRASH_AT that kills a run at the ``occurrence``-th step called ``name`` (-1: the last)."""
+    numbers = [number for number, seen in enumerate(steps, start=1) if seen == name]
+    assert numbers, "%s is not among the traced steps %s" % (name, sorted(set(steps)))
+    return numbers[occurrence - 1 if occurrence > 0 else occurrence]
+
+
+def jsonl_objects(path, killed=False):
+    """The JSON value of each line of a file the tool appends to (a sink file, the outbox on requeue).
+
+    Only newline-terminated lines count.  A SIGKILL that lands during a large write() stops it at a
+    page boundary, so the file can end in half a line; that line was never written as far as the
+    tool is concerned (its journal does not cover it, and the next run cuts it off or completes it).
+    With ``killed`` such a torn last line is left out; without it - after a run that finished - a
+    torn line fails the test.
+    """
+    complete, _, torn = Path(path).read_bytes().rpartition(b"\n")
+    assert killed or not torn, "%s ends in a torn line %r after a finished run" % (path, torn[-200:])
+    return [json.loads(line) for line in complete.decode("utf-8").splitlines()]
+
+
+def delivered_refs(replayed_dir, killed=False):
+    """The replay_ref of every line in the sink files under ``replayed_dir`` (<exports>/replayed)."""
+    return [line["replay_ref"] for path in sorted(Path(replayed_dir).glob("*.jsonl"))
+            for line in jsonl_objects(path, killed)]
 
 
 def snapshot(root):

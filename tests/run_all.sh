@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The whole test suite on every supported CPython (3.8-3.13): builds contexta.pyz once, then runs
+# The whole test suite on every supported CPython (3.8-3.14): builds contexta.pyz once, then runs
 # pytest under each interpreter (two at a time) against that same file.  Extra arguments go to pytest.
 # Interpreters: $CONTEXTA_OPS_PYTHONS (space-separated), else those of ~/.pyenv/versions/3.{8..13}.*
-# that exist, else python3.  With CONTEXTA_OPS_ALL_PYTHONS=1 (CI) every one of 3.8-3.13 must exist.
+# that exist plus the CPython 3.14 that tests/reference/python314.sh finds or builds (a line starting
+# with WARNING when it cannot), else python3.  With CONTEXTA_OPS_ALL_PYTHONS=1 (CI) every one of
+# 3.8-3.13 must exist.  The interop tests use tests/reference/contexta_ref.sh (contexta 1.0.0 from PyPI).
+# The last two lines: every skipped test with its reason, then the totals over all interpreters.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 BUILD=$REPO/.build
-mkdir -p "$BUILD/logs"
+LOGS=$BUILD/logs
+mkdir -p "$LOGS"
+rm -f "$LOGS"/junit-*.xml
 
 if [[ -n ${CONTEXTA_OPS_PYTHONS:-} ]]; then
   read -r -a pythons <<<"$CONTEXTA_OPS_PYTHONS"
@@ -22,6 +27,12 @@ else
       exit 3
     fi
   done
+  if python314=$(bash tests/reference/python314.sh 2>"$LOGS/python314.err" | tail -n 1) && [[ -n $python314 ]]; then
+    pythons+=("$python314")
+  else
+    echo "WARNING: no CPython 3.14, the Python contexta requires, so the suite runs without it:" \
+      "$(tail -n 1 "$LOGS/python314.err")"
+  fi
   if (( ${#pythons[@]} == 0 )); then
     pythons=("$(command -v python3)")
     echo "run_all: no pyenv interpreters found; testing with $(python3 --version) only" >&2
@@ -29,30 +40,33 @@ else
 fi
 
 # The newest interpreter runs the full crash campaign (every durable step a kill point) and starts
-# first, since it takes longest; the others run every fifth kill point.
+# first, since it takes longest.  The others run every fifth kill point, each from its own offset
+# (CONTEXTA_OPS_CAMPAIGN_OFFSET), so that together they cover every point as well.
 pythons=("${pythons[@]: -1}" "${pythons[@]:0:${#pythons[@]}-1}")
-campaign_python=${pythons[0]}
 
 bash build.sh "$BUILD/contexta.pyz" || { echo "run_all: build failed" >&2; exit 3; }
 export OPS_TEST_PYZ=$BUILD/contexta.pyz
+# Install the reference contexta once, before the parallel runs; where it cannot be had, the
+# interop tests skip and say why in the summary.
+bash tests/reference/contexta_ref.sh >"$LOGS/contexta-ref.out" 2>&1
 
 run_one() {
-  local python=$1 version venv log
+  local python=$1 campaign=$2 offset=$3 version venv log
   version=$("$python" -c 'import sys;print("%d.%d" % sys.version_info[:2])')
   venv=$BUILD/venv-$version
-  log=$BUILD/logs/pytest-$version.log
-  if [[ ! -x $venv/bin/pytest ]]; then
+  log=$LOGS/pytest-$version.log
+  if ! "$venv/bin/python" -c "import pytest" 2>/dev/null; then
     rm -rf "$venv"
     "$python" -m venv "$venv" >"$log" 2>&1 &&
       "$venv/bin/pip" install -q --disable-pip-version-check pytest >>"$log" 2>&1 ||
       { echo "FAIL  $version  (could not install pytest; see $log)"; return 1; }
   fi
   local start=$SECONDS
-  local campaign=sampled
-  [[ $python == "$campaign_python" ]] && campaign=full
-  if (cd "$REPO" && CONTEXTA_OPS_CAMPAIGN=$campaign "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:2}") \
+  if (cd "$REPO" && CONTEXTA_OPS_CAMPAIGN=$campaign CONTEXTA_OPS_CAMPAIGN_OFFSET=$offset \
+      "$venv/bin/python" -m pytest -q -p no:cacheprovider --junitxml="$LOGS/junit-$version.xml" "${@:4}") \
       >"$log" 2>&1; then
-    echo "ok    $version  $(tail -n 1 "$log")  [$((SECONDS - start))s, $campaign crash campaign]"
+    echo "ok    $version  $(tail -n 1 "$log")  [$((SECONDS - start))s, $campaign crash campaign$(
+      [[ $campaign == sampled ]] && echo " from offset $offset")]"
   else
     echo "FAIL  $version  $(tail -n 1 "$log")  [$((SECONDS - start))s]"
     tail -n 25 "$log" | sed "s/^/  $version| /"
@@ -62,8 +76,10 @@ run_one() {
 
 status=0
 pids=()
-for python in "${pythons[@]}"; do
-  run_one "$python" "$@" &
+for index in "${!pythons[@]}"; do
+  campaign=sampled
+  (( index == 0 )) && campaign=full
+  run_one "${pythons[$index]}" "$campaign" "$(( index > 0 ? (index - 1) % 5 : 0 ))" "$@" &  # 5: the campaign's stride
   pids+=($!)
   if (( ${#pids[@]} >= ${CONTEXTA_OPS_JOBS:-2} )); then
     wait "${pids[0]}" || status=1
@@ -71,4 +87,5 @@ for python in "${pythons[@]}"; do
   fi
 done
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+"${PYTHON:-python3}" tests/run_summary.py "$LOGS"/junit-*.xml
 exit $status

@@ -334,6 +334,7 @@ def _prepare_replace(root):
     return target, second
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["import", "replace"])
 def test_kill_9_at_every_durable_step_of_an_import_leaves_a_store_that_verifies(cli, tmp_path, scenario):
     def prepare(root):
@@ -372,6 +373,7 @@ def test_kill_9_at_every_durable_step_of_an_import_leaves_a_store_that_verifies(
         assert cli("artifact", "verify", "--all", "--store", target).returncode == 0
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_of_a_large_import(cli, pyz, tmp_path):
     package = _big_package(tmp_path / "src", 96)
     target = tmp_path / "target"

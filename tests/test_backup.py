@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import flip_byte
+from helpers import Cli, crash_point, flip_byte, slow_except, traced_steps
 
 CONTEXTA_MANIFEST_KEYS = {"backup_ref", "created_at", "workspace_root", "profile_name", "included_sections",
                           "store_schema_versions", "notes"}
@@ -189,15 +189,30 @@ def test_symlinks_inside_the_workspace_are_not_followed(cli, fixture_dir, tmp_pa
     assert not os.path.lexists(str(location / "workspace/records/link-out"))
 
 
-@pytest.mark.parametrize("crash_at", [1, 5, 10, 23, 24, 25, 26])
-def test_killed_backup_never_looks_like_a_backup_and_is_cleaned_next_time(cli, fixture_dir, crash_at):
-    killed = cli("--workspace", _ws(fixture_dir), "--backup-root", fixture_dir / "bk", "backup", "create",
-                 "--label", "killed", env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
+def _killed_backup_args(root):
+    return ("--workspace", _ws(root), "--backup-root", root / "bk", "backup", "create", "--label", "killed")
+
+
+@pytest.fixture(scope="module")
+def backup_steps(pyz, pristine_fixture, tmp_path_factory):
+    """The durable steps of a backup of the fixture, from one traced rehearsal on a copy."""
+    root = tmp_path_factory.mktemp("backup-rehearsal")
+    return traced_steps(Cli(pyz, root), pristine_fixture, root, _killed_backup_args)
+
+
+@pytest.mark.parametrize("step", slow_except([("backup:file-copied", 5), ("backup:renamed", 1)], [
+    ("backup:file-copied", 1), ("backup:file-copied", 5), ("backup:file-copied", 10), ("backup:file-copied", -1),
+    ("backup:files-durable", 1), ("backup:manifest-written", 1), ("backup:renamed", 1), ("backup:complete", 1),
+]))
+def test_killed_backup_never_looks_like_a_backup_and_is_cleaned_next_time(cli, fixture_dir, backup_steps, step):
+    crash_at = crash_point(backup_steps, *step)
+    killed = cli(*_killed_backup_args(fixture_dir), env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
     listing = cli("--workspace", _ws(fixture_dir), "--backup-root", fixture_dir / "bk", "backup", "list", "--json")
     entries = listing.json["backups"]
-    assert killed.returncode == -9, killed  # the fixture backup has 26 durable steps
+    assert killed.returncode == -9, killed
     complete = [entry for entry in entries if entry["complete"]]
-    assert len(complete) == (1 if crash_at >= 25 else 0)  # complete only once renamed into place
+    # complete only once renamed into place
+    assert len(complete) == (1 if crash_at >= crash_point(backup_steps, "backup:renamed") else 0)
     for entry in complete:
         verify = cli("--backup-root", fixture_dir / "bk", "backup", "verify", entry["location"], "--json")
         assert verify.returncode == 0, verify

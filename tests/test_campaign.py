@@ -3,7 +3,9 @@ spread over its run, then checked: the workspace is the old or the new one, no e
 twice, nothing incomplete lists as complete or verifies, and the next invocation cleans up or resumes.
 
 With CONTEXTA_OPS_CAMPAIGN=full (tests/run_all.sh sets it for one interpreter per run) every step is a
-kill point - more than 200 in all; otherwise every fifth, so each interpreter still runs part of it.
+kill point - more than 200 in all; otherwise every fifth, starting at CONTEXTA_OPS_CAMPAIGN_OFFSET (0-4;
+run_all.sh gives each interpreter its own), so that the interpreters of a run together cover every point.
+The steps are learnt from a traced rehearsal of each operation, never counted by hand.
 """
 
 import json
@@ -18,11 +20,20 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import reseal_package, snapshot
+from helpers import Cli, delivered_refs, jsonl_objects, reseal_package, snapshot
+
+pytestmark = pytest.mark.slow
 
 FULL = os.environ.get("CONTEXTA_OPS_CAMPAIGN") == "full"
-TIMED_FRACTIONS = (0.15, 0.35, 0.55, 0.75) if FULL else (0.5,)
-KILLS = {"points": 0}
+STRIDE = 5
+OFFSET = int(os.environ.get("CONTEXTA_OPS_CAMPAIGN_OFFSET") or 0) % STRIDE
+FULL_TIMED_FRACTIONS = (0.15, 0.35, 0.55, 0.75)  # kills at moments spread over a run, beside the steps
+TIMED_FRACTIONS = FULL_TIMED_FRACTIONS if FULL else (0.5,)
+
+
+def kill_points(step_count, full=FULL, offset=OFFSET):
+    """The 1-based durable steps to kill at: every one in a full campaign, else every fifth from ``offset``."""
+    return list(range(1 if full else 1 + offset, step_count + 1, 1 if full else STRIDE))
 
 
 def _ws(root):
@@ -260,16 +271,14 @@ class Replay(Operation):
     def args(self, root):
         return ("--workspace", _ws(root), "replay")
 
-    def refs(self, root):
-        replayed = _ws(root) / "exports/replayed"
-        delivered = [json.loads(line)["replay_ref"] for path in sorted(replayed.glob("*.jsonl"))
-                     for line in path.read_text().splitlines()] if replayed.is_dir() else []
+    def refs(self, root, killed=False):
+        delivered = delivered_refs(_ws(root) / "exports/replayed", killed)
         outbox = _ws(root) / "cache/outbox/failed_deliveries.jsonl"
         pending = [json.loads(line)["replay_ref"] for line in outbox.read_text().splitlines()]
         return delivered, pending
 
     def after_kill(self, root):
-        delivered, pending = self.refs(root)
+        delivered, pending = self.refs(root, killed=True)
         assert len(delivered) == len(set(delivered)), "delivered twice"
         assert set(delivered) | set(pending) == {"ref-%05d" % i for i in range(self.count)}, "lost"
 
@@ -294,19 +303,20 @@ class Requeue(Operation):
     def args(self, root):
         return ("--workspace", _ws(root), "replay", "requeue")
 
-    def places(self, root):
+    def places(self, root, killed=False):
         outbox = _ws(root) / "cache/outbox"
         found = {}
         for name in ("failed_deliveries.jsonl", "dead_letter.jsonl"):
-            for line in (outbox / name).read_text().splitlines():
-                found.setdefault(json.loads(line)["replay_ref"], []).append(name)
+            # requeue appends to the outbox in place (a kill can tear its last line); it replaces dead_letter
+            for line in jsonl_objects(outbox / name, killed and name == "failed_deliveries.jsonl"):
+                found.setdefault(line["replay_ref"], []).append(name)
         journal = outbox / "requeue.journal.json"
         journaled = {json.loads(line)["replay_ref"] for line in json.loads(journal.read_text())["lines"]} \
             if journal.exists() else set()
         return found, journaled
 
     def after_kill(self, root):
-        found, journaled = self.places(root)
+        found, journaled = self.places(root, killed=True)
         assert all(len(places) == 1 for places in found.values()), found  # never in both
         expected = {"p-%d" % i for i in range(10)} | {"d-%d" % i for i in range(50)}
         assert set(found) | journaled == expected  # what is in neither file is in the journal
@@ -389,29 +399,39 @@ OPERATIONS = [BackupCreate, IncrementalBackup, ArchiveCreate, RestoreApply, Arch
               RelocatedRestore, Replay, Requeue, ArtifactImport, ArtifactReplace, Prune]
 
 
-def _rehearse(operation, root):
-    """The durable steps of one run, and how long it took, from a traced run on its own copy."""
-    operation.prepare(root)
-    trace = root / "trace"
-    started = time.monotonic()
-    result = operation.cli(*operation.args(root), env={"CONTEXTA_OPS_CRASH_TRACE": str(trace)})
-    assert result.returncode == 0, result
-    return trace.read_text().split(), time.monotonic() - started
+@pytest.fixture(scope="module")
+def rehearsal(pyz, pristine_fixture, tmp_path_factory):
+    """The durable steps of an operation and how long it took, from a traced run on its own copy (once each)."""
+    learnt = {}
+
+    def steps_and_duration(operation_class):
+        if operation_class not in learnt:
+            root = tmp_path_factory.mktemp("rehearsal")
+            operation = operation_class(Cli(pyz, root), pristine_fixture)
+            operation.prepare(root)
+            trace = root / "trace"
+            started = time.monotonic()
+            result = operation.cli(*operation.args(root), env={"CONTEXTA_OPS_CRASH_TRACE": str(trace)})
+            assert result.returncode == 0, result
+            learnt[operation_class] = trace.read_text().split(), time.monotonic() - started
+            shutil.rmtree(str(root))
+        return learnt[operation_class]
+
+    return steps_and_duration
 
 
 @pytest.mark.parametrize("operation_class", OPERATIONS, ids=[op.name for op in OPERATIONS])
-def test_kill_9_everywhere(cli, pristine_fixture, pyz, tmp_path, operation_class):
+def test_kill_9_everywhere(cli, pristine_fixture, pyz, tmp_path, operation_class, rehearsal):
     operation = operation_class(cli, pristine_fixture)
-    steps, duration = _rehearse(operation, tmp_path / "rehearsal")
-    points = range(1, len(steps) + 1) if FULL else range(1, len(steps) + 1, 5)
-    for crash_at in points:
+    steps, duration = rehearsal(operation_class)
+    for crash_at in kill_points(len(steps)):
         root = tmp_path / ("step%d" % crash_at)
         operation.prepare(root)
         killed = cli(*operation.args(root), env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
         assert killed.returncode == -9, (steps[crash_at - 1], killed)
         operation.after_kill(root)
         operation.resume(root)
-        KILLS["points"] += 1
+        shutil.rmtree(str(root))  # a full campaign would otherwise leave gigabytes behind
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONTEXTA_OPS_CRASH")}
     for fraction in TIMED_FRACTIONS:
         root = tmp_path / ("timed%d" % int(fraction * 100))
@@ -423,13 +443,16 @@ def test_kill_9_everywhere(cli, pristine_fixture, pyz, tmp_path, operation_class
         process.wait()
         operation.after_kill(root)
         operation.resume(root)
-        KILLS["points"] += 1
         shutil.rmtree(str(root))
 
 
-def test_campaign_size():
-    """Runs last in this module: at least 200 kill points in a full campaign."""
-    if FULL:
-        assert KILLS["points"] >= 200, KILLS
-    else:
-        assert KILLS["points"] >= 10, KILLS
+def test_campaign_size(rehearsal):
+    """A full campaign kills at more than 200 points, and the five offsets of a sampled one share them out."""
+    steps = {operation_class.name: len(rehearsal(operation_class)[0]) for operation_class in OPERATIONS}
+    full_points = sum(len(kill_points(count, full=True)) + len(FULL_TIMED_FRACTIONS) for count in steps.values())
+    assert full_points >= 200, steps
+    for name, count in steps.items():
+        shares = [kill_points(count, full=False, offset=offset) for offset in range(STRIDE)]
+        assert sorted(sum(shares, [])) == kill_points(count, full=True), (name, shares)
+    this_run = sum(len(kill_points(count)) + len(TIMED_FRACTIONS) for count in steps.values())
+    assert this_run >= (full_points if FULL else 10), steps

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from helpers import FIXTURE_BACKUP_REF, snapshot
+from helpers import FIXTURE_BACKUP_REF, fill_disk, snapshot
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount small filesystems")
 
@@ -25,20 +25,6 @@ def small_disk(path, size="1m"):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)])
-
-
-def fill(path, leave=0):
-    """Fill the filesystem holding ``path``, leaving about ``leave`` bytes."""
-    with open(str(path / "filler"), "wb") as handle:
-        try:
-            while True:
-                free = os.statvfs(str(path)).f_bavail * os.statvfs(str(path)).f_frsize
-                if free <= leave:
-                    break
-                handle.write(b"\0" * min(65536, max(free - leave, 4096)))
-                handle.flush()
-        except OSError:
-            pass
 
 
 FULL = ("No space left", "not enough free space")  # found while writing, or foreseen before (statvfs)
@@ -81,7 +67,7 @@ def test_restore_apply_onto_a_full_disk_leaves_the_target_as_it_was(cli, fixture
         target = disk / ".contexta"
         shutil.copytree(str(_ws(fixture_dir)), str(target))
         (target / "records/segments/segment-000001.jsonl").write_bytes(b"")
-        fill(disk, leave=1 << 20)  # room for the safety backup's start, not for a whole new tree
+        fill_disk(disk, leave=1 << 20)  # room for the safety backup's start, not for a whole new tree
         before = snapshot(target)
         result = cli("--workspace", target, "--backup-root", fixture_dir / "backups", "restore",
                      FIXTURE_BACKUP_REF, "--json")
@@ -98,11 +84,12 @@ def test_replay_onto_a_full_disk_then_again_with_room(cli, fixture_dir):
         outbox.write_bytes(b"".join((json.dumps({"replay_ref": "r-%d" % i, "family": "RECORD", "payload": {
             "text": "x" * 200}}) + "\n").encode() for i in range(3000)))
         original = outbox.read_bytes()
-        fill(disk, leave=64 << 10)
+        fillers = fill_disk(disk, leave=64 << 10)
         result = cli("--workspace", ws, "replay")
         assert_could_not_run(result)
         assert outbox.read_bytes() == original  # the outbox changes only after delivery is durable
-        (disk / "filler").unlink()
+        for filler in fillers:
+            filler.unlink()
         again = cli("--workspace", ws, "replay", "--json")
         assert again.returncode == 0, again
         delivered = [json.loads(line)["replay_ref"] for line in (ws / "exports/replayed/record.jsonl")

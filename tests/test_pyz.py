@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import DATA, FIXTURE_BACKUP_REF, REPO, snapshot
+from helpers import DATA, FIXTURE_BACKUP_REF, REPO, fill_disk, snapshot
 
 COMMANDS = [["backup"], ["backup", "plan"], ["backup", "create"], ["backup", "list"], ["backup", "verify"],
             ["backup", "prune"], ["restore"], ["replay"], ["recover"], ["recover", "replay"], ["artifact"],
@@ -100,12 +100,7 @@ def test_full_disk_host_still_verifies_with_staging_on_another_disk(pyz, fixture
     full = tmp_path / "full"
     _mount_tmpfs(full, "1m")
     try:
-        with open(str(full / "filler"), "wb") as handle:
-            try:
-                while True:
-                    handle.write(b"\0" * 65536)
-            except OSError:
-                pass
+        assert fill_disk(full)
         env = _env(HOME=full, TMPDIR=full)
         result = _run(pyz, "--backup-root", fixture_dir / "backups", "--staging-root", tmp_path / "stage",
                       "restore", "--verify-only", FIXTURE_BACKUP_REF, "--json", cwd=full, env=env)

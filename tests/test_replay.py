@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import run_ref, snapshot
+from helpers import delivered_refs, run_ref, snapshot, traced_steps
 
 
 def _ws(fixture_dir):
@@ -293,12 +294,8 @@ def _big_outbox(outbox_root, count):
                                       "attempts": 0}) + "\n").encode())
 
 
-def _delivered_refs(ws):
-    refs = []
-    replayed = ws / "exports" / "replayed"
-    for path in sorted(replayed.glob("*.jsonl")) if replayed.is_dir() else []:
-        refs += [json.loads(line)["replay_ref"] for line in path.read_text().splitlines()]
-    return refs
+def _delivered_refs(ws, killed=False):
+    return delivered_refs(ws / "exports" / "replayed", killed)
 
 
 def _pending_refs(outbox_root):
@@ -312,7 +309,7 @@ def _assert_exactly_once(ws, outbox_root, count, finished=True):
     Right after a kill an entry may be delivered and still listed as pending: delivery is made
     durable before the outbox changes.  The next run recognizes it and never delivers it again.
     """
-    delivered = _delivered_refs(ws)
+    delivered = _delivered_refs(ws, killed=not finished)
     pending = _pending_refs(outbox_root)
     assert len(delivered) == len(set(delivered)), "an entry was delivered twice"
     if finished:
@@ -320,24 +317,33 @@ def _assert_exactly_once(ws, outbox_root, count, finished=True):
     assert set(delivered) | set(pending) == {"ref-%06d" % i for i in range(count)}, "an entry was lost"
 
 
-@pytest.mark.parametrize("crash_at", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
-def test_kill_9_at_each_durable_step_then_rerun_delivers_each_entry_once(cli, fixture_dir, crash_at):
-    ws = _ws(fixture_dir)
-    outbox_root = _outbox(fixture_dir)
+@pytest.mark.slow
+def test_kill_9_at_each_durable_step_then_rerun_delivers_each_entry_once(cli, fixture_dir, tmp_path):
     count = 10000  # three sink files and a few checkpoints
-    _big_outbox(outbox_root, count)
-    killed = cli("--workspace", ws, "replay", env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
-    assert killed.returncode == -9, killed
-    _assert_exactly_once(ws, outbox_root, count, finished=False)
-    status = cli("--workspace", ws, "replay", "status", "--json").json
-    assert status["interrupted_replay"] is True
-    again = cli("--workspace", ws, "replay", "--json")
-    assert again.returncode == 0, again
-    assert _pending_refs(outbox_root) == []
-    _assert_exactly_once(ws, outbox_root, count)
-    assert not (outbox_root / "replay.journal.json").exists()
+    _big_outbox(_outbox(fixture_dir), count)
+
+    def replay_args(root):
+        return ("--workspace", _ws(root), "replay")
+
+    steps = traced_steps(cli, fixture_dir, tmp_path, replay_args)
+    assert {"replay:checkpoint", "replay:committing", "replay:outbox-replaced"} <= set(steps), steps
+    for crash_at in range(1, len(steps) + 1):
+        root = tmp_path / ("step%d" % crash_at)
+        shutil.copytree(str(fixture_dir), str(root), symlinks=True)
+        ws, outbox_root = _ws(root), _outbox(root)
+        killed = cli(*replay_args(root), env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
+        assert killed.returncode == -9, (steps[crash_at - 1], killed)
+        _assert_exactly_once(ws, outbox_root, count, finished=False)
+        status = cli("--workspace", ws, "replay", "status", "--json").json
+        assert status["interrupted_replay"] is True, steps[crash_at - 1]
+        again = cli("--workspace", ws, "replay", "--json")
+        assert again.returncode == 0, again
+        assert _pending_refs(outbox_root) == []
+        _assert_exactly_once(ws, outbox_root, count)
+        assert not (outbox_root / "replay.journal.json").exists()
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_of_a_large_replay(cli, fixture_dir, pyz):
     ws = _ws(fixture_dir)
     outbox_root = _outbox(fixture_dir)
@@ -357,6 +363,7 @@ def test_kill_9_at_random_moments_of_a_large_replay(cli, fixture_dir, pyz):
     _assert_exactly_once(ws, outbox_root, count)
 
 
+@pytest.mark.slow
 def test_lines_appended_by_a_writer_during_replay_are_kept(cli, fixture_dir, pyz):
     ws = _ws(fixture_dir)
     outbox_root = _outbox(fixture_dir)
@@ -384,7 +391,7 @@ def test_kill_9_while_committing_dead_letters_each_land_once(cli, fixture_dir, s
     _write_outbox(outbox_root, [_entry(1), b"bad one\n", _entry(2), b"[]\n", _entry(3)])
     trace = fixture_dir / "trace"
     rehearsal = fixture_dir / "rehearsal"
-    __import__("shutil").copytree(str(outbox_root), str(rehearsal / "outbox"))
+    shutil.copytree(str(outbox_root), str(rehearsal / "outbox"))
     cli("--workspace", rehearsal / "ws", "--outbox-root", rehearsal / "outbox", "replay",
         env={"CONTEXTA_OPS_CRASH_TRACE": str(trace)})
     crash_at = trace.read_text().split().index(step) + 1

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import contexta_ops as ops
+from helpers import crash_point, traced_steps
 
 
 def _ws(fixture_dir):
@@ -96,15 +97,18 @@ def test_status_sees_held_locks(cli, fixture_dir, lock, signal):
 
 def test_status_sees_an_interrupted_restore_and_replay(cli, fixture_dir, tmp_path):
     ws = _ws(fixture_dir)
+    replay_steps = traced_steps(cli, fixture_dir, tmp_path / "replay", lambda root: ("--workspace", _ws(root),
+                                                                                   "replay"))
     created = cli("--workspace", ws, "--backup-root", fixture_dir / "bk", "backup", "create", "--json").json
     trace = tmp_path / "trace"
     cli("--workspace", ws, "--backup-root", fixture_dir / "bk", "restore", created["backup_ref"],
         env={"CONTEXTA_OPS_CRASH_TRACE": str(trace)})
-    journal_step = trace.read_text().split().index("restore:journal-written") + 1
+    journal_step = crash_point(trace.read_text().split(), "restore:journal-written")
     killed = cli("--workspace", ws, "--backup-root", fixture_dir / "bk", "restore", created["backup_ref"],
                  env={"CONTEXTA_OPS_CRASH_AT": str(journal_step)})
     assert killed.returncode == -9
-    killed_replay = cli("--workspace", ws, "replay", env={"CONTEXTA_OPS_CRASH_AT": "2"})
+    killed_replay = cli("--workspace", ws, "replay",
+                        env={"CONTEXTA_OPS_CRASH_AT": str(crash_point(replay_steps, "replay:committing"))})
     assert killed_replay.returncode == -9
     result = _status(cli, fixture_dir)
     assert result.returncode == 1
