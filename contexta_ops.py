@@ -1803,14 +1803,15 @@ def sanitize_component(value: str) -> str:
 
 
 def _location_suffix(location_ref: Any) -> str:
-    """``"".join(PurePath(location_ref).suffixes)`` with CPython 3.8-3.13 rules, on any version."""
+    """``"".join(PurePath(location_ref).suffixes)`` as CPython 3.14 computes it, on any version.
+
+    contexta 1.0.0 requires 3.14, where a name ending in ``.`` keeps that dot
+    as a suffix (``model.`` -> ``.``; 3.8-3.13 gave none).
+    """
     if not isinstance(location_ref, str):
         return ""
     parts = [part for part in location_ref.split("/") if part]
-    name = parts[-1] if parts else ""
-    if not name or name.endswith("."):
-        return ""
-    name = name.lstrip(".")
+    name = parts[-1].lstrip(".") if parts else ""
     return "".join("." + suffix for suffix in name.split(".")[1:])
 
 

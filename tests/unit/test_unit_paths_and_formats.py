@@ -36,7 +36,9 @@ LOCATIONS = [
     ("vault://p/r/model", ""),
     ("vault://p/r/.hidden", ""),
     ("vault://p/r/..a.b", ".b"),
-    ("vault://p/r/name.", ""),
+    ("vault://p/r/name.", "."),
+    ("vault://p/r/a.b.", ".b."),
+    ("vault://p/r/...", ""),
     ("vault://p/r/a..b", "..b"),
     ("vault://p/r/dir.d/", ".d"),
     ("model.bin", ".bin"),
@@ -49,11 +51,12 @@ def test_location_suffix(location, suffix):
     assert ops._location_suffix(location) == suffix
 
 
-def test_location_suffix_is_what_purepath_gave_before_3_14():
-    """Contexta takes "".join(PurePath(location_ref).suffixes); 3.14 changed it for a name ending in '.'."""
-    differs = [(location, "".join(PurePosixPath(location).suffixes)) for location, _ in LOCATIONS
-               if "".join(PurePosixPath(location).suffixes) != ops._location_suffix(location)]
-    assert differs == ([] if sys.version_info < (3, 14) else [("vault://p/r/name.", ".")])
+def test_location_suffix_is_what_purepath_gives_on_3_14():
+    """Contexta takes "".join(PurePath(location_ref).suffixes) on 3.14, which it requires; before 3.14 a name
+    ending in '.' had no suffix."""
+    differs = sorted(location for location, _ in LOCATIONS
+                     if "".join(PurePosixPath(location).suffixes) != ops._location_suffix(location))
+    assert differs == ([] if sys.version_info >= (3, 14) else ["vault://p/r/a.b.", "vault://p/r/name."])
 
 
 @pytest.mark.parametrize("location", [None, 5, b"model.bin"])
