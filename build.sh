@@ -7,9 +7,10 @@
 #
 # shiv's own launcher extracts the archive into ~/.shiv before running anything, and dies where
 # HOME is unset, read-only or not a directory, or where the disk is full.  contexta_ops is one
-# pure-Python module, so the launcher is replaced by one that imports it straight from the archive:
-# nothing is extracted or written.  contexta_ops.digests.json records every member's sha256 for
-# `contexta.pyz self-check`.
+# pure-Python module, so the launcher is replaced by one that runs it straight from the archive,
+# after proving it against contexta_ops.digests.json (every member's sha256, also what
+# `contexta.pyz self-check` checks).  The module sits at the archive's root, so a script can put the
+# .pyz itself on sys.path and `import contexta_ops`.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -43,59 +44,131 @@ build_id=$("$PYTHON" -c "import hashlib,sys;print(hashlib.sha256(open(sys.argv[1
   --build-id "$build_id" --output-file "$work/shiv.pyz" 2>&1 | grep -v "overridden the default build-id" >&2 || true
 
 "$PYTHON" - "$work/shiv.pyz" "$OUT" <<'PY'
-import hashlib, json, os, sys, zipfile
+import hashlib, json, os, re, sys, zipfile
 
-LAUNCHER = b'''# -*- coding: utf-8 -*-
-"""contexta.pyz launcher: runs contexta_ops straight from this archive (see build.sh).
-
-Nothing is extracted or written.  CONTEXTA_OPS_BYTECODE_CACHE=DIR opts in to keeping the compiled
-module in DIR between runs (for scripts that call the tool many times); any failure there is
-ignored and the module is compiled in memory as usual.
-"""
-import hashlib
-import marshal
-import os
+LAUNCHER = b"""# -*- coding: utf-8 -*-
+# contexta.pyz launcher (see build.sh).  Written so that Python 2.7 to 3.7 can read it far enough to
+# say they are too old.  It proves contexta_ops.py against the sha256 recorded at build time before
+# compiling it (zipimport checks no CRC: one flipped bit could run different code), then runs it
+# straight from the archive: nothing is extracted.  The compiled module is kept in a cache
+# ($CONTEXTA_OPS_BYTECODE_CACHE, else $XDG_CACHE_HOME/contexta-ops or ~/.cache/contexta-ops; "off" for
+# none) when that can be written, and used only when its own sha256 still matches.
 import sys
-import types
-import zipfile
 
-archive = os.path.dirname(os.path.abspath(__file__))
-module_path = os.path.join(archive, "site-packages", "contexta_ops.py")
-sys.path.insert(0, os.path.dirname(module_path))
-cache = os.environ.get("CONTEXTA_OPS_BYTECODE_CACHE")
-if cache:
-    with zipfile.ZipFile(archive) as zipped:
-        source = zipped.read("site-packages/contexta_ops.py")
-    cached = os.path.join(cache, "contexta_ops-%s-%s.marshal" % (
-        hashlib.sha256(source).hexdigest()[:24], sys.implementation.cache_tag))
+NAME = "contexta-ops"
+MODULE = "contexta_ops.py"
+DIGESTS = "contexta_ops.digests.json"
+
+
+def _fail(message, code):
+    sys.stderr.write("%s: error: %s\\n" % (NAME, message))
+    sys.exit(code)
+
+
+if sys.version_info < (3, 8):
+    _fail("needs Python 3.8 or newer, this is %d.%d" % tuple(sys.version_info[:2]), 3)
+
+
+def _read_proven(archive):
+    import hashlib
+    import json
+    import zipfile
+    member = DIGESTS
     try:
-        with open(cached, "rb") as handle:
-            code = marshal.loads(handle.read())
+        with zipfile.ZipFile(archive) as zipped:
+            recorded = json.loads(zipped.read(member).decode("utf-8"))["members"]
+            member = MODULE
+            source = zipped.read(member)
+    except Exception:  # a damaged header, a bad CRC, undecodable JSON: all the same to an operator
+        source, recorded = None, {}
+    if source is None or hashlib.sha256(source).hexdigest() != recorded.get(member):
+        _fail("contexta.pyz is damaged (member %s): copy it again" % member, 3)
+    return source
+
+
+def _code(source, filename):
+    import hashlib
+    import marshal
+    import os
+    cache = os.environ.get("CONTEXTA_OPS_BYTECODE_CACHE")
+    if cache == "off":
+        return compile(source, filename, "exec")
+    if not cache:
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                             "contexta-ops")
+    from importlib.util import MAGIC_NUMBER
+    path = os.path.join(cache, "contexta_ops-%s-%s.code" % (hashlib.sha256(source).hexdigest()[:24],
+                                                            MAGIC_NUMBER.hex()))
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if hashlib.sha256(data[32:]).digest() == data[:32]:
+            return marshal.loads(data[32:])
     except (OSError, ValueError, EOFError, TypeError):
-        code = compile(source, module_path, "exec")
-        try:
-            os.makedirs(cache, exist_ok=True)
-            partial = "%s.%d" % (cached, os.getpid())
-            with open(partial, "wb") as handle:
-                handle.write(marshal.dumps(code))
-            os.replace(partial, cached)
-        except OSError:
-            pass
+        pass
+    code = compile(source, filename, "exec")
+    try:
+        blob = marshal.dumps(code)
+        os.makedirs(cache, 0o700, exist_ok=True)
+        partial = "%s.%d" % (path, os.getpid())
+        with open(partial, "wb") as handle:
+            handle.write(hashlib.sha256(blob).digest() + blob)
+        os.replace(partial, path)
+        for name in os.listdir(cache):  # one entry per interpreter: an older build's goes
+            if name.startswith("contexta_ops-") and name.endswith(MAGIC_NUMBER.hex() + ".code") and \\
+                    os.path.join(cache, name) != path:
+                os.unlink(os.path.join(cache, name))
+    except OSError:
+        pass
+    return code
+
+
+def _version(archive):
+    \"\"\"`--version` from the digests recorded at build time, without loading the module at all.\"\"\"
+    import json
+    import zipfile
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            return json.loads(zipped.read(DIGESTS).decode("utf-8"))["version"]
+    except Exception:
+        return None
+
+
+def _run():
+    import os
+    import types
+    archive = os.path.dirname(os.path.abspath(__file__))
+    if sys.argv[1:] == ["--version"]:  # rescue scripts ask often; the answer needs no module
+        version = _version(archive)
+        if version:
+            sys.stdout.write("%s %s\\n" % (NAME, version))
+            return 0
+    filename = os.path.join(archive, MODULE)
+    code = _code(_read_proven(archive), filename)
     module = types.ModuleType("contexta_ops")
-    module.__file__ = module_path
+    module.__file__ = filename
     sys.modules["contexta_ops"] = module
     exec(code, module.__dict__)
-import contexta_ops  # noqa: E402
+    return module.main()
 
-sys.exit(contexta_ops.main())
-'''
+
+try:
+    sys.exit(_run())
+except KeyboardInterrupt:
+    _fail("interrupted", 130)
+"""
 source, target = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(source) as built:
     members = [(info.filename, built.read(info.filename)) for info in built.infolist()]
-members = [(name, LAUNCHER if name == "__main__.py" else data) for name, data in members]
+# Our launcher as __main__.py; the module at the archive's root, where `import contexta_ops` finds it
+# with the .pyz itself on sys.path (shiv puts it under site-packages/).
+module = dict(members)["site-packages/contexta_ops.py"]
+members = [("__main__.py", LAUNCHER), ("contexta_ops.py", module)] + [
+    (name, data) for name, data in members if name not in ("__main__.py", "site-packages/contexta_ops.py")]
 digests = {name: hashlib.sha256(data).hexdigest() for name, data in members}
+version = re.search(rb'^__version__ = "([^"]+)"$', module, re.M).group(1).decode()
 members.append(("contexta_ops.digests.json", (json.dumps(
-    {"members": digests, "source_sha256": digests["site-packages/contexta_ops.py"]},
+    {"members": digests, "source_sha256": digests["contexta_ops.py"], "version": version},
     indent=2, sort_keys=True) + "\n").encode()))
 partial = "%s.partial-%d" % (target, os.getpid())
 with open(partial, "wb") as out:

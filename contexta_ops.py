@@ -8059,8 +8059,8 @@ ARCHIVE_DIGESTS = "contexta_ops.digests.json"
 
 
 def _running_archive() -> Optional[str]:
-    """The contexta.pyz this module was loaded from (``<pyz>/site-packages/contexta_ops.py``), if any."""
-    candidate = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The contexta.pyz this module was loaded from (``<pyz>/contexta_ops.py``), if any."""
+    candidate = os.path.dirname(os.path.abspath(__file__))
     return candidate if os.path.isfile(candidate) and zipfile.is_zipfile(candidate) else None
 
 

@@ -2,18 +2,15 @@
 
     python3 examples/rescue_import.py PATH/TO/contexta.pyz-or-contexta_ops.py WORKSPACE BACKUP_ROOT
 
-The .pyz is a zip whose site-packages/ holds contexta_ops.py, so putting "<pyz>/site-packages" on
-sys.path imports it straight from the archive.  Prints the backup it took and whether it verifies.
+The .pyz is a zip with contexta_ops.py at its root, so putting the .pyz itself on sys.path imports it
+straight from the archive.  Prints the backup it took and whether it verifies.
 """
 
 import os
 import sys
 
 tool, workspace, backup_root = sys.argv[1:4]
-if tool.endswith(".pyz"):
-    sys.path.insert(0, os.path.join(os.path.abspath(tool), "site-packages"))
-else:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(tool)))
+sys.path.insert(0, os.path.abspath(tool) if tool.endswith(".pyz") else os.path.dirname(os.path.abspath(tool)))
 
 import contexta_ops  # noqa: E402
 
