@@ -16,11 +16,12 @@ Commands (each also a public function a rescue script can import)::
     restore BACKUP [--target DIR]       verify, safety-backup, switch over atomically
     replay [status | requeue]           re-deliver failed outbox entries, exactly once
     artifact inspect | verify | export | import | put
+    repair plan | repair [--plane P]    fix what check finds: torn tails, indexes, strays, bad lines
     demo | self-check                   a sample workspace; the archive's own digests
 
 Sections, in order: errors; primitives; configuration; reading Contexta's
 stores; backup (directories, archives, retention); restore; outbox replay;
-artifacts; status and check; demo and self-check; the command line.
+artifacts; status and check; repair; demo and self-check; the command line.
 
 Every command takes the global flags ``--workspace --config --backup-root
 --staging-root --outbox-root --json --quiet`` before or after its name.
@@ -7913,7 +7914,7 @@ class RepairStep(_Record):
 class RepairPlan(_Record):
     """What a repair would do (``actions`` as contexta's RepairPlan lists them).  Planning changes nothing.
 
-    ``steps`` holds the first 1,000 steps (``step_count`` counts them all);
+    ``steps`` holds the first 1,000 steps (``step_count`` counts them all, ``step_counts`` by plane);
     ``left_alone`` is what the planes hold that no step fixes; ``refusals``
     are why an apply would refuse, before it changes anything.
     """
@@ -7923,6 +7924,7 @@ class RepairPlan(_Record):
     planes: Tuple[str, ...] = REPAIR_PLANES
     steps: Tuple[RepairStep, ...] = ()
     step_count: int = 0
+    step_counts: Mapping[str, int] = dataclasses.field(default_factory=dict)  # plane -> steps
     left_alone: Tuple[Problem, ...] = ()
     create_safety_backup: bool = True
     refusals: Tuple[Notice, ...] = ()
@@ -8531,7 +8533,9 @@ def plan_repair(config: UnifiedConfig, planes: Optional[Sequence[str]] = None) -
                           % _repair_journal_path(workspace))
     return RepairPlan(
         actions=tuple(work.actions), workspace_root=workspace, planes=selected,
-        steps=tuple(work.steps[:_STEPS_LISTED]), step_count=len(work.steps), left_alone=tuple(work.left_alone),
+        steps=tuple(work.steps[:_STEPS_LISTED]), step_count=len(work.steps),
+        step_counts={plane: sum(len(job.steps) for job in work.jobs if job.plane == plane) for plane in selected},
+        left_alone=tuple(work.left_alone),
         create_safety_backup=bool(config.recovery.create_backup_before_restore),
         refusals=tuple(notice for notice, _held in _repair_blockers(config, selected)), notes=tuple(work.notes))
 
@@ -8539,13 +8543,14 @@ def plan_repair(config: UnifiedConfig, planes: Optional[Sequence[str]] = None) -
 # -- applying -----------------------------------------------------------------------------------------------
 
 def apply_repair(config: UnifiedConfig, plan: RepairPlan) -> RepairResult:
-    """Repair ``plan.planes``: safety backup, journaled renames, then `check` on the result.
+    """Repair the planes ``plan`` found work in: safety backup, journaled renames, then `check` on the result.
 
-    Holds the workspace lock and each store's own lock (exit 4 while another
+    Holds the workspace lock and the stores' own locks (exit 4 while another
     run holds one), refuses under a live writer as a restore does, and first
     finishes a restore or repair that was killed.  The work is planned again
-    under the locks; the result lists what was done.  FAILURE (exit 1) when
-    the check afterwards still finds problems.
+    under the locks, so what changed since ``plan`` is repaired as it is now;
+    the result lists what was done.  FAILURE (exit 1) when the check
+    afterwards still finds problems.
     """
     selected = _repair_planes(plan.planes)
     workspace = config.workspace.root_path
@@ -8561,20 +8566,20 @@ def apply_repair(config: UnifiedConfig, plan: RepairPlan) -> RepairResult:
             notes.append("interrupted_repair:%s" % resumed)
         _refuse_signals(workspace, [(notice, held) for notice, held in _repair_blockers(config, selected)
                                     if notice.code != "workspace_lock_held"], RepairError)
-        work = _plan_work(config, selected)
+        work = _RepairWork(config, [plane for plane in selected if plan.step_counts.get(plane)])
         safety_ref = None
-        if work.jobs and plan.create_safety_backup and any(os.scandir(str(workspace))):
+        if work.planes and plan.create_safety_backup and any(os.scandir(str(workspace))):
             safety_ref = _safety_backup(config, workspace, _REPAIR_SAFETY_LABEL)
-            notes.append("safety_backup:%s" % safety_ref)
         changed: List[str] = []
-        if work.jobs:
-            work = _RepairWork(config, work.planes_with_jobs())
-            try:
+        try:
+            if work.planes:
                 _repair_under_store_locks(work, changed)
-            except BaseException:
-                if safety_ref is not None and not changed and not work.committed:
-                    _delete_backup(config.recovery.backup_root / safety_ref)  # nothing changed: only a leftover
-                raise
+        finally:
+            if safety_ref is not None and not changed and not work.committed:
+                _delete_backup(config.recovery.backup_root / safety_ref)  # nothing changed: only a leftover
+                safety_ref = None
+        if safety_ref is not None:
+            notes.append("safety_backup:%s" % safety_ref)
         post = check_workspace(config, planes=selected)
     return _repair_result(work, selected, notes + changed, safety_ref, post)
 
@@ -9984,14 +9989,19 @@ def _cmd_repair_run(args: argparse.Namespace, out: _Output) -> int:
         return _cmd_repair_plan(args, out)
     config = _config_from_args(args)
     result = apply_repair(config, plan_repair(config, planes=args.plane))
-    out.say("Repair of %s (%s): %s, %d step(s) applied" % (result.workspace_root, ", ".join(result.planes),
-                                                           result.status, len(result.actions) if result.applied else 0))
-    _say_repair_steps(out, result.steps, int(result.details.get("step_count", 0)))
+    steps = int(result.details.get("step_count", 0))
+    out.say("Repair of %s (%s): %s, %s" % (result.workspace_root, ", ".join(result.planes), result.status,
+                                           "%d step(s) applied" % steps if result.applied else "nothing to repair"))
+    _say_repair_steps(out, result.steps, steps)
     if result.safety_backup_ref:
         out.say("  safety backup: %s" % result.safety_backup_ref)
     check = result.post_apply_check or {}
     out.say("Check after the repair: %s" % check.get("status"))
     _say_planes(out, check.get("plane_results", {}))
+    outbox = check.get("plane_results", {}).get("outbox")
+    if outbox:
+        out.say("  outbox:    %d pending (%d malformed), %d dead-lettered" % (
+            outbox["pending_count"], outbox["malformed_pending"], outbox["dead_lettered_count"]))
     _say_list(out, "Problems:", result.problems)
     _say_list(out, "Notes:", result.notes)
     backup = (" (the safety backup %s holds what was there before)" % result.safety_backup_ref
