@@ -8317,9 +8317,10 @@ def _plan_artifacts(work: _RepairWork) -> None:
         if check.status in ("size_mismatch", "hash_mismatch") and check.body_kind == "file":
             work.add(_bound_quarantine_job(store, check))
     strays = [_relative_posix(path, root) for path in report.orphan_paths]
+    # A link among the bodies goes too (Contexta's sweep follows it and moves it); a FIFO or device is left to a
+    # person - `check` flags one wherever it is in the store.
     strays += [_relative_posix(problem.path, root) for problem in report.problems
-               if problem.code in ("symlink_not_followed", "special_file")
-               and _is_within(problem.path, root / "objects")
+               if problem.code == "symlink_not_followed" and _is_within(problem.path, root / "objects")
                and _relative_posix(problem.path, root) not in bodies]
     for rel in sorted(set(strays) - owned, key=lambda each: each.split("/")):  # Contexta sorts paths by part
         work.add(_orphan_job(store, rel, work.stamp))
@@ -8327,7 +8328,7 @@ def _plan_artifacts(work: _RepairWork) -> None:
         work.add(_staging_job(store, path, work.stamp))
     if report.artifact_count == 0 and len(work.jobs) == count:
         work.notes.append("noop:artifact_store_healthy_or_empty")
-    moved = {"artifact_orphan", "artifact_stray_temp", "symlink_not_followed", "special_file"}
+    moved = {"artifact_orphan", "artifact_stray_temp", "symlink_not_followed"}
     work.left_alone += [problem for problem in report.problems if not (
         problem.code in moved and _is_within(problem.path, root / "objects")
         and _relative_posix(problem.path, root) not in bodies)]
@@ -8376,7 +8377,7 @@ def _bound_quarantine_job(store: ArtifactStore, check: ArtifactCheck) -> _Job:
 
 
 def _orphan_job(store: ArtifactStore, rel: str, stamp: str) -> _Job:
-    """Contexta's quarantine_orphan_body (a stray temp file or link under objects/ goes the same way)."""
+    """Contexta's quarantine_orphan_body (a stray temp file or a link under objects/ goes the same way)."""
     source = store.root_path / rel
     destination = store.root_path / "quarantine" / "orphans" / stamp / rel[len("objects/"):]
 
@@ -8386,7 +8387,7 @@ def _orphan_job(store: ArtifactStore, rel: str, stamp: str) -> _Job:
 
     kind = _path_kind(source)
     what = ("an interrupted write's temp file" if rel.endswith(".tmp") and kind == "file"
-            else "a body no binding points at" if kind == "file" else "a %s where bodies are kept" % kind)
+            else "a body no binding points at" if kind == "file" else "a symbolic link where bodies are kept")
     step = RepairStep("artifacts", "quarantine_orphan_body", str(source), what + "; moved to quarantine",
                       str(destination))
     return _Job("artifacts", [step], ["quarantine_orphan_body:%s" % source], prepare, [_unchanged(source)])

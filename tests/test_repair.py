@@ -300,6 +300,25 @@ def test_interrupted_artifact_write_is_rolled_back_by_repair(cli, fixture_dir, t
     assert {k: v for k, v in after.items() if not k.startswith("quarantine/")} == before  # as before the import
 
 
+def test_fifos_are_never_opened_and_links_never_followed(cli, fixture_dir, tmp_path):
+    ws = _ws(fixture_dir)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the store's")
+    os.mkfifo(str(ws / "records/segments/segment-000002.jsonl"))
+    os.mkfifo(str(ws / "artifacts/objects/checkpoint/c6/fifo"))
+    os.mkfifo(str(ws / "artifacts/staging/x.part"))
+    os.symlink(str(outside), str(ws / "artifacts/objects/checkpoint/c6/link"))
+    plan = cli("--workspace", ws, "repair", "plan", "--json", timeout=60)
+    assert [step["action"] for step in plan.json["steps"]] == ["quarantine_orphan_body"], plan
+    result = _repair(cli, fixture_dir, env=None)
+    assert result.returncode == 1, result  # the FIFOs are named, and left for a person
+    moved = list((ws / "artifacts/quarantine/orphans").glob("*/checkpoint/c6/link"))
+    assert len(moved) == 1 and os.readlink(str(moved[0])) == str(outside) and outside.read_text() == "not the store's"
+    left = {problem["path"] for problem in result.json["problems"]}
+    assert left == {str(ws / "records/segments/segment-000002.jsonl"), str(ws / "artifacts/objects/checkpoint/c6/fifo"),
+                    str(ws / "artifacts/staging/x.part")}
+
+
 # -- outbox -------------------------------------------------------------------------------------------------------
 
 GOOD = [{"replay_ref": "good-%d" % index, "family": "RECORD", "payload": {"i": index}, "sink_name": "local-jsonl-replay"}
