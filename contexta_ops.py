@@ -16,11 +16,12 @@ Commands (each also a public function a rescue script can import)::
     restore BACKUP [--target DIR]       verify, safety-backup, switch over atomically
     replay [status | requeue]           re-deliver failed outbox entries, exactly once
     artifact inspect | verify | export | import | put
+    repair plan | repair [--plane P]    fix what check finds: torn tails, indexes, strays, bad lines
     demo | self-check                   a sample workspace; the archive's own digests
 
 Sections, in order: errors; primitives; configuration; reading Contexta's
 stores; backup (directories, archives, retention); restore; outbox replay;
-artifacts; status and check; demo and self-check; the command line.
+artifacts; status and check; repair; demo and self-check; the command line.
 
 Every command takes the global flags ``--workspace --config --backup-root
 --staging-root --outbox-root --json --quiet`` before or after its name.
@@ -115,6 +116,8 @@ __all__ = [
     "VerificationReport", "VerificationRecord", "StoreSummary", "SweepReport", "ExportReceipt", "ImportReceipt",
     "ImportOutcome", "inspect_store", "verify_artifact", "verify_all", "export_artifact", "import_export_package",
     "verify_export_package", "get_artifact", "artifact_exists", "read_artifact_bytes", "list_refs",
+    # repair
+    "RepairError", "RepairPlan", "RepairResult", "RepairStep", "REPAIR_PLANES", "plan_repair", "apply_repair",
     # status, check, demo, self-check
     "CheckResult", "WorkspaceStatus", "PathStatus", "StatusWarning", "DemoResult", "SelfCheckResult",
     "check_workspace", "workspace_status", "build_demo_workspace", "run_demo", "self_check",
@@ -129,7 +132,7 @@ EXIT_CANNOT_RUN = 3
 EXIT_LOCKED = 4
 
 # ---------------------------------------------------------------------------
-# Deviations from Contexta 1.0.0 (on purpose; the code refers to them as D1-D7)
+# Deviations from Contexta 1.0.0 (on purpose; the code refers to them as D1-D8)
 # ---------------------------------------------------------------------------
 #
 # D1 Backups hold the outbox and the capture sink's files, not the whole
@@ -153,6 +156,13 @@ EXIT_LOCKED = 4
 #    it, the body matches binding and manifest; a body is stored under its
 #    location_ref's suffix, where every reader looks.
 # D7 Unknown CONTEXTA_* variables are noted and ignored, not fatal.
+# D8 Repair keeps a copy of everything it takes away: abandoned staging files
+#    go to quarantine instead of being deleted, and `<id>.part` is paired
+#    with `<id>.session.json` (Contexta's pairing sees every .part as
+#    abandoned).  A repaired segment replaces the old one atomically.  Index
+#    rebuilds write the five families the append path writes, with its key
+#    rule (Contexta's rebuild drops batch_execution_ref and
+#    sample_observation_ref).
 
 
 # ---------------------------------------------------------------------------
@@ -1638,35 +1648,40 @@ def _lines_within(handle: Any, limit: int = _JSON_FILE_LIMIT) -> Iterator[Option
 
 def _parse_segment_line(raw: Optional[bytes], line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
     """The sequence of one segment line, or None (blank lines silently, bad ones with a problem)."""
+    _payload, sequence, problem = _decode_segment_line(raw, line_number, where)
+    if problem is not None:
+        sink.add(problem)
+    return sequence
+
+
+def _decode_segment_line(raw: Optional[bytes], line_number: int,
+                         where: str) -> Tuple[Optional[Dict[str, Any]], Optional[int], Optional[Problem]]:
+    """``(line, sequence, None)`` for a record line, ``(None, None, None)`` for a blank one, else the problem."""
     if raw is None:
-        sink.add(Problem("invalid_json_line", where, "line %d is longer than %d bytes" % (line_number,
-                                                                                          _JSON_FILE_LIMIT)))
-        return None
+        return None, None, Problem("invalid_json_line", where, "line %d is longer than %d bytes"
+                                   % (line_number, _JSON_FILE_LIMIT))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        sink.add(Problem("invalid_json_line", where, "line %d is not valid UTF-8" % line_number))
-        return None
+        return None, None, Problem("invalid_json_line", where, "line %d is not valid UTF-8" % line_number)
     if not text.strip():
-        return None
+        return None, None, None
     try:
         payload = json_loads(text)
     except ValueError:
         if not raw.endswith(b"\n"):
-            sink.add(Problem("truncated_line", where, "line %d is cut off (no newline, not JSON)" % line_number))
-        else:
-            sink.add(Problem("invalid_json_line", where, "line %d is not JSON" % line_number))
-        return None
+            return None, None, Problem("truncated_line", where, "line %d is cut off (no newline, not JSON)"
+                                       % line_number)
+        return None, None, Problem("invalid_json_line", where, "line %d is not JSON" % line_number)
     try:
         sequence = int(payload["sequence"])
         record = payload["record"]
         if not isinstance(record, dict) or "appended_at" not in payload:
             raise ValueError
     except (KeyError, TypeError, ValueError, OverflowError):
-        sink.add(Problem("invalid_json_line", where,
-                         "line %d is not a record line (sequence, appended_at, record)" % line_number))
-        return None
-    return sequence
+        return None, None, Problem("invalid_json_line", where,
+                                   "line %d is not a record line (sequence, appended_at, record)" % line_number)
+    return payload, sequence, None
 
 
 def _check_record_indexes(root: Path, segment_sequences: Mapping[int, List[int]], report: RecordsReport,
@@ -2367,6 +2382,9 @@ def _workspace_signals(config: UnifiedConfig) -> List[Tuple[Notice, bool]]:
         (_journal_path(workspace).exists(), False,
          Notice("restore_interrupted", "a restore was interrupted; the next backup or restore finishes or rolls "
                 "it back (%s)" % _journal_path(workspace))),
+        (os.path.lexists(str(_repair_journal_path(workspace))), False,
+         Notice("repair_interrupted", "a repair was interrupted; the next `repair` finishes or rolls it back (%s)"
+                % _repair_journal_path(workspace))),
         (_lock_is_held(outbox_root / REPLAY_LOCK_FILE), True,
          Notice("replay_running", "a replay holds %s" % (outbox_root / REPLAY_LOCK_FILE))),
         ((outbox_root / _REPLAY_JOURNAL).exists() or (outbox_root / _REQUEUE_JOURNAL).exists(), False,
@@ -4395,14 +4413,20 @@ def _refuse_unsafe_restore(target_config: UnifiedConfig, *, ignore_workspace_loc
     """Refuse, changing nothing, while a writer or an interrupted operation is at the workspace."""
     signals = [(notice, held) for notice, held in _unsafe_for_restore(target_config)
                if not (ignore_workspace_lock and notice.code == "workspace_lock_held")]
+    _refuse_signals(target_config.workspace.root_path, signals, RestoreError, ", or use --force")
+
+
+def _refuse_signals(workspace: Path, signals: Sequence[Tuple[Notice, bool]], error: Type[OpsError],
+                    override: str = "") -> None:
+    """Raise for the first sign of a writer or a half-done operation: exit 4 when a live process holds one."""
     if not signals:
         return
     reasons = "; ".join(notice.message for notice, _held in signals)
     message = ("workspace %s is in use or mid-operation (%s); nothing was changed - stop the writer or finish the "
-               "operation first, or use --force" % (target_config.workspace.root_path, reasons))
+               "operation first%s" % (workspace, reasons, override))
     if any(held for _notice, held in signals):
-        raise LockedError(message, code="workspace_in_use", path=target_config.workspace.root_path)
-    raise RestoreError(message, code="workspace_unsafe", path=target_config.workspace.root_path)
+        raise LockedError(message, code="workspace_in_use", path=workspace)
+    raise error(message, code="workspace_unsafe", path=workspace)
 
 
 def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target_workspace: Any = None,
@@ -5041,10 +5065,10 @@ def _config_for_target(config: UnifiedConfig, target: Path) -> UnifiedConfig:
                                                  restore_staging_root=config.recovery.restore_staging_root))
 
 
-def _safety_backup(config: UnifiedConfig, target: Path) -> str:
+def _safety_backup(config: UnifiedConfig, target: Path, label: str = _SAFETY_LABEL) -> str:
     """Back up the target actually being replaced, not the configured workspace (D2)."""
     target_config = _config_for_target(config, target)
-    plan = plan_workspace_backup(target_config, label=_SAFETY_LABEL, kind="safety")
+    plan = plan_workspace_backup(target_config, label=label, kind="safety")
     result = _write_backup(target_config, plan)
     return result.backup_ref
 
@@ -6999,11 +7023,8 @@ class ArtifactStore:
             journal["old_binding"] = read_regular(binding_path, follow_symlinks=False).decode("utf-8")
         if replaced is not None:
             old_body = self.object_path(replaced.manifest_snapshot)
-            if _path_kind(old_body) == "file":  # Contexta's place for a replaced body, its name cut to fit
-                name = "%s-%s" % (uuid.uuid4().hex, old_body.name)
-                while len(os.fsencode(name)) > _name_limits(old_body)[0]:
-                    name = name[:-1]
-                quarantine = self.root_path / "quarantine" / "bound" / _path_safe_timestamp(_utc_timestamp()) / name
+            if _path_kind(old_body) == "file":
+                quarantine = self.bound_quarantine_path(old_body)
                 journal["quarantine"] = {"from": _relative_posix(old_body, self.root_path),
                                          "to": _relative_posix(quarantine, self.root_path)}
         journal["events"] = []
@@ -7030,6 +7051,13 @@ class ArtifactStore:
                 _roll_back_write(self, journal_path, journal)
             raise
         return body, quarantine
+
+    def bound_quarantine_path(self, body: Path) -> Path:
+        """Contexta's place for a bound body taken out of service, its name cut to what the filesystem allows."""
+        name = "%s-%s" % (uuid.uuid4().hex, body.name)
+        while len(os.fsencode(name)) > _name_limits(body)[0]:
+            name = name[:-1]
+        return self.root_path / "quarantine" / "bound" / _path_safe_timestamp(_utc_timestamp()) / name
 
     def _checked_journal_bytes(self, journal: Mapping[str, Any], journal_path: Path) -> bytes:
         """The journal as it will be written, proven readable and every name it holds storable, or refusal."""
@@ -7194,8 +7222,11 @@ def _roll_back_write(store: ArtifactStore, journal_path: Path, journal: Mapping[
     _sync_dir(journal_path.parent)
 
 
-def _recover_artifact_writes(store: ArtifactStore, journals: Sequence[Tuple[Path, Dict[str, Any]]]) -> List[str]:
-    """Roll back uncommitted writes a killed run left, roll committed ones forward; say what was done."""
+def _recover_artifact_writes(store: ArtifactStore, journals: Sequence[Tuple[Path, Dict[str, Any]]],
+                             remove_stale_parts: bool = True) -> List[str]:
+    """Roll back uncommitted writes a killed run left, roll committed ones forward; say what was done.
+
+    ``remove_stale_parts=False`` leaves body copies that never reached a journal (repair quarantines them)."""
     done: List[str] = []
     for journal_path, journal in journals:
         if _journal_committed(store, journal):
@@ -7204,7 +7235,7 @@ def _recover_artifact_writes(store: ArtifactStore, journals: Sequence[Tuple[Path
         else:
             _roll_back_write(store, journal_path, journal)
             done.append("rolled_back:%s" % journal["binding"])
-    for stale in (store.root_path / "staging").glob("ingest-*.part"):
+    for stale in (store.root_path / "staging").glob("ingest-*.part") if remove_stale_parts else ():
         if not stale.with_suffix(".session.json").exists():  # with one, it is Contexta's own staged ingest
             os.unlink(str(stale))  # a body copy that never reached its journal
     return done
@@ -7345,15 +7376,10 @@ def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
                     for item in reports)
     if record and reports:
         with store._writing():
-            for item, verification in zip(records, reports):
-                folder = store.root_path / "history" / "verification" / sanitize_component(item.artifact_ref)
-                folder.mkdir(parents=True, exist_ok=True)
-                event_report = {key: value for key, value in verification.to_dict().items() if key != "path"}
-                event_report["messages"] = list(verification.messages)
-                payload = {"artifact_ref": item.artifact_ref, "status": item.status, "checked_at": item.checked_at,
-                           "message": item.message, "report": event_report}
-                _write_store_file(folder / ("%s-%s.json" % (_path_safe_timestamp(item.checked_at),
-                                                            uuid.uuid4().hex)), _pretty_json(payload))
+            for verification in reports:
+                path, payload = _verification_event(store, verification)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _write_store_file(path, _pretty_json(payload))
     return SweepReport(
         verification_records=records,
         missing_refs=tuple(check.artifact_ref for check in report.checks if check.status == "missing"),
@@ -7361,6 +7387,16 @@ def verify_all(store: ArtifactStore, record: bool = True) -> SweepReport:
                            if check.status in ("size_mismatch", "hash_mismatch")),
         orphan_paths=tuple(report.orphan_paths), problems=tuple(report.problems), reports=reports,
         notes=tuple(notes))
+
+
+def _verification_event(store: ArtifactStore, report: VerificationReport) -> Tuple[Path, Dict[str, Any]]:
+    """Contexta's verification history event of one report: where it goes, and what it says."""
+    event_report = {key: value for key, value in report.to_dict().items() if key != "path"}
+    event_report["messages"] = list(report.messages)
+    payload = {"artifact_ref": report.artifact_ref, "status": report.status, "checked_at": report.checked_at,
+               "message": report.messages[0] if report.messages else None, "report": event_report}
+    folder = store.root_path / "history" / "verification" / sanitize_component(report.artifact_ref)
+    return folder / ("%s-%s.json" % (_path_safe_timestamp(report.checked_at), uuid.uuid4().hex)), payload
 
 
 # -- export and import ---------------------------------------------------------------------------------
@@ -7823,6 +7859,948 @@ def workspace_status(config: UnifiedConfig, sources: Optional[Mapping[str, str]]
 
 
 # ---------------------------------------------------------------------------
+# Repair: check finds, repair fixes
+# ---------------------------------------------------------------------------
+#
+# `repair` fixes what `check` finds that a machine can fix without guessing,
+# each the way contexta 1.0.0's own repair functions do it, with the same
+# bytes: a torn last line of a record segment is cut (the whole segment is
+# copied to quarantine first) and the manifest's sequence fields follow it;
+# the derived record indexes are rebuilt from the segments; orphan bodies,
+# drifted bound bodies and abandoned staging files move into the artifact
+# store's quarantine with a history event; bindings whose body is missing or
+# drifted get a fresh verification event; malformed outbox lines go to the
+# dead-letter file exactly as replay would put them there, and nothing is
+# delivered.  What it cannot fix (a corrupt line inside a segment, a missing
+# body) it names and leaves alone.  Nothing is deleted without a copy but the
+# old index files, which are derived from the segments and rebuilt from them.
+#
+# The plan comes first and changes nothing.  An apply holds the workspace lock
+# and the stores' own locks, refuses under a live writer as a restore does,
+# takes a safety backup, then writes every new file whole into a scratch
+# directory inside its store (named like a temp file, so backups and Contexta
+# skip it).  A journal beside the workspace lists the scratch directories
+# before they exist, then - once every new file is durable - every rename;
+# the renames follow.  A run killed before that commit leaves the workspace as
+# it was (the next run removes the scratch); one killed after it is finished
+# by the next run.  Then `check` runs on the result.
+
+REPAIR_PLANES = ("records", "artifacts", "outbox")
+_REPAIR_SAFETY_LABEL = "pre-repair-safety"
+# The families contexta's append path indexes, in its order; its rebuild writes the first three only, and
+# makes their folders even when they stay empty.
+_INDEX_FAMILIES = ("run_ref", "record_type", "stage_execution_ref", "batch_execution_ref", "sample_observation_ref")
+_ALWAYS_REBUILT_FAMILIES = ("run_ref", "stage_execution_ref", "record_type")
+_INDEX_BUFFER_BYTES = 8 << 20
+_STEPS_LISTED = 1000
+_LINES_NAMED = 20
+
+
+class RepairError(OpsError):
+    code = "repair_failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class RepairStep(_Record):
+    """One thing a repair does: on which plane, Contexta's name for it, to what, and where the copy goes."""
+
+    plane: str
+    action: str
+    path: str
+    detail: str = ""
+    destination: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RepairPlan(_Record):
+    """What a repair would do (``actions`` as contexta's RepairPlan lists them).  Planning changes nothing.
+
+    ``steps`` holds the first 1,000 steps (``step_count`` counts them all, ``step_counts`` by plane);
+    ``left_alone`` is what the planes hold that no step fixes; ``refusals``
+    are why an apply would refuse, before it changes anything.
+    """
+
+    actions: Tuple[str, ...]
+    workspace_root: Path
+    planes: Tuple[str, ...] = REPAIR_PLANES
+    steps: Tuple[RepairStep, ...] = ()
+    step_count: int = 0
+    step_counts: Mapping[str, int] = dataclasses.field(default_factory=dict)  # plane -> steps
+    left_alone: Tuple[Problem, ...] = ()
+    create_safety_backup: bool = True
+    refusals: Tuple[Notice, ...] = ()
+    notes: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RepairResult(RecoveryResult):
+    """What a repair did: contexta's RepairReport fields for records, restore's safety backup and check after.
+
+    FAILURE (exit 1) when the check after the repair still finds problems; ``problems`` lists them.
+    """
+
+    workspace_root: Optional[Path] = None
+    planes: Tuple[str, ...] = ()
+    applied: bool = False
+    actions: Tuple[str, ...] = ()
+    steps: Tuple[RepairStep, ...] = ()
+    repaired_segments: Tuple[int, ...] = ()
+    quarantined_paths: Tuple[str, ...] = ()
+    rebuilt_indexes: bool = False
+    integrity_state: Optional[str] = None
+    dead_lettered_count: int = 0
+    safety_backup_ref: Optional[str] = None
+    post_apply_check: Optional[Mapping[str, Any]] = None
+    problems: Tuple[Problem, ...] = ()
+
+
+@dataclasses.dataclass
+class _Job:
+    """One fix: what it shows, Contexta's action lines, and how it writes its new files into a scratch directory.
+
+    ``prepare`` returns the journal's rename steps; None when the fix is made
+    before planning (an interrupted artifact write, finished by its own journal).
+    ``unchanged`` are (path, inode, size, mtime_ns) that must still hold at the
+    commit (size and mtime None where appends are expected).
+    """
+
+    plane: str
+    steps: List[RepairStep]
+    actions: List[str]
+    prepare: Optional[Callable[[Path], List[Dict[str, Any]]]] = None
+    unchanged: List[Tuple[Path, int, Optional[int], Optional[int]]] = dataclasses.field(default_factory=list)
+    segment_id: Optional[int] = None
+    dead_lettered: int = 0
+
+
+class _RepairWork:
+    """Everything one repair of some planes would do, and what it leaves alone."""
+
+    def __init__(self, config: UnifiedConfig, planes: Sequence[str]) -> None:
+        self.config = config
+        self.planes = tuple(planes)
+        self.jobs: List[_Job] = []
+        self.left_alone: List[Problem] = []
+        self.notes: List[str] = []
+        self.stamp = _path_safe_timestamp(_utc_timestamp())  # Contexta's T, one per run, for quarantine folders
+        self.committed = False
+
+    def add(self, job: _Job) -> None:
+        self.jobs.append(job)
+
+    @property
+    def steps(self) -> List[RepairStep]:
+        return [step for job in self.jobs for step in job.steps]
+
+    @property
+    def actions(self) -> List[str]:
+        return [action for job in self.jobs for action in job.actions]
+
+    def planes_with_jobs(self, preparing: bool = False) -> List[str]:
+        return [plane for plane in self.planes
+                if any(job.plane == plane and (job.prepare is not None or not preparing) for job in self.jobs)]
+
+    def store_root(self, plane: str) -> Path:
+        roots = {"records": self.config.records.root_path, "artifacts": self.config.artifacts.root_path,
+                 "outbox": self.config.recovery.outbox_root}
+        return Path(roots[plane])
+
+
+def _repair_journal_path(workspace_root: Path) -> Path:
+    """Beside the workspace, with its lock: a journal names files in every store, relocated ones included."""
+    return workspace_root.parent / (".%s.contexta-ops-repair.json" % workspace_root.name)
+
+
+def _repair_planes(planes: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    unknown = sorted(set(planes or ()) - set(REPAIR_PLANES))
+    if unknown:
+        raise UsageError("unknown plane(s): %s (choose from %s)" % (", ".join(unknown), ", ".join(REPAIR_PLANES)))
+    return tuple(plane for plane in REPAIR_PLANES if not planes or plane in planes)
+
+
+def _rename_step(source: Path, destination: Path, replace: bool = False) -> Dict[str, Any]:
+    """A journal step: move the file now at ``source`` (by inode) to ``destination``."""
+    return {"op": "rename", "from": str(source), "to": str(destination), "ino": os.lstat(str(source)).st_ino,
+            "replace": replace}
+
+
+def _scratch_file(scratch: Path, data: bytes, mode: int = 0o600) -> Path:
+    """A new file in the scratch directory (fsynced with the rest before the commit)."""
+    path = scratch / uuid.uuid4().hex
+    with _naming(path), open(str(path), "xb") as handle:
+        handle.write(data)
+    os.chmod(str(path), mode)
+    return path
+
+
+def _unchanged(path: Path, whole: bool = True) -> Tuple[Path, int, Optional[int], Optional[int]]:
+    found = os.lstat(str(path))
+    return (path, found.st_ino, found.st_size if whole else None, found.st_mtime_ns if whole else None)
+
+
+# -- records: torn tails, the manifest, indexes ------------------------------------------------------------
+
+class _IndexSink:
+    """The pointer lines contexta's append path writes for each record: hashed, and written when given a folder."""
+
+    def __init__(self, directory: Optional[Path] = None) -> None:
+        self.directory = directory
+        self.digests: Dict[str, Any] = {}
+        self.pending: Dict[str, List[bytes]] = {}
+        self.pending_bytes = 0
+
+    def add(self, line: Mapping[str, Any], sequence: int, segment_id: int, line_number: int) -> None:
+        envelope = line["record"].get("envelope")
+        if not isinstance(envelope, dict):
+            return
+        pointer = (_compact_json({"offset": line_number, "segment_id": segment_id, "sequence": sequence})
+                   + "\n").encode("utf-8")
+        for family in _INDEX_FAMILIES:
+            key = envelope.get(family)
+            if key is None or key == "":
+                continue
+            rel = "%s/%s.jsonl" % (family, _UNSAFE_COMPONENT.sub("_", str(key).replace(":", "__")))
+            digest = self.digests.get(rel)
+            if digest is None:
+                digest = self.digests[rel] = hashlib.sha256()
+            digest.update(pointer)
+            if self.directory is not None:
+                self.pending.setdefault(rel, []).append(pointer)
+                self.pending_bytes += len(pointer)
+                if self.pending_bytes >= _INDEX_BUFFER_BYTES:
+                    self.flush()
+
+    def flush(self) -> None:
+        assert self.directory is not None
+        for rel, pointers in self.pending.items():
+            path = self.directory / rel
+            path.parent.mkdir(exist_ok=True)
+            with _naming(path), open(str(path), "ab") as handle:
+                handle.write(b"".join(pointers))
+        self.pending = {}
+        self.pending_bytes = 0
+
+    def finish(self) -> None:
+        """Write what is buffered, and the families Contexta's rebuild always makes, empty or not."""
+        self.flush()
+        assert self.directory is not None
+        for family in _ALWAYS_REBUILT_FAMILIES:
+            (self.directory / family).mkdir(exist_ok=True)
+
+    def expected(self) -> Dict[str, str]:
+        return {rel: digest.hexdigest() for rel, digest in self.digests.items()}
+
+
+@dataclasses.dataclass
+class _SegmentPass:
+    """One read of a segment: where a torn last line starts, corrupt lines before it, what the kept part holds."""
+
+    path: Path
+    segment_id: int
+    stat: os.stat_result
+    lines: int = 0
+    tail_at: Optional[int] = None
+    tail_bytes: int = 0
+    corrupt_lines: int = 0
+    last_sequence: int = 0
+
+
+def _segment_paths(root: Path) -> List[Tuple[Path, int]]:
+    """Segments in name order, as Contexta reads them; one whose name has no number is left to `check`."""
+    segments = root / "segments"
+    found = []
+    for path in sorted(segments.glob("segment-*.jsonl")) if segments.is_dir() else []:
+        try:
+            found.append((path, int(path.stem[len("segment-"):])))
+        except ValueError:
+            continue
+    return found
+
+
+def _pass_segment(path: Path, segment_id: int, index: _IndexSink) -> Optional[_SegmentPass]:
+    """Read a segment once; None when it is not a regular file (check names it)."""
+    try:
+        handle = open_regular(path)
+    except SpecialFileError:
+        return None
+    with handle:
+        result = _SegmentPass(path, segment_id, os.fstat(handle.fileno()))
+        start = 0
+        for line_number, raw in enumerate(_lines_within(handle), start=1):
+            end = handle.tell()
+            result.lines = line_number
+            line, sequence, problem = _decode_segment_line(raw, line_number, str(path))
+            if problem is not None and problem.code == "truncated_line":
+                result.tail_at, result.tail_bytes = start, end - start
+            elif problem is not None:
+                result.corrupt_lines += 1
+            if line is not None and sequence is not None:
+                result.last_sequence = sequence
+                index.add(line, sequence, segment_id, line_number)
+            start = end
+    return result
+
+
+def _records_manifest(path: Path) -> Optional[Dict[str, Any]]:
+    """The record manifest's fields as Contexta reads them (``int``/``str``), or None when it cannot be read so."""
+    try:
+        data = json_loads(read_regular(path))
+        return {"layout_mode": str(data["layout_mode"]), "layout_version": str(data["layout_version"]),
+                "current_segment_id": int(data["current_segment_id"]), "next_sequence": int(data["next_sequence"]),
+                "last_committed_sequence": int(data["last_committed_sequence"]),
+                "current_segment_record_count": int(data["current_segment_record_count"])}
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        return None
+
+
+def _plan_records(work: _RepairWork) -> None:
+    root = Path(work.config.records.root_path)
+    if not root.is_dir():
+        work.notes.append("records_absent")
+        return
+    report = scan_records(root)
+    if any(problem.code == "record_store_layout_mismatch" for problem in report.problems):
+        work.left_alone += report.problems  # Contexta refuses such a store; so do we
+        work.notes.append("records_layout_unknown")
+        return
+    index = _IndexSink()
+    passes = [found for found in (_pass_segment(path, number, index) for path, number in _segment_paths(root))
+              if found is not None]
+    fixed: Set[Tuple[str, str]] = set()
+    manifest_path = root / "manifest.json"
+    manifest = _records_manifest(manifest_path)
+    for segment in passes:
+        if segment.tail_at is None:
+            continue
+        if segment.corrupt_lines:
+            work.notes.append("tail_not_cut:%s has %d corrupt line(s) before its torn tail (Contexta's rule)"
+                              % (segment.path, segment.corrupt_lines))
+            continue
+        work.add(_tail_job(root, segment))
+        fixed.add(("truncated_line", str(segment.path)))
+        if manifest is not None and manifest["current_segment_id"] == segment.segment_id:
+            manifest = dict(manifest, next_sequence=segment.last_sequence + 1,
+                            last_committed_sequence=segment.last_sequence,
+                            current_segment_record_count=segment.lines - 1)
+            if segment.last_sequence == report.highest_sequence:
+                fixed.add(("manifest_sequence_mismatch", str(manifest_path)))
+            if read_regular(manifest_path) != _pretty_json(manifest):  # Contexta rewrites it whole
+                work.add(_manifest_job(manifest_path, manifest))
+    differences = _index_differences(root / "indexes", index.expected())
+    if differences:
+        work.add(_index_job(root, passes, index.expected(), differences))
+    work.left_alone += [problem for problem in report.problems if (problem.code, problem.path) not in fixed]
+
+
+def _tail_job(root: Path, segment: _SegmentPass) -> _Job:
+    """Contexta's repair_truncated_tails for one segment: the whole segment to quarantine, then the cut."""
+    assert segment.tail_at is not None
+    compact = _utc_timestamp().replace(":", "").replace("-", "")  # Contexta's quarantine stamp
+    destination = root / "quarantine" / ("segment-%06d.before-tail-repair-%s.jsonl" % (segment.segment_id, compact))
+    path, found, keep = segment.path, segment.stat, segment.tail_at
+
+    def prepare(scratch: Path) -> List[Dict[str, Any]]:
+        copy = scratch / (path.name + ".whole")
+        _copy_then_hash(str(path), str(copy), found.st_mode, found.st_mtime_ns)
+        cut = scratch / path.name
+        _copy_prefix(path, cut, keep)
+        os.chmod(str(cut), stat.S_IMODE(found.st_mode))
+        return [_rename_step(copy, destination), _rename_step(cut, path, replace=True)]
+
+    step = RepairStep("records", "repair_truncated_tails", str(path), "cut the torn last line (line %d, %d bytes, "
+                      "not JSON); the whole segment is copied to quarantine first" % (segment.lines, segment.tail_bytes),
+                      str(destination))
+    return _Job("records", [step], ["repair_truncated_tails:%s" % path], prepare, [_unchanged(path)],
+                segment_id=segment.segment_id)
+
+
+def _copy_prefix(source: Path, destination: Path, length: int) -> None:
+    """The first ``length`` bytes of a file, into a new file."""
+    with open_regular(source) as reader, _naming(destination), open(str(destination), "xb") as out:
+        left = length
+        while left:
+            chunk = reader.read(min(_CHUNK, left))
+            if not chunk:
+                raise RepairError("%s shrank while it was repaired; nothing was changed" % source,
+                                  code="repair_source_changed", path=source)
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def _manifest_job(path: Path, manifest: Mapping[str, Any]) -> _Job:
+    mode = stat.S_IMODE(os.lstat(str(path)).st_mode)
+
+    def prepare(scratch: Path) -> List[Dict[str, Any]]:
+        return [_rename_step(_scratch_file(scratch, _pretty_json(dict(manifest)), mode), path, replace=True)]
+
+    detail = "last_committed_sequence %d, next_sequence %d, current_segment_record_count %d" % (
+        manifest["last_committed_sequence"], manifest["next_sequence"], manifest["current_segment_record_count"])
+    return _Job("records", [RepairStep("records", "update_manifest", str(path), detail)],
+                ["update_manifest:%s" % path], prepare, [_unchanged(path)])
+
+
+def _index_differences(indexes: Path, expected: Mapping[str, str]) -> List[str]:
+    """How the index tree differs from the one the segments give; empty when every file is exactly that."""
+    if _path_kind(indexes) == "missing":
+        return ["indexes/ is missing"] if expected else []
+    if _path_kind(indexes) != "directory":
+        return ["indexes is a %s" % _path_kind(indexes)]
+    found: Dict[str, str] = {}
+    differences = []
+    for rel, _found_stat, kind in _walk_tree(indexes):
+        if kind == "dir":
+            if rel not in _INDEX_FAMILIES:
+                differences.append("%s/ is not an index family" % rel)
+        elif kind != "file":
+            differences.append("%s is a %s" % (rel, kind))
+        else:
+            found[rel] = sha256_file(indexes / rel, follow_symlinks=False)[1]
+    for rel in sorted(set(found) | set(expected)):
+        if rel not in expected:
+            differences.append("%s points at no record" % rel)
+        elif rel not in found:
+            differences.append("%s is missing" % rel)
+        elif found[rel] != expected[rel]:
+            differences.append("%s differs" % rel)
+    return differences
+
+
+def _index_job(root: Path, passes: Sequence[_SegmentPass], expected: Mapping[str, str],
+               differences: Sequence[str]) -> _Job:
+    """Contexta's rebuild_indexes, with all five families and the append path's key rule (D8), swapped in whole."""
+    indexes = root / "indexes"
+    segments = [(found.path, found.segment_id) for found in passes]
+
+    def prepare(scratch: Path) -> List[Dict[str, Any]]:
+        new = scratch / "indexes"
+        new.mkdir()
+        sink = _IndexSink(new)
+        for path, number in segments:
+            _pass_segment(path, number, sink)
+        sink.finish()
+        if sink.expected() != expected:
+            raise RepairError("the segments under %s changed while their indexes were rebuilt; nothing was changed"
+                              % root, code="repair_source_changed", path=root)
+        return [{"op": "swap_dir", "target": str(indexes), "new": str(new), "old": str(scratch / "indexes-old"),
+                 "old_ino": _lstat_ino(indexes), "new_ino": _lstat_ino(new)}]
+
+    detail = "%d difference(s) from the segments, e.g. %s; rebuilt from the segments" % (
+        len(differences), "; ".join(differences[:3]))
+    return _Job("records", [RepairStep("records", "rebuild_indexes", str(indexes), detail)],
+                ["rebuild_indexes:%s" % indexes], prepare, [_unchanged(found.path) for found in passes])
+
+
+# -- artifacts: contexta's repair plan, with nothing deleted ---------------------------------------------
+
+def _plan_artifacts(work: _RepairWork) -> None:
+    store = ArtifactStore(VaultConfig.from_unified_config(work.config))
+    root = store.root_path
+    if not root.is_dir():
+        work.notes.append("artifacts_absent")
+        return
+    journals, unusable = _write_journals(store)
+    work.left_alone += unusable
+    owned: Set[str] = set()  # files an uncommitted write journal removes itself
+    for path, journal in journals:
+        committed = _journal_committed(store, journal)
+        if not committed:
+            owned.update((journal["body"], journal["staged"]))
+        how = ("rolled forward: its binding is in place; missing history events are written" if committed
+               else "rolled back: its binding was never written; the binding and body go back to what they were")
+        work.add(_Job("artifacts", [RepairStep("artifacts", "finish_interrupted_write", str(path), how)],
+                      ["finish_interrupted_write:%s" % path]))
+    report = scan_artifact_bindings(root)
+    bodies = {check.path for check in report.checks}
+    count = len(work.jobs)
+    for check in report.checks:
+        if check.status != "verified":
+            work.add(_verification_job(store, check))
+        if check.status in ("size_mismatch", "hash_mismatch") and check.body_kind == "file":
+            work.add(_bound_quarantine_job(store, check))
+    strays = [_relative_posix(path, root) for path in report.orphan_paths]
+    # A link among the bodies goes too (Contexta's sweep follows it and moves it); a FIFO or device is left to a
+    # person - `check` flags one wherever it is in the store.
+    strays += [_relative_posix(problem.path, root) for problem in report.problems
+               if problem.code == "symlink_not_followed" and _is_within(problem.path, root / "objects")
+               and _relative_posix(problem.path, root) not in bodies]
+    for rel in sorted(set(strays) - owned, key=lambda each: each.split("/")):  # Contexta sorts paths by part
+        work.add(_orphan_job(store, rel, work.stamp))
+    for path in _abandoned_staging(store, owned):
+        work.add(_staging_job(store, path, work.stamp))
+    if report.artifact_count == 0 and len(work.jobs) == count:
+        work.notes.append("noop:artifact_store_healthy_or_empty")
+    moved = {"artifact_orphan", "artifact_stray_temp", "symlink_not_followed"}
+    work.left_alone += [problem for problem in report.problems if not (
+        problem.code in moved and _is_within(problem.path, root / "objects")
+        and _relative_posix(problem.path, root) not in bodies)]
+
+
+def _event_job_step(scratch: Path, path: Path, payload: Mapping[str, Any]) -> Dict[str, Any]:
+    """A history event, written in scratch and renamed into place with the rest."""
+    return _rename_step(_scratch_file(scratch, _pretty_json(dict(payload))), path)
+
+
+def _quarantine_event(store: ArtifactStore, kind: str, source: Path, destination: Path,
+                      details: Mapping[str, Any]) -> Tuple[Path, Dict[str, Any]]:
+    """Contexta's quarantine history event: where it goes and what it says."""
+    return store.root_path / "history" / "quarantine" / _event_name(), {
+        "kind": kind, "recorded_at": _utc_timestamp(), "source_path": str(source),
+        "destination_path": str(destination), "details": dict(details)}
+
+
+def _verification_job(store: ArtifactStore, check: ArtifactCheck) -> _Job:
+    """Contexta's refresh_verification: one verification event with the body's state now."""
+    def prepare(scratch: Path) -> List[Dict[str, Any]]:
+        path, payload = _verification_event(store, _report_from_check(check, store.root_path, _utc_timestamp()))
+        return [_event_job_step(scratch, path, payload)]
+
+    folder = store.root_path / "history" / "verification" / sanitize_component(check.artifact_ref)
+    step = RepairStep("artifacts", "refresh_verification", check.artifact_ref, "body is %s%s; a verification event "
+                      "records it" % (check.status, "" if check.body_kind in ("file", "missing")
+                                      else " (a %s)" % check.body_kind), str(folder))
+    return _Job("artifacts", [step], ["refresh_verification:%s" % check.artifact_ref], prepare)
+
+
+def _bound_quarantine_job(store: ArtifactStore, check: ArtifactCheck) -> _Job:
+    """Contexta's quarantine_bound_artifact: the drifted body is kept aside; the binding stays (it reads missing)."""
+    body = store.root_path / check.path
+    destination = store.bound_quarantine_path(body)
+
+    def prepare(scratch: Path) -> List[Dict[str, Any]]:
+        event = _quarantine_event(store, "bound_artifact", body, destination, {"artifact_ref": check.artifact_ref})
+        return [_rename_step(body, destination), _event_job_step(scratch, *event)]
+
+    step = RepairStep("artifacts", "quarantine_bound_artifact", str(body), "body of %s does not match its binding "
+                      "(%s); it is kept in quarantine and reads as missing until a backup or package brings it back"
+                      % (check.artifact_ref, check.status), str(destination))
+    return _Job("artifacts", [step], ["quarantine_bound_artifact:%s" % check.artifact_ref], prepare,
+                [_unchanged(body)])
+
+
+def _orphan_job(store: ArtifactStore, rel: str, stamp: str) -> _Job:
+    """Contexta's quarantine_orphan_body (a stray temp file or a link under objects/ goes the same way)."""
+    source = store.root_path / rel
+    destination = store.root_path / "quarantine" / "orphans" / stamp / rel[len("objects/"):]
+
+    def prepare(scratch: Path) -> List[Dict[str, Any]]:
+        event = _quarantine_event(store, "orphan_body", source, destination, {"orphan_path": str(source)})
+        return [_rename_step(source, destination), _event_job_step(scratch, *event)]
+
+    kind = _path_kind(source)
+    what = ("an interrupted write's temp file" if rel.endswith(".tmp") and kind == "file"
+            else "a body no binding points at" if kind == "file" else "a symbolic link where bodies are kept")
+    step = RepairStep("artifacts", "quarantine_orphan_body", str(source), what + "; moved to quarantine",
+                      str(destination))
+    return _Job("artifacts", [step], ["quarantine_orphan_body:%s" % source], prepare, [_unchanged(source)])
+
+
+def _abandoned_staging(store: ArtifactStore, owned: Set[str]) -> List[Path]:
+    """``<id>.part`` without ``<id>.session.json``, and a session without its part: no ingest can finish them."""
+    staging = store.root_path / "staging"
+    try:
+        names = set(os.listdir(str(staging)))
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):
+        if name.endswith(".part"):
+            partner = name[:-len(".part")] + ".session.json"
+        elif name.endswith(".session.json"):
+            partner = name[:-len(".session.json")] + ".part"
+        else:
+            continue
+        if partner not in names and "staging/" + name not in owned and _path_kind(staging / name) == "file":
+            found.append(staging / name)
+    return found
+
+
+def _staging_job(store: ArtifactStore, source: Path, stamp: str) -> _Job:
+    """Contexta's remove_abandoned_staging, except that the file is kept in quarantine (D8)."""
+    destination = store.root_path / "quarantine" / "staging" / stamp / source.name
+
+    def prepare(scratch: Path) -> List[Dict[str, Any]]:
+        event = _quarantine_event(store, "abandoned_staging", source, destination, {"staging_path": str(source)})
+        return [_rename_step(source, destination), _event_job_step(scratch, *event)]
+
+    step = RepairStep("artifacts", "remove_abandoned_staging", str(source), "no ingest session can finish it; moved "
+                      "to quarantine, not deleted", str(destination))
+    return _Job("artifacts", [step], ["remove_abandoned_staging:%s" % source], prepare, [_unchanged(source)])
+
+
+# -- outbox: malformed lines to the dead-letter file, as replay puts them there ---------------------------
+
+def _outbox_lines(outbox: Path, scan_end: int) -> Iterator[Tuple[int, bytes, Optional[str]]]:
+    """``(line number, raw line, why it is malformed or None)`` up to ``scan_end``, as replay reads them."""
+    with open_regular(outbox) as handle:
+        offset = 0
+        for line_number, raw in enumerate(handle, start=1):
+            if offset >= scan_end:
+                return
+            if offset + len(raw) > scan_end:
+                raw = raw[:scan_end - offset]
+            offset += len(raw)
+            reason = None
+            if raw.strip():
+                entry, _family, why = _parse_outbox_line(raw)
+                reason = why if entry is None else None
+            yield line_number, raw, reason
+
+
+def _plan_outbox(work: _RepairWork) -> None:
+    root = Path(work.config.recovery.outbox_root)
+    outbox = root / OUTBOX_FILE
+    kind = _path_kind(outbox)
+    if kind != "file":
+        if kind != "missing":
+            work.left_alone.append(_irregular_problem(str(outbox), kind, "the outbox"))
+        return
+    scan_end = _complete_lines_end(outbox)
+    named: List[str] = []
+    count = 0
+    for line_number, _raw, reason in _outbox_lines(outbox, scan_end):
+        if reason is not None:
+            count += 1
+            if len(named) < _LINES_NAMED:
+                named.append("line %d (%s)" % (line_number, reason))
+    if os.stat(str(outbox)).st_size > scan_end:
+        work.notes.append("outbox_tail_in_flight:%s ends in a line a writer may still be writing; it is left" % outbox)
+    if count:
+        work.add(_outbox_job(root, outbox, scan_end, count, named))
+
+
+def _outbox_job(root: Path, outbox: Path, scan_end: int, count: int, named: Sequence[str]) -> _Job:
+    dead_letter = root / DEAD_LETTER_FILE
+
+    def prepare(scratch: Path) -> List[Dict[str, Any]]:
+        kept, dead = scratch / "kept", scratch / "dead"
+        found = 0
+        with _naming(kept), open(str(kept), "xb") as keep, open(str(dead), "xb") as bury:
+            for _line_number, raw, reason in _outbox_lines(outbox, scan_end):
+                if reason is None:
+                    keep.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                else:
+                    found += 1
+                    bury.write(_json_line(_malformed_record(raw, reason, _derived_replay_ref(raw))))
+        if found != count:
+            raise RepairError("the outbox %s changed while it was repaired; nothing was changed" % outbox,
+                              code="repair_source_changed", path=outbox)
+        return [{"op": "outbox", "outbox": str(outbox), "outbox_ino": os.lstat(str(outbox)).st_ino,
+                 "kept": str(kept), "dead": str(dead), "final": str(scratch / OUTBOX_FILE),
+                 "dead_letter": str(dead_letter), "carry_from": scan_end,
+                 "dead_letter_size": os.stat(str(dead_letter)).st_size if dead_letter.exists() else 0}]
+
+    step = RepairStep("outbox", "dead_letter_malformed", str(outbox), "%d malformed line(s) move to %s with their raw "
+                      "text and reason, as replay would put them; nothing is delivered: %s%s"
+                      % (count, DEAD_LETTER_FILE, ", ".join(named), ", ..." if count > len(named) else ""),
+                      str(dead_letter))
+    return _Job("outbox", [step], ["dead_letter_malformed:%s" % outbox], prepare, [_unchanged(outbox, whole=False)],
+                dead_lettered=count)
+
+
+# -- planning and refusing ------------------------------------------------------------------------------
+
+_PLANNERS: Dict[str, Callable[[_RepairWork], None]] = {
+    "records": _plan_records, "artifacts": _plan_artifacts, "outbox": _plan_outbox}
+
+
+def _plan_work(config: UnifiedConfig, planes: Sequence[str]) -> _RepairWork:
+    work = _RepairWork(config, planes)
+    _plan_into(work)
+    return work
+
+
+def _plan_into(work: _RepairWork) -> None:
+    for plane in work.planes:
+        _PLANNERS[plane](work)
+
+
+def _repair_blockers(config: UnifiedConfig, planes: Sequence[str]) -> List[Tuple[Notice, bool]]:
+    """What makes repairing now unsafe: a restore's and a repair's own journals it finishes itself, and an
+    interrupted artifact write when it repairs the artifacts (finishing those is one of its steps)."""
+    handled = {"restore_interrupted", "repair_interrupted"}
+    if "artifacts" in planes:
+        handled.add("artifact_write_interrupted")
+    return [(notice, held) for notice, held in _workspace_signals(config) if notice.code not in handled]
+
+
+def plan_repair(config: UnifiedConfig, planes: Optional[Sequence[str]] = None) -> RepairPlan:
+    """Say what a repair of ``planes`` (records, artifacts, outbox; default all) would do.  Changes nothing."""
+    selected = _repair_planes(planes)
+    workspace = config.workspace.root_path
+    if not workspace.is_dir():
+        raise OpsError("workspace %s does not exist" % workspace, code="workspace_missing", path=workspace)
+    work = _plan_work(config, selected)
+    if os.path.lexists(str(_repair_journal_path(workspace))):
+        work.notes.append("interrupted_repair:the next repair finishes or rolls it back first (%s)"
+                          % _repair_journal_path(workspace))
+    return RepairPlan(
+        actions=tuple(work.actions), workspace_root=workspace, planes=selected,
+        steps=tuple(work.steps[:_STEPS_LISTED]), step_count=len(work.steps),
+        step_counts={plane: sum(len(job.steps) for job in work.jobs if job.plane == plane) for plane in selected},
+        left_alone=tuple(work.left_alone),
+        create_safety_backup=bool(config.recovery.create_backup_before_restore),
+        refusals=tuple(notice for notice, _held in _repair_blockers(config, selected)), notes=tuple(work.notes))
+
+
+# -- applying -----------------------------------------------------------------------------------------------
+
+def apply_repair(config: UnifiedConfig, plan: RepairPlan) -> RepairResult:
+    """Repair the planes ``plan`` found work in: safety backup, journaled renames, then `check` on the result.
+
+    Holds the workspace lock and the stores' own locks (exit 4 while another
+    run holds one), refuses under a live writer as a restore does, and first
+    finishes a restore or repair that was killed.  The work is planned again
+    under the locks, so what changed since ``plan`` is repaired as it is now;
+    the result lists what was done.  FAILURE (exit 1) when the check
+    afterwards still finds problems.
+    """
+    selected = _repair_planes(plan.planes)
+    workspace = config.workspace.root_path
+    if not workspace.is_dir():
+        raise OpsError("workspace %s does not exist" % workspace, code="workspace_missing", path=workspace)
+    notes: List[str] = []
+    with _workspace_lock(workspace):
+        resumed = _resume_interrupted_restore(workspace, _relocated_roots(config, workspace))
+        if resumed is not None:
+            notes.append("interrupted_restore:%s" % resumed)
+        resumed = _resume_interrupted_repair(config)
+        if resumed is not None:
+            notes.append("interrupted_repair:%s" % resumed)
+        _refuse_signals(workspace, [(notice, held) for notice, held in _repair_blockers(config, selected)
+                                    if notice.code != "workspace_lock_held"], RepairError)
+        work = _RepairWork(config, [plane for plane in selected if plan.step_counts.get(plane)])
+        safety_ref = None
+        if work.planes and plan.create_safety_backup and any(os.scandir(str(workspace))):
+            safety_ref = _safety_backup(config, workspace, _REPAIR_SAFETY_LABEL)
+        changed: List[str] = []
+        try:
+            if work.planes:
+                _repair_under_store_locks(work, changed)
+        finally:
+            if safety_ref is not None and not changed and not work.committed:
+                _delete_backup(config.recovery.backup_root / safety_ref)  # nothing changed: only a leftover
+                safety_ref = None
+        if safety_ref is not None:
+            notes.append("safety_backup:%s" % safety_ref)
+        post = check_workspace(config, planes=selected)
+    return _repair_result(work, selected, notes + changed, safety_ref, post)
+
+
+def _repair_under_store_locks(work: _RepairWork, changed: List[str]) -> None:
+    """Take the stores' own locks, finish killed artifact writes, plan again and carry the plan out."""
+    config = work.config
+    with contextlib.ExitStack() as locks:
+        if "artifacts" in work.planes:
+            store = ArtifactStore(VaultConfig.from_unified_config(config))
+            (store.root_path / "staging").mkdir(exist_ok=True)
+            locks.enter_context(_Lock(store.root_path / _STORE_LOCK, what="artifact store %s" % store.root_path))
+            journals, _unusable = _write_journals(store)
+            changed += _recover_artifact_writes(store, journals, remove_stale_parts=False)
+        if "outbox" in work.planes:
+            outbox_root = Path(config.recovery.outbox_root)
+            locks.enter_context(_Lock(outbox_root / REPLAY_LOCK_FILE, what="outbox %s" % outbox_root))
+        _plan_into(work)
+        if any(job.prepare is not None for job in work.jobs):
+            _carry_out(config, work)
+
+
+def _repair_result(work: _RepairWork, planes: Tuple[str, ...], notes: List[str], safety_ref: Optional[str],
+                   post: CheckResult) -> RepairResult:
+    steps = work.steps
+    records = post.plane_results.get("records")
+    return RepairResult(
+        status="FAILURE" if post.problems else "SUCCESS", notes=tuple(notes + work.notes),
+        details={"step_count": len(steps)}, workspace_root=post.workspace_root, planes=planes,
+        applied=work.committed, actions=tuple(work.actions), steps=tuple(steps[:_STEPS_LISTED]),
+        repaired_segments=tuple(job.segment_id for job in work.jobs if job.segment_id is not None),
+        quarantined_paths=tuple(step.destination for step in steps if step.destination is not None
+                                and step.action not in ("dead_letter_malformed", "refresh_verification")),
+        rebuilt_indexes=any(step.action == "rebuild_indexes" for step in steps),
+        integrity_state=records.get("integrity_state") if isinstance(records, dict) else None,
+        dead_lettered_count=sum(job.dead_lettered for job in work.jobs), safety_backup_ref=safety_ref,
+        post_apply_check=post.to_dict(), problems=post.problems)
+
+
+def _carry_out(config: UnifiedConfig, work: _RepairWork) -> None:
+    """Write every new file into scratch, prove nothing moved meanwhile, commit the journal, do the renames."""
+    journal_path = _repair_journal_path(config.workspace.root_path)
+    scratch = {plane: work.store_root(plane) / ("tmp%s" % uuid.uuid4().hex[:8]) for plane in work.planes_with_jobs(preparing=True)}
+    journal: Dict[str, Any] = {"version": 1, "state": "preparing", "started_at": _utc_timestamp(),
+                               "workspace": str(config.workspace.root_path),
+                               "scratch": [str(path) for path in scratch.values()], "steps": []}
+    atomic_write_bytes(journal_path, _pretty_json(journal))
+    _crash_point("repair:journal-prepared")
+    try:
+        for path in scratch.values():
+            path.mkdir()
+        for job in work.jobs:
+            if job.prepare is not None:
+                journal["steps"] += job.prepare(scratch[job.plane])
+        for path in scratch.values():
+            _sync_filesystem(path)
+        _crash_point("repair:scratch-durable")
+        _require_unchanged(work)
+        journal["state"] = "applying"
+        atomic_write_bytes(journal_path, _pretty_json(journal))
+    except BaseException:
+        _roll_back_repair(journal_path, journal)
+        raise
+    work.committed = True
+    _crash_point("repair:journal-committed")
+    _finish_repair(journal_path, journal)
+
+
+def _require_unchanged(work: _RepairWork) -> None:
+    for job in work.jobs:
+        for path, ino, size, mtime_ns in job.unchanged:
+            try:
+                now = os.lstat(str(path))
+            except FileNotFoundError:
+                now = None
+            if now is None or now.st_ino != ino or size is not None and (now.st_size, now.st_mtime_ns) != (
+                    size, mtime_ns):
+                raise RepairError("%s changed while the repair was prepared (is a writer running?); nothing was "
+                                  "changed - repair again" % path, code="repair_source_changed", path=path)
+
+
+def _roll_back_repair(journal_path: Path, journal: Mapping[str, Any]) -> None:
+    """Before the commit nothing in the stores changed: remove the scratch directories, then the journal."""
+    for path in journal["scratch"]:
+        _remove_tree(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(str(journal_path))
+    _fsync_dir(journal_path.parent)
+
+
+def _finish_repair(journal_path: Path, journal: Mapping[str, Any]) -> None:
+    """Do every journaled step not yet done (each knows by inode whether it is), then clean up."""
+    for step in journal["steps"]:
+        _ROLL_FORWARD[step["op"]](step)
+    for path in journal["scratch"]:
+        _remove_tree(path)
+    _crash_point("repair:scratch-removed")
+    os.unlink(str(journal_path))
+    _fsync_dir(journal_path.parent)
+    _crash_point("repair:finished")
+
+
+def _journal_inconsistent(step: Mapping[str, Any], why: str) -> RepairError:
+    return RepairError("cannot finish the interrupted repair: %s (step %s); inspect it by hand"
+                       % (why, _compact_json(dict(step))), code="repair_journal_inconsistent", path=step.get("to"))
+
+
+def _durable_makedirs(directory: Path) -> None:
+    """Create a folder and its missing parents, each made durable in its parent."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+        _fsync_dir(path.parent)
+
+
+def _roll_rename(step: Mapping[str, Any]) -> None:
+    source, destination = Path(step["from"]), Path(step["to"])
+    if _lstat_ino(destination) == step["ino"]:
+        return
+    if _lstat_ino(source) != step["ino"]:
+        raise _journal_inconsistent(step, "%s is neither where it was nor where it goes" % source)
+    if not step["replace"] and os.path.lexists(str(destination)):
+        raise _journal_inconsistent(step, "%s already exists" % destination)
+    _durable_makedirs(destination.parent)
+    os.replace(str(source), str(destination))
+    _fsync_dir(destination.parent)
+    if source.parent != destination.parent:
+        _fsync_dir(source.parent)
+    _crash_point("repair:renamed")
+
+
+def _roll_swap(step: Mapping[str, Any]) -> None:
+    """The rebuilt index tree in place of the old one (renameat2 exchange, else two renames)."""
+    target = Path(step["target"])
+    current = _lstat_ino(target)
+    if current == step["new_ino"]:
+        return
+    if step["old_ino"] is not None and current is None and _lstat_ino(step["old"]) == step["old_ino"]:
+        os.rename(step["new"], str(target))  # killed between the two renames
+    elif current == step["old_ino"] and _lstat_ino(step["new"]) == step["new_ino"]:
+        _switch_unit(step)
+    else:
+        raise _journal_inconsistent(step, "%s is neither the old nor the rebuilt index tree" % target)
+    _fsync_dir(target.parent)
+    _crash_point("repair:indexes-switched")
+
+
+def _roll_outbox(step: Mapping[str, Any]) -> None:
+    """Dead letters appended (once: cut back to the journaled size first), then the outbox replaced atomically,
+    then lines a writer appended to the old file meanwhile carried over (replay's way)."""
+    outbox = Path(step["outbox"])
+    if _lstat_ino(outbox) != step["outbox_ino"]:
+        return  # already replaced
+    _truncate_to(step["dead_letter"], step["dead_letter_size"])
+    with _naming(step["dead_letter"]), open(step["dead_letter"], "ab") as out, open(step["dead"], "rb") as source:
+        shutil.copyfileobj(source, out, _CHUNK)
+        out.flush()
+        os.fsync(out.fileno())
+    _crash_point("repair:dead-letters-appended")
+    with open_regular(outbox) as old:
+        with _naming(step["final"]), open(step["final"], "wb") as out:
+            with open(step["kept"], "rb") as kept:
+                shutil.copyfileobj(kept, out, _CHUNK)
+            old.seek(step["carry_from"])
+            copied_end, _lines = _copy_lines(old, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(step["final"], stat.S_IMODE(os.fstat(old.fileno()).st_mode))
+        _crash_point("repair:new-outbox-written")
+        os.replace(step["final"], str(outbox))
+        _fsync_dir(outbox.parent)
+        _crash_point("repair:outbox-replaced")
+        _carry_late_appends(old, copied_end, outbox)
+
+
+_ROLL_FORWARD: Dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "rename": _roll_rename, "swap_dir": _roll_swap, "outbox": _roll_outbox}
+_STEP_PATHS = ("from", "to", "target", "new", "old", "outbox", "kept", "dead", "final", "dead_letter")
+
+
+def _resume_interrupted_repair(config: UnifiedConfig) -> Optional[str]:
+    """Finish (after its commit) or roll back (before it) a repair that was killed; the caller holds the
+    workspace lock.  ``finished``, ``rolled_back`` or None."""
+    journal_path = _repair_journal_path(config.workspace.root_path)
+    if not os.path.lexists(str(journal_path)):
+        return None
+    journal = _read_repair_journal(journal_path, config)
+    if journal["state"] == "applying":
+        _finish_repair(journal_path, journal)
+        return "finished"
+    _roll_back_repair(journal_path, journal)
+    return "rolled_back"
+
+
+def _read_repair_journal(journal_path: Path, config: UnifiedConfig) -> Dict[str, Any]:
+    """The journal, every path in it inside one of this configuration's stores (anything else is refused)."""
+    roots = [config.records.root_path, config.artifacts.root_path, config.recovery.outbox_root]
+    try:
+        journal = json_loads(read_regular(journal_path, follow_symlinks=False))
+        if journal["state"] not in ("preparing", "applying") or not all(
+                step["op"] in _ROLL_FORWARD for step in journal["steps"]):
+            raise ValueError("unknown state or step")
+        paths = list(journal["scratch"]) + [step[key] for step in journal["steps"] for key in _STEP_PATHS
+                                            if key in step]
+        for path in paths:
+            if not isinstance(path, str) or not os.path.isabs(path) or not any(_is_within(path, root)
+                                                                             for root in roots):
+                raise ValueError("a path outside the stores")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RepairError("repair journal %s is unreadable or names paths outside this workspace's stores; inspect "
+                          "it by hand" % journal_path, code="repair_journal_invalid", path=journal_path)
+    return dict(journal)
+
+
+# ---------------------------------------------------------------------------
 # The first five minutes: a demo workspace, and the archive's self-check
 # ---------------------------------------------------------------------------
 #
@@ -8172,6 +9150,15 @@ _BACKUP_FORMS = """BACKUP is one of:
 _REF_FORM = "REF is an artifact ref, artifact:<project>.<run>.<key> (artifact:proj.run-01.model)."
 _PACKAGE_FORM = ("PACKAGE is a directory holding Contexta's export package (export.package.json, the body, its\n"
                  "binding and manifest.snapshot.json), as `artifact export` writes it.")
+_REPAIR_FORM = """What each plane's repair does (nothing is deleted without a copy):
+  records    cut a torn last line of a segment (the whole segment is copied to quarantine/ first),
+             fix the manifest's sequence fields to match, rebuild the indexes from the segments
+  artifacts  finish killed writes; move orphan bodies, drifted bodies and abandoned staging files
+             into quarantine/ with a history event; record a verification event for missing and
+             drifted bodies
+  outbox     move malformed pending lines to dead_letter.jsonl with their raw text, as replay would;
+             nothing is delivered
+A corrupt line inside a segment or a missing body is named, not repaired: those come back from a backup."""
 _CONFLICT_FORM = """--conflict says what happens when the store already binds REF to a different body:
   error    (default) exit 1, nothing changes
   skip     keep the store's body, report skipped
@@ -8216,7 +9203,7 @@ def _add_actions(parser: argparse.ArgumentParser, name: str) -> Any:
 
 
 # Commands whose first word may be omitted: `restore BACKUP` runs a restore, `replay` alone replays.
-_DEFAULT_ACTIONS = {"restore": "run", "replay": "run"}
+_DEFAULT_ACTIONS = {"restore": "run", "replay": "run", "repair": "run"}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -8303,6 +9290,22 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="one of %s; repeat for several (default: all)" % ", ".join(CHECK_PLANES))
     check.add_argument("--against", metavar="BACKUP",
                        help="compare every file with a backup's list (size, sha256): changed, missing, new")
+    repair = _add_command(
+        commands, "repair", "Fix what check finds: torn record tails, indexes, stray artifact files, malformed outbox "
+        "lines.", "%s repair plan\n  %s repair --plane records --dry-run\n  %s repair" % (_PROG, _PROG, _PROG), common,
+        usage="%s repair [plan|apply] [--plane PLANE] [--dry-run]" % _PROG, explain=_REPAIR_FORM)
+    repair_actions = _add_actions(repair, "repair")
+    for action, purpose, example, handler, hidden in (
+            ("plan", "Say what a repair would cut, rebuild and quarantine; changes nothing.", "repair plan",
+             _cmd_repair_plan, False),
+            ("apply", "Safety-back-up, repair with a journal, check the result.", "repair apply --plane outbox",
+             _cmd_repair_run, False),
+            ("run", "Repair (`repair`).", "repair --dry-run", _cmd_repair_run, True)):
+        sub = _add_command(repair_actions, action, purpose, "%s %s" % (_PROG, example), common, handler,
+                           hidden=hidden, explain=_REPAIR_FORM)
+        sub.add_argument("--plane", action="append", choices=REPAIR_PLANES, metavar="PLANE",
+                         help="one of %s; repeat for several (default: all)" % ", ".join(REPAIR_PLANES))
+        sub.add_argument("--dry-run", action="store_true", help="show the plan; change nothing (as `repair plan`)")
     demo = _add_command(commands, "demo", "Build a sample workspace and walk the operator flow on it.",
                         "%s demo --root /tmp/contexta-demo" % _PROG, common, _cmd_demo)
     demo.add_argument("--root", metavar="DIR", help="where to build it (default: a new temporary directory)")
@@ -8953,6 +9956,63 @@ def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
     return out.finish(result, _status_exit(result.status), _next_step_for_bad_data(args, config, None))
 
 
+def _say_repair_steps(out: _Output, steps: Sequence[RepairStep], step_count: int) -> None:
+    for step in steps:
+        out.say("  %-9s %-25s %s" % (step.plane, step.action, step.path))
+        if step.detail:
+            out.say("      %s" % step.detail)
+        if step.destination:
+            out.say("      -> %s" % step.destination)
+    if step_count > len(steps):
+        out.say("  ... and %d more step(s)" % (step_count - len(steps)))
+
+
+def _cmd_repair_plan(args: argparse.Namespace, out: _Output) -> int:
+    plan = plan_repair(_config_from_args(args), planes=args.plane)
+    dry = " (dry run, nothing changed)" if args.dry_run else ""
+    out.say("Repair plan for %s (%s)%s: %d step(s)" % (plan.workspace_root, ", ".join(plan.planes), dry,
+                                                       plan.step_count))
+    _say_repair_steps(out, plan.steps, plan.step_count)
+    if not plan.step_count:
+        out.say("  nothing to repair")
+    _say_list(out, "Left alone (repair cannot fix these):", plan.left_alone)
+    if plan.step_count:
+        out.say("Safety backup first: %s" % ("yes" if plan.create_safety_backup else
+                                             "no (recovery.create_backup_before_restore is off)"))
+    _say_list(out, "An apply would refuse:", plan.refusals)
+    _say_list(out, "Notes:", plan.notes)
+    return out.finish(plan, EXIT_PROBLEMS if plan.refusals else EXIT_OK,
+                      "stop the writer or finish the interrupted operation (%s shows which), then plan again"
+                      % _suggest(args, "status"))
+
+
+def _cmd_repair_run(args: argparse.Namespace, out: _Output) -> int:
+    if args.dry_run:
+        return _cmd_repair_plan(args, out)
+    config = _config_from_args(args)
+    result = apply_repair(config, plan_repair(config, planes=args.plane))
+    steps = int(result.details.get("step_count", 0))
+    out.say("Repair of %s (%s): %s, %s" % (result.workspace_root, ", ".join(result.planes), result.status,
+                                           "%d step(s) applied" % steps if result.applied else "nothing to repair"))
+    _say_repair_steps(out, result.steps, steps)
+    if result.safety_backup_ref:
+        out.say("  safety backup: %s" % result.safety_backup_ref)
+    check = result.post_apply_check or {}
+    out.say("Check after the repair: %s" % check.get("status"))
+    _say_planes(out, check.get("plane_results", {}))
+    outbox = check.get("plane_results", {}).get("outbox")
+    if outbox:
+        out.say("  outbox:    %d pending (%d malformed), %d dead-lettered" % (
+            outbox["pending_count"], outbox["malformed_pending"], outbox["dead_lettered_count"]))
+    _say_list(out, "Problems:", result.problems)
+    _say_list(out, "Notes:", result.notes)
+    backup = (" (the safety backup %s holds what was there before)" % result.safety_backup_ref
+              if result.safety_backup_ref else "")
+    return out.finish(result, _status_exit(result.status),
+                      "the check still finds what a repair cannot fix%s; %s" % (
+                          backup, _next_step_for_bad_data(args, config, None)))
+
+
 def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
     result = run_demo(args.root)
     out.say("Demo in %s: %s" % (result.root, result.status))
@@ -8992,7 +10052,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             raise UsageError("a command is needed")
-        if args.command in ("backup", "restore", "replay", "recover", "artifact", "check"):
+        if args.command in ("backup", "restore", "replay", "recover", "artifact", "check", "repair"):
             _release_startup_memory()
         handler: Callable[[argparse.Namespace, _Output], int] = args.handler
         return handler(args, out)

@@ -10,6 +10,7 @@ The steps are learnt from a traced rehearsal of each operation, never counted by
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -395,8 +396,88 @@ class Prune(Operation):
         assert [entry["backup_ref"] for entry in listing] == [self.newest]
 
 
+class Repair(Operation):
+    """Every plane damaged at once: a torn segment tail with the manifest ahead of it, a stale index pointer,
+    an orphan body, a stray temp body, an abandoned staging file, malformed outbox lines and a torn outbox tail.
+    After any kill each file Contexta reads is the damaged or the repaired one - all of them one or the other
+    once the journal is gone - and the next run ends with every plane repaired and a clean check."""
+
+    name = "repair"
+    expected = None
+    NOT_DATA = re.compile(r"(^|/)(tmp[0-9a-f]{8})(/|$)|(^|/)(contexta-ops|replay)\.lock$")
+
+    def setup(self, root):
+        self.damage(_ws(root))
+        self.old = self.view(root)
+        if self.expected is None:  # what a whole run leaves, from a run of its own (timestamps aside)
+            other = root.parent / (root.name + "-expected")
+            shutil.copytree(str(self.pristine), str(other / "fx"), symlinks=True)
+            self.damage(_ws(other))
+            config = _config(other)
+            result = ops.apply_repair(config, ops.plan_repair(config))
+            assert result.status == "SUCCESS", result
+            Repair.expected = self.view(other)
+            shutil.rmtree(str(other))
+        self.new = Repair.expected
+        assert self.new != self.old
+
+    @staticmethod
+    def damage(ws):
+        with open(str(ws / "records/segments/segment-000001.jsonl"), "ab") as handle:
+            handle.write(b'{"appended_at":"2026-11-26T03:48:1')
+        manifest = json.loads((ws / "records/manifest.json").read_text())
+        manifest.update(last_committed_sequence=51, next_sequence=52, current_segment_record_count=51)
+        (ws / "records/manifest.json").write_text(json.dumps(manifest))
+        with open(str(ws / "records/indexes/run_ref/run__fixture-proj.tuned.jsonl"), "ab") as handle:
+            handle.write(b'{"offset":99,"segment_id":1,"sequence":99}\n')
+        (ws / "artifacts/objects/checkpoint/c6/left-behind.bin").write_bytes(b"orphan")
+        (ws / "artifacts/objects/report/ed/notes.0123abcd.tmp").write_bytes(b"half a write")
+        (ws / "artifacts/staging/ingest-w-0123.part").write_bytes(b"half an ingest")
+        outbox = ws / "cache/outbox/failed_deliveries.jsonl"
+        with open(str(outbox), "ab") as handle:
+            handle.write(b'not json\n{"family": "NOPE", "payload": {}}\n{"replay_ref": "torn", "fam')
+        os.utime(str(outbox), (time.time() - 60,) * 2)
+
+    def args(self, root):
+        return ("--workspace", _ws(root), "--backup-root", root / "bk", "repair")
+
+    def view(self, root):
+        """Each file of the workspace Contexta reads: path and content, with timestamps, uuids and the root masked."""
+        ws = _ws(root)
+        found = {}
+        for rel, entry in snapshot(ws).items():
+            if self.NOT_DATA.search(rel) or entry[0] != "file":
+                continue
+            text = (ws / rel).read_bytes().decode("utf-8", "replace").replace(str(root), "<root>")
+            found.setdefault(self.mask(rel), []).append(self.mask(text))
+        return {path: sorted(contents) for path, contents in found.items()}
+
+    @staticmethod
+    def mask(text):
+        text = re.sub(r"\d{4}-?\d{2}-?\d{2}T\d{2}[:-]?\d{2}[:-]?\d{2}([._]\d{6})?Z", "<TS>", text)
+        return re.sub(r"[0-9a-f]{32}", "<uuid>", text)
+
+    def after_kill(self, root):
+        current = self.view(root)
+        if current in (self.old, self.new):
+            return
+        journal = ops._repair_journal_path(_ws(root))
+        assert json.loads(journal.read_text())["state"] == "applying", "half repaired without a committed journal"
+        for path in set(current) | set(self.old) | set(self.new):  # between renames: every file old or new
+            assert set(current.get(path, [])) <= set(self.old.get(path, [])) | set(self.new.get(path, [])), path
+        self.verify_all_complete_backups(root)
+
+    def resume(self, root):
+        Operation.resume(self, root)
+        assert self.view(root) == self.new
+        assert not ops._repair_journal_path(_ws(root)).exists()
+        leftovers = [rel for rel in snapshot(_ws(root)) if re.search(r"(^|/)tmp[0-9a-f]{8}(/|$)", rel)]
+        assert leftovers == []
+        self.verify_all_complete_backups(root)
+
+
 OPERATIONS = [BackupCreate, IncrementalBackup, ArchiveCreate, RestoreApply, ArchiveRestore, PartialRestore,
-              RelocatedRestore, Replay, Requeue, ArtifactImport, ArtifactReplace, Prune]
+              RelocatedRestore, Replay, Requeue, ArtifactImport, ArtifactReplace, Prune, Repair]
 
 
 @pytest.fixture(scope="module")
