@@ -103,7 +103,7 @@ __all__ = [
     "RestorePlan", "RestoreResult", "plan_restore", "restore_workspace", "restore_workspace_forced",
     # outbox replay
     "ReplayBatchResult", "ReplayEntryResult", "OutboxStatus", "RequeueResult", "LocalJsonlSink", "SinkReceipt",
-    "replay_outbox", "outbox_status", "requeue_dead_letters",
+    "replay_outbox", "outbox_status", "requeue_dead_letters", "sink_entries_already_delivered", "SinkIndexError",
     # artifacts
     "ArtifactStore", "VaultConfig", "ArtifactManifest", "ArtifactBinding", "ArtifactHandle", "ArtifactPutReceipt",
     "VerificationReport", "VerificationRecord", "StoreSummary", "SweepReport", "ExportReceipt", "ImportReceipt",
@@ -3836,19 +3836,37 @@ def _resume_interrupted_restore(target: Path) -> Optional[str]:
 # which first truncates everything back to the last checkpoint, so nothing
 # past a checkpoint is ever written twice.  The outbox is replaced atomically
 # and lines a writer appends meanwhile are carried over.
+#
+# Exactly-once also survives a restore: the sink files live outside backups,
+# so a restored outbox holds entries the sink already has.  An index beside
+# the sink files (SQLite) remembers (replay_ref, payload sha256) of every
+# line; such entries are acknowledged without a second delivery.
+#
+# Replay writes only files it owns: a symlink, directory or FIFO where one of
+# its files belongs stops the run before anything is delivered.
 
 OUTBOX_FILE = "failed_deliveries.jsonl"
 DEAD_LETTER_FILE = "dead_letter.jsonl"
 REPLAY_LOCK_FILE = "replay.lock"
+SINK_INDEX_FILE = ".contexta-ops-sink-index.sqlite"
 _REPLAY_JOURNAL = "replay.journal.json"
 _REPLAY_KEPT_TMP = ".replay-kept.tmp"
 _REPLAY_DEAD_TMP = ".replay-dead.tmp"
+_REQUEUE_JOURNAL = "requeue.journal.json"
 PAYLOAD_FAMILIES = ("CONTEXT", "RECORD", "ARTIFACT", "DEGRADATION")
+_SINK_FILES = tuple("%s.jsonl" % family.lower() for family in PAYLOAD_FAMILIES)
 DEFAULT_REPLAY_SINK = "local-jsonl-replay"
 _CHECKPOINT_LINES = 4096
 _CHECKPOINT_BYTES = 8 << 20
 _IN_FLIGHT_SECONDS = 2.0
 _ENTRY_RESULTS_KEPT = 10000
+_BATCH_LINES = 128  # outbox lines decided together: one index lookup for all of them
+
+# What identifies a delivered entry in a sink line.  The writer (_sink_line) and
+# every reader (crash recovery, the sink index) use these names, so they cannot drift apart.
+_SINK_REF_KEY = "replay_ref"
+_SINK_PAYLOAD_KEY = "payload"
+_SINK_IDENTITY_KEYS = (_SINK_REF_KEY, _SINK_PAYLOAD_KEY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3868,6 +3886,8 @@ class ReplayBatchResult(_Record):
     """Contexta's ReplayBatchResult fields (and a ``to_dict`` that works), plus our counts.
 
     ``entries`` holds the first 10,000 entry results; counts cover them all.
+    ``already_delivered_count``: entries the sink already held (same replay_ref
+    and payload), acknowledged without a second delivery.
     """
 
     status: str
@@ -3879,6 +3899,7 @@ class ReplayBatchResult(_Record):
     pending_count: int = 0
     dead_lettered_count: int = 0
     delivered_count: int = 0
+    already_delivered_count: int = 0
     failed_count: int = 0
     skipped_count: int = 0
     malformed_count: int = 0
@@ -3904,14 +3925,93 @@ def _json_line(payload: Any) -> bytes:
         return (_COMPACT_ASCII_ENCODER.encode(payload) + "\n").encode("ascii")
 
 
+# Sink lines refuse NaN and Infinity: a payload such as 1e400 parses to an infinite float,
+# which would reach the sink as non-standard JSON that no strict reader accepts.
+_SINK_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                                 default=str)
+_SINK_ASCII_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
+                                       default=str)
+_NOT_FINITE = "holds a number too large for a float (it reads as Infinity), which standard JSON does not allow"
+
+
+# The same encoding, made once: JSONEncoder.encode builds a new C encoder on every call, which
+# dominated replay's loop.  Without markers it cannot detect a cycle; values parsed from JSON have none.
+_C_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_REPLAY_ENCODER = None if _C_MAKE_ENCODER is None else _C_MAKE_ENCODER(
+    None, str, json.encoder.encode_basestring, None, ":", ",", True, False, False)
+
+
+def _sink_json(value: Any) -> bytes:
+    """C-JSONL bytes of a value, NaN/Infinity refused (ValueError); a lone surrogate becomes a \\u escape."""
+    try:
+        return _SINK_ENCODER.encode(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return _SINK_ASCII_ENCODER.encode(value).encode("ascii")
+
+
+def _parsed_json(value: Any) -> bytes:
+    """:func:`_sink_json` of a value parsed from JSON (so free of cycles), the fast way where there is one."""
+    if _REPLAY_ENCODER is None:
+        return _sink_json(value)
+    try:
+        return "".join(_REPLAY_ENCODER(value, 0)).encode("utf-8")
+    except UnicodeEncodeError:
+        return _SINK_ASCII_ENCODER.encode(value).encode("ascii")
+
+
+def _payload_sha256(payload: Any) -> bytes:
+    """The digest that identifies a payload: sha256 of its canonical compact JSON (sorted keys)."""
+    return hashlib.sha256(_sink_json(payload)).digest()
+
+
 def _sink_line(family: str, payload: Any, payload_type: Any, payload_ref: Any, sink_name: str,
                replay_ref: Optional[str] = None) -> bytes:
     """Contexta's sink line; replays also say which outbox entry they delivered."""
-    line = {"captured_at": _capture_timestamp(), "family": family, "payload": payload,
-            "payload_ref": payload_ref, "payload_type": payload_type, "sink_name": sink_name}
+    return _sink_line_around(_sink_json(payload), family, payload_type, payload_ref, sink_name, replay_ref)
+
+
+def _sink_line_around(payload_json: bytes, family: str, payload_type: Any, payload_ref: Any, sink_name: str,
+                      replay_ref: Optional[str]) -> bytes:
+    """The sink line around a payload already encoded (replay encodes each payload once, for its digest too).
+
+    The keys around the payload sort before and after it, so the line is what
+    encoding the whole mapping with sorted keys gives.
+    """
+    after = {"payload_ref": payload_ref, "payload_type": payload_type, "sink_name": sink_name}
     if replay_ref is not None:
-        line["replay_ref"] = replay_ref
-    return _json_line(line)
+        after[_SINK_REF_KEY] = replay_ref
+    return b"".join((_sink_line_head(family), payload_json, b",", _parsed_json(after)[1:], b"\n"))
+
+
+_LINE_HEADS: Dict[Tuple[str, str], bytes] = {}
+
+
+def _sink_line_head(family: str) -> bytes:
+    """``{"captured_at":...,"family":...,"payload":``, made once per millisecond and family."""
+    key = (_capture_timestamp(), family)
+    head = _LINE_HEADS.get(key)
+    if head is None:
+        if len(_LINE_HEADS) > 64:
+            _LINE_HEADS.clear()
+        head = _LINE_HEADS[key] = (_sink_json({"captured_at": key[0], "family": family})[:-1]
+                                   + b',"%s":' % _SINK_PAYLOAD_KEY.encode())
+    return head
+
+
+def _sink_line_identity(raw: bytes) -> Optional[Tuple[str, bytes]]:
+    """(replay_ref, payload sha256) of a whole sink line, or None for a line no replay wrote."""
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        line = json_loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(line, dict) or not isinstance(line.get(_SINK_REF_KEY), str) or _SINK_PAYLOAD_KEY not in line:
+        return None
+    try:
+        return line[_SINK_REF_KEY], hashlib.sha256(_parsed_json(line[_SINK_PAYLOAD_KEY])).digest()
+    except ValueError:
+        return None
 
 
 _TIMESTAMP_CACHE: Dict[int, str] = {}
@@ -3960,6 +4060,71 @@ _FILE_SINK_RECEIPTS = {family: SinkReceipt("SUCCESS", "appended payload to %s.js
                        for family in PAYLOAD_FAMILIES}
 
 
+def _refuse_unowned(path: Path, kind: str = "file") -> None:
+    """Refuse (exit 3, nothing changed) a path where replay keeps a file or directory but finds something else.
+
+    A symlink would make replay write (or replace) a file elsewhere; a FIFO
+    would block it; a directory cannot be appended to.  Missing is fine.
+    """
+    try:
+        mode = os.lstat(str(path)).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        why = "is a symbolic link; replay never writes through one"
+    elif (kind == "directory" and stat.S_ISDIR(mode)) or (kind == "file" and stat.S_ISREG(mode)):
+        return
+    else:
+        found = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                 else "a file" if stat.S_ISREG(mode) else "a special file")
+        why = "is %s, not a %s" % (found, "regular file" if kind == "file" else kind)
+    raise ReplayError("%s %s: nothing was changed" % (path, why), code="replay_unsafe_path", path=path)
+
+
+_OUTBOX_OWNED_FILES = (OUTBOX_FILE, DEAD_LETTER_FILE, REPLAY_LOCK_FILE, _REPLAY_JOURNAL, _REPLAY_KEPT_TMP,
+                       _REPLAY_DEAD_TMP, _REQUEUE_JOURNAL)
+_INDEX_SIDE_FILES = ("", "-wal", "-shm", "-journal")
+
+
+def _refuse_unowned_outbox(outbox_root: Path) -> None:
+    _refuse_unowned(outbox_root, "directory")
+    for name in _OUTBOX_OWNED_FILES:
+        _refuse_unowned(outbox_root / name)
+
+
+def _refuse_unowned_sink(storage_root: Path) -> None:
+    _refuse_unowned(storage_root, "directory")
+    for name in _SINK_FILES:
+        _refuse_unowned(storage_root / name)
+    for suffix in _INDEX_SIDE_FILES:
+        _refuse_unowned(storage_root / (SINK_INDEX_FILE + suffix))
+
+
+_OPEN_FLAGS = {"ab": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "a+b": os.O_RDWR | os.O_APPEND | os.O_CREAT,
+               "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}
+
+
+def _open_owned(path: Any, mode: str = "ab") -> Any:
+    """Open one of replay's own files for writing, never through a symlink and never blocking on a FIFO."""
+    flags = (_OPEN_FLAGS[mode] | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(str(path), flags, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            _refuse_unowned(Path(path))
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            _refuse_unowned(Path(path))
+        if fcntl is not None:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~getattr(os, "O_NONBLOCK", 0))
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class _JournaledFileSink:
     """The built-in sink as replay drives it: append handles whose sizes the journal records.
 
@@ -3979,7 +4144,7 @@ class _JournaledFileSink:
 
     def reopen(self, sizes: Mapping[str, int]) -> None:
         for path, size in sizes.items():
-            handle = open(path, "a+b")
+            handle = _open_owned(path, "a+b")
             end = handle.seek(0, os.SEEK_END)
             if end > size:
                 self.recovered[path] = size
@@ -3996,26 +4161,28 @@ class _JournaledFileSink:
 
     def open_file(self, family: str) -> None:
         self.storage_root.mkdir(parents=True, exist_ok=True)
+        _refuse_unowned(self.storage_root, "directory")  # made by someone else in between
         path = self.path_for(family)
-        self.handles[path] = open(path, "a+b")
+        handle = self.handles[path] = _open_owned(path, "a+b")
+        end = handle.seek(0, os.SEEK_END)
+        if end:
+            handle.seek(end - 1)
+            if handle.read(1) != b"\n":  # a line another writer tore: end it, so ours stays whole
+                handle.write(b"\n")
 
-    def deliver(self, family: str, line: bytes, replay_ref: str, payload: Any) -> None:
+    def deliver(self, family: str, line: bytes, identity: Tuple[str, bytes]) -> None:
         path = self.path_for(family)
         handle = self.handles[path]
-        if path in self.recovered and self._already_written(path, handle, replay_ref, payload):
+        if path in self.recovered and self._already_written(path, handle, identity):
             return
         handle.write(line)
         self.pending_bytes += len(line)
 
-    def _already_written(self, path: str, handle: Any, replay_ref: str, payload: Any) -> bool:
+    def _already_written(self, path: str, handle: Any, identity: Tuple[str, bytes]) -> bool:
         position = self.recovered[path]
         handle.seek(position)
         existing = handle.readline()
-        try:
-            found = json_loads(existing) if existing.endswith(b"\n") else None
-        except ValueError:
-            found = None
-        if isinstance(found, dict) and found.get("replay_ref") == replay_ref and found.get("payload") == payload:
+        if _sink_line_identity(existing) == identity:
             self.recovered[path] = position + len(existing)
             handle.seek(0, os.SEEK_END)
             if self.recovered[path] >= handle.tell():
@@ -4048,22 +4215,408 @@ class _JournaledFileSink:
 
 def _truncate_to(path: Any, size: int) -> None:
     """Cut a file back to a checkpointed size (creating it empty if it vanished)."""
-    with open(path, "ab") as handle:
+    with _open_owned(path, "ab") as handle:
         if handle.tell() > size:
             handle.truncate(size)
         handle.flush()
         os.fsync(handle.fileno())
 
 
+# -- the sink index -------------------------------------------------------------
+
+_INDEX_VERSION = 1
+_INDEX_TAIL_BYTES = 4096  # the last bytes indexed, hashed: a file replaced or rewritten no longer matches
+_INDEX_LOOKUP_CHUNK = 500  # refs per query (older SQLite allows at most 999 parameters)
+_INDEX_INSERT = "INSERT OR IGNORE INTO delivered (replay_ref, payload_sha256, family) VALUES (?, ?, ?)"
+_INDEX_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS sink_files (family INTEGER PRIMARY KEY, name TEXT NOT NULL, inode INTEGER NOT NULL,"
+    " indexed_bytes INTEGER NOT NULL, tail_sha256 BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS delivered (replay_ref TEXT NOT NULL, payload_sha256 BLOB NOT NULL,"
+    " family INTEGER NOT NULL, PRIMARY KEY (replay_ref, payload_sha256, family)) WITHOUT ROWID",
+)
+
+# (replay_ref, payload sha256, index of the family in PAYLOAD_FAMILIES): one sink line's identity in its file.
+_SinkKey = Tuple[str, bytes, int]
+
+
+class SinkIndexError(ReplayError):
+    """The sink index could not be read or written (it is a cache: removing it makes the next run rebuild it)."""
+
+    code = "replay_sink_index_failed"
+
+
+@contextlib.contextmanager
+def _index_errors(sink: Any) -> Iterator[None]:
+    """SQLite failing under the built-in sink's index (a full disk, say) ends the run in one line (exit 3)."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__module__ != "sqlite3" or not isinstance(sink, LocalJsonlSink):
+            raise
+        path = _sink_index_path(sink.storage_root)
+        raise SinkIndexError("sink index %s failed: %s (it only caches what the sink files hold: if it is "
+                             "damaged, delete it and the next replay rebuilds it)" % (path, exc), path=path)
+
+
+class _SinkIndex:
+    """(replay_ref, payload sha256) of the lines in the built-in sink's files, in one SQLite file.
+
+    The sink files are the truth; the index follows them and may lag behind.
+    Per file it keeps the inode, how many bytes it has read and a digest of
+    the last 4 KB of those: a file that shrank or was replaced is indexed
+    afresh, lines appended by anyone are read on the next run.  It never
+    claims a line that is not durably in its file: lines are added after the
+    file is fsynced, in one transaction with the new byte count.
+    """
+
+    def __init__(self, connection: Any, storage_root: Path) -> None:
+        self.db = connection
+        self.storage_root = storage_root
+        self.pending: Dict[_SinkKey, None] = {}  # added since the last flush, in order
+        self.files: Dict[int, Tuple[int, int, bytes]] = {
+            family: (inode, indexed, bytes(tail)) for family, inode, indexed, tail in connection.execute(
+                "SELECT family, inode, indexed_bytes, tail_sha256 FROM sink_files")}
+
+    @classmethod
+    def open(cls, path: Path, storage_root: Path, *, durable: bool) -> "_SinkIndex":
+        """Open (creating) an index; a damaged one or one of another version is replaced by an empty one."""
+        import sqlite3
+        for attempt in (1, 2):
+            connection = sqlite3.connect(str(path), isolation_level=None)
+            try:
+                if durable:  # one writer (replay holds its lock): no shared memory; a WAL commits cheaply
+                    connection.execute("PRAGMA locking_mode=EXCLUSIVE")
+                    connection.execute("PRAGMA journal_mode=WAL")
+                    connection.execute("PRAGMA synchronous=NORMAL")  # a commit lost to power is a lag, no more
+                else:
+                    connection.execute("PRAGMA journal_mode=OFF")
+                    connection.execute("PRAGMA synchronous=OFF")
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version not in (0, _INDEX_VERSION):
+                    raise sqlite3.DatabaseError("sink index version %s" % version)
+                for statement in _INDEX_SCHEMA:
+                    connection.execute(statement)
+                connection.execute("PRAGMA user_version=%d" % _INDEX_VERSION)
+                index = cls(connection, storage_root)
+                connection.execute("BEGIN")
+                return index
+            except sqlite3.DatabaseError as exc:
+                connection.close()
+                if attempt == 2 or isinstance(exc, sqlite3.OperationalError):  # damaged is rebuilt; busy is not
+                    raise
+                for suffix in _INDEX_SIDE_FILES:  # a cache: rebuilt from the sink files
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(str(path) + suffix)
+        raise AssertionError("unreachable")
+
+    # -- following the sink files ----------------------------------------------
+
+    def valid_start(self, family: int, fd: int, file_stat: os.stat_result) -> int:
+        """Where reading the file may resume: what is indexed, when it is still this file's start; else 0."""
+        known = self.files.get(family)
+        if known is None:
+            return 0
+        inode, indexed, tail = known
+        if inode == file_stat.st_ino and indexed <= file_stat.st_size and _tail_sha256(fd, indexed) == tail:
+            return indexed
+        return 0
+
+    def forget(self, family: int) -> None:
+        self.db.execute("DELETE FROM delivered WHERE family = ?", (family,))
+        self.db.execute("DELETE FROM sink_files WHERE family = ?", (family,))
+        self.files.pop(family, None)
+
+    def read_lines(self, family: int, handle: Any, start: int, end: int) -> int:
+        """Index the whole lines of ``handle`` between ``start`` and ``end``; the offset after the last one."""
+        handle.seek(start)
+        position = start
+        rows: List[_SinkKey] = []
+        for raw in handle:
+            if position + len(raw) > end or not raw.endswith(b"\n"):
+                break
+            position += len(raw)
+            identity = _sink_line_identity(raw)
+            if identity is not None:
+                rows.append((identity[0], identity[1], family))
+                if len(rows) >= _CHECKPOINT_LINES:
+                    self.db.executemany(_INDEX_INSERT, rows)
+                    rows = []
+        self.db.executemany(_INDEX_INSERT, rows)
+        return position
+
+    def mark(self, family: int, fd: int, inode: int, indexed: int) -> None:
+        """Record that the file's first ``indexed`` bytes are in the index (effective at the next commit)."""
+        tail = _tail_sha256(fd, indexed)
+        self.db.execute("INSERT OR REPLACE INTO sink_files (family, name, inode, indexed_bytes, tail_sha256) "
+                        "VALUES (?, ?, ?, ?, ?)", (family, _SINK_FILES[family], inode, indexed, tail))
+        self.files[family] = (inode, indexed, tail)
+
+    # -- lines delivered now -----------------------------------------------------
+
+    def add(self, key: _SinkKey) -> None:
+        self.pending[key] = None
+
+    def flush(self) -> None:
+        if self.pending:
+            self.db.executemany(_INDEX_INSERT, list(self.pending))
+            self.pending.clear()
+
+    def commit(self) -> None:
+        self.flush()
+        self.db.execute("COMMIT")
+        self.db.execute("BEGIN")
+
+    def lookup(self, keys: Sequence[_SinkKey], families: Optional[Set[int]] = None) -> Set[_SinkKey]:
+        """Which of ``keys`` the index holds (only in ``families``, when given)."""
+        wanted = set(keys)
+        found = {key for key in wanted if key in self.pending}
+        refs = sorted({key[0] for key in wanted})
+        for first in range(0, len(refs), _INDEX_LOOKUP_CHUNK):
+            chunk = refs[first:first + _INDEX_LOOKUP_CHUNK]
+            query = ("SELECT replay_ref, payload_sha256, family FROM delivered WHERE replay_ref IN (%s)"
+                     % ",".join("?" * len(chunk)))
+            for ref, digest, family in self.db.execute(query, chunk):
+                key = (ref, bytes(digest), family)
+                if key in wanted and (families is None or family in families):
+                    found.add(key)
+        return found
+
+    def close(self, *, compact: bool = False) -> None:
+        """Close; ``compact`` leaves a plain database file (no WAL beside it) that a reader can open read-only."""
+        try:
+            if compact:
+                self.commit()
+                self.db.execute("COMMIT")
+                self.db.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            self.db.close()
+
+
+def _tail_sha256(fd: int, end: int) -> bytes:
+    start = max(0, end - _INDEX_TAIL_BYTES)
+    return hashlib.sha256(os.pread(fd, end - start, start)).digest()
+
+
+def _sink_index_path(storage_root: Path) -> Path:
+    return storage_root / SINK_INDEX_FILE
+
+
+def _open_sink_file(storage_root: Path, family: int) -> Optional[Any]:
+    """One of the sink's files for reading (never through a symlink), or None when there is none."""
+    try:
+        return open_regular(storage_root / _SINK_FILES[family], follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except SpecialFileError:
+        _refuse_unowned(storage_root / _SINK_FILES[family])
+        raise
+
+
+class _ReplaySinkIndex:
+    """The index as a replay keeps it: caught up first, then grown with each checkpoint."""
+
+    def __init__(self, storage_root: Path) -> None:
+        storage_root.mkdir(parents=True, exist_ok=True)
+        _refuse_unowned(storage_root, "directory")
+        self.index = _SinkIndex.open(_sink_index_path(storage_root), storage_root, durable=True)
+        self.storage_root = storage_root
+
+    def catch_up(self, limits: Mapping[str, int]) -> None:
+        """Index what the sink files hold beyond the index: up to ``limits`` (journaled sizes, by path) if given.
+
+        Bytes past a journaled size are an interrupted run's, recognized line
+        by line as that run's decisions are repeated (or cut off), never here.
+        """
+        changed = False
+        for family, name in enumerate(_SINK_FILES):
+            handle = _open_sink_file(self.storage_root, family)
+            if handle is None:
+                if family in self.index.files:
+                    self.index.forget(family)
+                    changed = True
+                continue
+            with handle:
+                fd = handle.fileno()
+                file_stat = os.fstat(fd)
+                start = self.index.valid_start(family, fd, file_stat)
+                if start == 0 and family in self.index.files:
+                    self.index.forget(family)
+                    changed = True
+                end = min(file_stat.st_size, limits.get(str(self.storage_root / name), file_stat.st_size))
+                if end > start:
+                    os.fsync(fd)  # what the index claims must be durable first
+                    position = self.index.read_lines(family, handle, start, end)
+                    if position > start or family not in self.index.files:
+                        self.index.mark(family, fd, file_stat.st_ino, position)
+                        changed = True
+        if changed:
+            self.index.commit()
+            _crash_point("replay:sink-index-caught-up")
+
+    def commit(self, file_sink: "_JournaledFileSink", sizes: Mapping[str, int]) -> None:
+        """After a checkpoint is journaled: the lines delivered so far, and the sizes that hold them."""
+        for path, size in sizes.items():
+            family = _SINK_FILES.index(os.path.basename(path))
+            handle = file_sink.handles[path]
+            self.index.mark(family, handle.fileno(), os.fstat(handle.fileno()).st_ino, size)
+        self.index.commit()
+        _crash_point("replay:sink-index-committed")
+
+
+class _SinkIndexView:
+    """The index as a reader may use it, changing no file: the live index where it is current, else a temporary one.
+
+    The live index is opened read-only, and only when it is a plain database
+    file (no WAL or journal beside it: replay leaves it so).  What it lacks -
+    a file it has not seen, a tail appended since - is indexed into a
+    temporary database in a temporary directory.
+    """
+
+    def __init__(self, storage_root: Path) -> None:
+        _refuse_unowned_sink(storage_root)
+        self.scratch = tempfile.mkdtemp(prefix="contexta-ops-sink-index-")
+        try:
+            self.temp = _SinkIndex.open(Path(self.scratch) / "index.sqlite", storage_root, durable=False)
+            self.live = self._open_live(storage_root)
+            self.live_families: Set[int] = set()
+            for family in range(len(PAYLOAD_FAMILIES)):
+                self._follow(storage_root, family)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _open_live(storage_root: Path) -> Optional[_SinkIndex]:
+        import sqlite3
+        import urllib.parse
+        path = _sink_index_path(storage_root)
+        if any(os.path.lexists(str(path) + suffix) for suffix in _INDEX_SIDE_FILES[1:]):
+            return None
+        try:
+            with open_regular(path, follow_symlinks=False) as handle:
+                header = handle.read(20)
+        except (FileNotFoundError, SpecialFileError):
+            return None
+        if len(header) < 20 or header[18:20] != b"\x01\x01":  # a rollback-journal database, as replay leaves it
+            return None
+        try:
+            connection = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(str(path)), uri=True,
+                                         isolation_level=None)
+        except sqlite3.Error:
+            return None
+        try:
+            if connection.execute("PRAGMA user_version").fetchone()[0] == _INDEX_VERSION:
+                return _SinkIndex(connection, storage_root)
+        except sqlite3.Error:
+            pass
+        connection.close()
+        return None
+
+    def _follow(self, storage_root: Path, family: int) -> None:
+        handle = _open_sink_file(storage_root, family)
+        if handle is None:
+            return
+        with handle:
+            file_stat = os.fstat(handle.fileno())
+            start = self.live.valid_start(family, handle.fileno(), file_stat) if self.live is not None else 0
+            if start:
+                self.live_families.add(family)
+            if file_stat.st_size > start:
+                self.temp.read_lines(family, handle, start, file_stat.st_size)
+
+    def add(self, key: _SinkKey) -> None:
+        self.temp.add(key)
+
+    def flush(self) -> None:
+        self.temp.flush()
+
+    def lookup(self, keys: Sequence[_SinkKey]) -> Set[_SinkKey]:
+        found = self.temp.lookup(keys)
+        if self.live is not None and self.live_families:
+            found |= self.live.lookup(keys, self.live_families)
+        return found
+
+    def close(self) -> None:
+        for index in (getattr(self, "live", None), getattr(self, "temp", None)):
+            if index is not None:
+                index.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+_FAMILY_INDEX = {family: index for index, family in enumerate(PAYLOAD_FAMILIES)}
+
+
+def _sink_key(line: "_OutboxLine") -> _SinkKey:
+    return (line.replay_ref, hashlib.sha256(line.payload_json).digest(), _FAMILY_INDEX[line.family])
+
+
+def sink_entries_already_delivered(config: Any, outbox_lines: Iterable[bytes]) -> int:
+    """How many of these outbox lines the built-in sink already holds (same replay_ref and payload).
+
+    For ``restore plan``: a backup's outbox brings back entries delivered since
+    it was taken; replay acknowledges them without a second delivery.  Changes
+    no file: reads the live sink index where it is current, and indexes what
+    it lacks in a temporary directory.
+    """
+    storage_root = Path(config.workspace.exports_path) / "replayed"
+    if not os.path.lexists(str(storage_root)):
+        return 0
+    with _index_errors(LocalJsonlSink(storage_root)):
+        return _count_already_delivered(storage_root, outbox_lines)
+
+
+def _count_already_delivered(storage_root: Path, outbox_lines: Iterable[bytes]) -> int:
+    view = _SinkIndexView(storage_root)
+    try:
+        count = 0
+        batch: List[_SinkKey] = []
+        for raw in outbox_lines:
+            line = _parse_outbox_line(raw) if raw.strip() else None
+            if line is not None and not line.reason:
+                batch.append(_sink_key(line))
+            if len(batch) >= _BATCH_LINES:
+                count += _count_found(view, batch)
+                batch = []
+        return count + _count_found(view, batch)
+    finally:
+        view.close()
+
+
+def _count_found(view: _SinkIndexView, keys: List[_SinkKey]) -> int:
+    found = view.lookup(keys) if keys else set()
+    return sum(1 for key in keys if key in found)
+
+
 def _outbox_root(config: Any) -> Path:
+    """The outbox root, refusing a workspace that is not there (a typo must not read as an empty outbox).
+
+    An outbox inside the workspace needs the workspace; one relocated outside
+    it needs at least its parent directory.
+    """
     outbox_root = getattr(getattr(config, "recovery", None), "outbox_root", None)
     if outbox_root is None:
         raise ReplayError("config.recovery.outbox_root is not configured", code="recovery_outbox_root_missing")
     outbox_root = Path(outbox_root)
-    if outbox_root.exists() and not outbox_root.is_dir():
+    workspace = getattr(getattr(config, "workspace", None), "root_path", None)
+    if workspace is not None and _is_within(outbox_root, workspace):
+        _require_workspace(Path(workspace))
+    elif not os.path.lexists(str(outbox_root)) and not os.path.isdir(str(outbox_root.parent)):
+        raise ReplayError("outbox root %s does not exist, nor does its parent directory" % outbox_root,
+                          code="recovery_outbox_root_missing", path=outbox_root)
+    if os.path.lexists(str(outbox_root)) and not os.path.isdir(str(outbox_root)):
         raise ReplayError("outbox root %s is not a directory" % outbox_root, code="recovery_outbox_root_invalid",
                           path=outbox_root)
+    cache = getattr(getattr(config, "workspace", None), "cache_path", None)
+    if cache is not None and os.path.islink(str(Path(cache) / "outbox")):
+        # The configuration resolves symlinks, as Contexta's does: the default place is where one shows.
+        _refuse_unowned(Path(cache) / "outbox", "directory")
     return outbox_root
+
+
+def _require_workspace(workspace: Path) -> None:
+    if not os.path.isdir(str(workspace)):
+        what = "is not a directory" if os.path.lexists(str(workspace)) else "does not exist"
+        raise ReplayError("workspace %s %s" % (workspace, what), code="workspace_missing", path=workspace)
 
 
 def _complete_lines_end(path: Path) -> int:
@@ -4073,11 +4626,11 @@ def _complete_lines_end(path: Path) -> int:
     file has been still for a while (then it is a torn write, dead-lettered as
     truncated); otherwise a writer may be halfway through it, and it is left.
     """
-    file_stat = os.stat(str(path))
-    size = file_stat.st_size
-    if size == 0:
-        return 0
-    with open(path, "rb") as handle:
+    with open_regular(path, follow_symlinks=False) as handle:
+        file_stat = os.fstat(handle.fileno())
+        size = file_stat.st_size
+        if size == 0:
+            return 0
         position = size
         tail = b""
         while position > 0:
@@ -4129,10 +4682,12 @@ class _ReplayRun:
         self.file_sink: Optional[_JournaledFileSink] = None
         if isinstance(sink, LocalJsonlSink) and not dry_run:
             self.file_sink = _JournaledFileSink(sink.storage_root, sink.name)
+        self.index: Optional[_ReplaySinkIndex] = None
+        self.index_view: Optional[_SinkIndexView] = None
         self.sink_name = getattr(sink, "name", DEFAULT_REPLAY_SINK)
         self.journal: Dict[str, Any] = {}
-        self.counts = {"acknowledged": 0, "delivered": 0, "failed": 0, "skipped": 0, "dead": 0, "malformed": 0,
-                       "kept_lines": 0, "selected": 0, "lines": 0}
+        self.counts = {"acknowledged": 0, "delivered": 0, "already": 0, "failed": 0, "skipped": 0, "dead": 0,
+                       "malformed": 0, "kept_lines": 0, "selected": 0, "lines": 0}
         self.entries: List[ReplayEntryResult] = []
         self.warnings: List[Notice] = []
         self.kept: Any = None
@@ -4140,27 +4695,42 @@ class _ReplayRun:
         self.offset = 0
         self.since_checkpoint = 0
 
+    def open_index(self, limits: Mapping[str, int]) -> None:
+        """The built-in sink's index, caught up with its files; a dry run reads it without changing a byte."""
+        try:
+            import sqlite3  # noqa: F401 - part of the standard library, but a Python may be built without it
+        except ImportError:
+            self.warnings.append(Notice("sink_index_unavailable", "this Python has no sqlite3: entries the sink "
+                                        "already holds from before a restore are not recognized"))
+            return
+        if self.file_sink is not None:
+            self.index = _ReplaySinkIndex(self.file_sink.storage_root)
+            self.index.catch_up(limits)
+        elif self.dry_run and isinstance(self.sink, LocalJsonlSink):
+            self.index_view = _SinkIndexView(self.sink.storage_root)
+
     # -- starting and resuming --------------------------------------------
 
     def start(self) -> None:
         self.offset = 0
         scan_end = _complete_lines_end(self.outbox)
-        outbox_stat = os.stat(str(self.outbox))
+        outbox_stat = os.lstat(str(self.outbox))
         self.journal = {"version": 1, "state": "delivering", "started_at": _utc_timestamp(),
                         "params": dataclasses.asdict(self.params), "sink_name": self.sink_name,
                         "builtin_sink": None if self.file_sink is None else str(self.file_sink.storage_root),
                         "outbox_ino": outbox_stat.st_ino, "scan_end": scan_end}
+        self.open_index({})
         if self.dry_run:
             return
-        self.kept = open(self.kept_path, "wb")
-        self.dead = open(self.dead_path, "wb")
+        self.kept = _open_owned(self.kept_path, "wb")
+        self.dead = _open_owned(self.dead_path, "wb")
         self.checkpoint()
 
     def resume(self, journal: Dict[str, Any]) -> None:
         """Roll everything back to the last checkpoint and carry on from there."""
         self.journal = journal
         point = journal["checkpoint"]
-        if os.stat(str(self.outbox)).st_ino != journal["outbox_ino"]:
+        if os.lstat(str(self.outbox)).st_ino != journal["outbox_ino"]:
             raise ReplayError("the outbox %s was replaced since an interrupted replay; its journal %s no longer "
                               "applies - inspect both by hand" % (self.outbox, self.journal_path),
                               code="replay_journal_stale", path=self.journal_path)
@@ -4170,11 +4740,12 @@ class _ReplayRun:
         self.offset = point["offset"]
         if self.file_sink is not None:
             self.file_sink.reopen(point["sinks"])
-        self.kept = open(self.kept_path, "ab")
-        self.dead = open(self.dead_path, "ab")
+        self.open_index(point["sinks"])
+        self.kept = _open_owned(self.kept_path, "ab")
+        self.dead = _open_owned(self.dead_path, "ab")
 
     def checkpoint(self) -> None:
-        """Make everything so far durable, then record how far that is."""
+        """Make everything so far durable, then record how far that is (the index follows the journal)."""
         sinks = self.file_sink.sync() if self.file_sink is not None else {}
         for handle in (self.kept, self.dead):
             handle.flush()
@@ -4184,6 +4755,8 @@ class _ReplayRun:
         atomic_write_bytes(self.journal_path, _pretty_json(self.journal))
         self.since_checkpoint = 0
         _crash_point("replay:checkpoint")
+        if self.index is not None and self.file_sink is not None:
+            self.index.commit(self.file_sink, sinks)
 
     # -- deciding and delivering -------------------------------------------
 
@@ -4193,23 +4766,43 @@ class _ReplayRun:
         checkpoints = not self.dry_run
         file_sink = self.file_sink
         counts = self.counts
-        with open(self.outbox, "rb") as outbox:
+        with open_regular(self.outbox, follow_symlinks=False) as outbox:
             outbox.seek(self.offset)
-            for raw in outbox:
-                if self.offset >= scan_end or (limit is not None and counts["selected"] >= limit):
-                    break  # the rest is carried over byte for byte at commit
-                if self.offset + len(raw) > scan_end:
-                    raw = raw[:scan_end - self.offset]
-                counts["lines"] += 1
-                self.handle_line(raw)
-                self.offset += len(raw)
-                self.since_checkpoint += 1
-                if checkpoints and (self.since_checkpoint >= _CHECKPOINT_LINES or (
-                        file_sink is not None and file_sink.pending_bytes >= _CHECKPOINT_BYTES)):
-                    self.checkpoint()
+            for batch in _line_batches(outbox, self.offset, scan_end):
+                lines = [_parse_outbox_line(raw) for raw in batch]
+                keys, known = self.already_in_sink(lines)
+                for raw, line, key in zip(batch, lines, keys):
+                    if limit is not None and counts["selected"] >= limit:
+                        break  # the rest is carried over byte for byte at commit
+                    counts["lines"] += 1
+                    self.handle_line(raw, line, key, known)
+                    self.offset += len(raw)
+                    self.since_checkpoint += 1
+                    if self.since_checkpoint >= _CHECKPOINT_LINES or (
+                            file_sink is not None and file_sink.pending_bytes >= _CHECKPOINT_BYTES):
+                        if checkpoints:
+                            self.checkpoint()
+                        elif self.index_view is not None:
+                            self.index_view.flush()
+                            self.since_checkpoint = 0
+                else:
+                    continue
+                break
         if not self.dry_run:
             self.journal["carry_from"] = self.offset
             self.checkpoint()
+
+    def already_in_sink(self, lines: Sequence["_OutboxLine"]) -> Tuple[List[Optional[_SinkKey]], Set[_SinkKey]]:
+        """Each line's key in the built-in sink (None where it will not go there), and the keys the sink holds."""
+        index = self.index.index if self.index is not None else self.index_view
+        if index is None:
+            return [None] * len(lines), set()
+        target = self.params.target
+        keys = [_sink_key(line) if not line.reason and (
+            target is None or line.entry.get("sink_name") == target) else None  # type: ignore[union-attr]
+            for line in lines]
+        wanted = [key for key in keys if key is not None]
+        return keys, (index.lookup(wanted) if wanted else set())
 
     def keep(self, raw: bytes) -> None:
         self.counts["kept_lines"] += 1
@@ -4226,22 +4819,20 @@ class _ReplayRun:
         if len(self.entries) < _ENTRY_RESULTS_KEPT:
             self.entries.append(ReplayEntryResult(*fields))
 
-    def handle_line(self, raw: bytes) -> None:
+    def handle_line(self, raw: bytes, line: "_OutboxLine", key: Optional[_SinkKey], known: Set[_SinkKey]) -> None:
         if not raw.strip():
             return  # blank lines vanish, as in Contexta
-        entry, family, reason = _parse_outbox_line(raw)
-        if entry is None:
-            derived_ref = _derived_replay_ref(raw)
+        replay_ref = line.replay_ref
+        if line.reason:
             self.counts["malformed"] += 1
-            self.dead_letter_line(_malformed_record(raw, reason, derived_ref))
-            self.record(derived_ref, "UNKNOWN", self.sink_name, "FAILURE", "dead-lettered: %s" % reason, 0)
+            self.dead_letter_line(_malformed_record(raw, line.reason, replay_ref))
+            self.record(replay_ref, "UNKNOWN", self.sink_name, "FAILURE", "dead-lettered: %s" % line.reason, 0)
             return
-        changed = False
-        replay_ref = entry.get("replay_ref")
-        if not isinstance(replay_ref, str) or not replay_ref.strip():
-            replay_ref = _derived_replay_ref(raw)
+        entry = line.entry
+        assert entry is not None
+        changed = entry.get("replay_ref") != replay_ref
+        if changed:
             entry["replay_ref"] = replay_ref
-            changed = True
         attempts = entry.get("attempts", 0)
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
             self.warnings.append(Notice("attempts_not_integer", "%s has attempts=%r, counted as 0"
@@ -4255,40 +4846,60 @@ class _ReplayRun:
             self.keep(_json_line(entry) if changed else raw)
             return
         self.counts["selected"] += 1
-        if self.file_sink is not None:
+        if key is not None and key in known:
+            self.counts["already"] += 1
+            self.record(replay_ref, str(entry["family"]), self.sink_name, "SUCCESS", "already in the sink (%s): "
+                        "acknowledged, not delivered again" % _SINK_FILES[key[2]], attempts)
+        elif self.file_sink is not None:
             # Our own file sink failing to write is fatal (never retried); the journal lets
             # the next run finish the batch.
-            receipt = self.send(family, entry, replay_ref)
+            receipt = self.send(line, replay_ref, key, known)
+            self.delivered(entry, replay_ref, attempts, receipt)
         else:
             try:
-                receipt = self.send(family, entry, replay_ref)
+                receipt = self.send(line, replay_ref, key, known)
             except Exception as exc:  # a script's sink failed this entry: count it and requeue it
                 self.fail(entry, replay_ref, attempts, str(exc) or type(exc).__name__)
                 return
+            self.delivered(entry, replay_ref, attempts, receipt)
+        if self.params.acknowledge_successes:
+            self.counts["acknowledged"] += 1
+        else:
+            self.keep(_json_line(entry) if changed else raw)
+
+    def delivered(self, entry: Dict[str, Any], replay_ref: str, attempts: int, receipt: Any) -> None:
         self.counts["delivered"] += 1
         if len(self.entries) < _ENTRY_RESULTS_KEPT:
             status = getattr(receipt, "status", "SUCCESS")
             status = str(getattr(status, "value", status)).upper()  # a script's sink may return an enum
             self.record(replay_ref, str(entry["family"]), self.sink_name, status,
                         str(getattr(receipt, "detail", "")), attempts)
-        if self.params.acknowledge_successes:
-            self.counts["acknowledged"] += 1
-        else:
-            self.keep(_json_line(entry) if changed else raw)
 
-    def send(self, family: str, entry: Dict[str, Any], replay_ref: str) -> Any:
+    def send(self, line: "_OutboxLine", replay_ref: str, key: Optional[_SinkKey], known: Set[_SinkKey]) -> Any:
+        entry = line.entry
+        assert entry is not None
         if self.dry_run:
+            self.remember(key, known)
             return SinkReceipt("SUCCESS", "dry run: would deliver to %s" % self.sink_name)
         if self.file_sink is not None:
+            family = line.family
             if self.file_sink.needs_new_file(family):
                 self.file_sink.open_file(family)
                 self.checkpoint()  # the new file's starting size is journaled before it grows
             payload_type = entry.get("payload_type") or type(entry["payload"]).__name__
-            self.file_sink.deliver(family, _sink_line(family, entry["payload"], payload_type,
-                                                      entry.get("payload_ref"), self.sink_name, replay_ref),
-                                   replay_ref, entry["payload"])
+            identity = (replay_ref, key[1] if key is not None else hashlib.sha256(line.payload_json).digest())
+            self.file_sink.deliver(family, _sink_line_around(line.payload_json, family, payload_type,
+                                                             entry.get("payload_ref"), self.sink_name, replay_ref),
+                                   identity)
+            self.remember(key, known)  # only once its line is written: the next checkpoint makes both durable
             return _FILE_SINK_RECEIPTS[family]
-        return self.sink.capture(family=family, payload=entry["payload"])
+        return self.sink.capture(family=line.family, payload=entry["payload"])
+
+    def remember(self, key: Optional[_SinkKey], known: Set[_SinkKey]) -> None:
+        """An entry just delivered: known to the index from now on, and to the rest of this batch."""
+        if key is not None:
+            (self.index.index if self.index is not None else self.index_view).add(key)  # type: ignore[union-attr]
+            known.add(key)
 
     def fail(self, entry: Dict[str, Any], replay_ref: str, attempts: int, error: str) -> None:
         updated = dict(entry)
@@ -4320,19 +4931,20 @@ class _ReplayRun:
                 handle.close()
         if self.file_sink is not None:
             self.file_sink.close()
+        self.close_index(compact=True)
         if self.dead_path.exists() and self.dead_path.stat().st_size:
             _truncate_to(self.dead_letter, self.journal["dead_letter_size"])
-            with open(self.dead_letter, "ab") as out, open(self.dead_path, "rb") as source:
+            with _open_owned(self.dead_letter) as out, open_regular(self.dead_path, follow_symlinks=False) as source:
                 shutil.copyfileobj(source, out, _CHUNK)
                 out.flush()
                 os.fsync(out.fileno())
             _crash_point("replay:dead-letters-appended")
         pending = self.counts["kept_lines"]
         fd, tmp_name = tempfile.mkstemp(prefix="tmp", dir=str(self.outbox_root))
-        old = open(self.outbox, "rb")
+        old = open_regular(self.outbox, follow_symlinks=False)
         try:
             with os.fdopen(fd, "wb") as out:
-                with open(self.kept_path, "rb") as kept:
+                with open_regular(self.kept_path, follow_symlinks=False) as kept:
                     shutil.copyfileobj(kept, out, _CHUNK)
                 old.seek(self.journal["carry_from"])
                 copied_end, lines = _copy_lines(old, out)
@@ -4364,6 +4976,16 @@ class _ReplayRun:
             if handle is not None and not handle.closed:
                 with contextlib.suppress(OSError, ValueError):
                     handle.close()
+        with contextlib.suppress(Exception):  # what the index did not commit is rolled back: a lag, no more
+            self.close_index()
+
+    def close_index(self, compact: bool = False) -> None:
+        if self.index is not None:
+            index, self.index = self.index, None
+            index.index.close(compact=compact)
+        if self.index_view is not None:
+            view, self.index_view = self.index_view, None
+            view.close()
 
     def cleanup(self) -> None:
         for path in (self.kept_path, self.dead_path):
@@ -4392,7 +5014,7 @@ def _carry_late_appends(old: Any, copied_end: int, outbox: Path) -> int:
         settled = time.monotonic() > deadline
         if os.fstat(old.fileno()).st_size > copied_end:
             old.seek(copied_end)
-            with open(outbox, "ab") as out:
+            with _open_owned(outbox) as out:
                 copied_end, added = _copy_lines(old, out, finish=settled)
                 out.flush()
                 os.fsync(out.fileno())
@@ -4436,30 +5058,56 @@ def _derived_replay_ref(raw: bytes) -> str:
     return "replay:derived.%s" % hashlib.sha256(raw.rstrip(b"\r\n")).hexdigest()[:16]
 
 
-def _parse_outbox_line(raw: bytes) -> Tuple[Optional[Dict[str, Any]], str, str]:
-    """(entry, its family upper-cased, "") or (None, "", why it cannot be replayed)."""
+class _OutboxLine:
+    """One outbox line, decided: what replay, status and requeue read from it."""
+
+    __slots__ = ("entry", "family", "reason", "replay_ref", "payload_json")
+
+    def __init__(self, entry: Optional[Dict[str, Any]], family: str, reason: str, replay_ref: str,
+                 payload_json: bytes) -> None:
+        self.entry = entry  # the JSON object, when the line is one
+        self.family = family  # upper-cased, when the line can be replayed
+        self.reason = reason  # why it cannot be replayed; "" when it can
+        self.replay_ref = replay_ref  # its own, or one derived from the line's bytes
+        self.payload_json = payload_json  # the payload's canonical compact JSON, when it can be replayed
+
+
+def _parse_outbox_line(raw: bytes) -> _OutboxLine:
+    """Decide one outbox line; a line that cannot be replayed gets a reason that says why."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "", "not valid UTF-8"
-    try:
-        entry = json_loads(text)
-    except ValueError:
-        return None, "", "truncated line (no newline, not JSON)" if not raw.endswith(b"\n") else "not JSON"
+        entry = json_loads(raw)  # a leading byte-order mark is accepted
+    except JsonInputError as exc:
+        return _OutboxLine(None, "", _unparsable_reason(raw, str(exc)), _derived_replay_ref(raw), b"")
     if not isinstance(entry, dict):
-        return None, "", "not a JSON object"
+        return _OutboxLine(None, "", "not a JSON object", _derived_replay_ref(raw), b"")
+    own_ref = entry.get("replay_ref")
+    replay_ref = own_ref if isinstance(own_ref, str) and own_ref.strip() else _derived_replay_ref(raw)
+    family = str(entry.get("family")).upper()
     if "family" not in entry:
-        return None, "", "missing family"
-    if "payload" not in entry:
-        return None, "", "missing payload"
-    family = str(entry["family"]).upper()
-    if family not in PAYLOAD_FAMILIES:
-        return None, "", "unknown family %r" % (entry["family"],)
-    return entry, family, ""
+        reason = "missing family"
+    elif "payload" not in entry:
+        reason = "missing payload"
+    elif family not in PAYLOAD_FAMILIES:
+        reason = "unknown family %r" % (entry["family"],)
+    else:
+        try:
+            return _OutboxLine(entry, family, "", replay_ref, _parsed_json(entry["payload"]))
+        except ValueError:
+            reason = "payload " + _NOT_FINITE
+    return _OutboxLine(entry, "", reason, replay_ref, b"")
 
 
-def _malformed_record(raw: bytes, reason: str, derived_ref: str) -> Dict[str, Any]:
-    record: Dict[str, Any] = {"replay_ref": derived_ref, "malformed": True, "reason": reason,
+def _unparsable_reason(raw: bytes, refusal: str) -> str:
+    """Why json_loads refused a line, as a dead letter's reason ("line is nested deeper than 64 levels")."""
+    if refusal.startswith("is not valid JSON"):
+        return "truncated line (no newline, not JSON)" if not raw.endswith(b"\n") else "not JSON"
+    if refusal.startswith("is not valid UTF-8"):
+        return "not valid UTF-8"
+    return "line %s" % refusal
+
+
+def _malformed_record(raw: bytes, reason: str, replay_ref: str) -> Dict[str, Any]:
+    record: Dict[str, Any] = {"replay_ref": replay_ref, "malformed": True, "reason": reason,
                               "dead_lettered_at": _utc_timestamp()}
     try:
         record["raw_line"] = raw.rstrip(b"\r\n").decode("utf-8")
@@ -4498,6 +5146,9 @@ def replay_outbox(config: Any, target: Optional[str] = None, limit: Optional[int
     outbox_root = _outbox_root(config)
     params = _ReplayParams(target, limit, acknowledge_successes, dead_letter_after_failures)
     sink = _resolve_replay_sink(config, target, sinks)
+    _refuse_unowned_outbox(outbox_root)
+    if isinstance(sink, LocalJsonlSink):
+        _refuse_unowned_sink(sink.storage_root)
     if not (outbox_root / OUTBOX_FILE).is_file() and not (outbox_root / _REPLAY_JOURNAL).exists():
         return ReplayBatchResult(status="SUCCESS", notes=("outbox_empty",), dry_run=dry_run)
     lock_path = outbox_root / REPLAY_LOCK_FILE
@@ -4520,18 +5171,37 @@ def _replay_once(outbox_root: Path, params: _ReplayParams, sink: Any, dry_run: b
                  notes: List[str]) -> ReplayBatchResult:
     run = _ReplayRun(outbox_root, params, sink, dry_run)
     try:
-        run.start()
-        progress = _Progress("replay %s" % run.outbox)
-        run.deliver_all()
-        progress.finish()
-        if dry_run:
-            pending = run.counts["kept_lines"] + _count_lines_from(run.outbox, run.offset)
-        else:
-            pending = run.commit()
+        with _index_errors(sink):
+            run.start()
+            progress = _Progress("replay %s" % run.outbox)
+            run.deliver_all()
+            progress.finish()
+            if dry_run:
+                pending = run.counts["kept_lines"] + _count_lines_from(run.outbox, run.offset)
+                run.close_index()
+            else:
+                pending = run.commit()
     except BaseException:
         run.abandon()
         raise
     return _replay_result(run, pending, notes, dry_run)
+
+
+def _line_batches(handle: Any, offset: int, scan_end: int) -> Iterator[List[bytes]]:
+    """The lines from ``offset`` (the handle's position) to ``scan_end``, a batch at a time (the last one cut there)."""
+    batch: List[bytes] = []
+    for raw in handle:
+        if offset >= scan_end:
+            break
+        if offset + len(raw) > scan_end:
+            raw = raw[:scan_end - offset]
+        offset += len(raw)
+        batch.append(raw)
+        if len(batch) >= _BATCH_LINES:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _count_lines_from(path: Path, offset: int) -> int:
@@ -4547,7 +5217,7 @@ def _count_lines_from(path: Path, offset: int) -> int:
 
 def _replay_result(run: _ReplayRun, pending: int, notes: List[str], dry_run: bool) -> ReplayBatchResult:
     counts = run.counts
-    results = counts["delivered"] + counts["failed"] + counts["skipped"] + counts["malformed"]
+    results = counts["delivered"] + counts["already"] + counts["failed"] + counts["skipped"] + counts["malformed"]
     failures = counts["failed"] + counts["malformed"]
     status = "DEGRADED" if (failures or counts["skipped"]) else "SUCCESS"
     if results and failures == results:
@@ -4563,8 +5233,9 @@ def _replay_result(run: _ReplayRun, pending: int, notes: List[str], dry_run: boo
         status=status, warnings=tuple(run.warnings[:100]), notes=tuple(notes),
         details={"outbox": str(run.outbox), "sink_name": run.sink_name, "lines_read": counts["lines"]},
         entries=tuple(run.entries), acknowledged_count=counts["acknowledged"], pending_count=pending,
-        dead_lettered_count=counts["dead"], delivered_count=counts["delivered"], failed_count=counts["failed"],
-        skipped_count=counts["skipped"], malformed_count=counts["malformed"], dry_run=dry_run)
+        dead_lettered_count=counts["dead"], delivered_count=counts["delivered"],
+        already_delivered_count=counts["already"], failed_count=counts["failed"], skipped_count=counts["skipped"],
+        malformed_count=counts["malformed"], dry_run=dry_run)
 
 
 def _finish_interrupted_replay(config: Any, outbox_root: Path,
@@ -4577,7 +5248,7 @@ def _finish_interrupted_replay(config: Any, outbox_root: Path,
                 os.unlink(str(outbox_root / leftover))
         return None
     try:
-        journal = json_loads(read_regular(journal_path))
+        journal = json_loads(read_regular(journal_path, follow_symlinks=False))
         params = _ReplayParams(**journal["params"])
         journal["checkpoint"]["offset"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -4589,7 +5260,8 @@ def _finish_interrupted_replay(config: Any, outbox_root: Path,
         sink = _resolve_replay_sink(config, params.target, sinks)
     run = _ReplayRun(outbox_root, params, sink, dry_run=False)
     try:
-        return _resume_replay(run, journal)
+        with _index_errors(sink):
+            return _resume_replay(run, journal)
     except BaseException:
         run.abandon()
         raise
@@ -4597,7 +5269,7 @@ def _finish_interrupted_replay(config: Any, outbox_root: Path,
 
 def _resume_replay(run: "_ReplayRun", journal: Dict[str, Any]) -> ReplayBatchResult:
     if journal.get("state") == "committing":
-        if os.stat(str(run.outbox)).st_ino != journal["outbox_ino"]:
+        if os.lstat(str(run.outbox)).st_ino != journal["outbox_ino"]:
             run.cleanup()  # the new outbox was already in place
             return ReplayBatchResult(status="SUCCESS", acknowledged_count=journal["checkpoint"]["counts"][
                 "acknowledged"])
@@ -4613,8 +5285,12 @@ def _resume_replay(run: "_ReplayRun", journal: Dict[str, Any]) -> ReplayBatchRes
 
 @dataclasses.dataclass(frozen=True)
 class OutboxStatus(_Record):
-    """``replay status``: what is pending and dead-lettered, by family and sink."""
+    """``replay status``: what is pending and dead-lettered, by family and sink.
 
+    ``status`` is DEGRADED when anything is dead-lettered or a pending line cannot be replayed.
+    """
+
+    status: str
     outbox_root: Path
     pending_count: int = 0
     pending_by_family: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -4636,53 +5312,80 @@ _ERRORS_TRACKED = 1000
 
 
 def outbox_status(config: Any) -> OutboxStatus:
-    """Count the outbox and dead-letter queue in one streaming pass each.  Changes nothing."""
-    return _tally_outbox(_outbox_root(config))
+    """Count the outbox and dead-letter queue in one streaming pass each.  Changes nothing.
+
+    An outbox file that is a symlink, directory or FIFO is an error (exit 3), as for replay.
+    """
+    outbox_root = _outbox_root(config)
+    _refuse_unowned_outbox(outbox_root)
+    return _tally_outbox(outbox_root)
+
+
+class _QueueTally:
+    """Counts of one queue file (the outbox or the dead letters)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.malformed = 0
+        self.by_family: Dict[str, int] = {}
+        self.by_sink: Dict[str, int] = {}
+
+    def take(self, line: _OutboxLine) -> None:
+        self.count += 1
+        if line.reason:
+            self.malformed += 1
+            return
+        assert line.entry is not None
+        sink = str(line.entry.get("sink_name"))
+        self.by_family[line.family] = self.by_family.get(line.family, 0) + 1
+        self.by_sink[sink] = self.by_sink.get(sink, 0) + 1
+
+
+def _queue_lines(path: Path, problems: List[Problem]) -> Iterator[Tuple[int, _OutboxLine]]:
+    """(line number, decided line) of a queue file; one that is not a regular file is a problem, never opened."""
+    try:
+        handle = open_regular(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    except SpecialFileError as exc:
+        problems.append(Problem("replay_unsafe_path", str(path), "%s; replay refuses it" % exc.strerror))
+        return
+    with handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if raw.strip():
+                yield line_number, _parse_outbox_line(raw)
 
 
 def _tally_outbox(outbox_root: Path) -> OutboxStatus:
-    tallies: Dict[str, Any] = {}
     problems: List[Problem] = []
     errors: Dict[str, int] = {}
     oldest: Optional[str] = None
-    for name, key in ((OUTBOX_FILE, "pending"), (DEAD_LETTER_FILE, "dead")):
-        path = outbox_root / name
-        count = 0
-        malformed = 0
-        by_family: Dict[str, int] = {}
-        by_sink: Dict[str, int] = {}
-        if path.is_file():
-            with open(path, "rb") as handle:
-                for line_number, raw in enumerate(handle, start=1):
-                    if not raw.strip():
-                        continue
-                    count += 1
-                    entry, family, reason = _parse_outbox_line(raw)
-                    if entry is None:
-                        malformed += 1
-                        if key == "pending":
-                            problems.append(Problem("outbox_line_malformed", str(path),
-                                                    "line %d: %s" % (line_number, reason)))
-                        continue
-                    sink = str(entry.get("sink_name"))
-                    by_family[family] = by_family.get(family, 0) + 1
-                    by_sink[sink] = by_sink.get(sink, 0) + 1
-                    failed_at = entry.get("failed_at")
-                    if key == "pending" and isinstance(failed_at, str) and (oldest is None or failed_at < oldest):
-                        oldest = failed_at
-                    error = entry.get("last_error", entry.get("error"))
-                    if key == "pending" and isinstance(error, str) and (error in errors or len(errors) < _ERRORS_TRACKED):
-                        errors[error] = errors.get(error, 0) + 1
-        tallies[key] = (count, dict(sorted(by_family.items())), dict(sorted(by_sink.items())), malformed)
+    pending, dead = _QueueTally(), _QueueTally()
+    outbox = outbox_root / OUTBOX_FILE
+    for line_number, line in _queue_lines(outbox, problems):
+        pending.take(line)
+        if line.reason:
+            problems.append(Problem("outbox_line_malformed", str(outbox), "line %d: %s" % (line_number, line.reason)))
+            continue
+        assert line.entry is not None
+        failed_at = line.entry.get("failed_at")
+        if isinstance(failed_at, str) and (oldest is None or failed_at < oldest):
+            oldest = failed_at
+        error = line.entry.get("last_error", line.entry.get("error"))
+        if isinstance(error, str) and (error in errors or len(errors) < _ERRORS_TRACKED):
+            errors[error] = errors.get(error, 0) + 1
+    for _line_number, line in _queue_lines(outbox_root / DEAD_LETTER_FILE, problems):
+        dead.take(line)
     common = max(errors.items(), key=lambda item: item[1]) if errors else (None, 0)
     return OutboxStatus(
-        outbox_root=outbox_root, pending_count=tallies["pending"][0], pending_by_family=tallies["pending"][1],
-        pending_by_sink=tallies["pending"][2], malformed_pending=tallies["pending"][3],
-        dead_lettered_count=tallies["dead"][0], dead_lettered_by_family=tallies["dead"][1],
-        dead_lettered_by_sink=tallies["dead"][2], malformed_dead_lettered=tallies["dead"][3],
+        status="DEGRADED" if (problems or dead.count) else "SUCCESS",
+        outbox_root=outbox_root, pending_count=pending.count, pending_by_family=dict(sorted(pending.by_family.items())),
+        pending_by_sink=dict(sorted(pending.by_sink.items())), malformed_pending=pending.malformed,
+        dead_lettered_count=dead.count, dead_lettered_by_family=dict(sorted(dead.by_family.items())),
+        dead_lettered_by_sink=dict(sorted(dead.by_sink.items())), malformed_dead_lettered=dead.malformed,
         oldest_failed_at=oldest, most_common_last_error=common[0], most_common_last_error_count=common[1],
         replay_running=_lock_is_held(outbox_root / REPLAY_LOCK_FILE),
-        interrupted_replay=(outbox_root / _REPLAY_JOURNAL).exists(), problems=tuple(problems[:100]))
+        interrupted_replay=os.path.lexists(str(outbox_root / _REPLAY_JOURNAL)), problems=tuple(problems[:100]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4697,8 +5400,6 @@ class RequeueResult(_Record):
     notes: Tuple[str, ...] = ()
 
 
-_REQUEUE_JOURNAL = "requeue.journal.json"
-
 
 def requeue_dead_letters(config: Any, limit: Optional[int] = None, ref: Optional[str] = None) -> RequeueResult:
     """Move dead letters back to pending (oldest first), like an SQS redrive.  Malformed ones stay.
@@ -4708,6 +5409,7 @@ def requeue_dead_letters(config: Any, limit: Optional[int] = None, ref: Optional
     run killed in between is completed by the next replay or requeue.
     """
     outbox_root = _outbox_root(config)
+    _refuse_unowned_outbox(outbox_root)
     dead_path = outbox_root / DEAD_LETTER_FILE
     if not dead_path.is_file():
         return RequeueResult(status="SUCCESS", notes=("dead_letter_empty",))
@@ -4719,16 +5421,16 @@ def requeue_dead_letters(config: Any, limit: Optional[int] = None, ref: Optional
         skipped = 0
         fd, tmp_name = tempfile.mkstemp(prefix="tmp", dir=str(outbox_root))
         try:
-            with os.fdopen(fd, "wb") as rest, open(dead_path, "rb") as source:
+            with os.fdopen(fd, "wb") as rest, open_regular(dead_path, follow_symlinks=False) as source:
                 for raw in source:
                     if not raw.strip():
                         continue
-                    entry, _family, _reason = _parse_outbox_line(raw)
-                    wanted = (limit is None or len(moved) < limit) and (
-                        ref is None or (entry is not None and entry.get("replay_ref") == ref))
-                    if wanted and entry is None:
+                    line = _parse_outbox_line(raw)
+                    entry = line.entry
+                    wanted = (limit is None or len(moved) < limit) and (ref is None or line.replay_ref == ref)
+                    if wanted and line.reason:
                         skipped += 1
-                    if wanted and entry is not None:
+                    if wanted and entry is not None and not line.reason:
                         entry["requeued_at"] = _utc_timestamp()
                         moved.append(_json_line(entry))
                         refs.append(str(entry.get("replay_ref")))
@@ -4741,7 +5443,7 @@ def requeue_dead_letters(config: Any, limit: Optional[int] = None, ref: Optional
                 os.unlink(tmp_name)
                 return RequeueResult(status="SUCCESS", remaining_dead_lettered=remaining, skipped_malformed=skipped,
                                      notes=("nothing_to_requeue",))
-            journal = {"lines": [line.decode("utf-8") for line in moved], "dead_ino": os.stat(str(dead_path)).st_ino}
+            journal = {"lines": [text.decode("utf-8") for text in moved], "dead_ino": os.lstat(str(dead_path)).st_ino}
             atomic_write_bytes(outbox_root / _REQUEUE_JOURNAL, _pretty_json(journal))
             _crash_point("requeue:journal-written")
             os.replace(tmp_name, str(dead_path))
@@ -4761,14 +5463,14 @@ def _finish_interrupted_requeue(outbox_root: Path) -> None:
     journal_path = outbox_root / _REQUEUE_JOURNAL
     if not journal_path.exists():
         return
-    journal = json_loads(read_regular(journal_path))
+    journal = json_loads(read_regular(journal_path, follow_symlinks=False))
     dead_path = outbox_root / DEAD_LETTER_FILE
-    if dead_path.exists() and os.stat(str(dead_path)).st_ino == journal["dead_ino"]:
+    if dead_path.exists() and os.lstat(str(dead_path)).st_ino == journal["dead_ino"]:
         os.unlink(str(journal_path))  # killed before the dead letters were replaced: nothing moved
         return
     data = "".join(journal["lines"]).encode("utf-8")
     outbox = outbox_root / OUTBOX_FILE
-    with open(outbox, "ab+") as handle:
+    with _open_owned(outbox, "a+b") as handle:
         handle.seek(0, os.SEEK_END)
         size = handle.tell()
         already = 0
@@ -6668,9 +7370,16 @@ def _check_limit(args: argparse.Namespace) -> None:
         raise UsageError("--limit must be 0 or more")
 
 
+def _replay_config(args: argparse.Namespace) -> UnifiedConfig:
+    """The configuration, for a replay command: a workspace that does not exist is exit 3, never an empty outbox."""
+    config = _config_from_args(args)
+    _require_workspace(Path(config.workspace.root_path))
+    return config
+
+
 def _cmd_replay_status(args: argparse.Namespace, out: _Output) -> int:
-    status = outbox_status(_config_from_args(args))
-    out.say("Outbox %s" % status.outbox_root)
+    status = outbox_status(_replay_config(args))
+    out.say("Outbox %s: %s" % (status.outbox_root, status.status))
     out.say("  pending:        %d %s" % (status.pending_count, _counts_text(status.pending_by_family)))
     out.say("  by sink:        %s" % _counts_text(status.pending_by_sink))
     out.say("  dead-lettered:  %d %s" % (status.dead_lettered_count, _counts_text(status.dead_lettered_by_family)))
@@ -6681,13 +7390,14 @@ def _cmd_replay_status(args: argparse.Namespace, out: _Output) -> int:
         out.say("  malformed pending lines: %d (the next replay dead-letters them)" % status.malformed_pending)
     if status.interrupted_replay:
         out.say("  an interrupted replay will be finished by the next `replay`")
-    out.finish(status, True)
-    return EXIT_OK
+    _say_list(out, "Problems:", status.problems)
+    out.finish(status, status.status == "SUCCESS")
+    return _status_exit(status.status)
 
 
 def _cmd_replay_requeue(args: argparse.Namespace, out: _Output) -> int:
     _check_limit(args)
-    result = requeue_dead_letters(_config_from_args(args), limit=args.limit, ref=args.ref)
+    result = requeue_dead_letters(_replay_config(args), limit=args.limit, ref=args.ref)
     out.say("Requeued %d dead letter(s); %d remain dead-lettered" % (result.requeued_count,
                                                                    result.remaining_dead_lettered))
     if result.skipped_malformed:
@@ -6698,13 +7408,15 @@ def _cmd_replay_requeue(args: argparse.Namespace, out: _Output) -> int:
 
 def _cmd_replay_run(args: argparse.Namespace, out: _Output) -> int:
     _check_limit(args)
-    result = replay_outbox(_config_from_args(args), target=args.target, limit=args.limit,
+    result = replay_outbox(_replay_config(args), target=args.target, limit=args.limit,
                            acknowledge_successes=not args.keep_successes,
                            dead_letter_after_failures=args.dead_letter_after, dry_run=args.dry_run)
     out.say("Replay%s: %s" % (" (dry run, nothing changed)" if result.dry_run else "", result.status))
     out.say("  acknowledged %d, failed %d, skipped %d, dead-lettered %d (malformed %d), pending %d" % (
         result.acknowledged_count, result.failed_count, result.skipped_count, result.dead_lettered_count,
         result.malformed_count, result.pending_count))
+    if result.already_delivered_count:
+        out.say("  %d already in the sink: acknowledged, not delivered again" % result.already_delivered_count)
     for entry in result.entries:
         if entry.status not in ("SUCCESS", "DEGRADED"):
             out.say("  %-8s %s %s" % (entry.status, entry.replay_ref, entry.detail))
