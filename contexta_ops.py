@@ -15,6 +15,7 @@ Commands (each also a public function a rescue script can import)::
     restore plan BACKUP                 what would be replaced, kept and lost
     restore BACKUP [--target DIR]       verify, safety-backup, switch over atomically
     replay [status | requeue]           re-deliver failed outbox entries, exactly once
+    recover replay                      Contexta's read-only replay of stored records
     artifact inspect | verify | export | import | put
     demo | self-check                   a sample workspace; the archive's own digests
 
@@ -93,7 +94,8 @@ __all__ = [
     "UnifiedConfig", "WorkspaceConfig", "MetadataStoreConfig", "RecordStoreConfig",
     "ArtifactStoreConfig", "RecoveryConfig", "load_config",
     # reading Contexta's stores
-    "scan_records", "RecordsReport", "check_metadata_file", "MetadataReport",
+    "scan_records", "RecordsReport", "replay_records", "ScanFilter", "RecordReplayResult", "RecordReplayError",
+    "check_metadata_file", "MetadataReport",
     "scan_artifact_bindings", "ArtifactsReport", "artifact_object_relpath", "sanitize_component",
     # backup
     "BackupPlan", "BackupResult", "BackupVerifyResult", "BackupListEntry", "PruneResult",
@@ -1498,6 +1500,248 @@ def _check_record_indexes(root: Path, segment_sequences: Mapping[int, List[int]]
                                      % (line_number, sequence, segment_id, offset,
                                         lines[offset - 1] if lines[offset - 1] >= 0 else "no record"),
                                      expected=sequence, actual=lines[offset - 1]))
+
+
+# -- Contexta's record replay (`recover replay`) -------------------------------------
+#
+# Contexta's RecordStore.replay, read-only: every segment line in order, the
+# records a filter selects, and the same warnings, known gaps and integrity
+# state.  STRICT refuses an unhealthy store; TOLERANT reports what it found.
+# Records are given as stored (refs as text), one at a time, so a large store
+# is replayed in flat memory.  Lines are decoded with our JSON limits, so a
+# line Contexta would take only because Python's json does (NaN, nesting
+# deep enough to crash it) is a known gap here.
+
+_RECORD_TYPES = ("event", "metric", "span", "degraded")
+_REPLAY_MODES = ("strict", "tolerant")
+_GAPS_KEPT = 10000
+
+
+class RecordReplayError(OpsError):
+    """STRICT replay of a record store that is not healthy (exit 1: it ran, and found the store damaged)."""
+
+    code = "record_replay_unhealthy_store"
+    exit_code = EXIT_PROBLEMS
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanFilter:
+    """Which records a replay selects (Contexta's ScanFilter refs and type), each compared with the envelope's."""
+
+    run_ref: Optional[str] = None
+    stage_execution_ref: Optional[str] = None
+    batch_execution_ref: Optional[str] = None
+    sample_observation_ref: Optional[str] = None
+    record_type: Optional[str] = None
+
+    def matches(self, envelope: Mapping[str, Any]) -> bool:
+        for field in ("run_ref", "stage_execution_ref", "batch_execution_ref", "sample_observation_ref",
+                      "record_type"):
+            wanted = getattr(self, field)
+            if wanted is not None and envelope.get(field) != wanted:
+                return False
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordReplayResult(_Record):
+    """Contexta's ReplayResult fields (``records`` as stored), plus ours: full counts when the lists are capped."""
+
+    status: str
+    records: Tuple[Dict[str, Any], ...] = ()
+    record_count: int = 0
+    mode: str = "strict"
+    warnings: Tuple[str, ...] = ()
+    known_gaps: Tuple[Dict[str, Any], ...] = ()
+    integrity_state: str = "HEALTHY"
+    warning_count: int = 0
+    known_gap_count: int = 0
+    records_root: str = ""
+
+
+class _RecordReplayScan:
+    """One pass over a record store with Contexta's replay rules; selected records go to ``on_record``."""
+
+    def __init__(self, root: Path, scan_filter: ScanFilter) -> None:
+        self.root = root
+        self.filter = scan_filter
+        self.record_count = 0
+        self.highest = 0
+        self.expected: Optional[int] = None
+        self.warnings: List[str] = []
+        self.gaps: List[Dict[str, Any]] = []
+        self.warning_count = 0
+        self.gap_count = 0
+        self.corrupted = False
+        self.sizes: Dict[str, int] = {}  # segment name -> bytes read: a second pass reads no further
+
+    def run(self, on_record: Optional[Callable[[Dict[str, Any]], None]],
+            sizes: Optional[Mapping[str, int]] = None) -> None:
+        for segment_id, path in _record_segments(self.root):
+            limit = None if sizes is None else sizes.get(path.name, 0)
+            with open_regular(path, follow_symlinks=False) as handle:
+                read = 0
+                for line_number, raw in enumerate(handle, start=1):
+                    if limit is not None and read + len(raw) > limit:
+                        break
+                    read += len(raw)
+                    stored = self.take(raw, segment_id, line_number)
+                    if stored is not None and self.filter.matches(stored["record"]["envelope"]):
+                        self.record_count += 1
+                        if on_record is not None:
+                            on_record(stored)
+                self.sizes[path.name] = read
+        if sizes is None:
+            committed = _records_manifest_sequence(self.root)
+            if committed != self.highest:
+                self.warn("manifest sequence mismatch: committed=%s, observed=%d" % (committed, self.highest))
+
+    def take(self, raw: bytes, segment_id: int, line_number: int) -> Optional[Dict[str, Any]]:
+        """The stored record on one line, or None (a blank line silently, a bad one as a known gap)."""
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.gap("invalid_json_line", "Segment line is not valid UTF-8.", segment_id, line_number,
+                     "segment %d line %d is not valid UTF-8" % (segment_id, line_number))
+            return None
+        if not text.strip():
+            return None
+        try:
+            payload = json_loads(text)
+        except ValueError:
+            code = "invalid_json_line" if raw.endswith(b"\n") else "truncated_line"
+            self.gap(code, "Segment line could not be decoded as JSON.", segment_id, line_number,
+                     "%s at segment %d line %d" % (code, segment_id, line_number))
+            return None
+        stored = _stored_record(payload, segment_id, line_number)
+        if stored is None:
+            self.gap("invalid_json_line", "Stored line could not be materialized into a canonical record.",
+                     segment_id, line_number, "materialization failed at segment %d line %d"
+                     % (segment_id, line_number))
+            return None
+        sequence = stored["sequence"]
+        if self.expected is not None and sequence != self.expected:
+            self.gap("sequence_gap", "Replay detected a non-contiguous sequence.", segment_id, line_number,
+                     "sequence gap before segment %d line %d: expected %d, got %d"
+                     % (segment_id, line_number, self.expected, sequence),
+                     start_sequence=self.expected, end_sequence=sequence - 1)
+        self.expected = sequence + 1
+        self.highest = max(self.highest, sequence)
+        return stored
+
+    def warn(self, warning: str) -> None:
+        self.warning_count += 1
+        if len(self.warnings) < _GAPS_KEPT:
+            self.warnings.append(warning)
+
+    def gap(self, code: str, message: str, segment_id: int, line_number: int, warning: str,
+            start_sequence: Optional[int] = None, end_sequence: Optional[int] = None) -> None:
+        self.gap_count += 1
+        self.corrupted = self.corrupted or code != "sequence_gap"
+        if len(self.gaps) < _GAPS_KEPT:
+            self.gaps.append({"code": code, "message": message, "segment_id": segment_id, "line_number": line_number,
+                              "start_sequence": start_sequence, "end_sequence": end_sequence, "details": {}})
+        self.warn(warning)
+
+    @property
+    def integrity_state(self) -> str:
+        if not self.warning_count and not self.gap_count:
+            return "HEALTHY"
+        return "CORRUPTED" if self.corrupted else "DEGRADED"
+
+
+def _stored_record(payload: Any, segment_id: int, line_number: int) -> Optional[Dict[str, Any]]:
+    """Contexta's StoredRecord fields of one segment line, or None where Contexta could not materialize it.
+
+    The checks are structural (sequence, timestamp, envelope refs and type, a
+    payload mapping); Contexta's deserializers also check each record kind's fields.
+    """
+    if not isinstance(payload, dict):
+        return None
+    try:
+        sequence = int(payload["sequence"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    appended_at = payload.get("appended_at")
+    record = payload.get("record")
+    if not isinstance(record, dict) or sequence < 1 or not isinstance(appended_at, str) or not appended_at.strip():
+        return None
+    envelope = record.get("envelope")
+    if (not isinstance(envelope, dict) or envelope.get("record_type") not in _RECORD_TYPES
+            or not isinstance(record.get("payload"), dict) or not isinstance(envelope.get("run_ref"), str)
+            or not isinstance(envelope.get("record_ref"), str)):
+        return None
+    return {"sequence": sequence, "segment_id": segment_id, "offset": line_number, "appended_at": appended_at,
+            "record": record}
+
+
+def _record_segments(root: Path) -> List[Tuple[int, Path]]:
+    """A record store's segment files with their numbers, in Contexta's order (names that carry none are left out)."""
+    segments_dir = root / "segments"
+    found = []
+    for path in sorted(segments_dir.glob("segment-*.jsonl")) if segments_dir.is_dir() else []:
+        with contextlib.suppress(ValueError):
+            found.append((int(path.stem[len("segment-"):]), path))
+    return found
+
+
+def _records_manifest_sequence(root: Path) -> Any:
+    """The manifest's last_committed_sequence: 0 without a manifest (as the store Contexta would bootstrap)."""
+    try:
+        manifest = json_loads(read_regular(root / "manifest.json", follow_symlinks=False))
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError):
+        return None
+    return manifest.get("last_committed_sequence") if isinstance(manifest, dict) else None
+
+
+def _normalized_filter(scan_filter: Optional[ScanFilter]) -> ScanFilter:
+    """Contexta's normalization: refs stripped (blank is no filter), the record type lower-cased and checked."""
+    values = {field.name: (getattr(scan_filter, field.name) or "").strip() or None
+              for field in dataclasses.fields(ScanFilter)} if scan_filter is not None else {}
+    record_type = values.get("record_type")
+    if record_type is not None:
+        values["record_type"] = record_type = record_type.lower()
+        if record_type not in _RECORD_TYPES:
+            raise UsageError("record_type must be one of %s" % ", ".join(_RECORD_TYPES))
+    return ScanFilter(**values)
+
+
+def _scan_record_store(records_root: Any, scan_filter: Optional[ScanFilter], mode: str,
+                       on_record: Optional[Callable[[Dict[str, Any]], None]]) -> Tuple[RecordReplayResult, Dict[str, int]]:
+    """Replay's first pass: the result (without records), and how far each segment was read."""
+    if mode not in _REPLAY_MODES:
+        raise UsageError("replay mode must be strict or tolerant, not %r" % (mode,))
+    root = Path(records_root)
+    scan = _RecordReplayScan(root, _normalized_filter(scan_filter))
+    scan.run(on_record)
+    state = scan.integrity_state
+    if mode == "strict" and state != "HEALTHY":
+        raise RecordReplayError(
+            "strict replay refused: the record store %s is %s (%d warnings, %d known gaps); "
+            "`recover replay --mode tolerant` lists them" % (root, state, scan.warning_count, scan.gap_count),
+            path=root)
+    result = RecordReplayResult(
+        status="SUCCESS" if state == "HEALTHY" else "DEGRADED", record_count=scan.record_count, mode=mode,
+        warnings=tuple(scan.warnings), known_gaps=tuple(scan.gaps), integrity_state=state,
+        warning_count=scan.warning_count, known_gap_count=scan.gap_count, records_root=str(root))
+    return result, scan.sizes
+
+
+def replay_records(records_root: Any, scan_filter: Optional[ScanFilter] = None, *,
+                   mode: str = "strict") -> RecordReplayResult:
+    """Contexta's record replay, read-only: the selected records, warnings, known gaps and integrity.
+
+    ``mode`` ``strict`` (Contexta's default here) raises
+    :class:`RecordReplayError` on a store that is not healthy; ``tolerant``
+    returns what it could read and says what it could not.  Holds every
+    selected record in memory, as Contexta does; ``recover replay --json``
+    streams them instead.
+    """
+    records: List[Dict[str, Any]] = []
+    result, _sizes = _scan_record_store(records_root, scan_filter, mode, records.append)
+    return dataclasses.replace(result, records=tuple(records))
 
 
 @dataclasses.dataclass
@@ -7078,11 +7322,19 @@ def _build_parser() -> argparse.ArgumentParser:
                            "%s replay requeue --limit 100" % _PROG, common, _cmd_replay_requeue)
     requeue.add_argument("--limit", type=int, metavar="N", help="requeue at most N dead letters")
     requeue.add_argument("--ref", metavar="REF", help="requeue only dead letters with this replay_ref")
-    recover = _add_command(commands, "recover", "Contexta's spelling: `recover replay` is `replay`.",
-                           "%s recover replay --limit 10" % _PROG, common)
+    recover = _add_command(commands, "recover", "Contexta's record recovery: `recover replay` reads stored records.",
+                           "%s recover replay --mode strict" % _PROG, common)
     recover_actions = _add_actions(recover, "recover")
-    _add_replay_options(_add_command(recover_actions, "replay", "Same as `replay`.",
-                                     "%s recover replay --dry-run" % _PROG, common, _cmd_replay_run))
+    records = _add_command(recover_actions, "replay",
+                           "Replay stored records read-only, as Contexta does: counts, warnings, known gaps, "
+                           "integrity (outbox re-delivery is `replay`).",
+                           "%s recover replay --run run:proj.run-01 --record-type metric --json" % _PROG, common,
+                           _cmd_recover_replay)
+    records.add_argument("--mode", choices=_REPLAY_MODES, default="tolerant",
+                         help="strict refuses a store that is not healthy (exit 1); default tolerant")
+    records.add_argument("--run", metavar="RUN_REF", help="only records of this run (run:<project>.<run>)")
+    records.add_argument("--stage", metavar="STAGE_REF", help="only records of this stage execution")
+    records.add_argument("--record-type", choices=_RECORD_TYPES, help="only records of this type")
 
     artifact = _add_command(commands, "artifact", "Verify artifact bodies; export, import and put artifacts.",
                             "%s artifact verify --all" % _PROG, common)
@@ -7424,6 +7676,44 @@ def _cmd_replay_run(args: argparse.Namespace, out: _Output) -> int:
     _say_list(out, "Warnings:", result.warnings)
     out.finish(result, result.exit_code == EXIT_OK)
     return result.exit_code
+
+
+def _cmd_recover_replay(args: argparse.Namespace, out: _Output) -> int:
+    """Contexta's five lines; with --json the result object, its records streamed (a second, bounded pass)."""
+    config = _replay_config(args)
+    scan_filter = _normalized_filter(ScanFilter(run_ref=args.run, stage_execution_ref=args.stage,
+                                                record_type=args.record_type))
+    root = Path(config.records.root_path)
+    result, sizes = _scan_record_store(root, scan_filter, args.mode, None)
+    if out.as_json:
+        _stream_record_replay(out.stdout, result, root, scan_filter, sizes)
+        return _status_exit(result.status)
+    out.say("Replay mode: %s" % result.mode)
+    out.say("Records: %d" % result.record_count)
+    out.say("Warnings: %d" % result.warning_count)
+    out.say("Known gaps: %d" % result.known_gap_count)
+    out.say("Integrity: %s" % result.integrity_state)
+    out.finish(result, True)
+    return _status_exit(result.status)
+
+
+def _stream_record_replay(stream: Any, result: RecordReplayResult, root: Path, scan_filter: ScanFilter,
+                          sizes: Mapping[str, int]) -> None:
+    """The result as one JSON object, each record written as it is read again (memory stays flat)."""
+    head = {"status": result.status, "records": []}
+    stream.write(json.dumps(head)[:-2])
+    written = [0]
+
+    def emit(stored: Dict[str, Any]) -> None:
+        stream.write((", " if written[0] else "") + json.dumps(stored))
+        written[0] += 1
+
+    _RecordReplayScan(root, scan_filter).run(emit, sizes)
+    tail = result.to_dict()
+    del tail["status"], tail["records"]
+    tail["record_count"] = written[0]
+    stream.write("], " + json.dumps(tail)[1:] + "\n")
+    stream.flush()
 
 
 def _store_from_args(args: argparse.Namespace) -> ArtifactStore:

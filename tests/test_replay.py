@@ -279,9 +279,14 @@ def test_missing_outbox_is_outbox_empty(cli, tmp_path):
     assert result.json["status"] == "SUCCESS"
 
 
-def test_seed_spelling_recover_replay(cli, fixture_dir):
-    result = cli("--workspace", _ws(fixture_dir), "recover", "replay", "--limit", "1", "--json")
-    assert result.returncode == 0 and result.json["acknowledged_count"] == 1
+def test_recover_replay_reads_records_and_leaves_the_outbox_alone(cli, fixture_dir):
+    """Contexta's `recover replay` replays stored records, read-only; it never drained the outbox (issue 14)."""
+    before = snapshot(fixture_dir)
+    result = cli("--workspace", _ws(fixture_dir), "recover", "replay", "--json")
+    assert result.returncode == 0, result
+    assert (result.json["status"], result.json["record_count"]) == ("SUCCESS", 50)
+    assert snapshot(fixture_dir) == before
+    assert cli("--workspace", _ws(fixture_dir), "recover", "replay", "--limit", "1").returncode == 2
 
 
 def test_a_dead_letter_keeps_the_entrys_own_replay_ref(cli, fixture_dir):
@@ -337,6 +342,7 @@ def test_every_replay_command_says_its_status(cli, fixture_dir):
     assert "dead-lettered" in cli("--workspace", ws, "replay", "status").stdout
     assert cli("--workspace", ws, "replay", "requeue", "--json").json["status"] == "SUCCESS"
     assert cli("--workspace", ws, "replay", "--json").json["status"] == "SUCCESS"
+    assert cli("--workspace", ws, "recover", "replay", "--json").json["status"] == "SUCCESS"
 
 
 # -- crash safety -------------------------------------------------------------------------------
