@@ -1437,21 +1437,33 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
     return report
 
 
-def _parse_segment_line(raw: bytes, line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
-    """The sequence of one segment line, or None (blank lines silently, bad ones with a problem)."""
+def _decode_segment_line(raw: bytes) -> Tuple[Any, str]:
+    """A segment line's JSON value and "", or None and what is wrong with it (Contexta's rules).
+
+    ``blank`` (skipped silently), ``not_utf8``, ``truncated_line`` (the
+    unterminated last line, not JSON) or ``invalid_json_line``.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        sink.add(Problem("invalid_json_line", where, "line %d is not valid UTF-8" % line_number))
-        return None
+        return None, "not_utf8"
     if not text.strip():
-        return None
+        return None, "blank"
     try:
-        payload = json_loads(text)
+        return json_loads(text), ""
     except ValueError:
-        if not raw.endswith(b"\n"):
+        return None, "invalid_json_line" if raw.endswith(b"\n") else "truncated_line"
+
+
+def _parse_segment_line(raw: bytes, line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
+    """The sequence of one segment line, or None (blank lines silently, bad ones with a problem)."""
+    payload, fault = _decode_segment_line(raw)
+    if fault:
+        if fault == "not_utf8":
+            sink.add(Problem("invalid_json_line", where, "line %d is not valid UTF-8" % line_number))
+        elif fault == "truncated_line":
             sink.add(Problem("truncated_line", where, "line %d is cut off (no newline, not JSON)" % line_number))
-        else:
+        elif fault == "invalid_json_line":
             sink.add(Problem("invalid_json_line", where, "line %d is not JSON" % line_number))
         return None
     try:
@@ -1598,20 +1610,16 @@ class _RecordReplayScan:
 
     def take(self, raw: bytes, segment_id: int, line_number: int) -> Optional[Dict[str, Any]]:
         """The stored record on one line, or None (a blank line silently, a bad one as a known gap)."""
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
+        payload, fault = _decode_segment_line(raw)
+        if fault == "blank":
+            return None
+        if fault == "not_utf8":
             self.gap("invalid_json_line", "Segment line is not valid UTF-8.", segment_id, line_number,
                      "segment %d line %d is not valid UTF-8" % (segment_id, line_number))
             return None
-        if not text.strip():
-            return None
-        try:
-            payload = json_loads(text)
-        except ValueError:
-            code = "invalid_json_line" if raw.endswith(b"\n") else "truncated_line"
-            self.gap(code, "Segment line could not be decoded as JSON.", segment_id, line_number,
-                     "%s at segment %d line %d" % (code, segment_id, line_number))
+        if fault:
+            self.gap(fault, "Segment line could not be decoded as JSON.", segment_id, line_number,
+                     "%s at segment %d line %d" % (fault, segment_id, line_number))
             return None
         stored = _stored_record(payload, segment_id, line_number)
         if stored is None:
@@ -4104,7 +4112,8 @@ _CHECKPOINT_LINES = 4096
 _CHECKPOINT_BYTES = 8 << 20
 _IN_FLIGHT_SECONDS = 2.0
 _ENTRY_RESULTS_KEPT = 10000
-_BATCH_LINES = 128  # outbox lines decided together: one index lookup for all of them
+_BATCH_LINES = 128  # keys looked up in the sink index at once
+_BATCH_BYTES = 48 << 10  # outbox lines decided together (about 128 of Contexta's): one lookup for all of them
 
 # What identifies a delivered entry in a sink line.  The writer (_sink_line) and
 # every reader (crash recovery, the sink index) use these names, so they cannot drift apart.
@@ -4221,10 +4230,28 @@ def _sink_line_around(payload_json: bytes, family: str, payload_type: Any, paylo
     The keys around the payload sort before and after it, so the line is what
     encoding the whole mapping with sorted keys gives.
     """
-    after = {"payload_ref": payload_ref, "payload_type": payload_type, "sink_name": sink_name}
-    if replay_ref is not None:
-        after[_SINK_REF_KEY] = replay_ref
-    return b"".join((_sink_line_head(family), payload_json, b",", _parsed_json(after)[1:], b"\n"))
+    values = (payload_ref, payload_type, replay_ref, sink_name)
+    if replay_ref is not None and all(value is None or isinstance(value, str) for value in values):
+        tail = _LINE_TAIL % tuple(_encode_text(value) for value in values)  # the common case, without an encoder
+    else:
+        after = {"payload_ref": payload_ref, "payload_type": payload_type, "sink_name": sink_name}
+        if replay_ref is not None:
+            after[_SINK_REF_KEY] = replay_ref
+        tail = _parsed_json(after)[1:]
+    return b"".join((_sink_line_head(family), payload_json, b",", tail, b"\n"))
+
+
+_LINE_TAIL = b'"payload_ref":%s,"payload_type":%s,"' + _SINK_REF_KEY.encode() + b'":%s,"sink_name":%s}'
+
+
+def _encode_text(value: Optional[str]) -> bytes:
+    """A JSON string (or null), as _parsed_json gives it."""
+    if value is None:
+        return b"null"
+    try:
+        return json.encoder.encode_basestring(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.encoder.encode_basestring_ascii(value).encode("ascii")
 
 
 _LINE_HEADS: Dict[Tuple[str, str], bytes] = {}
@@ -4602,7 +4629,7 @@ class _SinkIndex:
 
     def flush(self) -> None:
         if self.pending:
-            self.db.executemany(_INDEX_INSERT, list(self.pending))
+            self.db.executemany(_INDEX_INSERT, self.pending)
             self.pending.clear()
 
     def commit(self) -> None:
@@ -4612,15 +4639,15 @@ class _SinkIndex:
 
     def lookup(self, keys: Sequence[_SinkKey], families: Optional[Set[int]] = None) -> Set[_SinkKey]:
         """Which of ``keys`` the index holds (only in ``families``, when given)."""
-        wanted = set(keys)
-        found = {key for key in wanted if key in self.pending}
-        refs = sorted({key[0] for key in wanted})
+        pending = self.pending
+        found = {key for key in keys if key in pending} if pending else set()
+        refs = list({key[0] for key in keys})
+        wanted: Optional[Set[_SinkKey]] = None  # built only when a row comes back: a first replay finds none
         for first in range(0, len(refs), _INDEX_LOOKUP_CHUNK):
             chunk = refs[first:first + _INDEX_LOOKUP_CHUNK]
-            query = ("SELECT replay_ref, payload_sha256, family FROM delivered WHERE replay_ref IN (%s)"
-                     % ",".join("?" * len(chunk)))
-            for ref, digest, family in self.db.execute(query, chunk):
+            for ref, digest, family in self.db.execute(_lookup_query(len(chunk)), chunk):
                 key = (ref, bytes(digest), family)
+                wanted = set(keys) if wanted is None else wanted
                 if key in wanted and (families is None or family in families):
                     found.add(key)
         return found
@@ -4634,6 +4661,12 @@ class _SinkIndex:
                 self.db.execute("PRAGMA journal_mode=DELETE")
         finally:
             self.db.close()
+
+
+@functools.lru_cache(maxsize=None)
+def _lookup_query(count: int) -> str:
+    return ("SELECT replay_ref, payload_sha256, family FROM delivered WHERE replay_ref IN (%s)"
+            % ",".join("?" * count))
 
 
 def _tail_sha256(fd: int, end: int) -> bytes:
@@ -5433,18 +5466,21 @@ def _replay_once(outbox_root: Path, params: _ReplayParams, sink: Any, dry_run: b
 
 def _line_batches(handle: Any, offset: int, scan_end: int) -> Iterator[List[bytes]]:
     """The lines from ``offset`` (the handle's position) to ``scan_end``, a batch at a time (the last one cut there)."""
-    batch: List[bytes] = []
-    for raw in handle:
-        if offset >= scan_end:
-            break
-        if offset + len(raw) > scan_end:
-            raw = raw[:scan_end - offset]
-        offset += len(raw)
-        batch.append(raw)
-        if len(batch) >= _BATCH_LINES:
-            yield batch
-            batch = []
-    if batch:
+    while offset < scan_end:
+        batch = handle.readlines(_BATCH_BYTES)
+        if not batch:
+            return
+        end = offset + sum(len(raw) for raw in batch)
+        if end > scan_end:  # the batch runs past where this run stops: keep what lies before it
+            kept = []
+            for raw in batch:
+                if offset >= scan_end:
+                    break
+                kept.append(raw[:scan_end - offset])
+                offset += len(kept[-1])
+            yield kept
+            return
+        offset = end
         yield batch
 
 
