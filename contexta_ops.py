@@ -5664,8 +5664,16 @@ def _tally_outbox(outbox_root: Path) -> OutboxStatus:
         dead_lettered_count=dead.count, dead_lettered_by_family=dict(sorted(dead.by_family.items())),
         dead_lettered_by_sink=dict(sorted(dead.by_sink.items())), malformed_dead_lettered=dead.malformed,
         oldest_failed_at=oldest, most_common_last_error=common[0], most_common_last_error_count=common[1],
-        replay_running=_lock_is_held(outbox_root / REPLAY_LOCK_FILE),
+        replay_running=_replay_lock_held(outbox_root / REPLAY_LOCK_FILE),
         interrupted_replay=os.path.lexists(str(outbox_root / _REPLAY_JOURNAL)), problems=tuple(problems[:100]))
+
+
+def _replay_lock_held(lock_path: Path) -> bool:
+    """Whether a replay or requeue holds the lock; a lock path that is not a plain file is never opened."""
+    try:
+        return stat.S_ISREG(os.lstat(str(lock_path)).st_mode) and _lock_is_held(lock_path)
+    except FileNotFoundError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -214,6 +214,7 @@ def test_requeue_refuses_paths_it_does_not_own(cli, fixture_dir, make):
 
 def test_check_reports_an_outbox_that_is_a_fifo_without_hanging(cli, fixture_dir):
     path = _outbox_is_a_fifo(fixture_dir)
+    os.mkfifo(str(_outbox_root(fixture_dir) / ops.REPLAY_LOCK_FILE))
     result = cli("--workspace", _ws(fixture_dir), "check", "--plane", "outbox", "--json", timeout=60)
     assert result.returncode == 1, result
     assert [problem["path"] for problem in result.json["problems"]] == [str(path)]
