@@ -2,8 +2,11 @@
 
     python3 bench/replay_bench.py [--pyz contexta.pyz] [--sizes 100000,1000000] [--contexta PYTHON]
 
-Each run gets a fresh outbox of dispatch-shaped entries (three families).  Peak RSS comes from
-/usr/bin/time -v when present, else from the child's rusage.  Prints a table; writes nothing else.
+Each run gets a fresh workspace and outbox of dispatch-shaped entries (three families) and is timed
+twice: the first replay (every entry delivered, the sink index built as it goes), then a re-replay
+after the same outbox is put back, as a restore would (every entry recognized in the sink, none
+delivered again).  Peak RSS comes from /usr/bin/time -v when present, else from the child's rusage.
+Prints a table; writes nothing else.
 """
 
 import argparse
@@ -65,17 +68,31 @@ def timed(command, env=None):
     return elapsed, peak_kb / 1024.0, completed.stdout
 
 
-def median_run(root, size, command, env, repeat):
-    """Median seconds and largest peak RSS over `repeat` runs, each on a fresh outbox."""
-    times, peaks = [], []
-    for _ in range(repeat):
-        shutil.rmtree(str(root / "outbox"), ignore_errors=True)
-        shutil.rmtree(str(root / ".contexta"), ignore_errors=True)
+def median_runs(root, size, command, env, repeat, again=False):
+    """Median seconds and largest peak RSS over `repeat` runs, each on a fresh workspace and outbox.
+
+    With `again`, each run is followed by a re-replay of the same outbox put back, timed on its own:
+    returns ((seconds, peak) of the first replays, (seconds, peak) of the re-replays or None).
+    """
+    original = root / "outbox.original"
+    if not original.exists():
         write_outbox(root / "outbox", size)
-        seconds, peak, _out = timed(command, env=env)
-        times.append(seconds)
-        peaks.append(peak)
-    return sorted(times)[len(times) // 2], max(peaks)
+        os.rename(str(root / "outbox" / "failed_deliveries.jsonl"), str(original))
+    first, second = [], []
+    for _ in range(repeat):
+        for path in (root / "outbox", root / ".contexta"):
+            shutil.rmtree(str(path), ignore_errors=True)
+            path.mkdir()
+        shutil.copyfile(str(original), str(root / "outbox" / "failed_deliveries.jsonl"))
+        first.append(timed(command, env=env)[:2])
+        if again:
+            shutil.copyfile(str(original), str(root / "outbox" / "failed_deliveries.jsonl"))
+            second.append(timed(command, env=env)[:2])
+
+    def summary(runs):
+        return (sorted(seconds for seconds, _peak in runs)[len(runs) // 2], max(peak for _s, peak in runs)) \
+            if runs else None
+    return summary(first), summary(second)
 
 
 def main():
@@ -93,20 +110,22 @@ def main():
         contexta = subprocess.run(["bash", str(ref_script)], stdout=subprocess.PIPE,
                                   universal_newlines=True).stdout.strip() or None
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONTEXTA_")}
-    print("%-10s %-12s %10s %12s %10s" % ("entries", "tool", "seconds", "entries/s", "peak MB"))
+    print("%-10s %-26s %10s %12s %10s" % ("entries", "tool", "seconds", "entries/s", "peak MB"))
+    row = "%-10d %-26s %10.2f %12.0f %10.1f"
     for size in [int(item) for item in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory(prefix="replay-bench-") as scratch:
             root = Path(scratch)
             ours_command = [sys.executable, args.pyz, "--workspace", str(root / ".contexta"),
                             "--outbox-root", str(root / "outbox"), "replay", "--quiet"]
-            seconds, peak = median_run(root, size, ours_command, env, args.repeat)
-            print("%-10d %-12s %10.2f %12.0f %10.1f" % (size, "contexta-ops", seconds, size / seconds, peak))
+            (seconds, peak), again = median_runs(root, size, ours_command, env, args.repeat, again=True)
+            print(row % (size, "contexta-ops", seconds, size / seconds, peak))
+            print(row % (size, "contexta-ops, outbox again", again[0], size / again[0], again[1]))
             ours = seconds
             if contexta and size <= args.contexta_max:
-                seconds, peak = median_run(root, size, [contexta, "-c", CONTEXTA_REPLAY, str(root)], env,
-                                           args.repeat)
-                print("%-10d %-12s %10.2f %12.0f %10.1f   (ours %.1fx faster)" % (
-                    size, "contexta", seconds, size / seconds, peak, seconds / ours))
+                (seconds, peak), _ = median_runs(root, size, [contexta, "-c", CONTEXTA_REPLAY, str(root)], env,
+                                                 args.repeat)
+                print((row + "   (ours %.1fx faster)") % (size, "contexta", seconds, size / seconds, peak,
+                                                          seconds / ours))
         sys.stdout.flush()
 
 

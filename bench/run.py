@@ -111,6 +111,7 @@ def main():
     def outbox_copy(run, tag):
         root = out / ("replay-%s-%d" % (tag, run))
         shutil.copytree(str(workspace / "cache" / "outbox"), str(root / "outbox"))
+        (root / ".contexta").mkdir()  # replay refuses a workspace that does not exist
         return root
 
     first_backup = None

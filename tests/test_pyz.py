@@ -162,9 +162,10 @@ def test_a_damaged_module_is_refused_before_it_is_compiled(pyz, tmp_path, fixtur
     chooser = random.Random(20261126)
     start, end = _member_data_span(pyz, "contexta_ops.py")
     digests_start, digests_end = _member_data_span(pyz, "contexta_ops.digests.json")
+    # Anywhere but the launcher itself: the first code Python runs from the archive cannot check itself.
     spots = [chooser.randrange(start, end) for _ in range(40)] + \
         [chooser.randrange(digests_start, digests_end) for _ in range(10)] + \
-        [start - 5, start - 20] + [chooser.randrange(0, len(pyz.read_bytes())) for _ in range(8)]
+        [start - 5, start - 20] + [chooser.randrange(start, digests_end) for _ in range(8)]
     outcomes = {}
     for index, spot in enumerate(spots):
         damaged = tmp_path / ("damaged-%d.pyz" % index)
@@ -176,11 +177,14 @@ def test_a_damaged_module_is_refused_before_it_is_compiled(pyz, tmp_path, fixtur
         assert "Traceback" not in result.stderr, (spot, result.stderr)
         if result.returncode == 3:
             assert "contexta.pyz is damaged (member " in result.stderr and "copy it again" in result.stderr
-        else:  # a bit no run reads (shiv's unused bootstrap, a zip comment): the tool is whole
+        else:  # a bit no run reads (shiv's unused bootstrap, deflate's padding): the code is the same code
             assert result.returncode in (0, 1) and json.loads(result.stdout)["workspace_root"]
+            with zipfile.ZipFile(str(damaged)) as copy, zipfile.ZipFile(str(pyz)) as whole:
+                for member in ("contexta_ops.py", "contexta_ops.digests.json"):
+                    assert copy.read(member) == whole.read(member), (spot, member)
         outcomes[spot] = result.returncode
         damaged.unlink()
-    assert sum(1 for spot in spots[:50] if outcomes[spot] == 3) == 50  # every flip in the module or its digests
+    assert sum(1 for spot in spots[:50] if outcomes[spot] == 3) >= 45  # a flip there changes bytes, nearly always
 
 
 def test_the_module_imports_from_the_archive_root(pyz, tmp_path):

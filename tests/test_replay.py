@@ -87,6 +87,7 @@ def test_sink_lines_match_contextas_key_for_key(cli, tmp_path, contexta_ref):
                _entry(2, payload={"nested": {"list": [1, 2.5, None, "x"]}, "unicode": "한국어"})]
     for side in ("ours", "theirs"):
         _write_outbox(tmp_path / side / "outbox", entries)
+    (tmp_path / "ours" / ".contexta").mkdir()
     theirs = run_ref(contexta_ref, CONTEXTA_REPLAY, tmp_path / "theirs")
     ours = cli("--workspace", tmp_path / "ours" / ".contexta", "--outbox-root", tmp_path / "ours" / "outbox",
                "replay", "--json")
@@ -273,13 +274,76 @@ def test_lone_surrogate_does_not_empty_the_outbox(cli, fixture_dir):
 
 
 def test_missing_outbox_is_outbox_empty(cli, tmp_path):
+    (tmp_path / "ws").mkdir()
     result = cli("--workspace", tmp_path / "ws", "--outbox-root", tmp_path / "none", "replay", "--json")
     assert result.returncode == 0 and result.json["notes"] == ["outbox_empty"]
+    assert result.json["status"] == "SUCCESS"
 
 
-def test_seed_spelling_recover_replay(cli, fixture_dir):
-    result = cli("--workspace", _ws(fixture_dir), "recover", "replay", "--limit", "1", "--json")
-    assert result.returncode == 0 and result.json["acknowledged_count"] == 1
+def test_recover_replay_reads_records_and_leaves_the_outbox_alone(cli, fixture_dir):
+    """Contexta's `recover replay` replays stored records, read-only; it never drained the outbox (issue 14)."""
+    before = snapshot(fixture_dir)
+    result = cli("--workspace", _ws(fixture_dir), "recover", "replay", "--json")
+    assert result.returncode == 0, result
+    assert (result.json["status"], result.json["record_count"]) == ("SUCCESS", 50)
+    assert snapshot(fixture_dir) == before
+    assert cli("--workspace", _ws(fixture_dir), "recover", "replay", "--limit", "1").returncode == 2
+
+
+def test_a_dead_letter_keeps_the_entrys_own_replay_ref(cli, fixture_dir):
+    outbox_root = _outbox(fixture_dir)
+    _write_outbox(outbox_root, [
+        {"replay_ref": "r-unknown-family", "family": "NOPE", "payload": {}},
+        {"replay_ref": "r-no-payload", "family": "RECORD"},
+        {"replay_ref": "  ", "family": "NOPE", "payload": {}},
+        {"replay_ref": 7, "payload": {}}])
+    result = _replay(cli, fixture_dir)
+    assert result.returncode == 1, result
+    refs = [json.loads(line)["replay_ref"] for line in (outbox_root / ops.DEAD_LETTER_FILE).read_text().splitlines()]
+    assert refs[:2] == ["r-unknown-family", "r-no-payload"]
+    assert refs[2].startswith("replay:derived.") and refs[3].startswith("replay:derived.")  # no usable ref of its own
+    assert [entry["replay_ref"] for entry in result.json["entries"]] == refs
+
+
+def test_sink_line_identity_round_trips_through_crash_recovery(tmp_path):
+    """The writer (_sink_line) and the readers (crash recovery, the sink index) agree on the identity keys."""
+    payloads = [{"b": 1, "a": [1.5, None, "x"]}, {"s": "\ud800 lone surrogate"}, "text", 12345678901234567890,
+                {"nested": {"deep": [[{"k": "v"}]]}, "unicode": "한국어"}]
+    for index, payload in enumerate(payloads):
+        line = ops._sink_line("RECORD", payload, "dict", None, "sink", "ref-%d" % index)
+        assert ops._sink_line_identity(line) == ("ref-%d" % index, ops._payload_sha256(payload))
+        assert set(json.loads(line)) >= set(ops._SINK_IDENTITY_KEYS)
+    sink = ops._JournaledFileSink(tmp_path, "sink")
+    sink.open_file("RECORD")
+    path = sink.path_for("RECORD")
+    line = ops._sink_line("RECORD", payloads[0], "dict", None, "sink", "ref-0")
+    sink.deliver("RECORD", line, ("ref-0", ops._payload_sha256(payloads[0])))
+    sink.sync()
+    sink.close()
+    again = ops._JournaledFileSink(tmp_path, "sink")
+    again.reopen({path: 0})  # as after a kill: the line is past the last checkpoint
+    again.deliver("RECORD", line, ("ref-0", ops._payload_sha256({"a": [1.5, None, "x"], "b": 1})))
+    again.sync()
+    again.close()
+    assert Path(path).read_bytes() == line  # recognized, not written twice
+
+
+def test_every_replay_command_says_its_status(cli, fixture_dir):
+    ws = _ws(fixture_dir)
+    outbox_root = _outbox(fixture_dir)
+    status = cli("--workspace", ws, "replay", "status", "--json")
+    assert status.returncode == 0 and status.json["status"] == "SUCCESS"
+    _write_outbox(outbox_root, [_entry(1), b"broken\n"])
+    status = cli("--workspace", ws, "replay", "status", "--json")
+    assert status.returncode == 1 and status.json["status"] == "DEGRADED"  # a malformed pending line
+    assert cli("--workspace", ws, "replay", "--dry-run", "--json").json["status"] == "DEGRADED"
+    assert cli("--workspace", ws, "replay", "--json").json["status"] == "DEGRADED"
+    status = cli("--workspace", ws, "replay", "status", "--json")
+    assert status.returncode == 1 and status.json["status"] == "DEGRADED"  # a dead letter
+    assert "dead-lettered" in cli("--workspace", ws, "replay", "status").stdout
+    assert cli("--workspace", ws, "replay", "requeue", "--json").json["status"] == "SUCCESS"
+    assert cli("--workspace", ws, "replay", "--json").json["status"] == "SUCCESS"
+    assert cli("--workspace", ws, "recover", "replay", "--json").json["status"] == "SUCCESS"
 
 
 # -- crash safety -------------------------------------------------------------------------------
@@ -392,6 +456,7 @@ def test_kill_9_while_committing_dead_letters_each_land_once(cli, fixture_dir, s
     trace = fixture_dir / "trace"
     rehearsal = fixture_dir / "rehearsal"
     shutil.copytree(str(outbox_root), str(rehearsal / "outbox"))
+    (rehearsal / "ws").mkdir()
     cli("--workspace", rehearsal / "ws", "--outbox-root", rehearsal / "outbox", "replay",
         env={"CONTEXTA_OPS_CRASH_TRACE": str(trace)})
     crash_at = trace.read_text().split().index(step) + 1
