@@ -352,6 +352,11 @@ def _checked_int(digits: str) -> int:
     return int(digits)
 
 
+# Built once: json.loads with options builds a decoder per call, which shows in loops of a million lines.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_JSON_CHECKING_INTS = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_checked_int)
+
+
 def json_loads(data: Union[bytes, str], max_bytes: Optional[int] = None) -> Any:
     """Parse untrusted JSON within shared limits, or raise :class:`JsonInputError` saying why not.
 
@@ -376,8 +381,8 @@ def json_loads(data: Union[bytes, str], max_bytes: Optional[int] = None) -> Any:
     long_digits = len(text) > _JSON_MAX_INT_DIGITS and _JSON_LONG_DIGITS.search(text) is not None
     try:
         if long_digits:
-            return json.loads(text, parse_constant=_refuse_constant, parse_int=_checked_int)
-        return json.loads(text, parse_constant=_refuse_constant)
+            return _JSON_CHECKING_INTS.decode(text)
+        return _JSON_DECODER.decode(text)
     except JsonInputError:
         raise
     except RecursionError:
@@ -860,12 +865,15 @@ def _lock_is_held(path: Any, *, directory: bool = False) -> bool:
     """True when another process holds a flock on ``path`` (checked without blocking)."""
     if fcntl is None or not os.path.exists(str(path)):
         return False
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    # O_NONBLOCK: a FIFO put where a lock file belongs must not hang the check (it is then no lock of ours)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(str(path), flags)
     except OSError:
         return False
     try:
+        if not (stat.S_ISREG(os.fstat(fd).st_mode) or directory):
+            return False
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         return True
@@ -4738,6 +4746,8 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
     if not verify_only:
         refusals += _protected_inside(config, backup, units, replaced_inside, target)
         refusals += [notice for notice, _held in _unsafe_for_restore(target_config)]
+    if not verify_only:
+        warnings += _already_delivered_notices(backup, layout, target_config)
     restored = {str(routes.destination(path)) for path in backup_paths}
     chosen = None if selection is None or not selection.patterns else (
         lambda path: selection.matches(routes.source_of(Path(path))))
@@ -4751,6 +4761,30 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         lost_count=lost_count, replaced_file_count=replaced_count, backup_file_count=len(backup_paths),
         warnings=tuple(warnings), destinations=destinations, refusals=tuple(refusals),
         kind=_backup_kind(backup), only=tuple(only), paths=tuple(paths))
+
+
+def _already_delivered_notices(backup: _BackupSource, layout: _Layout, target_config: UnifiedConfig) -> List[Notice]:
+    """Entries in the backup's outbox that the target's replay sink already holds (delivered since the backup).
+
+    Replay recognizes them and acknowledges them without a second delivery;
+    the plan says so.  Read where the backup can be read out of order (a
+    directory); an archive is not streamed twice for this.
+    """
+    if layout.selection is not None and not layout.selection.matches(layout.outbox_root + "/" + OUTBOX_FILE):
+        return []
+    raw = backup.read_member(layout.member_path(layout.outbox_root + "/" + OUTBOX_FILE))
+    if not raw:
+        return []
+    try:
+        count = sink_entries_already_delivered(target_config, raw.splitlines(True))
+    except OpsError as exc:
+        return [Notice("outbox_already_delivered_unknown", "cannot tell which outbox entries the live sink "
+                       "already holds: %s" % exc)]
+    if not count:
+        return []
+    return [Notice("outbox_already_delivered", "%d of the backup's outbox entries are already in the live replay "
+                   "sink (%s): replay will acknowledge them without delivering them again"
+                   % (count, Path(target_config.workspace.exports_path) / "replayed"))]
 
 
 def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequence[_Unit], restored: Set[str],
@@ -5704,7 +5738,7 @@ class ReplayEntryResult(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class ReplayBatchResult(_Record):
+class ReplayBatchResult(RecoveryResult):
     """Contexta's ReplayBatchResult fields (and a ``to_dict`` that works), plus our counts.
 
     ``entries`` holds the first 10,000 entry results; counts cover them all.
@@ -5712,10 +5746,6 @@ class ReplayBatchResult(_Record):
     and payload), acknowledged without a second delivery.
     """
 
-    status: str
-    warnings: Tuple[Notice, ...] = ()
-    notes: Tuple[str, ...] = ()
-    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     entries: Tuple[ReplayEntryResult, ...] = ()
     acknowledged_count: int = 0
     pending_count: int = 0
@@ -8664,6 +8694,11 @@ def check_workspace(config: UnifiedConfig, planes: Optional[Sequence[str]] = Non
             "pending_count": outbox.pending_count, "dead_lettered_count": outbox.dead_lettered_count,
             "malformed_pending": outbox.malformed_pending, "interrupted_replay": outbox.interrupted_replay}
         verification.problems += list(outbox.problems)
+        if outbox.dead_lettered_count:  # undelivered data waiting for a person, as `replay status` says (exit 1)
+            verification.problems.append(Problem(
+                "outbox_dead_letters", str(Path(config.recovery.outbox_root) / DEAD_LETTER_FILE),
+                "%d entr%s dead-lettered: fix what made them fail, then `replay requeue`"
+                % (outbox.dead_lettered_count, "y is" if outbox.dead_lettered_count == 1 else "ies are")))
     if "capture" in selected:
         capture = _PARTS_BY_NAME["capture"].locate(config)
         verification.plane_results["capture"] = _check_capture(capture, str, verification.problems)
@@ -9599,8 +9634,11 @@ def _repair_result(work: _RepairWork, planes: Tuple[str, ...], notes: List[str],
                    post: CheckResult) -> RepairResult:
     steps = work.steps
     records = post.plane_results.get("records")
+    # Dead letters are where repair puts malformed lines: they wait for a person (`replay requeue`), and the
+    # check still lists them, but they are not damage the repair left behind.
+    damage = [problem for problem in post.problems if problem.code != "outbox_dead_letters"]
     return RepairResult(
-        status="FAILURE" if post.problems else "SUCCESS", notes=tuple(notes + work.notes),
+        status="FAILURE" if damage else "SUCCESS", notes=tuple(notes + work.notes),
         details={"step_count": len(steps)}, workspace_root=post.workspace_root, planes=planes,
         applied=work.committed, actions=tuple(work.actions), steps=tuple(steps[:_STEPS_LISTED]),
         repaired_segments=tuple(job.segment_id for job in work.jobs if job.segment_id is not None),

@@ -104,7 +104,8 @@ def test_a_deep_line_pending_is_counted_malformed_by_status_and_check(cli, fixtu
     status = cli("--workspace", _ws(fixture_dir), "replay", "status", "--json")
     assert (status.json["malformed_dead_lettered"], status.json["pending_count"]) == (1, 0), status
     check = cli("--workspace", _ws(fixture_dir), "check", "--plane", "outbox", "--json")
-    assert check.returncode == 0, check
+    assert check.returncode == 1, check  # as replay status: a dead letter waits for a person
+    assert [problem["code"] for problem in check.json["problems"]] == ["outbox_dead_letters"]
 
 
 def test_a_deep_dead_letter_can_be_counted_and_is_never_requeued(cli, fixture_dir):

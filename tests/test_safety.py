@@ -501,3 +501,24 @@ def test_a_disk_that_fills_while_writing_is_named_in_the_error(cli, fixture_dir,
         assert os.listdir(str(disk)) == []
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+# -- exactly-once survives a restore --------------------------------------------------------------------------
+
+def test_replay_restore_replay_delivers_each_entry_once(cli, fixture_dir):
+    ws = _ws(fixture_dir)
+    before = _backup(cli, fixture_dir, "--label", "before-replay")
+    first = cli("--workspace", ws, "replay", "--json")
+    assert first.returncode == 0 and first.json["acknowledged_count"] == 5, first
+    sink = {path.name: path.read_bytes() for path in (ws / "exports" / "replayed").glob("*.jsonl")}
+    plan = _run(cli, fixture_dir, "restore", "plan", before["backup_ref"], "--json")
+    assert plan.returncode == 0, plan
+    warned = [warning for warning in plan.json["warnings"] if warning["code"] == "outbox_already_delivered"]
+    assert len(warned) == 1 and warned[0]["message"].startswith("5 of the backup's outbox entries")
+    restored = _run(cli, fixture_dir, "restore", before["backup_ref"], "--json")
+    assert restored.returncode == 0, restored
+    assert len((ws / "cache/outbox/failed_deliveries.jsonl").read_text().splitlines()) == 5  # back, pending
+    again = cli("--workspace", ws, "replay", "--json")
+    assert again.returncode == 0, again
+    assert again.json["acknowledged_count"] == 5 and again.json["already_delivered_count"] == 5
+    assert {path.name: path.read_bytes() for path in (ws / "exports" / "replayed").glob("*.jsonl")} == sink
