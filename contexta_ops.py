@@ -2509,6 +2509,7 @@ _CONTEXTA_SECTIONS = ("config", "metadata", "records", "artifacts", "recovery", 
 # replay or artifact command "finish" work that belongs to a workspace that no longer exists.
 _NEVER_COPIED = re.compile(
     r"^(?:replay\.journal\.json|requeue\.journal\.json|replay\.lock|\.replay-kept\.tmp|\.replay-dead\.tmp"
+    r"|\.replay-previous\.jsonl"
     r"|contexta-ops\.lock|.*\.contexta-ops-write\.json|\.contexta-ops-sink-index\.sqlite.*|tmp[a-z0-9_]{8}"
     r"|\.tmp-indexes)$")
 
@@ -5707,6 +5708,9 @@ SINK_INDEX_FILE = ".contexta-ops-sink-index.sqlite"
 _REPLAY_JOURNAL = "replay.journal.json"
 _REPLAY_KEPT_TMP = ".replay-kept.tmp"
 _REPLAY_DEAD_TMP = ".replay-dead.tmp"
+# The replaced outbox keeps this second name until the lines a writer appended to it late are carried
+# over: a run killed in between leaves them reachable for the next one, not only in an open file.
+_REPLAY_PREVIOUS = ".replay-previous.jsonl"
 _REQUEUE_JOURNAL = "requeue.journal.json"
 PAYLOAD_FAMILIES = ("CONTEXT", "RECORD", "ARTIFACT", "DEGRADATION")
 _SINK_FILES = tuple("%s.jsonl" % family.lower() for family in PAYLOAD_FAMILIES)
@@ -6840,10 +6844,17 @@ class _ReplayRun:
                 os.fsync(out.fileno())
             os.chmod(tmp_name, stat.S_IMODE(os.fstat(old.fileno()).st_mode))
             _crash_point("replay:new-outbox-written")
+            previous = self.outbox_root / _REPLAY_PREVIOUS
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(previous))  # left by a run killed before its journal named it
+            self.journal["carry"] = {"previous": _REPLAY_PREVIOUS, "from": copied_end}
+            atomic_write_bytes(self.journal_path, _pretty_json(self.journal))
+            os.link(str(self.outbox), str(previous))
             os.replace(tmp_name, str(self.outbox))
             _fsync_dir(self.outbox_root)
             _crash_point("replay:outbox-replaced")
             pending += _carry_late_appends(old, copied_end, self.outbox)
+            _crash_point("replay:late-appends-carried")
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
@@ -6875,7 +6886,7 @@ class _ReplayRun:
             view.close()
 
     def cleanup(self) -> None:
-        for path in (self.kept_path, self.dead_path):
+        for path in (self.kept_path, self.dead_path, self.outbox_root / _REPLAY_PREVIOUS):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(path))
         with contextlib.suppress(FileNotFoundError):
@@ -6885,6 +6896,16 @@ class _ReplayRun:
 
 _SETTLE_SECONDS = 0.05
 _SETTLE_LIMIT_SECONDS = 2.0
+
+
+def _carry_from_previous(outbox_root: Path, journal: Mapping[str, Any], outbox: Path) -> int:
+    """After a kill between the outbox's swap and its carry-over: carry what writers appended to the old one."""
+    carry = journal.get("carry")
+    previous = outbox_root / _REPLAY_PREVIOUS
+    if not isinstance(carry, dict) or not isinstance(carry.get("from"), int) or _path_kind(previous) != "file":
+        return 0
+    with open_regular(previous, follow_symlinks=False) as old:
+        return _carry_late_appends(old, carry["from"], outbox)
 
 
 def _carry_late_appends(old: Any, copied_end: int, outbox: Path) -> int:
@@ -7133,7 +7154,7 @@ def _finish_interrupted_replay(config: Any, outbox_root: Path,
     """Complete a replay that was killed, from its journal, before anything else happens."""
     journal_path = outbox_root / _REPLAY_JOURNAL
     if not journal_path.exists():
-        for leftover in (_REPLAY_KEPT_TMP, _REPLAY_DEAD_TMP):
+        for leftover in (_REPLAY_KEPT_TMP, _REPLAY_DEAD_TMP, _REPLAY_PREVIOUS):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(outbox_root / leftover))
         return None
@@ -7159,8 +7180,9 @@ def _finish_interrupted_replay(config: Any, outbox_root: Path,
 
 def _resume_replay(run: "_ReplayRun", journal: Dict[str, Any]) -> ReplayBatchResult:
     if journal.get("state") == "committing":
-        if os.lstat(str(run.outbox)).st_ino != journal["outbox_ino"]:
-            run.cleanup()  # the new outbox was already in place
+        if os.lstat(str(run.outbox)).st_ino != journal["outbox_ino"]:  # the new outbox was already in place
+            _carry_from_previous(run.outbox_root, journal, run.outbox)
+            run.cleanup()
             return ReplayBatchResult(status="SUCCESS", acknowledged_count=journal["checkpoint"]["counts"][
                 "acknowledged"])
         run.journal = journal

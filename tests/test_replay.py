@@ -468,3 +468,27 @@ def test_kill_9_while_committing_dead_letters_each_land_once(cli, fixture_dir, s
     assert [json.loads(line)["raw_line"] for line in dead] == ["bad one", "[]"]
     assert sorted(line["replay_ref"][-1] for line in _sink_lines(fixture_dir)) == ["1", "2", "3"]
     assert _pending_refs(outbox_root) == []
+
+
+def test_lines_appended_to_the_old_outbox_survive_a_kill_right_after_the_swap(cli, fixture_dir):
+    """A writer that opened the outbox before the swap appends to the old file; a run killed before carrying
+    those lines over leaves the old file under a second name, and the next run carries them."""
+    ws = _ws(fixture_dir)
+    outbox_root = _outbox(fixture_dir)
+    trace = fixture_dir / "trace"
+    rehearsal = fixture_dir / "rehearsal"
+    shutil.copytree(str(outbox_root), str(rehearsal / "outbox"))
+    (rehearsal / "ws").mkdir()
+    cli("--workspace", rehearsal / "ws", "--outbox-root", rehearsal / "outbox", "replay",
+        env={"CONTEXTA_OPS_CRASH_TRACE": str(trace)})
+    crash_at = trace.read_text().split().index("replay:outbox-replaced") + 1
+    killed = cli("--workspace", ws, "replay", env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
+    assert killed.returncode == -9
+    previous = outbox_root / ".replay-previous.jsonl"
+    late = b'{"replay_ref": "late-writer", "family": "RECORD", "payload": {"n": 1}}\n'
+    with open(str(previous), "ab") as writer:  # the old file, as the late writer still holds it
+        writer.write(late)
+    again = cli("--workspace", ws, "replay", "--keep-successes", "--json")
+    assert again.returncode == 0, again
+    assert (outbox_root / "failed_deliveries.jsonl").read_bytes().endswith(late)
+    assert not previous.exists()
