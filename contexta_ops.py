@@ -31,7 +31,10 @@ Every command takes the global flags ``--workspace --config --backup-root
 from __future__ import annotations
 
 import argparse
+import array
 import base64
+import bisect
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -41,6 +44,7 @@ import gzip
 import hashlib
 import io
 import json
+import marshal
 import os
 import re
 import shutil
@@ -59,11 +63,13 @@ from pathlib import Path
 from typing import (
     Any,
     Callable,
+    Deque,
     Dict,
     Iterable,
     Iterator,
     List,
     Mapping,
+    NamedTuple,
     NoReturn,
     Optional,
     Pattern,
@@ -268,35 +274,6 @@ def _pretty_json(payload: Any) -> bytes:
 # One encoder each: json.dumps with options builds a new encoder per call, which dominates hot loops.
 _COMPACT_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 _COMPACT_ASCII_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-
-
-def _write_pretty_json(handle: Any, payload: Any) -> Tuple[int, str]:
-    """Write P-JSON to a binary file as it is encoded; (bytes, sha256) of what was written.
-
-    A backup manifest lists every file: encoding it to one string first would
-    hold hundreds of thousands of pieces at once.
-    """
-    start = handle.tell()
-    for ensure_ascii in (False, True):  # names that are not UTF-8 fall back to \u escapes
-        digest = hashlib.sha256()
-        encoder = json.JSONEncoder(indent=2, sort_keys=True, ensure_ascii=ensure_ascii, default=str)
-        try:
-            pending: List[str] = []
-            for piece in encoder.iterencode(payload):
-                pending.append(piece)
-                if len(pending) >= 4096:
-                    data = "".join(pending).encode("utf-8")
-                    handle.write(data)
-                    digest.update(data)
-                    pending = []
-            data = ("".join(pending) + "\n").encode("utf-8")
-            handle.write(data)
-            digest.update(data)
-            return handle.tell() - start, digest.hexdigest()
-        except UnicodeEncodeError:
-            handle.seek(start)
-            handle.truncate()
-    raise AssertionError("unreachable: ensure_ascii output is ASCII")
 
 
 # Limits every reader of untrusted JSON shares (outbox lines, manifests, config, packages, bindings, records).
@@ -596,70 +573,211 @@ def _kernel_copy(source_fd: int, destination_fd: int) -> int:
         total += len(chunk)
 
 
-def _copy_then_hash(source: str, destination: str, mode: Optional[int] = None,
-                    mtime_ns: Optional[int] = None) -> Tuple[int, str]:
-    """Copy a file to a new one, then hash the copy: the digest proves the bytes that were written.
+# Files up to this size are read with one call and copied in batches: one worker round trip per file
+# costs more than copying it (a workspace may hold a million small files).
+_SMALL_FILE = 256 << 10
+_COPY_BATCH_FILES = 128
+_COPY_BATCH_BYTES = 8 << 20
+_SOURCE_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_NOFOLLOW", 0))
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
-    The copy is still in the page cache, so proving it costs a memory read - the
-    same work as `cp` followed by `openssl dgst` on the copy.  With ``mode`` and
-    ``mtime_ns``, the copy gets them (here, on the worker, off the main thread).
-    """
-    source_fd = open_regular_fd(source)
+
+def _open_source_file(source: str) -> Tuple[int, os.stat_result]:
+    """A file a walk saw as regular, opened without following a link or blocking on a FIFO put there since."""
     try:
-        destination_fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(source, _SOURCE_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SpecialFileError(errno.ELOOP, "became a symbolic link while it was read", source)
+        raise
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise SpecialFileError(errno.EINVAL, "is a %s, not a regular file" % _special_kind(opened.st_mode), source)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, opened
+
+
+def _read_all(fd: int, expected: int) -> bytes:
+    """A small file's bytes: one read when its size is what the walk saw (the usual case)."""
+    data = os.read(fd, expected + 1)
+    if len(data) == expected + 1 or 0 < len(data) < expected:  # grew, or a short read: read on to the end
+        chunks = [data]
+        while True:
+            more = os.read(fd, _CHUNK)
+            if not more:
+                break
+            chunks.append(more)
+        data = b"".join(chunks)
+    return data
+
+
+def _stamp(fd: int, path: str, mode: int, mtime_ns: int) -> None:
+    """Give a file we just created its mode (exactly, whatever the umask) and its mtime."""
+    if mode & _umask() or mode & ~0o777:
+        os.fchmod(fd, mode)
+    if os.utime in os.supports_fd:
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    else:  # pragma: no cover - every Linux has futimens
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def _write_new_file(destination: str, data: Any, mode: int, mtime_ns: int) -> None:
+    """Create ``destination`` (never overwriting) holding ``data``, with ``mode`` and ``mtime_ns``."""
+    with _naming(destination):
+        fd = os.open(destination, _NEW_FILE_FLAGS, mode & 0o777)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            _stamp(fd, destination, mode, mtime_ns)
+        finally:
+            os.close(fd)
+
+
+def _changed(seen: Tuple[int, int], size_read: int, after: os.stat_result) -> bool:
+    """A concurrent writer: the bytes read, or the file's size or mtime after reading, differ from what was seen."""
+    return size_read != seen[0] or after.st_size != seen[0] or after.st_mtime_ns != seen[1]
+
+
+def _copy_file(source: str, destination: str, seen: Tuple[int, int], mode: int,
+               mtime_ns: int) -> Tuple[int, str, bool]:
+    """Copy a file to a new one and prove the bytes written: (size, sha256, changed while it was read).
+
+    ``seen`` is the (size, mtime_ns) the source had when it was walked.  A
+    small file is read with one call, written with one and hashed in memory.
+    A large one is copied inside the kernel (copy_file_range), then the copy is
+    hashed: it is still in the page cache, so proving it costs a memory read -
+    the same work as `cp` followed by `openssl dgst` on the copy.  The copy gets
+    ``mode`` and ``mtime_ns``, set through its descriptor.
+    """
+    fd, _opened = _open_source_file(source)
+    try:
+        if seen[0] <= _SMALL_FILE:
+            data = _read_all(fd, seen[0])
+            after = os.fstat(fd)
+            _write_new_file(destination, data, mode, mtime_ns)
+            return len(data), hashlib.sha256(data).hexdigest(), _changed(seen, len(data), after)
+        out = os.open(destination, (_NEW_FILE_FLAGS & ~os.O_WRONLY) | os.O_RDWR, mode & 0o777)
         try:
             with _naming(destination):
-                _kernel_copy(source_fd, destination_fd)
+                _kernel_copy(fd, out)
+                after = os.fstat(fd)
+                os.lseek(out, 0, os.SEEK_SET)
+                with os.fdopen(os.dup(out), "rb", buffering=0) as written:
+                    size, digest = _hash_stream(written)
+                _stamp(out, destination, mode, mtime_ns)
         finally:
-            os.close(destination_fd)
+            os.close(out)
     finally:
-        os.close(source_fd)
-    result = sha256_file(destination)
-    if mode is not None and mtime_ns is not None:
-        _set_file_times_and_mode(destination, mode, mtime_ns)
-    return result
+        os.close(fd)
+    return size, digest, _changed(seen, size, after)
 
 
-def _backup_one_file(source: str, destination: str, source_stat: os.stat_result) -> Tuple[int, str, bool]:
-    """A worker's whole job for one file of a backup: copy, prove, stamp, and notice a concurrent writer."""
-    size, digest = _copy_then_hash(source, destination, source_stat.st_mode, source_stat.st_mtime_ns)
-    return size, digest, _changed_while_read(source, source_stat, size)
+def _copy_files(jobs: Sequence[Tuple[Any, ...]]) -> List[Tuple[int, str, bool]]:
+    """A worker's task: a batch of :func:`_copy_file` jobs, results in the same order."""
+    return [_copy_file(*job) for job in jobs]
 
 
 class _Copier:
     """Copies files on two threads while the caller walks on; results come back in submission order.
 
-    Copying and hashing release the GIL, so one file is hashed while the next
-    is copied.  At most ``window`` copies are in flight, which bounds memory.
+    Small files travel in batches, large ones one by one; copying and hashing
+    release the GIL, so the walk, the copies and the hashing overlap.  At most
+    ``window`` tasks are in flight, which bounds memory.
     """
 
-    def __init__(self, window: int = 64) -> None:
+    def __init__(self, window: int = 16) -> None:
         import concurrent.futures
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
         self.window = window
-        self.pending: List[Tuple[Any, Callable[[int, str], None]]] = []
+        self.batch: List[Tuple[Any, ...]] = []
+        self.batch_done: List[Callable[..., None]] = []
+        self.batch_bytes = 0
+        self.pending: List[Tuple[Any, List[Callable[..., None]]]] = []
 
-    def submit(self, on_done: Callable[..., None], job: Callable[..., Any], *args: Any) -> None:
-        self.pending.append((self.pool.submit(job, *args), on_done))
+    def submit(self, on_done: Callable[..., None], source: str, destination: str, seen: Tuple[int, int],
+               mode: int, mtime_ns: int) -> None:
+        """Copy ``source`` (as :func:`_copy_file`); ``on_done(size, sha256, changed)`` runs on this thread."""
+        job = (source, destination, seen, mode, mtime_ns)
+        if os.environ.get("XINLINE") and seen[0] <= _SMALL_FILE:
+            on_done(*_copy_file(*job))
+            return
+        if seen[0] > _SMALL_FILE:
+            self._flush()
+            self._send([job], [on_done])
+            return
+        self.batch.append(job)
+        self.batch_done.append(on_done)
+        self.batch_bytes += seen[0]
+        if len(self.batch) >= _COPY_BATCH_FILES or self.batch_bytes >= _COPY_BATCH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.batch:
+            self._send(self.batch, self.batch_done)
+            self.batch, self.batch_done, self.batch_bytes = [], [], 0
+
+    def _send(self, jobs: List[Tuple[Any, ...]], callbacks: List[Callable[..., None]]) -> None:
+        self.pending.append((self.pool.submit(_copy_files, jobs), callbacks))
         while len(self.pending) > self.window:
-            self._settle_oldest()
+            self.settle_oldest()
 
-    def _settle_oldest(self) -> None:
-        future, on_done = self.pending.pop(0)
-        on_done(*future.result())  # raises the worker's exception, if any, here
+    def settle_oldest(self) -> bool:
+        """Wait for the oldest task and run its callbacks; False when nothing is in flight."""
+        if not self.pending:
+            self._flush()
+            if not self.pending:
+                return False
+        future, callbacks = self.pending.pop(0)
+        for on_done, result in zip(callbacks, future.result()):  # raises the worker's exception, if any, here
+            on_done(*result)
+        return True
+
+    def copy(self, on_done: Callable[..., None], source: str, destination: str, seen: Tuple[int, int], mode: int,
+             mtime_ns: int) -> "_CopyResult":
+        """:meth:`submit`, returning the result to wait for: ``result()`` gives (size, sha256)."""
+        waiting = _CopyResult(self, on_done)
+        self.submit(waiting.settle, source, destination, seen, mode, mtime_ns)
+        return waiting
 
     def finish(self) -> None:
         try:
-            while self.pending:
-                self._settle_oldest()
+            while self.settle_oldest():
+                pass
         finally:
             self.close()
 
     def close(self) -> None:
-        for future, _on_done in self.pending:
+        for future, _callbacks in self.pending:
             future.cancel()
         self.pool.shutdown(wait=True)
         self.pending = []
+        self.batch, self.batch_done = [], []
+
+
+class _CopyResult:
+    """One copy's outcome, waited for by settling the copier's oldest tasks until it is in."""
+
+    __slots__ = ("copier", "on_done", "value")
+
+    def __init__(self, copier: _Copier, on_done: Callable[..., None]) -> None:
+        self.copier = copier
+        self.on_done = on_done
+        self.value: Optional[Tuple[int, str]] = None
+
+    def settle(self, size: int, digest: str, changed: bool) -> None:
+        self.on_done(size, digest, changed)
+        self.value = (size, digest)
+
+    def result(self) -> Tuple[int, str]:
+        while self.value is None:
+            if not self.copier.settle_oldest():
+                raise AssertionError("a copy was lost")
+        return self.value
 
 
 def _sync_filesystem(path: Any) -> None:
@@ -761,40 +879,69 @@ def _tree_size(root: Any, excludes: Sequence[Path] = (), skip: Optional[Pattern[
     return count, total
 
 
+def _kind_of(mode: int) -> str:
+    """``dir``, ``file``, ``symlink`` or ``special`` for an lstat mode."""
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "symlink" if stat.S_ISLNK(mode) else "special"
+
+
+def _sorted_names(directory: str, excluded: Set[str], skip: Optional[Pattern[str]]) -> List[str]:
+    """A directory's entry names in walk order: each directory's name carries a trailing ``/``.
+
+    Sorting ``name/`` rather than ``name`` puts a directory exactly where the
+    paths below it sort (``a.txt`` < ``a/x`` < ``a0``), so a depth-first walk
+    yields every path in plain string order.  Only names are held, one string
+    per entry: the stat comes when the entry is yielded.
+    """
+    try:
+        with os.scandir(directory) as handle:
+            names = [entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
+                     for entry in handle
+                     if not (skip is not None and skip.match(entry.name))
+                     and not (excluded and entry.path in excluded)]
+    except FileNotFoundError:
+        return []
+    names.sort()
+    return names
+
+
 def _walk_tree(root: Path, excludes: Sequence[Path] = (),
                skip: Optional[Pattern[str]] = None) -> Iterator[Tuple[str, os.stat_result, str]]:
-    """Yield ``(relative posix path, lstat, kind)`` for everything below ``root``, sorted.
+    """Yield ``(relative posix path, lstat, kind)`` for everything below ``root``, depth first.
 
+    A directory comes right before what it holds, and paths come out in plain
+    string order (what backup lists are sorted by, so two walks can be merged).
     ``kind`` is ``dir``, ``file``, ``symlink`` or ``special``.  Symlinks are never
     followed; paths in ``excludes`` and names matching ``skip`` (and everything
     below them) are skipped.
     """
     excluded = {os.path.normpath(str(path)) for path in excludes}
-    stack: List[Tuple[str, str]] = [(str(root), "")]
+    top = os.path.normpath(str(root))  # so every path below it is normalized too, and compares with `excluded`
+    stack: List[Tuple[str, Iterator[str]]] = [(top.rstrip("/") + "/", iter(_sorted_names(top, excluded, skip)))]
+    prefixes = [""]
     while stack:
-        directory, prefix = stack.pop()
-        try:
-            with os.scandir(directory) as handle:
-                entries = sorted(handle, key=lambda item: item.name)
-        except FileNotFoundError:
+        directory, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            prefixes.pop()
             continue
-        subdirs: List[Tuple[str, str]] = []
-        for entry in entries:
-            if os.path.normpath(entry.path) in excluded or (skip is not None and skip.match(entry.name)):
-                continue
-            relative = prefix + entry.name
-            entry_stat = entry.stat(follow_symlinks=False)
-            mode = entry_stat.st_mode
-            if stat.S_ISDIR(mode):
-                yield relative, entry_stat, "dir"
-                subdirs.append((entry.path, relative + "/"))
-            elif stat.S_ISREG(mode):
-                yield relative, entry_stat, "file"
-            elif stat.S_ISLNK(mode):
-                yield relative, entry_stat, "symlink"
-            else:
-                yield relative, entry_stat, "special"
-        stack.extend(reversed(subdirs))
+        if name.endswith("/"):
+            name = name[:-1]
+        path = directory + name
+        try:
+            entry_stat = os.lstat(path)
+        except FileNotFoundError:
+            continue  # removed since the directory was listed
+        relative = prefixes[-1] + name
+        kind = _kind_of(entry_stat.st_mode)
+        yield relative, entry_stat, kind
+        if kind == "dir":
+            stack.append((path + "/", iter(_sorted_names(path, excluded, skip))))
+            prefixes.append(relative + "/")
 
 
 class _Lock:
@@ -887,6 +1034,8 @@ def _crash_point(name: str) -> None:
     fsync that matters, deterministically, with a real SIGKILL.
     ``CONTEXTA_OPS_CRASH_TRACE=FILE`` appends the name of every step reached.
     """
+    if not _CRASH_HOOKED:  # read once: the hot loops pass here for every file
+        return
     target = os.environ.get("CONTEXTA_OPS_CRASH_AT")
     trace = os.environ.get("CONTEXTA_OPS_CRASH_TRACE")
     if not target and not trace:
@@ -900,6 +1049,7 @@ def _crash_point(name: str) -> None:
 
 
 _crash_point.count = 0  # type: ignore[attr-defined]
+_CRASH_HOOKED = bool(os.environ.get("CONTEXTA_OPS_CRASH_AT") or os.environ.get("CONTEXTA_OPS_CRASH_TRACE"))
 
 
 class _Progress:
@@ -1993,13 +2143,26 @@ def _find_orphans(root: Path, canonical: Set[str]) -> List[str]:
 #
 # Unlike Contexta, the outbox is stored where it lives (``cache/outbox``), not
 # as the whole parent directory; relocated stores are stored at their default
-# place; the manifest lists every file with size and sha256.  A backup is
-# built as ``.<ref>.partial`` beside its final name and renamed into place
-# only when complete, so an interrupted one never looks like a backup.
+# place.  A backup is built as ``.<ref>.partial`` beside its final name and
+# renamed into place only when complete, so an interrupted one never looks
+# like a backup.
+#
+# Format v2 lists every file in ``SHA256SUMS`` beside the manifest, one line
+# per file in plain string order of paths (``<sha256>  workspace/<path>``,
+# GNU escaping for names holding ``\``, a newline or a carriage return), so
+# ``sha256sum -c SHA256SUMS`` checks a backup by hand.  The list is written
+# while the files are copied and read while they are verified, never held
+# whole; the manifest records its sha256, line count and the bytes it lists.
+# Sizes, modes and mtimes come from the copies themselves (which carry the
+# source's) or from archive headers.  Format v1 listed every file, with size,
+# mode and mtime, inside manifest.json: still read, never written.
 
-BACKUP_FORMAT = "contexta-ops-backup-v1"
+BACKUP_FORMAT = "contexta-ops-backup-v2"
+_FORMAT_V1 = "contexta-ops-backup-v1"  # listed every file inside manifest.json; still read, never written
+_OUR_FORMATS = (BACKUP_FORMAT, _FORMAT_V1)
 _MANIFEST_NAME = "manifest.json"
 _MANIFEST_DIGEST_NAME = "manifest.json.sha256"  # sha256sum format; proves the manifest itself
+_LIST_NAME = "SHA256SUMS"  # every file's sha256, `sha256sum -c` format, sorted; its digest is in the manifest
 _PARTIAL_SUFFIX = ".partial"
 _BACKUP_REF_PATTERN = re.compile(r"^(?P<label>.+)-(?P<ts>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:_\d{6})?Z)$")
 _SAFETY_LABEL = "pre-restore-safety"
@@ -2289,25 +2452,55 @@ def _resolved_config_mapping(config: UnifiedConfig) -> Dict[str, Any]:
     return mapping
 
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     """One directory or file a backup holds: its member path and where it comes from."""
 
-    kind: str
+    kind: str                       # "dir" or "file"
     member: str
-    source: Any  # a path, as text in the hot walk
-    stat: os.stat_result
+    source: Optional[str]           # None: a directory the backup makes itself, or a file given as ``data``
+    stat: Optional[os.stat_result]  # None with ``source``
+    data: Optional[bytes] = None    # a file the backup writes itself (resolved.config.json)
+
+
+class _MountNode:
+    """A place in a backup's ``workspace/`` tree: a section mounted there, or a directory on the way to one."""
+
+    __slots__ = ("kind", "source", "stat", "data", "children")
+
+    def __init__(self, kind: str, source: Optional[str] = None, source_stat: Optional[os.stat_result] = None,
+                 data: Optional[bytes] = None) -> None:
+        self.kind = kind  # "dir" or "file" (a section), "bytes" (written by the backup) or "virtual"
+        self.source = source
+        self.stat = source_stat
+        self.data = data
+        self.children: Dict[str, "_MountNode"] = {}
 
 
 class _SectionWalk:
-    """Everything the planned sections hold, in backup order; what it skipped, and which sections it found."""
+    """Everything the planned sections hold, in plain string order of member paths; what it skipped.
 
-    def __init__(self, config: UnifiedConfig, plan: BackupPlan, extra_excludes: Sequence[Path] = ()) -> None:
+    Sections are mounted in one tree at the paths they have in the backup
+    (``workspace/records``, ``workspace/cache/outbox``, ...) and the tree is
+    walked depth first, real directories and mounted sections merged, so the
+    files come out in the order of the backup's list whatever the sections.
+    A section mounted inside another one (the outbox inside an included cache)
+    takes its place there; sources of other sections, the backup and staging
+    roots are never walked into.
+    """
+
+    def __init__(self, config: UnifiedConfig, plan: BackupPlan, extra_excludes: Sequence[Path] = (),
+                 config_bytes: Optional[bytes] = None) -> None:
         self.config = config
         self.plan = plan
-        self.extra_excludes = list(extra_excludes)
         self.warnings: List[Notice] = []
         self.copied_sections: List[BackupSection] = []
+        self.excluded = {os.path.normpath(str(path)) for path in
+                         [config.recovery.backup_root, config.recovery.restore_staging_root] + list(extra_excludes)
+                         + [section.source for section in plan.sections]}
+        self.root = _MountNode("virtual")
+        if config_bytes is not None:
+            self._mount(_CONFIG_MEMBER, _MountNode("bytes", data=config_bytes))
+        self._mount_sections()
 
     @property
     def copied(self) -> List[str]:
@@ -2318,111 +2511,254 @@ class _SectionWalk:
             names.add("recovery")
         return [name for name in _CONTEXTA_SECTIONS if name == "config" or name in names]
 
-    def entries(self) -> Iterator[_Entry]:
-        done_sources: Set[str] = set()
+    def _mount_sections(self) -> None:
+        done: Set[str] = set()
         for section in self.plan.sections:
-            if str(section.source) in done_sources:
+            if str(section.source) in done:
                 continue
-            done_sources.add(str(section.source))
+            done.add(str(section.source))
             try:
                 source_stat = os.lstat(str(section.source))
             except FileNotFoundError:
                 continue
-            if section.kind == "file" and stat.S_ISREG(source_stat.st_mode):
-                yield _Entry("file", section.path, section.source, source_stat)
-            elif section.kind == "dir" and stat.S_ISDIR(source_stat.st_mode):
-                yield _Entry("dir", section.path, section.source, source_stat)
-                excludes = _section_excludes(self.config, self.plan.sections, section, self.extra_excludes)
-                source_text = str(section.source)
-                for rel, entry_stat, kind in _walk_tree(section.source, excludes, _NEVER_COPIED):
-                    if kind in ("dir", "file"):
-                        yield _Entry(kind, section.path + "/" + rel, source_text + "/" + rel, entry_stat)
-                    else:
-                        self.warnings.append(Notice("skipped_special_file" if kind == "special" else "skipped_symlink",
-                                                    "%s is a %s and was not copied" % (section.source / rel, kind)))
-            else:
+            if _kind_of(source_stat.st_mode) != section.kind:
                 self.warnings.append(Notice("skipped_section", "%s (%s) is not a %s" % (
                     section.name, section.source, section.kind)))
+            elif not self._mount(section.path, _MountNode(section.kind, str(section.source), source_stat)):
+                self.warnings.append(Notice("skipped_section", "%s (%s) would land on %s, where another section "
+                                            "already is" % (section.name, section.source, section.path)))
+            else:
+                self.copied_sections.append(section)
+
+    def _mount(self, member: str, node: _MountNode) -> bool:
+        parts = member.split("/")[1:]  # below workspace/
+        here = self.root
+        for part in parts[:-1]:
+            child = here.children.get(part)
+            if child is None:
+                child = here.children[part] = _MountNode("virtual")
+            elif child.kind in ("file", "bytes"):
+                return False
+            here = child
+        existing = here.children.get(parts[-1])
+        if existing is not None:
+            if existing.kind != "virtual" or node.kind != "dir":
+                return False
+            node.children = existing.children  # a section mounted above one placed before it
+        here.children[parts[-1]] = node
+        return True
+
+    def _items(self, node: Optional[_MountNode], real_dir: Optional[str]) -> Iterator[Tuple[str, Optional[_MountNode]]]:
+        """(sort key, mounted node or None for a real entry) of one directory of the tree, in walk order."""
+        names = _sorted_names(real_dir, self.excluded, _NEVER_COPIED) if real_dir is not None else []
+        if node is None or not node.children:
+            return ((name, None) for name in names)
+        items: List[Tuple[str, Optional[_MountNode]]] = []
+        for key in names:
+            name = key[:-1] if key.endswith("/") else key
+            child = node.children.get(name)
+            if child is None:
+                items.append((key, None))
+            elif child.source is not None and os.path.normpath(child.source) != os.path.join(real_dir or "", name):
+                self.warnings.append(Notice("section_shadowed", "%s%s was not copied: the backup keeps a section "
+                                            "from %s in its place" % (real_dir, name, child.source)))
+        items += [(name if child.kind in ("file", "bytes") else name + "/", child)
+                  for name, child in node.children.items()]
+        items.sort(key=lambda item: item[0])
+        return iter(items)
+
+    def entries(self) -> Iterator[_Entry]:
+        yield _Entry("dir", "workspace", None, None)
+        stack: List[Tuple[str, Optional[str], Iterator[Tuple[str, Optional[_MountNode]]]]] = [
+            ("workspace/", None, self._items(self.root, None))]
+        last_file = ""
+        while stack:
+            prefix, real_dir, items = stack[-1]
+            item = next(items, None)
+            if item is None:
+                stack.pop()
                 continue
-            self.copied_sections.append(section)
+            key, node = item
+            name = key[:-1] if key.endswith("/") else key
+            member = prefix + name
+            if node is None or node.kind == "virtual":
+                path = (real_dir or "") + name if real_dir is not None else None
+                try:
+                    entry_stat = os.lstat(path) if path is not None else None
+                except FileNotFoundError:
+                    entry_stat = None
+                kind = _kind_of(entry_stat.st_mode) if entry_stat is not None else "virtual"
+                if node is not None and kind != "dir":  # a directory on the way to a section, made by the backup
+                    path, entry_stat, kind = None, None, "dir"
+                if kind == "file" or kind == "dir":
+                    if kind == "file" and member <= last_file:
+                        self.warnings.append(Notice("changed_during_backup", "%s changed while the walk passed it "
+                                                    "and was not copied" % path))
+                        continue
+                    if kind == "file":
+                        last_file = member
+                    yield _Entry(kind, member, path, entry_stat)
+                    if kind == "dir":
+                        stack.append((member + "/", path + "/" if path is not None else None,
+                                      self._items(node, path)))
+                elif kind != "virtual":
+                    self.warnings.append(Notice("skipped_special_file" if kind == "special" else "skipped_symlink",
+                                                "%s is a %s and was not copied" % (path, kind)))
+                continue
+            if node.kind == "dir":
+                yield _Entry("dir", member, node.source, node.stat)
+                stack.append((member + "/", (node.source or "") + "/", self._items(node, node.source)))
+                continue
+            last_file = max(last_file, member)
+            yield _Entry("file", member, node.source, node.stat, node.data)
 
 
-def _changed_while_read(source: Any, before: os.stat_result, size_read: int) -> bool:
-    after = os.lstat(source)
-    return size_read != before.st_size or after.st_size != before.st_size or after.st_mtime_ns != before.st_mtime_ns
+def _list_line(member: str, sha256: str) -> bytes:
+    """One line of SHA256SUMS, as GNU sha256sum writes it (names holding \\, newline or CR escaped)."""
+    if "\\" in member or "\n" in member or "\r" in member:
+        return ("\\%s  %s\n" % (sha256, member.translate(_LIST_ESCAPES))).encode("utf-8", "surrogateescape")
+    return ("%s  %s\n" % (sha256, member)).encode("utf-8", "surrogateescape")
 
 
-def _file_record(member: str, size: int, digest: str, source_stat: os.stat_result) -> Dict[str, Any]:
-    return {"path": member, "size": size, "sha256": digest, "mode": stat.S_IMODE(source_stat.st_mode),
-            "mtime_ns": source_stat.st_mtime_ns}
+_LIST_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r"})
+
+
+class _ListWriter:
+    """Writes SHA256SUMS as files are proven, in walk order; counts and hashes what it writes."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.count = 0
+        self.total_bytes = 0
+        self.size = 0
+        self.lines: List[bytes] = []
+
+    def add(self, member: str, size: int, sha256: str) -> None:
+        self.lines.append(_list_line(member, sha256))
+        self.count += 1
+        self.total_bytes += size
+        if len(self.lines) >= 1024:
+            self._flush()
+
+    def _flush(self) -> None:
+        data = b"".join(self.lines)
+        self.lines = []
+        self.digest.update(data)
+        self.handle.write(data)
+        self.size += len(data)
+
+    def summary(self) -> Dict[str, Any]:
+        """The manifest's ``file_list``: the list's name, sha256, size and line count."""
+        self._flush()
+        return {"name": _LIST_NAME, "sha256": self.digest.hexdigest(), "size": self.size, "count": self.count}
 
 
 class _PreviousBackup:
-    """The newest complete backup, as an incremental backup sees it: files it may hard-link instead of copy."""
+    """The newest complete backup, as an incremental backup sees it: files it may hard-link instead of copy.
 
-    def __init__(self, location: Path, manifest: Mapping[str, Any]) -> None:
-        self.location = location
-        self.backup_ref = manifest.get("backup_ref", location.name)
-        self.files = {entry["path"]: entry for entry in manifest["files"]}
+    Its list and the walk are both in path order, so they are merged: nothing
+    of the base is held but the next line of its list.
+    """
+
+    def __init__(self, backup: "_DirectoryBackup", listing: Iterator["_Listed"]) -> None:
+        self.location = str(backup.location)
+        self.backup_ref = backup.backup_ref
+        self.listing = listing
+        self.head: Optional[_Listed] = None
         self.damaged: List[str] = []
+        self.unreadable: Optional[str] = None
 
-    def reusable(self, entry: _Entry, verify_unchanged: bool) -> Optional[Tuple[str, Mapping[str, Any]]]:
-        """The previous copy of an unchanged file (same size, mtime and mode; sha256 too when asked).
+    def _listed(self, member: str) -> Optional["_Listed"]:
+        """The base's line for ``member``, reading its list forward (the walk asks in path order)."""
+        while True:
+            head = self.head
+            if head is None:
+                try:
+                    head = self.head = next(self.listing, None)
+                except RestoreError as exc:  # a damaged list: nothing more is linked from it
+                    self.unreadable = self.unreadable or str(exc)
+                    self.listing = iter(())
+                if head is None:
+                    return None
+            if head.path >= member:
+                if head.path != member:
+                    return None
+                self.head = None
+                return head
+            self.head = None
+
+    def reusable(self, entry: _Entry, verify_unchanged: bool) -> Optional[Tuple[str, str]]:
+        """(the base's copy, its sha256) for a file unchanged since (same size, mtime and mode; sha256 too
+        when asked), else None.
 
         With ``verify_unchanged`` both the live file and the base copy are
         hashed: a base copy that rotted since it was written is never linked
         (the damage would spread to every later backup); ``damaged`` counts them.
         """
-        previous = self.files.get(entry.member)
-        source_stat = entry.stat
-        if previous is None or (previous["size"], previous.get("mtime_ns"), previous.get("mode")) != (
-                source_stat.st_size, source_stat.st_mtime_ns, stat.S_IMODE(source_stat.st_mode)):
+        listed = self._listed(entry.member)
+        walked = entry.stat
+        if listed is None or walked is None or entry.source is None:
             return None
-        copy = _safe_join_text(str(self.location), entry.member)
+        unchanged = (walked.st_size, walked.st_mtime_ns, stat.S_IMODE(walked.st_mode))
+        if listed.size is not None and (listed.size, listed.mtime_ns, listed.mode) != unchanged:
+            return None  # a v1 base recorded them
+        copy = self.location + "/" + entry.member
         try:
             copy_stat = os.lstat(copy)
         except FileNotFoundError:
             return None
-        if not stat.S_ISREG(copy_stat.st_mode) or copy_stat.st_size != previous["size"]:
+        same = stat.S_ISREG(copy_stat.st_mode) and (
+            copy_stat.st_size, copy_stat.st_mtime_ns, stat.S_IMODE(copy_stat.st_mode)) == unchanged
+        if not verify_unchanged:
+            return (copy, listed.sha256) if same else None
+        recorded = (walked.st_size, listed.sha256)
+        if sha256_file(entry.source) != recorded:
+            return None  # the file changed since the base was taken
+        if not same or sha256_file(copy) != recorded:  # unchanged here, so the base's copy is what changed
+            self.damaged.append(copy)
             return None
-        if verify_unchanged:
-            recorded = (previous["size"], previous["sha256"])
-            if sha256_file(entry.source) != recorded:
-                return None
-            if sha256_file(copy) != recorded:
-                self.damaged.append(copy)
-                return None
-        return copy, previous
+        return copy, listed.sha256
 
 
-def _newest_previous_backup(backup_root: Path) -> Optional[_PreviousBackup]:
-    """The newest complete backup with checksums, opening manifests newest first (each lists every file)."""
+def _newest_previous_backup(backup_root: Path) -> Tuple[Optional[_PreviousBackup], List[Notice]]:
+    """The newest complete backup with checksums whose list is intact, opening manifests newest first."""
     names = [name for name in os.listdir(str(backup_root)) if _BACKUP_REF_PATTERN.match(name)]
+    skipped: List[Notice] = []
     for name in sorted(names, key=_ref_timestamp, reverse=True):
         try:
             backup = _DirectoryBackup(backup_root / name)
         except RestoreError:
             continue
-        if backup.expected_files is not None:
-            return _PreviousBackup(backup.location, backup.manifest)
-    return None
+        if not backup.has_checksums:
+            continue
+        fault = backup.list_fault()
+        if fault is None:
+            return _PreviousBackup(backup, iter(backup.listing())), skipped
+        skipped.append(Notice("incremental_base_damaged", "%s was not used as a base: %s" % (name, fault)))
+    return None, skipped
 
 
 class _BackupWriter:
-    """Copies what a walk yields into a partial backup directory, hashing every byte it writes.
+    """Copies what a walk yields into a partial backup directory, proving every byte it writes.
 
-    With a previous backup, an unchanged file is hard-linked from it instead
-    (copied where links are impossible), and keeps its recorded digest.
+    Each file's line goes into SHA256SUMS in walk order, once its copy is
+    proven (copies finish out of order on the workers).  With a previous
+    backup, an unchanged file is hard-linked from it instead (copied where
+    links are impossible), and keeps its recorded digest.
     """
 
     def __init__(self, partial: Path, progress: _Progress, previous: Optional[_PreviousBackup] = None,
                  verify_unchanged: bool = False) -> None:
+        self.root = str(partial) + "/"
         self.partial = partial
         self.progress = progress
         self.previous = previous
         self.verify_unchanged = verify_unchanged
-        self.files: List[Dict[str, Any]] = []
-        self.directories: List[Tuple[Path, os.stat_result]] = []
+        self.list_handle = open(str(partial / _LIST_NAME), "xb")
+        self.listing = _ListWriter(self.list_handle)
+        self.slots: Deque[List[Any]] = collections.deque()  # [member, size, sha256]: None until proven
+        self.directories: List[Tuple[str, int, int]] = []
         self.bytes_written = 0
         self.bytes_linked = 0
         self.links_failed = 0
@@ -2430,54 +2766,91 @@ class _BackupWriter:
         self.warnings: List[Notice] = []
         self.copier = _Copier()
 
-    def add_bytes(self, member: str, data: bytes) -> None:
-        destination = safe_join(self.partial, member)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        self.directories.append((destination.parent, os.stat(str(self.partial))))
-        with _naming(destination), open(destination, "xb") as handle:
-            handle.write(data)
-        self.files.append(_file_record(member, len(data), hashlib.sha256(data).hexdigest(), destination.stat()))
-        self.bytes_written += len(data)
-
     def add(self, entry: _Entry) -> None:
-        destination = os.path.join(str(self.partial), entry.member)  # our own walk: already safe
+        destination = self.root + entry.member  # our own walk: already safe
         if entry.kind == "dir":
-            os.makedirs(destination, exist_ok=True)
-            self.directories.append((Path(destination), entry.stat))
-            return
-        reusable = self.previous.reusable(entry, self.verify_unchanged) if self.previous is not None else None
-        if reusable is not None:
             try:
-                os.link(str(reusable[0]), destination)
-            except OSError:
-                self.links_failed += 1
-            else:
-                self.files.append(dict(reusable[1]))
-                self.linked += 1
-                self.bytes_linked += entry.stat.st_size
-                self.progress.advance(entry.stat.st_size)
-                _crash_point("backup:file-linked")
-                return
-        record = _file_record(entry.member, 0, "", entry.stat)
-        self.files.append(record)  # a place kept in walk order; filled in when the copy is proven
+                os.mkdir(destination)
+            except FileNotFoundError:
+                os.makedirs(destination)
+            except FileExistsError:
+                pass
+            if entry.stat is not None:
+                self.directories.append((destination, entry.stat.st_mode, entry.stat.st_mtime_ns))
+            return
+        if entry.data is not None:
+            _write_new_file(destination, entry.data, 0o644, time.time_ns())
+            self.bytes_written += len(entry.data)
+            self._done(entry.member, len(entry.data), hashlib.sha256(entry.data).hexdigest())
+            return
+        assert entry.source is not None and entry.stat is not None
+        if self.previous is not None and self._link(entry, destination):
+            return
+        slot: List[Any] = [entry.member, None, None]
+        self.slots.append(slot)
+        source = entry.source
 
         def copied(size: int, digest: str, changed: bool) -> None:
             _crash_point("backup:file-copied")
             if changed:
-                self.warnings.append(Notice("changed_during_backup", "%s changed while it was copied" % entry.source))
-            record.update(size=size, sha256=digest)
+                self.warnings.append(Notice("changed_during_backup", "%s changed while it was copied" % source))
+            slot[1], slot[2] = size, digest
             self.bytes_written += size
             self.progress.advance(size)
 
-        self.copier.submit(copied, _backup_one_file, str(entry.source), destination, entry.stat)
+        walked = entry.stat
+        self.copier.submit(copied, source, destination, (walked.st_size, walked.st_mtime_ns),
+                           stat.S_IMODE(walked.st_mode), walked.st_mtime_ns)
+        self._drain()
 
-    def finish(self) -> None:
-        """Wait for the copies, give directories their modes and times, then make it all durable."""
+    def _link(self, entry: _Entry, destination: str) -> bool:
+        assert self.previous is not None and entry.stat is not None
+        reusable = self.previous.reusable(entry, self.verify_unchanged)
+        if reusable is None:
+            return False
+        try:
+            os.link(reusable[0], destination)
+        except OSError:
+            self.links_failed += 1
+            return False
+        self.linked += 1
+        self.bytes_linked += entry.stat.st_size
+        self.progress.advance(entry.stat.st_size)
+        self._done(entry.member, entry.stat.st_size, reusable[1])
+        _crash_point("backup:file-linked")
+        return True
+
+    def _done(self, member: str, size: int, digest: str) -> None:
+        self.slots.append([member, size, digest])
+        self._drain()
+
+    def _drain(self) -> None:
+        """Write the lines of every proven file at the head of the walk order; bound how many wait."""
+        slots = self.slots
+        while True:
+            while slots and slots[0][1] is not None:
+                member, size, digest = slots.popleft()
+                self.listing.add(member, size, digest)
+            if len(slots) <= 8192 or not self.copier.settle_oldest():
+                return
+
+    def finish(self) -> Dict[str, Any]:
+        """Wait for the copies, write the last lines, give directories their modes and times, make it durable."""
         self.copier.finish()
-        for directory, dir_stat in reversed(self.directories):
-            os.chmod(str(directory), stat.S_IMODE(dir_stat.st_mode) | stat.S_IRWXU)
-            os.utime(str(directory), ns=(dir_stat.st_mtime_ns, dir_stat.st_mtime_ns))
+        self._drain()
+        assert not self.slots, "a copy was never proven"
+        summary = self.listing.summary()
+        self.list_handle.close()
+        for directory, mode, mtime_ns in reversed(self.directories):
+            os.chmod(directory, stat.S_IMODE(mode) | stat.S_IRWXU)
+            os.utime(directory, ns=(mtime_ns, mtime_ns))
         _sync_filesystem(self.partial)
+        return summary
+
+    def close(self) -> None:
+        """Stop after a failure: no copy left running, the list closed."""
+        self.copier.close()
+        self.list_handle.close()
 
 
 def _clean_stale_partials(backup_root: Path) -> List[str]:
@@ -2527,7 +2900,7 @@ def _write_backup(config: UnifiedConfig, plan: BackupPlan, incremental: bool = F
     backup_root = Path(plan.backup_root)
     backup_root.mkdir(parents=True, exist_ok=True)
     cleaned = _clean_stale_partials(backup_root)
-    previous = _newest_previous_backup(backup_root) if incremental else None
+    previous, skipped_bases = _newest_previous_backup(backup_root) if incremental else (None, [])
     if incremental and previous is None:
         plan = dataclasses.replace(plan, notes=plan.notes + ("incremental_without_base:full copy",))
     elif incremental:
@@ -2542,7 +2915,8 @@ def _write_backup(config: UnifiedConfig, plan: BackupPlan, incremental: bool = F
     progress = _Progress("backup %s" % plan.backup_ref, plan.estimated_bytes)
     try:
         with _Lock(partial, what="partial backup %s" % partial, directory=True):
-            result = _fill_backup(config, plan, partial, final, progress, previous, verify_unchanged)
+            result = _fill_backup(config, plan, partial, final, progress, previous, verify_unchanged,
+                                  skipped_bases)
     except BaseException:
         _remove_tree(partial)
         raise
@@ -2558,8 +2932,13 @@ _CONFIG_MEMBER = "workspace/config/resolved.config.json"
 
 
 def _backup_manifest(config: UnifiedConfig, plan: BackupPlan, created_at: str, walk: _SectionWalk,
-                     files: List[Dict[str, Any]], warnings: List[Notice]) -> Dict[str, Any]:
-    """Contexta's manifest keys, then ours: tool, sections with their sources, every file's digest."""
+                     file_list: Mapping[str, Any], total_bytes: int, warnings: List[Notice]) -> Dict[str, Any]:
+    """Contexta's manifest keys, then ours: tool, sections with their sources, and the list of files.
+
+    ``file_list`` proves SHA256SUMS (its sha256, size and line count);
+    ``total_bytes`` (what the listed files add up to) bounds what a reader
+    stages or reads while it streams them.
+    """
     return {
         "backup_ref": plan.backup_ref,
         "created_at": created_at,
@@ -2574,9 +2953,9 @@ def _backup_manifest(config: UnifiedConfig, plan: BackupPlan, created_at: str, w
         "kind": plan.kind,
         "label": plan.label,
         "sections": [section.to_dict() for section in walk.copied_sections],
-        "files": files,
-        "file_count": len(files),
-        "total_bytes": sum(entry["size"] for entry in files),
+        "file_list": dict(file_list),
+        "file_count": file_list["count"],
+        "total_bytes": total_bytes,
         "warnings": [warning.to_dict() for warning in warnings],
     }
 
@@ -2600,19 +2979,20 @@ def _manifest_digest_problems(manifest_bytes: bytes, digest_bytes: Optional[byte
 
 
 def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: Path, progress: _Progress,
-                 previous: Optional[_PreviousBackup] = None, verify_unchanged: bool = False) -> BackupResult:
-    writer = _BackupWriter(partial, progress, previous, verify_unchanged)
+                 previous: Optional[_PreviousBackup] = None, verify_unchanged: bool = False,
+                 base_notices: Sequence[Notice] = ()) -> BackupResult:
     warnings, notes = _metadata_in_use_warnings(config)
     warnings += _unsafe_workspace_notices(config)
-    writer.add_bytes(_CONFIG_MEMBER, _pretty_json(_resolved_config_mapping(config)))
-    walk = _SectionWalk(config, plan, extra_excludes=[partial])
+    walk = _SectionWalk(config, plan, extra_excludes=[partial],
+                        config_bytes=_pretty_json(_resolved_config_mapping(config)))
+    writer = _BackupWriter(partial, progress, previous, verify_unchanged)
     try:
         for entry in walk.entries():
             writer.add(entry)
+        file_list = writer.finish()
     except BaseException:
-        writer.copier.close()
+        writer.close()
         raise
-    writer.finish()
     _crash_point("backup:files-durable")
     details: Dict[str, Any] = {"format": BACKUP_FORMAT, "bytes_linked": writer.bytes_linked,
                                "sections": [section.to_dict() for section in walk.copied_sections]}
@@ -2626,21 +3006,23 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
                          "hashes them)" % (writer.linked, previous.backup_ref))
         if previous.damaged:
             warnings.append(Notice("incremental_base_damaged", "%d file(s) of the base backup %s no longer match "
-                                   "its manifest (first: %s); they were copied fresh - verify that backup"
+                                   "its list (first: %s); they were copied fresh - verify that backup"
                                    % (len(previous.damaged), previous.backup_ref, previous.damaged[0])))
+        if previous.unreadable:
+            warnings.append(Notice("incremental_base_damaged", "the list of the base backup %s could not be read "
+                                   "to its end (%s); the rest was copied fresh" % (previous.backup_ref,
+                                                                                   previous.unreadable)))
     if writer.links_failed:
         notes.append("hardlinks_unavailable:%d files copied instead" % writer.links_failed)
     created_at = _utc_timestamp()
-    warnings += walk.warnings + writer.warnings
-    manifest = _backup_manifest(config, plan, created_at, walk, writer.files, warnings)
-    with _naming(partial / _MANIFEST_NAME), open(partial / _MANIFEST_NAME, "wb") as handle:
-        manifest_size, manifest_sha256 = _write_pretty_json(handle, manifest)
-        handle.flush()
-        os.fsync(handle.fileno())
-    with _naming(partial / _MANIFEST_DIGEST_NAME), open(partial / _MANIFEST_DIGEST_NAME, "wb") as handle:
-        handle.write(_digest_line(manifest_sha256))
-        handle.flush()
-        os.fsync(handle.fileno())
+    warnings += list(base_notices) + walk.warnings + writer.warnings
+    manifest_bytes = _pretty_json(_backup_manifest(config, plan, created_at, walk, file_list,
+                                                   writer.listing.total_bytes, warnings))
+    for name, data in ((_MANIFEST_NAME, manifest_bytes), (_MANIFEST_DIGEST_NAME, _manifest_digest(manifest_bytes))):
+        with _naming(partial / name), open(str(partial / name), "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
     _fsync_dir(partial)
     _crash_point("backup:manifest-written")
     os.rename(str(partial), str(final))
@@ -2656,9 +3038,9 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
         created_at=created_at,
         location=final,
         included_sections=tuple(walk.copied),
-        bytes_written=writer.bytes_written + manifest_size,
-        verification_notes=("manifest_written", "checksums_recorded:%d" % len(writer.files)),
-        file_count=len(writer.files),
+        bytes_written=writer.bytes_written + len(manifest_bytes) + file_list["size"],
+        verification_notes=("manifest_written", "checksums_recorded:%d" % file_list["count"]),
+        file_count=file_list["count"],
         kind=plan.kind,
     )
 
@@ -2666,9 +3048,11 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
 # -- one-file backups ----------------------------------------------------------
 #
 # The same backup as one tar (optionally gzipped): manifest.json first, then
-# every directory and file under workspace/.  The manifest leads, so files are
-# read twice: once to hash them, once to write them (checked against the
-# first read; a file that changed in between aborts the archive).
+# SHA256SUMS, then every directory and file under workspace/ in the list's
+# order.  The manifest leads, so files are read twice: once to hash them (the
+# list and the walk are spooled to unlinked temp files beside the archive),
+# once to write them (checked against the first read; a file that changed in
+# between aborts the archive).
 
 ARCHIVE_STDOUT = "-"
 
@@ -2742,57 +3126,129 @@ def create_backup_archive(config: UnifiedConfig, plan: BackupPlan, destination: 
         return dataclasses.replace(result, location=final)
 
 
+class _Spool:
+    """Records of a first pass kept on disk for the second (an unlinked temp file): a million cost no memory."""
+
+    def __init__(self, directory: Optional[str]) -> None:
+        self.handle = tempfile.TemporaryFile(dir=directory)
+        self.batch: List[Tuple[Any, ...]] = []
+
+    def add(self, record: Tuple[Any, ...]) -> None:
+        self.batch.append(record)
+        if len(self.batch) >= 1024:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.batch:
+            data = marshal.dumps(self.batch)
+            self.handle.write(struct.pack("<I", len(data)) + data)
+            self.batch = []
+
+    def __iter__(self) -> Iterator[Tuple[Any, ...]]:
+        self._flush()
+        self.handle.seek(0)
+        while True:
+            head = self.handle.read(4)
+            if not head:
+                return
+            yield from marshal.loads(self.handle.read(struct.unpack("<I", head)[0]))
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _hash_file(source: str, seen: Tuple[int, int]) -> Tuple[int, str, bool]:
+    """(size, sha256, changed while read) of a file a walk saw as regular with ``seen`` (size, mtime_ns)."""
+    fd, _opened = _open_source_file(source)
+    try:
+        if seen[0] <= _SMALL_FILE:
+            data = _read_all(fd, seen[0])
+            return len(data), hashlib.sha256(data).hexdigest(), _changed(seen, len(data), os.fstat(fd))
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
+            size, digest = _hash_stream(handle)
+        return size, digest, _changed(seen, size, os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
 def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Optional[Path], compress: bool,
                    exclude: Sequence[Path] = ()) -> BackupResult:
+    """Hash every file into SHA256SUMS (spooled beside the archive), then write manifest, list and members."""
     warnings, notes = _metadata_in_use_warnings(config)
     warnings += _unsafe_workspace_notices(config)
-    walk = _SectionWalk(config, plan, extra_excludes=list(exclude) + ([final] if final else []))
-    entries = list(walk.entries())
     config_bytes = _pretty_json(_resolved_config_mapping(config))
+    walk = _SectionWalk(config, plan, extra_excludes=list(exclude) + ([final] if final else []),
+                        config_bytes=config_bytes)
+    scratch = str(final.parent) if final is not None else None
     now_ns = time.time_ns()
-    files: List[Dict[str, Any]] = [{"path": _CONFIG_MEMBER, "size": len(config_bytes), "mode": 0o644,
-                                    "sha256": hashlib.sha256(config_bytes).hexdigest(), "mtime_ns": now_ns}]
-    hashing = _Progress("hash %s" % plan.backup_ref, plan.estimated_bytes)
-    for entry in entries:
-        if entry.kind == "file":
-            size, digest = sha256_file(entry.source)
-            hashing.advance(size)
-            if _changed_while_read(entry.source, entry.stat, size):
+    entries = _Spool(scratch)
+    list_spool = tempfile.TemporaryFile(dir=scratch)
+    try:
+        listing = _ListWriter(list_spool)
+        hashing = _Progress("hash %s" % plan.backup_ref, plan.estimated_bytes)
+        for entry in walk.entries():
+            if entry.kind == "dir":
+                entries.add(("dir", entry.member, "", 0) + (
+                    (stat.S_IMODE(entry.stat.st_mode), entry.stat.st_mtime_ns) if entry.stat else (0o755, now_ns)))
+                continue
+            if entry.data is not None:
+                size, digest, changed = len(entry.data), hashlib.sha256(entry.data).hexdigest(), False
+                entries.add(("data", entry.member, "", size, 0o644, now_ns, digest))
+            else:
+                assert entry.source is not None and entry.stat is not None
+                size, digest, changed = _hash_file(entry.source, (entry.stat.st_size, entry.stat.st_mtime_ns))
+                entries.add(("file", entry.member, entry.source, size, stat.S_IMODE(entry.stat.st_mode),
+                             entry.stat.st_mtime_ns, digest))
+            if changed:
                 warnings.append(Notice("changed_during_backup", "%s changed while it was read" % entry.source))
-            files.append(_file_record(entry.member, size, digest, entry.stat))
-    hashing.finish()
-    created_at = _utc_timestamp()
-    warnings += walk.warnings
-    manifest = _backup_manifest(config, plan, created_at, walk, files, warnings)
-    manifest["archive"] = {"compression": "gzip" if compress else None}
-    encoded = io.BytesIO()
-    _write_pretty_json(encoded, manifest)
-    manifest_bytes = encoded.getvalue()
-    del encoded
+            listing.add(entry.member, size, digest)
+            hashing.advance(size)
+        hashing.finish()
+        file_list = listing.summary()
+        created_at = _utc_timestamp()
+        warnings += walk.warnings
+        manifest = _backup_manifest(config, plan, created_at, walk, file_list, listing.total_bytes, warnings)
+        manifest["archive"] = {"compression": "gzip" if compress else None}
+        manifest_bytes = _pretty_json(manifest)
+        list_spool.seek(0)
+        _write_tar(out, compress, manifest_bytes, list_spool, file_list["size"], entries, config_bytes,
+                   _Progress("write %s" % plan.backup_ref, listing.total_bytes), now_ns)
+    finally:
+        entries.close()
+        list_spool.close()
+    return BackupResult(
+        status="DEGRADED" if warnings else "SUCCESS", warnings=tuple(warnings),
+        notes=tuple(plan.notes) + tuple(note for note in notes if note not in plan.notes),
+        details={"format": BACKUP_FORMAT, "archive": "tar+gzip" if compress else "tar"},
+        backup_ref=plan.backup_ref, created_at=created_at, location=final,
+        included_sections=tuple(walk.copied),
+        bytes_written=listing.total_bytes + len(manifest_bytes) + file_list["size"],
+        verification_notes=("manifest_written", "checksums_recorded:%d" % file_list["count"]),
+        file_count=file_list["count"])
 
-    writing = _Progress("write %s" % plan.backup_ref, manifest["total_bytes"])
+
+def _write_tar(out: Any, compress: bool, manifest_bytes: bytes, list_spool: Any, list_size: int, entries: _Spool,
+               config_bytes: bytes, writing: _Progress, now_ns: int) -> None:
+    """manifest.json, SHA256SUMS, every member in the list's order (each checked against its first read),
+    and the manifest's digest last."""
     compressor = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) if compress else None
     stream: Any = compressor if compressor is not None else out
-    by_member = {entry["path"]: entry for entry in files}
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(_tar_info(_MANIFEST_NAME, "file", len(manifest_bytes), 0o644, now_ns), io.BytesIO(manifest_bytes))
-        tar.addfile(_tar_info("workspace", "dir", 0, 0o755, now_ns))
-        tar.addfile(_tar_info("workspace/config", "dir", 0, 0o755, now_ns))
-        tar.addfile(_tar_info(_CONFIG_MEMBER, "file", len(config_bytes), 0o644, now_ns), io.BytesIO(config_bytes))
-        for entry in entries:
-            record = by_member.get(entry.member)
-            if entry.kind == "dir":
-                tar.addfile(_tar_info(entry.member, "dir", 0, entry.stat.st_mode, entry.stat.st_mtime_ns))
+        tar.addfile(_tar_info(_LIST_NAME, "file", list_size, 0o644, now_ns), list_spool)
+        for kind, member, source, size, mode, mtime_ns, *digest in entries:
+            if kind == "dir":
+                tar.addfile(_tar_info(member, "dir", 0, mode, mtime_ns))
                 continue
-            assert record is not None
-            with open(entry.source, "rb") as handle:
+            if kind == "data":
+                tar.addfile(_tar_info(member, "file", size, mode, mtime_ns), io.BytesIO(config_bytes))
+                continue
+            with open_regular(source, follow_symlinks=False) as handle:
                 reader = _HashingReader(handle, writing)
-                tar.addfile(_tar_info(entry.member, "file", record["size"], record["mode"], record["mtime_ns"]),
-                            reader)
-            if (reader.size, reader.digest.hexdigest()) != (record["size"], record["sha256"]):
+                tar.addfile(_tar_info(member, "file", size, mode, mtime_ns), reader)
+            if (reader.size, reader.digest.hexdigest()) != (size, digest[0]):
                 raise BackupError("%s changed between hashing and archiving; the archive is abandoned - quiet "
-                                  "the workspace and run again" % entry.source, code="source_changed",
-                                  path=entry.source)
+                                  "the workspace and run again" % source, code="source_changed", path=source)
             _crash_point("archive:member-written")
         digest_line = _manifest_digest(manifest_bytes)
         tar.addfile(_tar_info(_MANIFEST_DIGEST_NAME, "file", len(digest_line), 0o644, now_ns),
@@ -2800,13 +3256,7 @@ def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Opt
     if compressor is not None:
         compressor.close()
     writing.finish()
-    return BackupResult(
-        status="DEGRADED" if warnings else "SUCCESS", warnings=tuple(warnings),
-        notes=tuple(plan.notes) + tuple(note for note in notes if note not in plan.notes),
-        details={"format": BACKUP_FORMAT, "archive": "tar+gzip" if compress else "tar"},
-        backup_ref=plan.backup_ref, created_at=created_at, location=final,
-        included_sections=tuple(walk.copied), bytes_written=manifest["total_bytes"] + len(manifest_bytes),
-        verification_notes=("manifest_written", "checksums_recorded:%d" % len(files)), file_count=len(files))
+
 
 # -- Contexta's CLI zip ---------------------------------------------------------
 #
@@ -2894,8 +3344,13 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _INT63_MAX = (1 << 63) - 1  # sizes and nanosecond times: what a signed 64-bit field (stat, tar, zip) holds
 _INT63_MIN = -(1 << 63)  # a file from before 1970 has a negative mtime
 _MANIFEST_LIMIT = 256 << 20
-# Each listed file costs ~2 KB in memory once parsed; past this a manifest is refused before it is parsed.
+# A v1 manifest lists its files itself, ~2 KB each in memory once parsed; past this it is refused before it is
+# parsed.  A v2 list (SHA256SUMS) is streamed: it needs no cap on its lines, only on each line's length.
 _MANIFEST_MAX_FILES = 1000000
+_LIST_LINE_LIMIT = 32 << 10  # a digest and one path (PATH_MAX is 4096 bytes; escaping at most doubles it)
+_LIST_LINE = re.compile(rb"(\\?)([0-9a-f]{64})  ([^\n]*)\n")
+_LIST_UNESCAPE = re.compile(r"\\(.?)", re.DOTALL)
+_LIST_UNESCAPED = {"\\": "\\", "n": "\n", "r": "\r"}
 # One path component a directory may be named by: no separator, no control character, not . or ..
 _BACKUP_REF_TEXT = re.compile(r"(?!\.\.?$)[^/\\\x00-\x1f\x7f]{1,255}")
 
@@ -2915,6 +3370,112 @@ class _Member:
     def open(self) -> Any:
         assert self.opener is not None
         return self.opener()
+
+
+class _Listed(NamedTuple):
+    """One file a backup's list names: its member path and sha256; v1 manifests also recorded the rest."""
+
+    path: str
+    sha256: str
+    size: Optional[int] = None
+    mode: Optional[int] = None
+    mtime_ns: Optional[int] = None
+
+
+def _member_path_fault(path: Any) -> Optional[str]:
+    """Why a listed path cannot name a backup member (absolute, ``..``, empty parts, outside workspace/), or None."""
+    try:
+        safe_join("/", path)
+    except OpsError:
+        return "%s is not a safe relative path" % _shown(path)
+    if not path.startswith("workspace/"):
+        return "%s is outside workspace/" % _shown(path)
+    return None
+
+
+def _unescape_list_name(name: str) -> Optional[str]:
+    """A GNU-escaped name (``\\\\``, ``\\n``, ``\\r``) as it is, or None when it holds another escape."""
+    try:
+        return _LIST_UNESCAPE.sub(lambda match: _LIST_UNESCAPED[match.group(1)], name)
+    except KeyError:
+        return None
+
+
+class _ListReader:
+    """A v2 backup's SHA256SUMS, read a line at a time: every line checked as it comes, the whole at the end.
+
+    Each line is ``<sha256>  <member path>`` (GNU escaping when it starts
+    with a backslash), at most 32 KiB, naming a safe path below workspace/,
+    after the line before it in string order (so no path twice).  A line that
+    is not is refused (``recovery_manifest_invalid``), like a bad manifest.
+    Once read to its end, ``problems`` says whether the list matches the
+    sha256, size and line count the manifest recorded for it.
+    """
+
+    def __init__(self, opener: Callable[[], Any], file_list: Mapping[str, Any], shown: str) -> None:
+        self.opener = opener
+        self.expected = file_list
+        self.shown = shown
+        self.problems: List[Problem] = []
+
+    def _invalid(self, message: str) -> RestoreError:
+        return RestoreError("backup list %s: %s" % (self.shown, message), code="recovery_manifest_invalid",
+                            path=self.shown)
+
+    def __iter__(self) -> Iterator[_Listed]:
+        limit = self.expected["size"]
+        digest = hashlib.sha256()
+        count = size = 0
+        last = ""
+        with self.opener() as handle:
+            while True:
+                raw = handle.readline(_LIST_LINE_LIMIT + 1)
+                if not raw:
+                    break
+                digest.update(raw)
+                count += 1
+                size += len(raw)
+                if size > limit:
+                    raise self._invalid("is longer than the %d bytes the manifest records" % limit)
+                match = _LIST_LINE.fullmatch(raw)
+                if match is None:
+                    raise self._invalid("line %d is not `<sha256>  workspace/<path>` ending in a newline%s" % (
+                        count, " (longer than %d bytes)" % _LIST_LINE_LIMIT if len(raw) > _LIST_LINE_LIMIT else ""))
+                escaped, hex_digest, name = match.groups()
+                path: Optional[str] = name.decode("utf-8", "surrogateescape")
+                if escaped and path is not None:
+                    path = _unescape_list_name(path)
+                fault = "holds an unknown escape" if path is None else _member_path_fault(path)
+                if fault is None and path is not None and path <= last:
+                    fault = "%s is not after %s (the list is sorted, each path once)" % (_shown(path), _shown(last))
+                if fault is not None or path is None:
+                    raise self._invalid("line %d: %s" % (count, fault))
+                last = path
+                yield _Listed(path, hex_digest.decode("ascii"))
+        self.problems = self._end_problems(digest.hexdigest(), size, count)
+
+    def _end_problems(self, actual: str, size: int, count: int) -> List[Problem]:
+        if actual != self.expected["sha256"] or size != self.expected["size"]:
+            return [Problem("checksum_mismatch", _LIST_NAME, "%s does not match the sha256 and size the manifest "
+                            "records for it" % _LIST_NAME, expected=self.expected["sha256"], actual=actual)]
+        if count != self.expected["count"]:
+            return [Problem("checksum_mismatch", _MANIFEST_NAME, "the manifest says %s holds %d lines, it holds %d"
+                            % (_LIST_NAME, self.expected["count"], count), expected=self.expected["count"],
+                            actual=count)]
+        return []
+
+
+class _ManifestListing:
+    """A v1 manifest's own list of files, sorted by path (it is in memory anyway)."""
+
+    problems: List[Problem] = []
+
+    def __init__(self, files: Sequence[Mapping[str, Any]]) -> None:
+        self.files = files
+
+    def __iter__(self) -> Iterator[_Listed]:
+        for entry in sorted(self.files, key=lambda item: item["path"]):
+            yield _Listed(entry["path"], entry["sha256"], entry["size"], entry.get("mode"), entry.get("mtime_ns"))
 
 
 def _manifest_error(location: Any, message: str) -> RestoreError:
@@ -2941,7 +3502,8 @@ def _validate_manifest(manifest: Any, location: Any) -> Dict[str, Any]:
     """
     if not isinstance(manifest, dict):
         raise _manifest_error(location, "is not a JSON object")
-    wrong = _manifest_header_fault(manifest) or _manifest_files_fault(manifest) or _manifest_sections_fault(manifest)
+    wrong = (_manifest_header_fault(manifest) or _manifest_files_fault(manifest) or _manifest_list_fault(manifest)
+             or _manifest_sections_fault(manifest))
     if wrong:
         raise _manifest_error(location, wrong)
     return manifest
@@ -2983,16 +3545,31 @@ def _manifest_files_fault(manifest: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _manifest_list_fault(manifest: Dict[str, Any]) -> Optional[str]:
+    """A v2 manifest's ``file_list``: what proves SHA256SUMS; ``total_bytes`` bounds what its files may hold."""
+    if "file_list" not in manifest:
+        return None
+    file_list = manifest["file_list"]
+    if not isinstance(file_list, dict) or file_list.get("name") != _LIST_NAME:
+        return "file_list is not an object naming %s" % _LIST_NAME
+    if not isinstance(file_list.get("sha256"), str) or not _SHA256_HEX.fullmatch(file_list["sha256"]):
+        return "file_list.sha256 is not a sha256 hex digest"
+    for key in ("size", "count"):
+        if not _is_int_in(file_list.get(key), 0, _INT63_MAX):
+            return "file_list.%s is not a non-negative integer below 2**63" % key
+    if "files" in manifest:
+        return "lists its files twice (files and file_list)"
+    if "total_bytes" not in manifest:
+        return "has a file_list but no total_bytes"
+    return None
+
+
 def _manifest_file_fault(entry: Any) -> Optional[str]:
     if not isinstance(entry, dict):
         return " is not an object"
-    path: Any = entry.get("path")
-    try:
-        safe_join("/", path)
-    except OpsError:
-        return ".path %s is not a safe relative path" % _shown(path)
-    if not path.startswith("workspace/"):
-        return ".path %s is outside workspace/" % _shown(path)
+    path_fault = _member_path_fault(entry.get("path"))
+    if path_fault:
+        return ".path " + path_fault
     if not _is_int_in(entry.get("size"), 0, _INT63_MAX):
         return ".size is not a non-negative integer below 2**63"
     if not isinstance(entry.get("sha256"), str) or not _SHA256_HEX.fullmatch(entry["sha256"]):
@@ -3050,6 +3627,63 @@ def _read_manifest_file(path: Path, location: Path) -> bytes:
                            code="recovery_manifest_unreadable", path=path)
 
 
+class _Expected:
+    """A backup's list matched against its members as they come, holding as little as the format allows.
+
+    A v2 list and the members of a v2 backup are both in path order: they are
+    merged, holding one line.  A v1 manifest's list is in memory anyway, and the
+    members of its archives came in an older order: matched by lookup.
+    Listed paths passed over without a member collect in ``missing`` (the
+    caller drains it); :meth:`rest` gives those never reached.
+    """
+
+    def __init__(self, listing: Any, ordered: bool) -> None:
+        self.listing = listing
+        self.ordered = ordered
+        self.missing: List[str] = []
+        self.head: Optional[_Listed] = None
+        self.last = ""
+        self.iterator: Iterator[_Listed] = iter(listing) if ordered else iter(())
+        self.by_path: Dict[str, _Listed] = {} if ordered else {entry.path: entry for entry in listing}
+
+    def take(self, path: str) -> Optional[_Listed]:
+        """The list's entry for a member file, or None when the list does not name it (here)."""
+        if not self.ordered:
+            return self.by_path.pop(path, None)
+        if path <= self.last:
+            return None  # out of the list's order (or twice): never matched
+        self.last = path
+        while True:
+            head = self.head
+            if head is None:
+                head = next(self.iterator, None)
+            self.head = None
+            if head is None:
+                return None
+            if head.path == path:
+                return head
+            if head.path > path:
+                self.head = head
+                return None
+            self.missing.append(head.path)
+
+    def rest(self) -> Iterator[str]:
+        """Listed paths no member matched, after the last member (reads the list to its end)."""
+        if not self.ordered:
+            yield from sorted(self.by_path)
+            return
+        if self.head is not None:
+            yield self.head.path
+            self.head = None
+        for entry in self.iterator:
+            yield entry.path
+
+    @property
+    def problems(self) -> List[Problem]:
+        """What the list itself holds against the manifest, once read to its end."""
+        return list(self.listing.problems)
+
+
 class _BackupSource:
     """What verify and restore read, whatever holds the backup: a directory, a tar archive or a zip."""
 
@@ -3058,24 +3692,53 @@ class _BackupSource:
     manifest: Dict[str, Any]
     manifest_bytes = b""
     backup_ref = ""
+    shown = ""
 
     @property
     def made_by(self) -> str:
-        return TOOL_NAME if self.manifest.get("format") == BACKUP_FORMAT else "contexta"
+        return TOOL_NAME if self.manifest.get("format") in _OUR_FORMATS else "contexta"
 
     @property
-    def expected_files(self) -> Optional[Dict[str, Dict[str, Any]]]:
-        """The manifest's file list by path, or None for a backup without checksums."""
-        if not hasattr(self, "_expected_files"):
-            files = self.manifest.get("files")
-            self._expected_files = None if files is None else {entry["path"]: entry for entry in files}
-        return self._expected_files
+    def has_checksums(self) -> bool:
+        """Whether the backup lists every file's sha256: ours do (v2 in SHA256SUMS, v1 in the manifest)."""
+        return "file_list" in self.manifest or "files" in self.manifest
+
+    @property
+    def list_streams(self) -> bool:
+        """A v2 list: read as a stream, in the members' order."""
+        return "file_list" in self.manifest
+
+    def listing(self) -> Any:
+        """The files the backup lists, in path order: an iterable of :class:`_Listed` whose ``problems``
+        say, once it is read to its end, whether it matches what the manifest records for it."""
+        if "files" in self.manifest:
+            return _ManifestListing(self.manifest["files"])
+        return _ListReader(self._list_opener(), self.manifest["file_list"], self._list_shown())
+
+    def _list_opener(self) -> Callable[[], Any]:
+        raise NotImplementedError
+
+    def _list_shown(self) -> str:
+        return "%s/%s" % (self.shown, _LIST_NAME)
+
+    def expected(self) -> Optional[_Expected]:
+        """The list, ready to be matched against the members; None for a backup without checksums."""
+        return _Expected(self.listing(), ordered=self.list_streams) if self.has_checksums else None
 
     @property
     def declared_bytes(self) -> Optional[int]:
         """What the backup says its files add up to (what a restore will write), when it says so."""
-        expected = self.expected_files
-        return None if expected is None else sum(entry["size"] for entry in expected.values())
+        if "file_list" in self.manifest:
+            total: int = self.manifest["total_bytes"]
+            return total
+        if "files" in self.manifest:
+            return sum(entry["size"] for entry in self.manifest["files"])
+        return None
+
+    @property
+    def budget(self) -> Optional[int]:
+        """What members may hold in all (a v2 list records no sizes: its total bounds every read)."""
+        return self.declared_bytes if self.list_streams else None
 
     def members(self) -> Iterator[_Member]:
         raise NotImplementedError
@@ -3101,6 +3764,7 @@ class _DirectoryBackup(_BackupSource):
 
     def __init__(self, location: Path) -> None:
         self.location = location
+        self.shown = str(location)
         manifest_path = location / _MANIFEST_NAME
         if not os.path.lexists(str(manifest_path)):
             raise RestoreError("backup %s has no manifest.json (incomplete or not a backup)" % location,
@@ -3115,7 +3779,25 @@ class _DirectoryBackup(_BackupSource):
         if not workspace.is_dir():
             raise RestoreError("backup %s has no workspace/ directory" % location,
                                code="recovery_backup_workspace_missing", path=workspace)
+        if self.list_streams and not os.path.lexists(str(location / _LIST_NAME)):
+            raise RestoreError("backup %s has no %s, where its manifest says its files are listed" % (
+                location, _LIST_NAME), code="recovery_manifest_invalid", path=location / _LIST_NAME)
         self.backup_ref = self.manifest.get("backup_ref") or location.name
+
+    def _list_opener(self) -> Callable[[], Any]:
+        return functools.partial(open_regular, self.location / _LIST_NAME, follow_symlinks=False)
+
+    def list_fault(self) -> Optional[str]:
+        """Why the list does not match what the manifest records for it (hashed whole, in place), or None."""
+        if not self.list_streams:
+            return None
+        expected = self.manifest["file_list"]
+        try:
+            if sha256_file(self.location / _LIST_NAME) == (expected["size"], expected["sha256"]):
+                return None
+        except OSError as exc:
+            return "%s cannot be read: %s" % (_LIST_NAME, exc.strerror or exc)
+        return "%s does not match the sha256 its manifest records" % _LIST_NAME
 
     def members(self) -> Iterator[_Member]:
         root = self.location / "workspace"
@@ -3186,10 +3868,46 @@ def _checked_member_name(location: Any, name: str) -> str:
     return name
 
 
+def _walk_key(name: str, kind: str) -> str:
+    """Where a member sorts in walk order: a directory as ``name/``, where what it holds sorts."""
+    return name + "/" if kind == "dir" else name
+
+
+class _Window:
+    """``size`` bytes of a stream from where it stands: what a reader of one archive member may see."""
+
+    def __init__(self, handle: Any, size: int) -> None:
+        self.handle = handle
+        self.left = size
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        line: bytes = self.handle.readline(self.left if limit < 0 else min(limit, self.left))
+        self.left -= len(line)
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        data: bytes = self.handle.read(self.left if size < 0 else min(size, self.left))
+        self.left -= len(data)
+        return data
+
+    def __enter__(self) -> "_Window":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.handle.close()
+
+
 class _TarBackup(_BackupSource):
     """A one-file backup (tar, or tar.gz), read as a stream: manifest.json first, then members in order.
 
-    From a file it can be read several times; from stdin exactly once.
+    In a v2 archive SHA256SUMS comes second, then the members in its order
+    (which is enforced: a member out of order is refused).  From a file the
+    list is read again through a second handle; from stdin, which is read
+    exactly once, it is spooled to a temporary file.
     """
 
     kind = "archive"
@@ -3198,6 +3916,8 @@ class _TarBackup(_BackupSource):
         self.location = location
         self.stream = stream
         self.shown = str(location) if location is not None else "stdin"
+        self.list_offset = 0
+        self.spool: Optional[Any] = None
         self._ready: Optional[tarfile.TarFile] = None
         self._ready, self.manifest = self._open()
         self.backup_ref = self.manifest.get("backup_ref") or (location.name if location else "stdin")
@@ -3232,9 +3952,42 @@ class _TarBackup(_BackupSource):
         self.manifest_bytes = raw
         self.manifest_digest: Optional[bytes] = None
         manifest = _validate_manifest(manifest, self.shown)
-        if "files" not in manifest:  # every archive we write lists them; without them no size is bounded
+        if "file_list" in manifest:
+            self._find_list(tar, manifest["file_list"]["size"])
+        elif "files" not in manifest:  # every archive we write lists them; without them no size is bounded
             raise _manifest_error(self.shown, "lists no files, which an archive backup must")
         return tar, manifest
+
+    def _find_list(self, tar: tarfile.TarFile, size: int) -> None:
+        """SHA256SUMS, right after the manifest: its place noted (a file) or its bytes spooled (stdin)."""
+        try:
+            info = tar.next()
+            if info is None or info.name != _LIST_NAME or not info.isreg() or info.size != size:
+                raise tarfile.TarError("%s does not follow manifest.json with the %d bytes the manifest records"
+                                       % (_LIST_NAME, size))
+            self.list_offset = info.offset_data
+            if self.location is None and self.spool is None:
+                self.spool = tempfile.TemporaryFile()
+                member = tar.extractfile(info)
+                assert member is not None
+                shutil.copyfileobj(member, self.spool, _CHUNK)
+        except _ARCHIVE_DAMAGE as exc:
+            raise ArchiveDamagedError("archive %s: %s" % (self.shown, exc), path=self.location)
+
+    def _list_opener(self) -> Callable[[], Any]:
+        return self._open_list
+
+    def _open_list(self) -> Any:
+        size = self.manifest["file_list"]["size"]
+        if self.spool is not None:
+            self.spool.seek(0)
+            return _Window(_Unclosed(self.spool), size)
+        assert self.location is not None
+        handle = open_regular(self.location)
+        if handle.peek(2)[:2] == b"\x1f\x8b":
+            handle = gzip.GzipFile(fileobj=handle, mode="rb")  # the list is near the start: little to inflate
+        handle.seek(self.list_offset)
+        return _Window(handle, size)
 
     def members(self) -> Iterator[_Member]:
         if self._ready is not None:
@@ -3243,7 +3996,9 @@ class _TarBackup(_BackupSource):
             tar = self._open()[0]
         else:
             raise RestoreError("a backup read from stdin can be read only once", code="archive_stream_consumed")
+        ordered = self.list_streams
         seen: Set[str] = set()
+        last_key = ""
         with contextlib.closing(tar):
             while True:
                 info = tar.next()
@@ -3253,15 +4008,22 @@ class _TarBackup(_BackupSource):
                     self.manifest_digest = tar.extractfile(info).read()  # type: ignore[union-attr]
                     continue
                 name = _checked_member_name(self.shown, info.name)
-                if name in seen:
-                    raise _unsafe_member(self.shown, name, "it appears twice")
-                seen.add(name)
                 if info.isdir():
                     kind = "dir"
                 elif info.isreg():
                     kind = "file"
                 else:
                     raise _unsafe_member(self.shown, name, "links, devices and fifos are never restored")
+                if ordered:  # v2: in the list's order, so duplicates are found without holding every name
+                    key = _walk_key(name, kind)
+                    if key <= last_key:
+                        raise _unsafe_member(self.shown, name, "it appears twice" if key == last_key else
+                                             "it is out of order (a v2 archive holds its members in path order)")
+                    last_key = key
+                elif name in seen:
+                    raise _unsafe_member(self.shown, name, "it appears twice")
+                else:
+                    seen.add(name)
                 mtime_ns = _member_mtime_ns(info.mtime)
                 if mtime_ns is None:
                     raise _unsafe_member(self.shown, name, "its mtime %s is not a time from 1677 to 2262"
@@ -3273,16 +4035,23 @@ class _TarBackup(_BackupSource):
         if self.location is None:
             return []  # a stream is checked member by member as it is written into staging
         problems: List[Problem] = []
-        expected = self.expected_files or {}
+        by_path = {entry["path"]: entry for entry in self.manifest.get("files", ())}
+        left = self.budget
         last = "the archive's start"
         try:
             for member in self.members():
                 last = member.path
-                entry = expected.get(member.path)
-                if member.kind == "file" and entry is not None and entry["size"] != member.size:
+                if member.kind != "file":
+                    continue
+                entry = by_path.get(member.path)
+                if entry is not None and entry["size"] != member.size:
                     problems.append(Problem("size_mismatch", member.path, "archive says %d bytes, manifest says %d"
                                             % (member.size, entry["size"]), expected=entry["size"],
                                             actual=member.size))
+                if left is not None:
+                    if member.size > left:
+                        problems.append(_over_budget(member, left))
+                    left -= member.size
         except _ARCHIVE_DAMAGE as exc:
             problems.append(Problem("archive_corrupt", last, "archive is damaged at or after this member: %s"
                                     % (exc or type(exc).__name__)))
@@ -3294,8 +4063,35 @@ class _TarBackup(_BackupSource):
                                          required=self.made_by == TOOL_NAME)
 
 
+class _Unclosed:
+    """A file that a ``with`` block may read but must not close (a spool read more than once)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def readline(self, limit: int = -1) -> bytes:
+        line: bytes = self.handle.readline(limit)
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self.handle.read(size)
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def _over_budget(member: _Member, left: int) -> Problem:
+    return Problem("size_mismatch", member.path, "%d bytes, more than the %d the manifest's total_bytes leaves "
+                   "for it; not read" % (member.size, max(left, 0)), expected=max(left, 0), actual=member.size)
+
+
 class _ZipBackup(_BackupSource):
-    """Contexta's CLI zip backup: the whole workspace under one top folder, no manifest, no checksums."""
+    """Contexta's CLI zip backup: the whole workspace under one top folder, no manifest, no checksums.
+
+    Its members are read in walk order (a zip reads in any order), so every
+    reader sees every kind of backup in the same order.
+    """
 
     kind = "zip"
     location: Path
@@ -3305,11 +4101,12 @@ class _ZipBackup(_BackupSource):
         return "contexta-cli-zip"
 
     @property
-    def expected_files(self) -> Optional[Dict[str, Dict[str, Any]]]:
-        return None
+    def has_checksums(self) -> bool:
+        return False
 
     def __init__(self, location: Path) -> None:
         self.location = location
+        self.shown = str(location)
         try:
             self.zip = zipfile.ZipFile(open_regular(location))
             infos = self.zip.infolist()
@@ -3337,6 +4134,7 @@ class _ZipBackup(_BackupSource):
         if len(tops) != 1:
             raise RestoreError("zip %s must hold exactly one top folder (the workspace), not %d"
                                % (location, len(tops)), code="recovery_backup_invalid", path=location)
+        self.entries.sort(key=lambda entry: _walk_key(entry[0], entry[1]))
         self.top = tops.pop()
         sections = sorted({name.split("/")[1] for name, _kind, _info in self.entries if "/" in name})
         self.manifest = {"backup_ref": location.stem, "included_sections": sections, "format": "contexta-cli-zip",
@@ -3581,7 +4379,7 @@ def list_backups(config: UnifiedConfig) -> List[BackupListEntry]:
         label = manifest.get("label")
         entries.append(BackupListEntry(
             backup.backup_ref, location, manifest.get("created_at"), True, False, size, count,
-            tuple(manifest.get("included_sections", [])), "files" in manifest, backup.made_by,
+            tuple(manifest.get("included_sections", [])), backup.has_checksums, backup.made_by,
             kind=_backup_kind(backup), label=label if isinstance(label, str) else _ref_label(name),
             last_verified_clean_at=events.get("verified_clean"), last_restored_at=events.get("restored_from")))
     entries.sort(key=lambda entry: (entry.created_at or "", _ref_timestamp(entry.location.name), entry.location.name))
@@ -3604,9 +4402,9 @@ class BackupVerifyResult(_Record):
     warnings: Tuple[Notice, ...] = ()
 
 
-def _declared_size(member: _Member, entry: Optional[Mapping[str, Any]]) -> int:
-    """The most bytes a member may hold: the manifest's size, else its archive header's."""
-    return member.size if entry is None else int(entry["size"])
+def _declared_size(member: _Member, listed: Optional[_Listed]) -> int:
+    """The most bytes a member may hold: the size its list records (v1), else its header's (or its stat's)."""
+    return member.size if listed is None or listed.size is None else listed.size
 
 
 class _BoundedReader:
@@ -3624,41 +4422,72 @@ class _BoundedReader:
         return count
 
 
-def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, Mapping[str, Any]]],
-                   on_file: Callable[[_Member, Optional[Mapping[str, Any]]], Any],
-                   problems: List[Problem]) -> Tuple[int, int, Set[str]]:
-    """Walk a backup's members once, hashing each file through ``on_file`` and comparing to the manifest.
+def _compare_member(member: _Member, listed: Optional[_Listed], size: int, digest: str,
+                    problems: List[Problem]) -> None:
+    """A member's bytes, as read, against its header and its list."""
+    declared = _declared_size(member, listed)
+    if size > declared:
+        problems.append(Problem("size_mismatch", member.path, "holds more than the %d bytes declared; "
+                                "reading stopped there" % declared, expected=declared, actual=size))
+        return
+    if size != member.size:
+        problems.append(Problem("size_mismatch", member.path, "%d bytes, the archive said %d"
+                                % (size, member.size), expected=member.size, actual=size))
+    if listed is None:
+        return
+    if listed.size is not None and size != listed.size:
+        problems.append(Problem("checksum_mismatch", member.path, "size %d, manifest says %d"
+                                % (size, listed.size), expected=listed.size, actual=size))
+    elif digest != listed.sha256:
+        problems.append(Problem("checksum_mismatch", member.path, "sha256 %s, the list says %s"
+                                % (digest, listed.sha256), expected=listed.sha256, actual=digest))
+
+
+def _admit_member(member: _Member, expected: Optional[_Expected], left: Optional[int],
+                  problems: List[Problem]) -> Tuple[bool, Optional[_Listed]]:
+    """Whether a member file is to be read, and its list entry: listed, within its size, within the budget."""
+    listed = None
+    if expected is not None:
+        listed = expected.take(member.path)
+        if expected.missing:
+            problems += [Problem("missing_file", path, "file listed in the backup is missing")
+                         for path in expected.missing]
+            del expected.missing[:]
+        if listed is None:
+            problems.append(Problem("unexpected_file", member.path, "file is not in the backup's list of files"))
+            return False, None
+    if listed is not None and listed.size is not None and member.size > listed.size:
+        problems.append(Problem("size_mismatch", member.path, "%d bytes, more than the %d the manifest says; not "
+                                "read" % (member.size, listed.size), expected=listed.size, actual=member.size))
+        return False, listed
+    if left is not None and member.size > left:
+        problems.append(_over_budget(member, left))
+        return False, listed
+    return True, listed
+
+
+def _check_members(members: Iterable[_Member], expected: Optional[_Expected],
+                   on_file: Callable[[_Member, Optional[_Listed]], Any], problems: List[Problem],
+                   budget: Optional[int] = None) -> Tuple[int, int]:
+    """Walk a backup's members once, hashing each file through ``on_file`` and comparing it to the list.
 
     ``on_file`` returns ``(size, sha256)`` or a future of it (copies running on
     worker threads); results are compared in member order.  Records missing,
-    extra and changed files as problems; returns (files, bytes, paths seen).
+    extra and changed files as problems; returns (files, bytes).  Nothing is
+    read past what the list (v1), the header, or - for a v2 list, which records
+    no sizes - the manifest's ``budget`` of total bytes allows.
     """
-    seen: Set[str] = set()
     counted = [0, 0]
-    pending: List[Tuple[_Member, Optional[Mapping[str, Any]], Any]] = []
+    pending: Deque[Tuple[_Member, Optional[_Listed], Any]] = collections.deque()
+    left = budget
 
     def settle(keep: int) -> None:
         while len(pending) > keep:
-            member, entry, result = pending.pop(0)
+            member, listed, result = pending.popleft()
             size, digest = result.result() if hasattr(result, "result") else result
             counted[0] += 1
             counted[1] += size
-            declared = _declared_size(member, entry)
-            if size > declared:
-                problems.append(Problem("size_mismatch", member.path, "holds more than the %d bytes declared; "
-                                        "reading stopped there" % declared, expected=declared, actual=size))
-                continue
-            if size != member.size:
-                problems.append(Problem("size_mismatch", member.path, "%d bytes, the archive said %d"
-                                        % (size, member.size), expected=member.size, actual=size))
-            if entry is None:
-                continue
-            if size != entry["size"]:
-                problems.append(Problem("checksum_mismatch", member.path, "size %d, manifest says %d"
-                                        % (size, entry["size"]), expected=entry["size"], actual=size))
-            elif digest != entry["sha256"]:
-                problems.append(Problem("checksum_mismatch", member.path, "sha256 %s, manifest says %s"
-                                        % (digest, entry["sha256"]), expected=entry["sha256"], actual=digest))
+            _compare_member(member, listed, size, digest, problems)
 
     last = "the archive's start"
     iterator = iter(members)
@@ -3675,51 +4504,94 @@ def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, M
                                         member.path, "a backup holds only files and directories; this is a %s"
                                         % member.kind))
                 continue
-            entry = None if expected is None else expected.get(member.path)
-            if expected is not None and entry is None:
-                problems.append(Problem("unexpected_file", member.path, "file is not listed in the manifest"))
+            admitted, listed = _admit_member(member, expected, left, problems)
+            if not admitted:
                 continue
-            seen.add(member.path)
-            if entry is not None and member.size > entry["size"]:
-                problems.append(Problem("size_mismatch", member.path, "%d bytes, more than the %d the manifest "
-                                        "says; not read" % (member.size, entry["size"]), expected=entry["size"],
-                                        actual=member.size))
-                continue
-            pending.append((member, entry, on_file(member, entry)))
-            settle(keep=64)
+            if left is not None:
+                left -= member.size
+            pending.append((member, listed, on_file(member, listed)))
+            settle(keep=512)
         settle(keep=0)
     except _ARCHIVE_DAMAGE as exc:
         problems.append(Problem("archive_corrupt", last, "archive is damaged at or after this member: %s"
                                 % (exc or type(exc).__name__)))
-        return counted[0], counted[1], seen  # nothing after the damage can be trusted or counted missing
-    for path in sorted(set(expected or ()) - seen):
-        problems.append(Problem("missing_file", path, "file listed in the manifest is missing"))
-    return counted[0], counted[1], seen
+        return counted[0], counted[1]  # nothing after the damage can be trusted or counted missing
+    if expected is not None:
+        problems += [Problem("missing_file", path, "file listed in the backup is missing") for path in expected.rest()]
+        problems += expected.problems
+    return counted[0], counted[1]
+
+
+def _iter_listed_files(backup: Any) -> Iterator[Tuple[str, Optional[int], Optional[str]]]:
+    """Every file a backup holds, as ``(member path, size, sha256)``, in plain string order of paths.
+
+    For the comparison commands (backup diff, check --against): two backups,
+    or a backup and a workspace walk, are compared by merging two such streams,
+    in memory that does not grow with them.  ``backup`` is a location (as the
+    commands take it: a backup directory, a tar or tar.gz, a Contexta CLI zip)
+    or an opened source.  What each yields:
+
+    - ours, v2 (directory or archive): the list's sha256; the size of the
+      member (its stat, or its tar header: the archive is read through, its
+      data skipped), None when the member is missing.
+    - ours, v1: the manifest's recorded size and sha256 (sorted in memory,
+      where a v1 manifest is anyway).
+    - Contexta's directory backup (no checksums): each file's size, sha256 None.
+    - Contexta's CLI zip: the central directory's size, and ``crc32:<8 hex>``
+      instead of a sha256 (that is all a zip records; never compare it to one).
+
+    The list is checked line by line as it streams (a bad line raises
+    :class:`RestoreError`, exit 3); a list that does not match its manifest's
+    digest shows up only once read to its end - run ``backup verify`` to prove
+    a backup, this only reports what it lists.  A directory backup is held
+    under a shared lock, so prune leaves it alone meanwhile.
+    """
+    source = backup if isinstance(backup, _BackupSource) else _open_source(backup)
+    with _source_lock(source):
+        if isinstance(source, _ZipBackup):
+            for member in source.members():
+                if member.kind == "file":
+                    info = source.zip.getinfo(source.top + member.path[len("workspace"):])
+                    yield member.path, member.size, "crc32:%08x" % info.CRC
+        elif not source.has_checksums:
+            for member in source.members():
+                if member.kind == "file":
+                    yield member.path, member.size, None
+        elif not source.list_streams:
+            for listed in source.listing():
+                yield listed.path, listed.size, listed.sha256
+        else:
+            files = (member for member in source.members() if member.kind == "file")
+            current: Optional[_Member] = next(files, None)
+            for listed in source.listing():
+                while current is not None and current.path < listed.path:
+                    current = next(files, None)
+                size = current.size if current is not None and current.path == listed.path else None
+                yield listed.path, size, listed.sha256
 
 
 def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyResult:
-    """Re-hash every file of a backup against its manifest: missing, extra, changed.  Changes nothing."""
+    """Re-hash every file of a backup against its list: missing, extra, changed.  Changes nothing."""
     source = _open_backup(config, backup)
     progress = _Progress("verify %s" % source.backup_ref, int(source.manifest.get("total_bytes") or 0))
     problems: List[Problem] = _own_format_problems(source)
     warnings: List[Notice] = []
-    expected = source.expected_files
-    if expected is None and not problems:
+    if not source.has_checksums and not problems:
         warnings.append(Notice("checksums_absent", "this backup was made by %s and records no checksums; "
                                "`restore --verify-only` checks it by planes instead" % source.made_by))
 
-    def hash_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Tuple[int, str]:
+    def hash_member(member: _Member, listed: Optional[_Listed]) -> Tuple[int, str]:
         with member.open() as handle:
-            size, digest = _hash_stream(_BoundedReader(handle, _declared_size(member, entry)))
+            size, digest = _hash_stream(_BoundedReader(handle, _declared_size(member, listed)))
         progress.advance(size)
         return size, digest
 
     with _source_lock(source):
-        files, total, _seen = _check_members(source.members(), expected, hash_member, problems)
+        files, total = _check_members(source.members(), source.expected(), hash_member, problems, source.budget)
         if not any(problem.code == "archive_corrupt" for problem in problems):
             problems += source.manifest_problems()
     progress.finish()
-    status = "FAILURE" if problems else ("DEGRADED" if expected is None else "SUCCESS")
+    status = "FAILURE" if problems else ("SUCCESS" if source.has_checksums else "DEGRADED")
     return BackupVerifyResult(
         status=status, backup_ref=source.backup_ref, location=source.location, checked_files=files,
         checked_bytes=total,
@@ -4061,22 +4933,69 @@ class _Routes:
         self.rules = sorted(((rel, part, _part_location(config, part)) for rel, part in roots),
                             key=lambda rule: -len(rule[0]))
 
+        self.texts = [(rel, rel + "/", str(location)) for rel, _part, location in self.rules]
+
     def destination(self, ws_rel: str) -> Path:
-        for rel, _part, location in self.rules:
+        return Path(self.destination_text(ws_rel))
+
+    def destination_text(self, ws_rel: str) -> str:
+        """:meth:`destination` as text, for the loops that route every file of a backup."""
+        for rel, below, location in self.texts:
             if ws_rel == rel:
                 return location
-            if ws_rel.startswith(rel + "/"):
-                return safe_join(location, ws_rel[len(rel) + 1:])
-        return safe_join(self.target, ws_rel) if ws_rel else self.target
+            if ws_rel.startswith(below):
+                return _safe_join_text(location, ws_rel[len(below):])
+        return _safe_join_text(str(self.target), ws_rel) if ws_rel else str(self.target)
 
-    def held(self, replaced: Sequence[str], backup_files: Set[str]) -> Dict[str, Path]:
+    def held(self, replaced: Sequence[str], paths: "_BackupPaths") -> Dict[str, Path]:
         """Each part the backup holds, and where it goes."""
         held: Dict[str, Path] = {}
         for rel, part, location in sorted(self.rules, key=lambda rule: rule[0]):
             inside = any(rel == outer or rel.startswith(outer + "/") for outer in replaced)
-            if inside and any(path == rel or path.startswith(rel + "/") for path in backup_files):
+            if inside and rel in paths.held_rules:
                 held.setdefault(part, location)
         return held
+
+
+class _BackupPaths:
+    """Every file a restore puts back, known in memory that grows by 8 bytes a file, not by its path.
+
+    One pass over the backup's list (or, without one, its members) counts the
+    files, notes which route rules hold any, and keeps a 64-bit hash of each
+    destination, sorted in 256 buckets: enough to tell whether a file of the
+    target is one the restore brings back (a false "yes" needs two of a
+    million paths to share a 64-bit hash).
+    """
+
+    def __init__(self, backup: _BackupSource, layout: "_Layout", routes: _Routes) -> None:
+        self.count = 0
+        self.held_rules: Set[str] = set()
+        rules = [(rel, rel + "/") for rel, _part, _location in routes.rules]
+        buckets = [array.array("q") for _ in range(256)]
+        for member_path in _backup_file_paths(backup):
+            ws_rel = layout.workspace_path(member_path)
+            if not ws_rel:
+                continue
+            self.count += 1
+            for rel, below in rules:
+                if rel not in self.held_rules and (ws_rel == rel or ws_rel.startswith(below)):
+                    self.held_rules.add(rel)
+            key = hash(routes.destination_text(ws_rel))
+            buckets[key & 0xFF].append(key)
+        self.buckets = [array.array("q", sorted(bucket)) for bucket in buckets]
+
+    def __contains__(self, destination: object) -> bool:
+        key = hash(destination)
+        bucket = self.buckets[key & 0xFF]
+        index = bisect.bisect_left(bucket, key)
+        return index < len(bucket) and bucket[index] == key
+
+
+def _backup_file_paths(backup: _BackupSource) -> Iterator[str]:
+    """The member path of every file a backup holds: from its list, else (no checksums) from its members."""
+    if backup.has_checksums:
+        return (listed.path for listed in backup.listing())
+    return (member.path for member in backup.members() if member.kind == "file")
 
 
 @dataclasses.dataclass
@@ -4091,9 +5010,9 @@ class _Unit:
         return _is_within(path, self.root)
 
 
-def _restore_units(routes: _Routes, layout: _Layout, backup_files: Set[str], target: Path) -> List[_Unit]:
+def _restore_units(routes: _Routes, layout: _Layout, paths: _BackupPaths, target: Path) -> List[_Unit]:
     """The workspace, then every relocated store the backup holds, each replaced whole."""
-    held = routes.held(layout.replaced, backup_files)
+    held = routes.held(layout.replaced, paths)
     units = [_Unit(target, "workspace")]
     for part, location in sorted(held.items()):
         if _is_within(location, target):
@@ -4194,7 +5113,7 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         staging_root = Path(tempfile.gettempdir())
         warnings.append(Notice("staging_root_inside_target", "staging in %s instead of %s (set --staging-root)"
                                % (staging_root, config.recovery.restore_staging_root)))
-    if backup.expected_files is None:
+    if not backup.has_checksums:
         warnings.append(Notice("checksums_absent", "backup made by %s carries no checksums; it is verified "
                                "structurally%s and by planes" % (backup.made_by,
                                                                  " (zip CRC-32)" if backup.kind == "zip" else "")))
@@ -4205,7 +5124,7 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
     notes += list(layout.notes)
     target_config = _config_for_target(config, target)
     routes = _Routes(layout, target_config, target)
-    backup_paths = _backup_workspace_files(backup, layout)
+    backup_paths = _BackupPaths(backup, layout, routes)
     units = _restore_units(routes, layout, backup_paths, target)
     replaced_inside = _replaced_inside(routes, layout, target)
     destinations = {part: str(location) for part, location in sorted(routes.held(layout.replaced,
@@ -4214,21 +5133,20 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
     if not verify_only:
         refusals += _protected_inside(config, backup, units, replaced_inside, target)
         refusals += [notice for notice, _held in _unsafe_for_restore(target_config)]
-    restored = {str(routes.destination(path)) for path in backup_paths}
-    replaced_count, lost_count, lost = _count_lost(target, replaced_inside, units[1:], restored)
+    replaced_count, lost_count, lost = _count_lost(target, replaced_inside, units[1:], backup_paths)
     safety = bool(config.recovery.create_backup_before_restore) and not verify_only
     return RestorePlan(
         backup_ref=backup.backup_ref, source_root=backup.location or Path(ARCHIVE_STDOUT), target_workspace=target,
         staging_root=staging_root, create_safety_backup=safety, verify_only=verify_only, notes=tuple(notes),
-        made_by=backup.made_by, has_checksums=backup.expected_files is not None, replaced=replaced_inside,
+        made_by=backup.made_by, has_checksums=backup.has_checksums, replaced=replaced_inside,
         kept=tuple(_kept_roots(target, replaced_inside)) if target.is_dir() else (), lost=tuple(lost),
-        lost_count=lost_count, replaced_file_count=replaced_count, backup_file_count=len(backup_paths),
+        lost_count=lost_count, replaced_file_count=replaced_count, backup_file_count=backup_paths.count,
         warnings=tuple(warnings), destinations=destinations, refusals=tuple(refusals),
         kind=_backup_kind(backup))
 
 
 def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequence[_Unit],
-                restored: Set[str]) -> Tuple[int, int, List[str]]:
+                restored: _BackupPaths) -> Tuple[int, int, List[str]]:
     """(files replaced, files replaced that the backup does not have, the first of those)."""
     replaced_count = 0
     lost: List[str] = []
@@ -4248,17 +5166,6 @@ def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequenc
                 if len(lost) < _LOST_LISTED:
                     lost.append(_relative_posix(path, target) if _is_within(path, target) else path)
     return replaced_count, lost_count, lost
-
-
-def _backup_workspace_files(backup: _BackupSource, layout: _Layout) -> Set[str]:
-    expected = backup.expected_files
-    member_paths: Iterable[str]
-    if expected is not None:
-        member_paths = expected.keys()
-    else:
-        member_paths = (member.path for member in backup.members() if member.kind == "file")
-    mapped = (layout.workspace_path(path) for path in member_paths)
-    return {path for path in mapped if path}
 
 
 def _kept_roots(target: Path, replaced: Sequence[str], prefix: str = "") -> List[str]:
@@ -4337,25 +5244,23 @@ class _Verification:
 
 def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verification: _Verification,
                  label: str) -> None:
-    """Copy the backup into ``stage`` as a workspace tree, hashing each file against the manifest.
+    """Copy the backup into ``stage`` as a workspace tree, hashing each file against the list.
 
-    Nothing is read past what the manifest (or an archive header) declares; the
-    callers have checked that what the backup declares fits (``_require_space``).
+    Nothing is read past what the list, an archive header or the manifest's
+    total declares; the callers have checked that what the backup declares
+    fits (``_require_space``).  A directory backup's small files are copied in
+    batches on two threads, large ones inside the kernel.
     """
     # Whatever the umask, no directory of a restored tree is world-writable (a workspace member may narrow it).
     os.chmod(str(stage), stat.S_IMODE(os.stat(str(stage)).st_mode) & _RESTORABLE_MODE_BITS)
     progress = _Progress(label, int(backup.manifest.get("total_bytes") or 0))
-    directories: List[Tuple[Path, int, int]] = []
-    expected = backup.expected_files
-
-    import concurrent.futures
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-    in_flight: Set[Any] = set()
+    directories: List[Tuple[str, int, int]] = []
+    copier = _Copier()
     made: Set[str] = set()
     bodies = layout.artifacts_root + "/objects/"
 
-    def copy_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Any:
-        declared = _declared_size(member, entry)
+    def copy_member(member: _Member, listed: Optional[_Listed]) -> Any:
+        declared = _declared_size(member, listed)
         ws_rel = layout.workspace_path(member.path)
         if ws_rel is None:
             with member.open() as handle:
@@ -4367,28 +5272,25 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
         if parent not in made:
             os.makedirs(parent, 0o755, exist_ok=True)
             made.add(parent)
-        mode = verification.restorable_mode(member.path, entry.get("mode", member.mode) if entry else member.mode)
-        mtime_ns = entry.get("mtime_ns", member.mtime_ns) if entry else member.mtime_ns
+        mode = verification.restorable_mode(member.path, member.mode if listed is None or listed.mode is None
+                                            else listed.mode)
+        mtime_ns = member.mtime_ns if listed is None or listed.mtime_ns is None else listed.mtime_ns
 
-        def place(size: int, digest: str) -> Tuple[int, str]:
+        def place(size: int, digest: str, _changed: bool = False) -> None:
             if ws_rel.startswith(bodies):
                 verification.digests[ws_rel] = (size, digest)
             progress.advance(size)
-            return size, digest
 
-        on_disk = member.on_disk
-        if on_disk is not None:  # copied in the kernel on a worker, then the copy is hashed
-            future = pool.submit(lambda: place(*_copy_then_hash(on_disk, destination, mode, mtime_ns)))
-            in_flight.add(future)
-            future.add_done_callback(in_flight.discard)
-            return future
+        if member.on_disk is not None:  # a directory backup's file: copied on the workers
+            return copier.copy(place, member.on_disk, destination, (member.size, member.mtime_ns), mode, mtime_ns)
         with member.open() as handle:
             size, digest = _copy_stream_hashed(_BoundedReader(handle, declared), destination)
         if size > declared:  # a lying member's first bytes are never left where a forced restore would keep them
             os.unlink(destination)
             return size, digest
         _set_file_times_and_mode(destination, mode, mtime_ns)
-        return place(size, digest)
+        place(size, digest)
+        return size, digest
 
     def members_making_directories() -> Iterator[_Member]:
         """Create directories as the walk meets them, so empty ones survive too."""
@@ -4400,23 +5302,21 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
                     if directory not in made:
                         os.makedirs(directory, 0o755, exist_ok=True)
                         made.add(directory)
-                    directories.append((Path(directory), verification.restorable_mode(member.path, member.mode),
+                    directories.append((directory, verification.restorable_mode(member.path, member.mode),
                                         member.mtime_ns))
             yield member
 
     try:
-        files, total, _seen = _check_members(members_making_directories(), expected, copy_member,
-                                             verification.problems)
+        files, total = _check_members(members_making_directories(), backup.expected(), copy_member,
+                                      verification.problems, backup.budget)
     finally:
-        for future in list(in_flight):  # an interrupted run waits for the copies running, not for the queue
-            future.cancel()
-        pool.shutdown(wait=True)
+        copier.close()  # an interrupted run waits for the copies running, not for the queue
         progress.finish()
     verification.files += files
     verification.bytes += total
     for directory, mode, mtime_ns in reversed(directories):
-        os.chmod(str(directory), mode | stat.S_IRWXU)
-        os.utime(str(directory), ns=(mtime_ns, mtime_ns))
+        os.chmod(directory, mode | stat.S_IRWXU)
+        os.utime(directory, ns=(mtime_ns, mtime_ns))
 
 
 def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, has_metadata: bool,
@@ -4463,9 +5363,10 @@ def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, h
 def _own_format_problems(backup: _BackupSource) -> List[Problem]:
     """Our own manifest must carry its checksums: without them nothing proves the copy (only Contexta's
     backups, which never had any, are verified structurally)."""
-    if backup.made_by == TOOL_NAME and backup.expected_files is None:
-        return [Problem("checksums_missing", _MANIFEST_NAME, "a %s manifest without its `files` list: the "
-                        "backup's checksums are lost, so its content cannot be proven" % BACKUP_FORMAT)]
+    if backup.made_by == TOOL_NAME and not backup.has_checksums:
+        return [Problem("checksums_missing", _MANIFEST_NAME, "a %s manifest that lists no files (`file_list` or "
+                        "`files`): the backup's checksums are lost, so its content cannot be proven"
+                        % backup.manifest.get("format"))]
     return []
 
 
@@ -4490,7 +5391,7 @@ def _verify_into(backup: _BackupSource, layout: _Layout, stage: Path, label: str
 def _verification_notes(backup: _BackupSource, verification: _Verification) -> Tuple[str, ...]:
     notes = list(verification.plane_notes)
     notes.append("manifest:%s" % backup.backup_ref)
-    if backup.expected_files is not None:
+    if backup.has_checksums:
         notes.append("checksums_verified:%d" % verification.files)
     else:
         notes.append("checksums_absent")
@@ -4635,8 +5536,7 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
     notes = list(plan.notes)
     target_config = _config_for_target(config, target)
     routes = _Routes(layout, target_config, target)
-    backup_files = _backup_workspace_files(backup, layout)
-    units = _restore_units(routes, layout, backup_files, target)
+    units = _restore_units(routes, layout, _BackupPaths(backup, layout, routes), target)
     replaced_inside = _replaced_inside(routes, layout, target)
     deleting = _protected_inside(config, backup, units, replaced_inside, target)
     if deleting:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import FIXTURE_BACKUP_REF, flip_byte, snapshot
+from helpers import FIXTURE_BACKUP_REF, flip_byte, reseal, snapshot
 
 
 def _ws(fixture_dir):
@@ -100,11 +100,7 @@ def test_records_damage_states(cli, fixture_dir):
     segment = Path(created["location"]) / "workspace/records/segments/segment-000001.jsonl"
     lines = segment.read_bytes().splitlines(keepends=True)
     segment.write_bytes(b"".join(lines[:10] + lines[11:49]) + lines[49][:30])  # a gap, then a torn tail
-    manifest = json.loads((Path(created["location"]) / "manifest.json").read_text())
-    for entry in manifest["files"]:  # re-seal, so only the planes can object
-        if entry["path"].endswith("segment-000001.jsonl"):
-            entry["size"], entry["sha256"] = ops.sha256_file(segment)
-    (Path(created["location"]) / "manifest.json").write_text(json.dumps(manifest))
+    reseal(created["location"])  # so only the planes can object
     result = cli(*_args(fixture_dir, "restore", "--verify-only", created["backup_ref"], "--json"))
     assert result.returncode == 1
     codes = {problem["code"] for problem in result.json["problems"]}

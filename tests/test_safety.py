@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import flip_byte, snapshot
+from helpers import flip_byte, listed, snapshot
 
 
 def _ws(fixture_dir):
@@ -303,7 +303,7 @@ def test_a_backup_never_carries_a_journal_and_says_when_the_workspace_was_unsafe
     assert "replay_interrupted" in [warning["code"] for warning in result["warnings"]]
     location = Path(result["location"])
     manifest = json.loads((location / "manifest.json").read_text())
-    names = {Path(entry["path"]).name for entry in manifest["files"]}
+    names = {Path(path).name for path in listed(location)}
     assert not names & {"replay.journal.json", ".replay-kept.tmp", ".replay-dead.tmp", "replay.lock", "tmpab12cd34",
                         "z" + ops._WRITE_JOURNAL_SUFFIX}
     assert "replay_interrupted" in [warning["code"] for warning in manifest["warnings"]]
@@ -342,7 +342,7 @@ def test_our_own_manifest_without_checksums_is_a_failure(cli, fixture_dir):
     created = _backup(cli, fixture_dir)
     location = Path(created["location"])
     manifest = json.loads((location / "manifest.json").read_text())
-    del manifest["files"]
+    del manifest["file_list"]
     data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     (location / "manifest.json").write_bytes(data)
     (location / "manifest.json.sha256").write_bytes(ops._manifest_digest(data))
@@ -467,9 +467,8 @@ def test_cache_capture_is_backed_up_restored_and_checked(cli, tmp_path, contexta
     assert "capture" in [section["name"] for section in plan.json["sections"]]
     created = cli(*args, "backup", "create", "--json")
     assert created.returncode == 0, created
-    listed = {entry["path"] for entry in json.loads((Path(created.json["location"]) / "manifest.json")
-                                                    .read_text())["files"]}
-    assert {"workspace/cache/capture/record.jsonl", "workspace/cache/capture/artifact.jsonl"} <= listed
+    assert {"workspace/cache/capture/record.jsonl", "workspace/cache/capture/artifact.jsonl"} <= set(
+        listed(created.json["location"]))
     # contexta's own backup of the same workspace names the same sections; it verifies and restores ours
     theirs = subprocess.run([contexta_ref_314, "-c", CONTEXTA_BACKUP_AND_RESTORE, str(ws), str(tmp_path / "their-bk"),
                              created.json["location"], str(tmp_path / "scratch" / ".contexta")], env=_clean_env(),
