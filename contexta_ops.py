@@ -625,17 +625,21 @@ def _stamp(fd: int, path: str, mode: int, mtime_ns: int) -> None:
         os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
-def _write_new_file(destination: str, data: Any, mode: int, mtime_ns: int) -> None:
+def _write_new_file(destination: str, data: bytes, mode: int, mtime_ns: int) -> None:
     """Create ``destination`` (never overwriting) holding ``data``, with ``mode`` and ``mtime_ns``."""
-    with _naming(destination):
+    try:
         fd = os.open(destination, _NEW_FILE_FLAGS, mode & 0o777)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            written = os.write(fd, data)
+            if written < len(data):  # a short write (a disk filling up): finish it, or fail naming the file
+                view = memoryview(data)[written:]
+                while view:
+                    view = view[os.write(fd, view):]
             _stamp(fd, destination, mode, mtime_ns)
         finally:
             os.close(fd)
+    except OSError as exc:
+        raise _named(exc, destination)
 
 
 def _changed(seen: Tuple[int, int], size_read: int, after: os.stat_result) -> bool:
@@ -703,9 +707,6 @@ class _Copier:
                mode: int, mtime_ns: int) -> None:
         """Copy ``source`` (as :func:`_copy_file`); ``on_done(size, sha256, changed)`` runs on this thread."""
         job = (source, destination, seen, mode, mtime_ns)
-        if os.environ.get("XINLINE") and seen[0] <= _SMALL_FILE:
-            on_done(*_copy_file(*job))
-            return
         if seen[0] > _SMALL_FILE:
             self._flush()
             self._send([job], [on_done])
@@ -2390,11 +2391,13 @@ def _metadata_in_use_warnings(config: UnifiedConfig) -> Tuple[List[Notice], List
 
 
 def plan_workspace_backup(config: UnifiedConfig, *, label: Optional[str] = None, include_cache: bool = False,
-                          include_exports: bool = False, kind: str = "manual") -> BackupPlan:
+                          include_exports: bool = False, kind: str = "manual", estimate: bool = True) -> BackupPlan:
     """Plan a backup of the configured workspace.  Reads sizes only; creates nothing.
 
     The plan is the one record of what is copied (``sections``: every source
     and where it goes) and what is not (``excluded``), and the backup follows it.
+    ``estimate=False`` skips sizing the sources (a walk of every file): an
+    incremental backup links what it can, so the estimate would go unused.
     """
     ws = config.workspace.root_path
     if not ws.is_dir():
@@ -2415,12 +2418,20 @@ def plan_workspace_backup(config: UnifiedConfig, *, label: Optional[str] = None,
         if _is_within(root, ws):
             notes.append("%s_inside_workspace_excluded" % root_name)
             excluded.append(root)
+    notes += ["relocated:%s:%s" % (section.name, section.source) for section in sections if section.relocated]
+    files, total = _size_sources(config, sections) if estimate else (0, 0)
+    return BackupPlan(backup_ref=_build_backup_ref(label), workspace_root=ws, backup_root=config.recovery.backup_root,
+                      included_sections=tuple(names), estimated_bytes=total, notes=tuple(notes),
+                      sections=tuple(sections), excluded_paths=tuple(excluded), warnings=tuple(warnings),
+                      estimated_files=files, kind=kind, label=_clean_label(label))
+
+
+def _size_sources(config: UnifiedConfig, sections: Sequence[BackupSection]) -> Tuple[int, int]:
+    """(files, bytes) the sections hold: what a full backup of them copies."""
     files = 0
     total = 0
     seen: Set[str] = set()
     for section in sections:
-        if section.relocated:
-            notes.append("relocated:%s:%s" % (section.name, section.source))
         if str(section.source) in seen:
             continue
         seen.add(str(section.source))
@@ -2432,10 +2443,7 @@ def plan_workspace_backup(config: UnifiedConfig, *, label: Optional[str] = None,
             count, size = _tree_size(section.source, _section_excludes(config, sections, section), _NEVER_COPIED)
             files += count
             total += size
-    return BackupPlan(backup_ref=_build_backup_ref(label), workspace_root=ws, backup_root=config.recovery.backup_root,
-                      included_sections=tuple(names), estimated_bytes=total, notes=tuple(notes),
-                      sections=tuple(sections), excluded_paths=tuple(excluded), warnings=tuple(warnings),
-                      estimated_files=files, kind=kind, label=_clean_label(label))
+    return files, total
 
 
 def _resolved_config_mapping(config: UnifiedConfig) -> Dict[str, Any]:
@@ -2821,8 +2829,11 @@ class _BackupWriter:
         return True
 
     def _done(self, member: str, size: int, digest: str) -> None:
-        self.slots.append([member, size, digest])
-        self._drain()
+        if self.slots:  # behind a copy still running: its line comes first
+            self.slots.append([member, size, digest])
+            self._drain()
+        else:
+            self.listing.add(member, size, digest)
 
     def _drain(self) -> None:
         """Write the lines of every proven file at the head of the walk order; bound how many wait."""
@@ -2902,7 +2913,9 @@ def _write_backup(config: UnifiedConfig, plan: BackupPlan, incremental: bool = F
     cleaned = _clean_stale_partials(backup_root)
     previous, skipped_bases = _newest_previous_backup(backup_root) if incremental else (None, [])
     if incremental and previous is None:
-        plan = dataclasses.replace(plan, notes=plan.notes + ("incremental_without_base:full copy",))
+        files, total = _size_sources(config, plan.sections)
+        plan = dataclasses.replace(plan, notes=plan.notes + ("incremental_without_base:full copy",),
+                                   estimated_files=files, estimated_bytes=total)
     elif incremental:
         plan = dataclasses.replace(plan, kind="incremental")
     final = backup_root / plan.backup_ref
@@ -3382,11 +3395,16 @@ class _Listed(NamedTuple):
     mtime_ns: Optional[int] = None
 
 
+# An empty, ``.`` or ``..`` component (a leading separator makes an empty one), with either separator.
+_UNSAFE_COMPONENTS = re.compile(r"(?:^|[/\\])\.{0,2}(?:[/\\]|$)")
+
+
 def _member_path_fault(path: Any) -> Optional[str]:
-    """Why a listed path cannot name a backup member (absolute, ``..``, empty parts, outside workspace/), or None."""
-    try:
-        safe_join("/", path)
-    except OpsError:
+    """Why a listed path cannot name a backup member (absolute, ``..``, empty parts, outside workspace/), or None.
+
+    The rules of :func:`safe_join`, without building a path (a list may name a million).
+    """
+    if not isinstance(path, str) or "\x00" in path or path[1:2] == ":" or _UNSAFE_COMPONENTS.search(path):
         return "%s is not a safe relative path" % _shown(path)
     if not path.startswith("workspace/"):
         return "%s is outside workspace/" % _shown(path)
@@ -8615,7 +8633,7 @@ def _cmd_backup_create(args: argparse.Namespace, out: _Output) -> int:
         out.finish(result, result.status == "SUCCESS")
         return _status_exit(result.status)
     plan = plan_workspace_backup(config, label=args.label, include_cache=args.include_cache,
-                                 include_exports=args.include_exports)
+                                 include_exports=args.include_exports, estimate=not args.incremental)
     if args.archive is not None:
         if args.archive == ARCHIVE_STDOUT:
             out.to_stderr()  # stdout carries the archive
