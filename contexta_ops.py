@@ -681,49 +681,56 @@ def _copy_file(source: str, destination: str, seen: Tuple[int, int], mode: int,
     return size, digest, _changed(seen, size, after)
 
 
-def _copy_files(jobs: Sequence[Tuple[Any, ...]]) -> List[Tuple[int, str, bool]]:
-    """A worker's task: a batch of :func:`_copy_file` jobs, results in the same order."""
-    return [_copy_file(*job) for job in jobs]
+def _run_jobs(jobs: Sequence[Tuple[Callable[..., Any], Tuple[Any, ...]]]) -> List[Any]:
+    """A worker thread's task: a batch of jobs, results in the same order."""
+    return [job(*args) for job, args in jobs]
 
 
-class _Copier:
-    """Copies files on two threads while the caller walks on; results come back in submission order.
+class _Batches:
+    """Runs file jobs (copies, hashes) on two threads while the caller walks on; results come back in order.
 
-    Small files travel in batches, large ones one by one; copying and hashing
-    release the GIL, so the walk, the copies and the hashing overlap.  At most
-    ``window`` tasks are in flight, which bounds memory.
+    Jobs on small files travel in batches, large ones one by one (one worker
+    round trip per file would cost more than the job); reading, copying and
+    hashing release the GIL, so the walk and the jobs overlap.  Callbacks run
+    on the caller's thread, in submission order.  At most ``window`` tasks are
+    in flight, which bounds memory.
     """
 
     def __init__(self, window: int = 16) -> None:
         import concurrent.futures
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
         self.window = window
-        self.batch: List[Tuple[Any, ...]] = []
-        self.batch_done: List[Callable[..., None]] = []
+        self.batch: List[Tuple[Callable[..., Any], Tuple[Any, ...]]] = []
+        self.batch_done: List[Callable[[Any], None]] = []
         self.batch_bytes = 0
-        self.pending: List[Tuple[Any, List[Callable[..., None]]]] = []
+        self.pending: List[Tuple[Any, List[Callable[[Any], None]]]] = []
 
-    def submit(self, on_done: Callable[..., None], source: str, destination: str, seen: Tuple[int, int],
-               mode: int, mtime_ns: int) -> None:
-        """Copy ``source`` (as :func:`_copy_file`); ``on_done(size, sha256, changed)`` runs on this thread."""
-        job = (source, destination, seen, mode, mtime_ns)
-        if seen[0] > _SMALL_FILE:
+    def submit(self, on_done: Callable[[Any], None], size: int, job: Callable[..., Any], *args: Any) -> None:
+        """Run ``job(*args)`` on a file of ``size`` bytes; ``on_done(result)`` runs on this thread."""
+        if size > _SMALL_FILE:
             self._flush()
-            self._send([job], [on_done])
+            self._send([(job, args)], [on_done])
             return
-        self.batch.append(job)
+        self.batch.append((job, args))
         self.batch_done.append(on_done)
-        self.batch_bytes += seen[0]
+        self.batch_bytes += size
         if len(self.batch) >= _COPY_BATCH_FILES or self.batch_bytes >= _COPY_BATCH_BYTES:
             self._flush()
+
+    def later(self, then: Callable[[Any], Any], size: int, job: Callable[..., Any], *args: Any) -> "_Later":
+        """:meth:`submit`, returning what to wait for: its ``result()`` is ``then(job's result)``, run here."""
+        waiting = _Later(self, then)
+        self.submit(waiting.settle, size, job, *args)
+        return waiting
 
     def _flush(self) -> None:
         if self.batch:
             self._send(self.batch, self.batch_done)
             self.batch, self.batch_done, self.batch_bytes = [], [], 0
 
-    def _send(self, jobs: List[Tuple[Any, ...]], callbacks: List[Callable[..., None]]) -> None:
-        self.pending.append((self.pool.submit(_copy_files, jobs), callbacks))
+    def _send(self, jobs: List[Tuple[Callable[..., Any], Tuple[Any, ...]]],
+              callbacks: List[Callable[[Any], None]]) -> None:
+        self.pending.append((self.pool.submit(_run_jobs, jobs), callbacks))
         while len(self.pending) > self.window:
             self.settle_oldest()
 
@@ -735,15 +742,8 @@ class _Copier:
                 return False
         future, callbacks = self.pending.pop(0)
         for on_done, result in zip(callbacks, future.result()):  # raises the worker's exception, if any, here
-            on_done(*result)
+            on_done(result)
         return True
-
-    def copy(self, on_done: Callable[..., None], source: str, destination: str, seen: Tuple[int, int], mode: int,
-             mtime_ns: int) -> "_CopyResult":
-        """:meth:`submit`, returning the result to wait for: ``result()`` gives (size, sha256)."""
-        waiting = _CopyResult(self, on_done)
-        self.submit(waiting.settle, source, destination, seen, mode, mtime_ns)
-        return waiting
 
     def finish(self) -> None:
         try:
@@ -760,24 +760,24 @@ class _Copier:
         self.batch, self.batch_done = [], []
 
 
-class _CopyResult:
-    """One copy's outcome, waited for by settling the copier's oldest tasks until it is in."""
+class _Later:
+    """One job's result, waited for by settling the oldest tasks until it is in."""
 
-    __slots__ = ("copier", "on_done", "value")
+    __slots__ = ("batches", "then", "value", "done")
 
-    def __init__(self, copier: _Copier, on_done: Callable[..., None]) -> None:
-        self.copier = copier
-        self.on_done = on_done
-        self.value: Optional[Tuple[int, str]] = None
+    def __init__(self, batches: _Batches, then: Callable[[Any], Any]) -> None:
+        self.batches = batches
+        self.then = then
+        self.value: Any = None
+        self.done = False
 
-    def settle(self, size: int, digest: str, changed: bool) -> None:
-        self.on_done(size, digest, changed)
-        self.value = (size, digest)
+    def settle(self, value: Any) -> None:
+        self.value, self.done = self.then(value), True
 
-    def result(self) -> Tuple[int, str]:
-        while self.value is None:
-            if not self.copier.settle_oldest():
-                raise AssertionError("a copy was lost")
+    def result(self) -> Any:
+        while not self.done:
+            if not self.batches.settle_oldest():
+                raise AssertionError("a job was lost")
         return self.value
 
 
@@ -1084,6 +1084,13 @@ class _Progress:
     def finish(self) -> None:
         if _Progress.enabled and self.bytes:
             sys.stderr.write("\r%s: %d files, %s done.   \n" % (self.label, self.files, _human_bytes(self.bytes)))
+            sys.stderr.flush()
+
+    @staticmethod
+    def phase(text: str) -> None:
+        """One line saying what a long command does next (on a terminal only)."""
+        if _Progress.enabled:
+            sys.stderr.write(text + "\n")
             sys.stderr.flush()
 
 
@@ -1645,191 +1652,539 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
     the unterminated last line), a non-contiguous sequence is ``sequence_gap``,
     and the manifest must agree with the highest sequence.  With
     ``check_indexes`` every index pointer must name a real line whose sequence
-    matches.
+    matches.  The rules live in :class:`_RecordsCheck`, which verification
+    also feeds straight from a backup's bytes.
     """
     root = Path(records_root)
-    show = _display_under(root, display)
-    report = RecordsReport()
+    check = _RecordsCheck(_display_under(root, display))
     if not root.is_dir():
-        return report
-    report.present = True
-    sink = _ProblemSink(report.problems)
-
-    manifest_rel = "manifest.json"
-    manifest_path = root / manifest_rel
-    manifest_present = os.path.lexists(str(manifest_path))
-    odd_manifest = _not_regular_mode(manifest_path)
-    if odd_manifest is not None:
-        sink.add(_special_problem(show(manifest_rel), odd_manifest))
-    elif manifest_present:
-        try:
-            manifest = json_loads(read_regular(manifest_path))
-        except (OSError, ValueError):
-            manifest = None
-        if not isinstance(manifest, dict):
-            sink.add(Problem("records_manifest_invalid", show(manifest_rel), "record manifest is not a JSON object"))
+        return check.report
+    check.present()
+    manifest_path = root / "manifest.json"
+    if os.path.lexists(str(manifest_path)):
+        odd = _not_regular_mode(manifest_path)
+        if odd is not None:
+            check.special("manifest.json", odd)
         else:
-            if manifest.get("layout_mode") != "jsonl_segments" or str(manifest.get("layout_version")) != "1":
-                sink.add(Problem("record_store_layout_mismatch", show(manifest_rel),
-                                 "record manifest layout is not jsonl_segments version 1",
-                                 expected="jsonl_segments/1",
-                                 actual="%s/%s" % (manifest.get("layout_mode"), manifest.get("layout_version"))))
-            committed = manifest.get("last_committed_sequence")
-            if isinstance(committed, int) and not isinstance(committed, bool):
-                report.last_committed_sequence = committed
-            else:
-                sink.add(Problem("records_manifest_invalid", show(manifest_rel),
-                                 "last_committed_sequence is not an integer"))
-
-    segment_sequences: Dict[int, List[int]] = {}
-    expected_sequence: Optional[int] = None
+            try:
+                check.manifest(read_regular(manifest_path))
+            except (OSError, ValueError):
+                check.manifest(None)
     segments_dir = root / "segments"
-    segment_paths = sorted(segments_dir.glob("segment-*.jsonl")) if segments_dir.is_dir() else []
-    report.segment_count = len(segment_paths)
-    for segment_path in segment_paths:
-        rel = "segments/" + segment_path.name
-        try:
-            segment_id = int(segment_path.stem[len("segment-"):])
-        except ValueError:
-            sink.add(Problem("segment_name_invalid", show(rel), "segment file name has no number"))
-            continue
-        # Kept only for index checks: one int per line, never the lines themselves.
-        line_sequences: List[int] = []
-        segment_sequences[segment_id] = line_sequences
-        handle = _open_store_file(segment_path, show(rel), sink)
-        if handle is None:
-            continue
-        with handle:
-            for line_number, raw in enumerate(_lines_within(handle), start=1):
-                sequence = _parse_segment_line(raw, line_number, show(rel), sink)
-                if check_indexes:
-                    line_sequences.append(-1 if sequence is None else sequence)
-                if sequence is None:
-                    continue
-                if expected_sequence is not None and sequence != expected_sequence:
-                    sink.add(Problem("sequence_gap", show(rel),
-                                     "line %d: sequence %d follows %d" % (line_number, sequence, expected_sequence - 1),
-                                     expected=expected_sequence, actual=sequence))
-                expected_sequence = sequence + 1
-                report.highest_sequence = max(report.highest_sequence, sequence)
-                report.record_count += 1
-
-    if manifest_present:
-        committed = report.last_committed_sequence
-        if committed is not None and committed != report.highest_sequence:
-            sink.add(Problem("manifest_sequence_mismatch", show(manifest_rel),
-                             "last_committed_sequence %d but the segments end at %d"
-                             % (committed, report.highest_sequence),
-                             expected=committed, actual=report.highest_sequence))
-    elif report.record_count:
-        sink.add(Problem("records_manifest_missing", show(manifest_rel), "record manifest is missing"))
-
-    if check_indexes:
-        _check_record_indexes(root, segment_sequences, report, sink, show)
-
-    codes = {problem.code for problem in report.problems}
-    if codes & _CORRUPTING_RECORD_CODES:
-        report.integrity_state = "CORRUPTED"
-    elif codes:
-        report.integrity_state = "DEGRADED"
-    return report
+    for path in sorted(segments_dir.glob("segment-*.jsonl")) if segments_dir.is_dir() else []:
+        _feed_store_file(check, path, "segments/" + path.name, "segment")
+    indexes_dir = root / "indexes"
+    for path in sorted(indexes_dir.glob("*/*.jsonl")) if check_indexes and indexes_dir.is_dir() else []:
+        _feed_store_file(check, path, _relative_posix(path, root), "index")
+    return check.finish()
 
 
-def _open_store_file(path: Path, shown: str, sink: _ProblemSink) -> Optional[Any]:
-    """A segment or index file opened for reading, or None (and a problem) when it is not a regular file."""
+def _feed_store_file(check: "_RecordsCheck", path: Path, rel: str, role: str) -> None:
+    """A segment or index file of a live store, scanned here (a FIFO is named, never opened)."""
+    if role == "segment" and _segment_id(rel) is None:
+        check.segment(rel, None)
+        return
     try:
-        return open_regular(path)
+        handle = open_regular(path)
     except SpecialFileError:
-        sink.add(_special_problem(shown, os.stat(str(path)).st_mode))
+        check.special(rel, os.stat(str(path)).st_mode)
+        if role == "segment":
+            check.segment(rel, _SegmentScan())  # present, with no lines
+        return
+    with handle:
+        scan = _scan_stream(handle, role)
+    if role == "segment":
+        check.segment(rel, scan)
+    else:
+        check.index(rel, scan)
+
+
+def _segment_id(rel: str) -> Optional[int]:
+    """The number of ``segments/segment-NNNNNN.jsonl``, or None when its name has none."""
+    try:
+        return int(rel[len("segments/segment-"):-len(".jsonl")])
+    except ValueError:
         return None
 
 
-def _lines_within(handle: Any, limit: int = _JSON_FILE_LIMIT) -> Iterator[Optional[bytes]]:
-    """Each line of a store file, or None for one longer than ``limit`` bytes (read past, never held whole)."""
-    while True:
-        raw = handle.readline(limit + 1)
-        if not raw:
-            return
-        if len(raw) <= limit or raw.endswith(b"\n"):
-            yield raw
-            continue
-        while raw and not raw.endswith(b"\n"):
-            raw = handle.readline(_CHUNK)
-        yield None
+# -- line scanners: a store file checked line by line as its bytes come -------------------------------------
+#
+# Each scanner is fed a file's bytes in chunks (from a live file, a backup
+# member as it is hashed, or a worker process reading a backup in place) and
+# keeps, per line, only what a later check needs: a segment's sequence of each
+# line (8 bytes), an index's pointers (32 bytes each).  Problems carry their
+# line number within what was fed, so a file scanned in pieces is stitched
+# together exactly.  At most _PROBLEMS_PER_FILE + 1 are kept per piece.
+
+_LINE_LIMIT = _JSON_FILE_LIMIT  # a line longer than this is a problem, read past and never held whole
+_AN_OBJECT = object()  # what the record decoder makes of a nested object it need not keep
 
 
-def _parse_segment_line(raw: Optional[bytes], line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
-    """The sequence of one segment line, or None (blank lines silently, bad ones with a problem)."""
+def _record_object(value: Dict[str, Any]) -> Any:
+    """Keep only the objects that can be the record line itself (it holds ``sequence``)."""
+    return value if "sequence" in value else _AN_OBJECT
+
+
+# The record lines' decoder: nested objects are dropped as soon as they are parsed (a third of the cost of
+# json.loads, which builds and frees every one); NaN and Infinity are refused as json_loads refuses them.
+_RECORD_DECODER = json.JSONDecoder(object_hook=_record_object, parse_constant=_refuse_constant)
+_INDEX_LINE = re.compile(rb'\{"offset":(\d{1,18}),"segment_id":(\d{1,18}),"sequence":(-?\d{1,18})\}\n?')
+_CAPTURE_DECODER = json.JSONDecoder(object_pairs_hook=len, parse_constant=_refuse_constant)
+
+
+def _needs_strict_parse(text: str) -> bool:
+    """A line json_loads must read: deeply nested, or long enough to hide a huge integer."""
+    return len(text) > _JSON_MAX_INT_DIGITS or text.count("[") + text.count("{") > _JSON_MAX_DEPTH
+
+
+_RECORD_SCAN: Callable[[str, int], Tuple[Any, int]] = getattr(_RECORD_DECODER, "scan_once")
+_INDEX_LINES = re.compile(rb'^\{"offset":(\d{1,18}),"segment_id":(\d{1,18}),"sequence":(-?\d{1,18})\}\n', re.MULTILINE)
+
+
+class _LineFault(NamedTuple):
+    """A problem of one line of a store file: its code, the line, the message after ``line N``."""
+
+    code: str
+    line: int = 0
+    text: str = ""
+    expected: Any = None
+    actual: Any = None
+
+
+def _record_sequence(raw: Optional[bytes]) -> Tuple[Optional[int], Optional[_LineFault]]:
+    """(sequence, fault) of one segment line: (n, None) for a record line, (None, None) for a blank one."""
     if raw is None:
-        sink.add(Problem("invalid_json_line", where, "line %d is longer than %d bytes" % (line_number,
-                                                                                          _JSON_FILE_LIMIT)))
-        return None
+        return None, _LineFault(code="invalid_json_line", text=" is longer than %d bytes" % _LINE_LIMIT)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        sink.add(Problem("invalid_json_line", where, "line %d is not valid UTF-8" % line_number))
-        return None
+        return None, _LineFault(code="invalid_json_line", text=" is not valid UTF-8")
     if not text.strip():
-        return None
-    try:
-        payload = json_loads(text)
-    except ValueError:
+        return None, None
+    try:  # as Contexta reads them (json, nested as deep as the interpreter allows); long ones by json_loads' rules
+        line = json_loads(text) if len(text) > _JSON_MAX_INT_DIGITS else _RECORD_DECODER.decode(text)
+    except (ValueError, RecursionError):
         if not raw.endswith(b"\n"):
-            sink.add(Problem("truncated_line", where, "line %d is cut off (no newline, not JSON)" % line_number))
-        else:
-            sink.add(Problem("invalid_json_line", where, "line %d is not JSON" % line_number))
-        return None
+            return None, _LineFault(code="truncated_line", text=" is cut off (no newline, not JSON)")
+        return None, _LineFault(code="invalid_json_line", text=" is not JSON")
     try:
-        sequence = int(payload["sequence"])
-        record = payload["record"]
-        if not isinstance(record, dict) or "appended_at" not in payload:
+        sequence = int(line["sequence"])
+        record = line["record"]
+        if not (isinstance(record, dict) or record is _AN_OBJECT) or "appended_at" not in line:
             raise ValueError
     except (KeyError, TypeError, ValueError, OverflowError):
-        sink.add(Problem("invalid_json_line", where,
-                         "line %d is not a record line (sequence, appended_at, record)" % line_number))
+        return None, _LineFault(code="invalid_json_line", text=" is not a record line (sequence, appended_at, record)")
+    return sequence, None
+
+
+def _index_pointer(raw: Optional[bytes]) -> Optional[Tuple[int, int, int]]:
+    """(offset, segment_id, sequence) of one index line, or None when it is not an index pointer."""
+    if raw is None:
         return None
-    return sequence
+    match = _INDEX_LINE.fullmatch(raw)
+    if match is not None:
+        return int(match.group(1)), int(match.group(2)), int(match.group(3))
+    try:
+        pointer = json_loads(raw)
+        values = (int(pointer["offset"]), int(pointer["segment_id"]), int(pointer["sequence"]))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError):
+        return None
+    return values if all(_INT63_MIN <= value <= _INT63_MAX for value in values) else None
 
 
-def _check_record_indexes(root: Path, segment_sequences: Mapping[int, List[int]], report: RecordsReport,
-                          sink: _ProblemSink, show: Callable[[str], str]) -> None:
-    indexes_dir = root / "indexes"
-    if not indexes_dir.is_dir():
-        return
-    for index_path in sorted(indexes_dir.glob("*/*.jsonl")):
-        rel = _relative_posix(index_path, root)
-        handle = _open_store_file(index_path, show(rel), sink)
-        if handle is None:
-            continue
-        with handle:
-            for line_number, raw in enumerate(_lines_within(handle), start=1):
-                if raw is not None and not raw.strip():
-                    continue
-                report.index_pointer_count += 1
-                try:
-                    if raw is None:
-                        raise ValueError("longer than %d bytes" % _JSON_FILE_LIMIT)
-                    pointer = json_loads(raw)
-                    offset = int(pointer["offset"])
-                    segment_id = int(pointer["segment_id"])
-                    sequence = int(pointer["sequence"])
-                except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError):
-                    sink.add(Problem("index_line_invalid", show(rel), "line %d is not an index pointer" % line_number))
-                    continue
-                lines = segment_sequences.get(segment_id)
-                if lines is None:
-                    sink.add(Problem("index_pointer_invalid", show(rel),
-                                     "line %d points into segment %d, which does not exist" % (line_number, segment_id)))
-                elif not 1 <= offset <= len(lines):
-                    sink.add(Problem("index_pointer_invalid", show(rel),
-                                     "line %d points at line %d of segment %d, which has %d lines"
-                                     % (line_number, offset, segment_id, len(lines))))
-                elif lines[offset - 1] != sequence:
-                    sink.add(Problem("index_pointer_invalid", show(rel),
-                                     "line %d expects sequence %d at segment %d line %d, found %s"
-                                     % (line_number, sequence, segment_id, offset,
-                                        lines[offset - 1] if lines[offset - 1] >= 0 else "no record"),
-                                     expected=sequence, actual=lines[offset - 1]))
+class _LineScan:
+    """Splits a file's bytes into lines as they come; a subclass checks each line."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self.tail: List[bytes] = []  # the start of a line still coming, in pieces (joined once it ends)
+        self.tail_size = 0
+        self.overlong = False
+        self.problems: List[_LineFault] = []
+        self.more = False
+
+    def feed(self, data: Any) -> None:
+        pieces = bytes(data).split(b"\n")
+        last = pieces.pop()
+        first = 0
+        if pieces and (self.tail or self.overlong):  # the line carried over from the chunk before ends here
+            self._extend(pieces[0])
+            self._end_line(b"\n")
+            first = 1
+        self.ended(pieces, first)
+        self._extend(last)
+
+    def ended(self, pieces: List[bytes], first: int) -> None:
+        """Whole lines (their newlines split off), from ``pieces[first]`` on."""
+        for index in range(first, len(pieces)):
+            self.lines += 1
+            self.line(pieces[index] + b"\n")
+
+    def finish(self) -> "_LineScan":
+        if self.tail or self.overlong:
+            self._end_line(b"")
+        return self
+
+    def _extend(self, piece: bytes) -> None:
+        if self.overlong or not piece:
+            return
+        self.tail.append(piece)
+        self.tail_size += len(piece)
+        if self.tail_size > _LINE_LIMIT:  # never held whole: the rest of it, up to its newline, is skipped
+            self.overlong = True
+            self.tail, self.tail_size = [], 0
+
+    def _end_line(self, newline: bytes) -> None:
+        self.lines += 1
+        if self.overlong:
+            self.overlong = False
+            self.line(None)
+            return
+        raw = b"".join(self.tail) + newline
+        self.tail, self.tail_size = [], 0
+        self.line(raw)
+
+    def line(self, raw: Optional[bytes]) -> None:
+        raise NotImplementedError
+
+    def problem(self, fault: _LineFault) -> None:
+        """A fault of the line just read (its number is filled in here)."""
+        if len(self.problems) <= _PROBLEMS_PER_FILE:
+            self.problems.append(fault._replace(line=self.lines))
+        else:
+            self.more = True
+
+    def absorb(self, piece: "_LineScan") -> None:
+        """Append the scan of the lines that follow (a file scanned in pieces, joined in order)."""
+        self._absorb_problems(piece, [])
+        self.lines += piece.lines
+
+    def _absorb_problems(self, piece: "_LineScan", extra: List[_LineFault]) -> None:
+        shifted = [fault._replace(line=self.lines + fault.line) for fault in piece.problems] + extra
+        merged = self.problems + sorted(shifted, key=lambda fault: fault.line)
+        self.more = self.more or piece.more or len(merged) > _PROBLEMS_PER_FILE + 1
+        self.problems = merged[:_PROBLEMS_PER_FILE + 1]
+
+
+class _SegmentScan(_LineScan):
+    """A record segment (or a run of whole lines of one): its records, their sequences, its problems."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records = 0
+        self.first: Optional[int] = None
+        self.first_line = 0
+        self.last: Optional[int] = None
+        self.highest = 0
+        self.sequences = array.array("q")  # each line's sequence, -1 where it holds none (for index checks)
+
+    def ended(self, pieces: List[bytes], first: int) -> None:
+        """The common case, fast: a compact record line, parsed once with no Python call per value."""
+        scan = _RECORD_SCAN
+        append = self.sequences.append
+        for index in range(first, len(pieces)):
+            raw = pieces[index]
+            self.lines += 1
+            try:
+                text = raw.decode("utf-8")
+                if len(text) > _JSON_MAX_INT_DIGITS:
+                    raise ValueError
+                value, end = scan(text, 0)
+                if end != len(text) and text[end:].strip():
+                    raise ValueError
+                sequence = value["sequence"]
+                record = value["record"]
+                if type(sequence) is not int or "appended_at" not in value or not (
+                        type(record) is dict or record is _AN_OBJECT):
+                    raise ValueError
+            except Exception:  # anything unusual: the general path says exactly what is wrong
+                self.line(raw + b"\n")
+                continue
+            append(sequence)
+            last = self.last
+            if last is not None and sequence != last + 1:
+                self.problem(_LineFault(code="sequence_gap", text=": sequence %d follows %d" % (sequence, last),
+                                        expected=last + 1, actual=sequence))
+            if self.first is None:
+                self.first, self.first_line = sequence, self.lines
+            self.last = sequence
+            if sequence > self.highest:
+                self.highest = sequence
+            self.records += 1
+
+    def line(self, raw: Optional[bytes]) -> None:
+        sequence, fault = _record_sequence(raw)
+        self.sequences.append(-1 if sequence is None else sequence)
+        if fault is not None:
+            self.problem(fault)
+        if sequence is None:
+            return
+        if self.last is not None and sequence != self.last + 1:
+            self.problem(_LineFault(code="sequence_gap", text=": sequence %d follows %d" % (sequence, self.last),
+                                    expected=self.last + 1, actual=sequence))
+        if self.first is None:
+            self.first, self.first_line = sequence, self.lines
+        self.last = sequence
+        self.highest = max(self.highest, sequence)
+        self.records += 1
+
+    def absorb(self, piece: "_LineScan") -> None:
+        assert isinstance(piece, _SegmentScan)
+        gap = []
+        if self.last is not None and piece.first is not None and piece.first != self.last + 1:
+            gap = [_LineFault(code="sequence_gap", line=self.lines + piece.first_line, text=": sequence %d follows %d"
+                              % (piece.first, self.last), expected=self.last + 1, actual=piece.first)]
+        self._absorb_problems(piece, gap)
+        if self.first is None and piece.first is not None:
+            self.first, self.first_line = piece.first, self.lines + piece.first_line
+        if piece.last is not None:
+            self.last = piece.last
+        self.highest = max(self.highest, piece.highest)
+        self.records += piece.records
+        self.sequences.extend(piece.sequences)
+        self.lines += piece.lines
+
+
+class _IndexScan(_LineScan):
+    """An index file: its pointers (line, offset, segment, sequence), checked once every segment is known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pointer_count = 0
+        self.pointers = array.array("q")
+
+    def ended(self, pieces: List[bytes], first: int) -> None:
+        """The common case, fast: every line a compact pointer, matched in one pass over the chunk."""
+        region = b"\n".join(pieces[first:]) + b"\n" if len(pieces) > first else b""
+        found = _INDEX_LINES.findall(region)
+        if len(found) != len(pieces) - first:
+            _LineScan.ended(self, pieces, first)
+            return
+        base = self.lines
+        self.pointers.extend(value for number, (offset, segment_id, sequence) in enumerate(found, start=base + 1)
+                             for value in (number, int(offset), int(segment_id), int(sequence)))
+        self.lines += len(found)
+        self.pointer_count += len(found)
+
+    def line(self, raw: Optional[bytes]) -> None:
+        if raw is not None and not raw.strip():
+            return
+        self.pointer_count += 1
+        pointer = _index_pointer(raw)
+        if pointer is None:
+            self.problem(_LineFault(code="index_line_invalid", text=" is not an index pointer"))
+        else:
+            self.pointers.extend((self.lines,) + pointer)
+
+    def absorb(self, piece: "_LineScan") -> None:
+        assert isinstance(piece, _IndexScan)
+        self._absorb_problems(piece, [])
+        self.pointer_count += piece.pointer_count
+        pointers = piece.pointers
+        for start in range(0, len(pointers), 4):
+            pointers[start] += self.lines
+        self.pointers.extend(pointers)
+        self.lines += piece.lines
+
+
+class _CaptureScan(_LineScan):
+    """A capture sink file: every line a JSON object."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.line_count = 0
+        self.invalid_count = 0
+
+    def line(self, raw: Optional[bytes]) -> None:
+        if raw is not None and not raw.strip():
+            return
+        self.line_count += 1
+        try:
+            if raw is None:
+                raise JsonInputError("is longer than %d bytes" % _LINE_LIMIT)
+            text = raw.decode("utf-8")
+            if _needs_strict_parse(text):
+                valid = isinstance(json_loads(text), dict)
+            else:
+                valid = text.lstrip().startswith("{") and _CAPTURE_DECODER.decode(text) is not None
+            why = "is not a JSON object"
+        except (ValueError, RecursionError) as exc:
+            valid, why = False, str(exc) if isinstance(exc, JsonInputError) else "is not valid JSON (%s)" % exc
+        if not valid:
+            self.invalid_count += 1
+            if raw is not None and not raw.endswith(b"\n"):
+                why = "is cut off (no newline) and " + why
+            if len(self.problems) < _PROBLEMS_PER_FILE:
+                self.problems.append(_LineFault(code="capture_line_invalid", line=self.lines, text=" " + why))
+
+    def absorb(self, piece: "_LineScan") -> None:
+        assert isinstance(piece, _CaptureScan)
+        self.problems = (self.problems + [fault._replace(line=self.lines + fault.line)
+                                          for fault in piece.problems])[:_PROBLEMS_PER_FILE]
+        self.line_count += piece.line_count
+        self.invalid_count += piece.invalid_count
+        self.lines += piece.lines
+
+
+_SCANNERS: Dict[str, Callable[[], _LineScan]] = {"segment": _SegmentScan, "index": _IndexScan,
+                                                  "capture": _CaptureScan}
+
+
+def _scan_stream(handle: Any, role: str) -> Any:
+    """A whole file scanned from an open handle."""
+    scan = _SCANNERS[role]()
+    while True:
+        data = handle.read(_CHUNK)
+        if not data:
+            return scan.finish()
+        scan.feed(data)
+
+
+class _RecordsCheck:
+    """Contexta's integrity rules for a record store, fed its files in any order and decided at the end."""
+
+    def __init__(self, show: Callable[[str], str]) -> None:
+        self.show = show
+        self.report = RecordsReport()
+        self.sink = _ProblemSink(self.report.problems)
+        self.early: List[Problem] = []  # the manifest's and special files' problems, reported first
+        self.manifest_present = False
+        self.segments: Dict[str, Optional[List[_SegmentScan]]] = {}
+        self.indexes: Dict[str, _IndexScan] = {}
+
+    def present(self) -> None:
+        self.report.present = True
+
+    def special(self, rel: str, mode: int) -> None:
+        self.present()
+        self.early.append(_special_problem(self.show(rel), mode))
+        if rel == "manifest.json":
+            self.manifest_present = True
+
+    def manifest(self, data: Optional[bytes]) -> None:
+        """records/manifest.json's bytes (None when it could not be read)."""
+        self.present()
+        self.manifest_present = True
+        shown = self.show("manifest.json")
+        try:
+            manifest = json_loads(data) if data is not None else None
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict):
+            self.early.append(Problem("records_manifest_invalid", shown, "record manifest is not a JSON object"))
+            return
+        if manifest.get("layout_mode") != "jsonl_segments" or str(manifest.get("layout_version")) != "1":
+            self.early.append(Problem("record_store_layout_mismatch", shown,
+                                      "record manifest layout is not jsonl_segments version 1",
+                                      expected="jsonl_segments/1", actual="%s/%s" % (
+                                          manifest.get("layout_mode"), manifest.get("layout_version"))))
+        committed = manifest.get("last_committed_sequence")
+        if isinstance(committed, int) and not isinstance(committed, bool):
+            self.report.last_committed_sequence = committed
+        else:
+            self.early.append(Problem("records_manifest_invalid", shown, "last_committed_sequence is not an integer"))
+
+    def segment(self, rel: str, scan: Optional[_SegmentScan]) -> None:
+        """A segment, whole or one more run of its lines (in order); None: its name has no number."""
+        self.present()
+        pieces = self.segments.setdefault(rel, [] if scan is not None else None)
+        if pieces is not None and scan is not None:
+            pieces.append(scan)
+
+    def index(self, rel: str, scan: _IndexScan) -> None:
+        self.present()
+        self.indexes[rel] = scan
+
+    def finish(self) -> RecordsReport:
+        report = self.report
+        for problem in self.early:
+            self.sink.add(problem)
+        sequences: Dict[int, "array.array[int]"] = {}
+        expected: Optional[int] = None
+        report.segment_count = len(self.segments)
+        for rel in sorted(self.segments):
+            pieces = self.segments[rel]
+            segment_id = _segment_id(rel)
+            if pieces is None or segment_id is None:
+                self.sink.add(Problem("segment_name_invalid", self.show(rel), "segment file name has no number"))
+                continue
+            sequences[segment_id], expected = self._stitch(rel, pieces, expected)
+        if self.manifest_present:
+            committed = report.last_committed_sequence
+            if committed is not None and committed != report.highest_sequence:
+                self.sink.add(Problem("manifest_sequence_mismatch", self.show("manifest.json"),
+                                      "last_committed_sequence %d but the segments end at %d"
+                                      % (committed, report.highest_sequence),
+                                      expected=committed, actual=report.highest_sequence))
+        elif report.record_count:
+            self.sink.add(Problem("records_manifest_missing", self.show("manifest.json"),
+                                  "record manifest is missing"))
+        for rel in sorted(self.indexes):
+            self._check_index(rel, self.indexes[rel], sequences)
+        codes = {problem.code for problem in report.problems}
+        if codes & _CORRUPTING_RECORD_CODES:
+            report.integrity_state = "CORRUPTED"
+        elif codes:
+            report.integrity_state = "DEGRADED"
+        return report
+
+    def _stitch(self, rel: str, pieces: Sequence[_SegmentScan],
+                expected: Optional[int]) -> Tuple["array.array[int]", Optional[int]]:
+        """One segment's pieces in order: continuity across them and from the segment before, problems by line."""
+        shown = self.show(rel)
+        found: List[Tuple[int, int, Problem]] = []
+        offset = 0
+        joined = array.array("q")
+        for order, scan in enumerate(pieces):
+            if expected is not None and scan.first is not None and scan.first != expected:
+                line = offset + scan.first_line
+                found.append((line, -1, Problem("sequence_gap", shown, "line %d: sequence %d follows %d"
+                                                % (line, scan.first, expected - 1), expected=expected,
+                                                actual=scan.first)))
+            found += [(offset + line, order, Problem(code, shown, "line %d%s" % (offset + line, text),
+                                                     expected=exp, actual=act))
+                      for code, line, text, exp, act in scan.problems]
+            if scan.last is not None:
+                expected = scan.last + 1
+            offset += scan.lines
+            self.report.record_count += scan.records
+            self.report.highest_sequence = max(self.report.highest_sequence, scan.highest)
+            joined.extend(scan.sequences)
+        for _line, _order, problem in sorted(found, key=lambda item: (item[0], item[1])):
+            self.sink.add(problem)  # each piece kept one more than the sink shows: it says when there are more
+        return joined, expected
+
+    def _check_index(self, rel: str, scan: _IndexScan, sequences: Mapping[int, "array.array[int]"]) -> None:
+        shown = self.show(rel)
+        self.report.index_pointer_count += scan.pointer_count
+        found = [(line, Problem(code, shown, "line %d%s" % (line, text))) for code, line, text, _e, _a in scan.problems]
+        fields = iter(scan.pointers)
+        current: Optional[int] = None
+        lines: Optional["array.array[int]"] = None
+        count = 0
+        for line, offset, segment_id, sequence in zip(fields, fields, fields, fields):
+            if segment_id != current:
+                current, lines = segment_id, sequences.get(segment_id)
+                count = len(lines) if lines is not None else 0
+            if lines is not None and 0 < offset <= count and lines[offset - 1] == sequence:
+                continue  # the common case, decided with as little as possible
+            if len(found) > 2 * _PROBLEMS_PER_FILE + 1:
+                break  # more than the sink shows already, whichever come first by line
+            if lines is None:
+                problem = Problem("index_pointer_invalid", shown, "line %d points into segment %d, which does "
+                                  "not exist" % (line, segment_id))
+            elif not 0 < offset <= count:
+                problem = Problem("index_pointer_invalid", shown, "line %d points at line %d of segment %d, which "
+                                  "has %d lines" % (line, offset, segment_id, count))
+            else:
+                found_sequence = lines[offset - 1]
+                problem = Problem("index_pointer_invalid", shown, "line %d expects sequence %d at segment %d line "
+                                  "%d, found %s" % (line, sequence, segment_id, offset, found_sequence
+                                                    if found_sequence >= 0 else "no record"),
+                                  expected=sequence, actual=found_sequence)
+            found.append((line, problem))
+        for _line, problem in sorted(found, key=lambda item: item[0]):
+            self.sink.add(problem)
 
 
 @dataclasses.dataclass
@@ -1876,26 +2231,37 @@ def check_metadata_file(database_path: Any, *, display: Optional[Callable[[str],
     if not path.is_file():
         report.problems.append(Problem("metadata_missing", shown, "metadata ledger is missing"))
         return report
-    report.present = True
-    report.size_bytes = path.stat().st_size
     with open_regular(path) as handle:
-        header = handle.read(128)
-    if len(header) < 20 or header[8:12] != _DUCKDB_MAGIC:
-        report.problems.append(Problem("metadata_not_duckdb", shown, "not a DuckDB file (no DUCK magic at byte 8)",
-                                       expected="DUCK", actual=header[8:12].hex() if len(header) >= 12 else None))
-        return report
-    report.storage_version = struct.unpack("<Q", header[12:20])[0]
-    creator = header[52:84].split(b"\x00", 1)[0]
-    report.creator_version = creator.decode("ascii", "replace") or None
-    if report.size_bytes < _DUCKDB_MIN_SIZE:
-        report.problems.append(Problem("metadata_truncated", shown, "ledger is %d bytes, shorter than its headers"
-                                       % report.size_bytes, expected=_DUCKDB_MIN_SIZE, actual=report.size_bytes))
+        header = handle.read(_LEDGER_HEADER)
+    if not _judge_ledger_header(report, path.stat().st_size, header):
         return report
     if use_duckdb and _posix_lock_is_held(path):
         report.check = "file_level_in_use"  # a writer holds it; DuckDB would refuse a second opener
     elif use_duckdb:
         _count_runs_with_duckdb(path, report, shown)
     return report
+
+
+_LEDGER_HEADER = 128  # the bytes of a ledger its file-level check reads
+
+
+def _judge_ledger_header(report: MetadataReport, size: int, header: bytes) -> bool:
+    """What a ledger's size and first bytes prove (DUCK magic, storage version, creator); True when sound."""
+    shown = report.database_file
+    report.present = True
+    report.size_bytes = size
+    if len(header) < 20 or header[8:12] != _DUCKDB_MAGIC:
+        report.problems.append(Problem("metadata_not_duckdb", shown, "not a DuckDB file (no DUCK magic at byte 8)",
+                                       expected="DUCK", actual=header[8:12].hex() if len(header) >= 12 else None))
+        return False
+    report.storage_version = struct.unpack("<Q", header[12:20])[0]
+    creator = header[52:84].split(b"\x00", 1)[0]
+    report.creator_version = creator.decode("ascii", "replace") or None
+    if size < _DUCKDB_MIN_SIZE:
+        report.problems.append(Problem("metadata_truncated", shown, "ledger is %d bytes, shorter than its headers"
+                                       % size, expected=_DUCKDB_MIN_SIZE, actual=size))
+        return False
+    return True
 
 
 def _count_runs_with_duckdb(path: Path, report: MetadataReport, shown: str) -> None:
@@ -1992,7 +2358,14 @@ class ArtifactsReport(_Record):
 
 def _read_binding(path: Path) -> Dict[str, Any]:
     """A binding file's object, checked for the keys verification needs (ValueError if not)."""
-    binding = json_loads(read_regular(path))
+    return _parse_binding(read_regular(path))
+
+
+def _parse_binding(data: Optional[bytes]) -> Dict[str, Any]:
+    """:func:`_read_binding` of a binding's bytes (None: larger than any binding may be)."""
+    if data is None:
+        raise InputRefusedError("is larger than %d bytes" % _JSON_FILE_LIMIT)
+    binding = json_loads(data)
     if not isinstance(binding, dict):
         raise ValueError("binding is not a JSON object")
     snapshot = binding.get("manifest_snapshot")
@@ -2020,33 +2393,42 @@ def _expected_claims(binding: Mapping[str, Any]) -> Tuple[Optional[int], Optiona
             digest if digest is not None else binding.get("hash_value"))
 
 
-def _evaluate_body(root: Path, binding: Mapping[str, Any],
-                   digests: Optional[Mapping[str, Tuple[int, str]]] = None) -> ArtifactCheck:
+def _unchecked_body(binding: Mapping[str, Any]) -> ArtifactCheck:
+    """A bound body's check before its file is looked at: where it belongs, what it must hold; status missing."""
     snapshot = binding["manifest_snapshot"]
     rel = artifact_object_relpath(snapshot["artifact_ref"], snapshot["artifact_kind"], snapshot.get("location_ref"))
     expected_size, expected_hash = _expected_claims(binding)
-    check = ArtifactCheck(artifact_ref=binding["artifact_ref"], artifact_kind=binding["artifact_kind"], path=rel,
-                          status="missing", expected_size_bytes=expected_size, actual_size_bytes=None,
-                          expected_hash_value=expected_hash, actual_hash_value=None,
-                          binding_size_bytes=binding["size_bytes"])
-    body = root / rel
+    return ArtifactCheck(artifact_ref=binding["artifact_ref"], artifact_kind=binding["artifact_kind"], path=rel,
+                         status="missing", expected_size_bytes=expected_size, actual_size_bytes=None,
+                         expected_hash_value=expected_hash, actual_hash_value=None,
+                         binding_size_bytes=binding["size_bytes"])
+
+
+def _judge_body(check: ArtifactCheck, size: int, digest: str) -> ArtifactCheck:
+    """The body's size and sha256 against what its binding claims."""
+    check.actual_size_bytes, check.actual_hash_value = size, digest
+    if check.expected_size_bytes is not None and size != check.expected_size_bytes:
+        check.status = "size_mismatch"
+    elif check.expected_hash_value is not None and digest != check.expected_hash_value:
+        check.status = "hash_mismatch"
+    else:
+        check.status = "verified"
+    return check
+
+
+def _evaluate_body(root: Path, binding: Mapping[str, Any],
+                   digests: Optional[Mapping[str, Tuple[int, str]]] = None) -> ArtifactCheck:
+    check = _unchecked_body(binding)
+    body = root / check.path
     try:
         body_stat = os.lstat(str(body))
     except OSError:
         return check
     if not stat.S_ISREG(body_stat.st_mode):
         return check
-    if digests is not None and rel in digests:
-        check.actual_size_bytes, check.actual_hash_value = digests[rel]
-    else:
-        check.actual_size_bytes, check.actual_hash_value = sha256_file(body)
-    if expected_size is not None and check.actual_size_bytes != expected_size:
-        check.status = "size_mismatch"
-    elif expected_hash is not None and check.actual_hash_value != expected_hash:
-        check.status = "hash_mismatch"
-    else:
-        check.status = "verified"
-    return check
+    if digests is not None and check.path in digests:
+        return _judge_body(check, *digests[check.path])
+    return _judge_body(check, *sha256_file(body))
 
 
 def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tuple[int, str]]] = None,
@@ -2056,50 +2438,118 @@ def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tu
     Bodies are hashed in chunks; ``digests`` (store-relative path -> (size,
     sha256)) lets a caller that has just hashed the files skip a second read.
     An orphan is any file under ``objects/`` that no binding points at; stray
-    ``*.tmp`` files are orphans too and are also listed as temp files.
+    ``*.tmp`` files are orphans too and are also listed as temp files.  The
+    rules live in :class:`_ArtifactsCheck`, which verification also feeds
+    straight from a backup's bytes.
     """
     root = Path(store_root)
-    show = _display_under(root, display)
-    report = ArtifactsReport()
+    check = _ArtifactsCheck(_display_under(root, display))
     if not root.is_dir():
-        return report
-    report.present = True
-    canonical: Set[str] = set()
-    refs: Set[str] = set()
+        return check.report
+    check.present()
     bindings_dir = root / "bindings"
-    binding_paths = sorted(bindings_dir.glob("*.binding.json")) if bindings_dir.is_dir() else []
-    for binding_path in binding_paths:
-        rel = "bindings/" + binding_path.name
-        report.artifact_count += 1
+    for path in sorted(bindings_dir.glob("*.binding.json")) if bindings_dir.is_dir() else []:
         try:
-            binding = _read_binding(binding_path)
+            check.binding(path.name, _read_binding(path), None)
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            report.problems.append(Problem("binding_invalid", show(rel), "unreadable binding: %s" % exc))
+            check.binding(path.name, None, str(exc))
+    objects = root / "objects"
+    for rel, entry_stat, kind in _walk_tree(objects) if objects.is_dir() else ():
+        rel = "objects/" + rel
+        if kind == "dir":
             continue
+        if kind == "file" and check.expects(rel):
+            check.body(rel, *(digests[rel] if digests is not None and rel in digests else sha256_file(root / rel)))
+        else:
+            check.other_object(rel)
+    return check.finish()
+
+
+class _ArtifactsCheck:
+    """Contexta's rules for an artifact store, fed its bindings and object files and decided at the end.
+
+    Bindings come before bodies in path order (``bindings/`` < ``objects/``);
+    a body met before its binding (an archive in another order) waits, by
+    path, until the end.  Problems come out in binding order, then orphans.
+    """
+
+    def __init__(self, show: Callable[[str], str]) -> None:
+        self.show = show
+        self.report = ArtifactsReport()
+        self.expected: Dict[str, List[ArtifactCheck]] = {}  # body path -> the checks of the bindings naming it
+        self.refs: Set[str] = set()
+        self.binding_problems: List[List[Problem]] = []  # per binding, in order (a check's verdict comes later)
+        self.objects: List[Tuple[str, Optional[Tuple[int, str]]]] = []  # unbound (so far) object files
+
+    def present(self) -> None:
+        self.report.present = True
+
+    def expects(self, rel: str) -> bool:
+        return rel in self.expected
+
+    def binding(self, name: str, binding: Optional[Dict[str, Any]], error: Optional[str]) -> None:
+        """``bindings/<name>``, parsed by :func:`_read_binding` (or why it could not be)."""
+        self.present()
+        report = self.report
+        report.artifact_count += 1
+        shown = self.show("bindings/" + name)
+        problems: List[Problem] = []
+        self.binding_problems.append(problems)
+        if binding is None:
+            problems.append(Problem("binding_invalid", shown, "unreadable binding: %s" % error))
+            return
         expected_name = "%s.binding.json" % sanitize_component(binding["artifact_ref"])
-        if binding_path.name != expected_name or binding["artifact_ref"] in refs:
-            report.problems.append(Problem("binding_misplaced", show(rel), "binds %s, whose binding belongs in "
-                                           "bindings/%s%s" % (binding["artifact_ref"], expected_name,
-                                                              " (bound twice)" if binding["artifact_ref"] in refs
-                                                              else "")))
-        refs.add(binding["artifact_ref"])
+        if name != expected_name or binding["artifact_ref"] in self.refs:
+            problems.append(Problem("binding_misplaced", shown, "binds %s, whose binding belongs in bindings/%s%s"
+                                    % (binding["artifact_ref"], expected_name,
+                                       " (bound twice)" if binding["artifact_ref"] in self.refs else "")))
+        self.refs.add(binding["artifact_ref"])
         report.kinds[binding["artifact_kind"]] = report.kinds.get(binding["artifact_kind"], 0) + 1
         report.total_size_bytes += binding["size_bytes"]
-        check = _evaluate_body(root, binding, digests)
-        canonical.add(check.path)
+        check = _unchecked_body(binding)
         report.checks.append(check)
-        _count_artifact_check(report, check, show)
-    report.kinds = dict(sorted(report.kinds.items()))
-    for rel in _find_orphans(root, canonical):
-        report.orphan_paths.append(show(rel))
-        is_temp = rel.endswith(".tmp")
-        if is_temp:
-            report.stray_temp_paths.append(show(rel))
-        report.problems.append(Problem("artifact_stray_temp" if is_temp else "artifact_orphan", show(rel),
-                                       "interrupted write left a temp file" if is_temp
-                                       else "body that no binding points at"))
-    report.orphan_count = len(report.orphan_paths)
-    return report
+        self.expected.setdefault(check.path, []).append(check)
+
+    def body(self, rel: str, size: int, digest: str) -> None:
+        """A regular file under objects/: a bound body (judged) or, so far, an orphan."""
+        self.present()
+        if rel not in self.expected:
+            self.objects.append((rel, (size, digest)))
+        for check in self.expected.get(rel, ()):
+            _judge_body(check, size, digest)
+
+    def other_object(self, rel: str) -> None:
+        """Anything else under objects/ (a link, a FIFO): never a body; an orphan unless a binding names it."""
+        self.present()
+        if rel not in self.expected:
+            self.objects.append((rel, None))
+
+    def finish(self) -> ArtifactsReport:
+        report = self.report
+        orphans = []
+        for rel, found in self.objects:
+            if rel not in self.expected:
+                orphans.append(rel)
+            elif found is not None:  # a body whose binding came after it
+                for check in self.expected[rel]:
+                    _judge_body(check, *found)
+        checks = iter(report.checks)
+        for problems in self.binding_problems:
+            report.problems += problems
+            if problems and problems[0].code == "binding_invalid":
+                continue
+            _count_artifact_check(report, next(checks), self.show)
+        report.kinds = dict(sorted(report.kinds.items()))
+        for rel in orphans:
+            report.orphan_paths.append(self.show(rel))
+            is_temp = rel.endswith(".tmp")
+            if is_temp:
+                report.stray_temp_paths.append(self.show(rel))
+            report.problems.append(Problem("artifact_stray_temp" if is_temp else "artifact_orphan", self.show(rel),
+                                           "interrupted write left a temp file" if is_temp
+                                           else "body that no binding points at"))
+        report.orphan_count = len(report.orphan_paths)
+        return report
 
 
 def _count_artifact_check(report: ArtifactsReport, check: ArtifactCheck, show: Callable[[str], str]) -> None:
@@ -2122,14 +2572,6 @@ def _count_artifact_check(report: ArtifactsReport, check: ArtifactCheck, show: C
                                        "body of %s has sha256 %s, bound as %s" % (
                                            check.artifact_ref, check.actual_hash_value, check.expected_hash_value),
                                        expected=check.expected_hash_value, actual=check.actual_hash_value))
-
-
-def _find_orphans(root: Path, canonical: Set[str]) -> List[str]:
-    objects = root / "objects"
-    if not objects.is_dir():
-        return []
-    return ["objects/" + rel for rel, _st, kind in _walk_tree(objects)
-            if kind != "dir" and "objects/" + rel not in canonical]
 
 
 # ---------------------------------------------------------------------------
@@ -2772,7 +3214,7 @@ class _BackupWriter:
         self.links_failed = 0
         self.linked = 0
         self.warnings: List[Notice] = []
-        self.copier = _Copier()
+        self.copier = _Batches()
 
     def add(self, entry: _Entry) -> None:
         destination = self.root + entry.member  # our own walk: already safe
@@ -2798,7 +3240,8 @@ class _BackupWriter:
         self.slots.append(slot)
         source = entry.source
 
-        def copied(size: int, digest: str, changed: bool) -> None:
+        def copied(result: Tuple[int, str, bool]) -> None:
+            size, digest, changed = result
             _crash_point("backup:file-copied")
             if changed:
                 self.warnings.append(Notice("changed_during_backup", "%s changed while it was copied" % source))
@@ -2807,8 +3250,8 @@ class _BackupWriter:
             self.progress.advance(size)
 
         walked = entry.stat
-        self.copier.submit(copied, source, destination, (walked.st_size, walked.st_mtime_ns),
-                           stat.S_IMODE(walked.st_mode), walked.st_mtime_ns)
+        self.copier.submit(copied, walked.st_size, _copy_file, source, destination,
+                           (walked.st_size, walked.st_mtime_ns), stat.S_IMODE(walked.st_mode), walked.st_mtime_ns)
         self._drain()
 
     def _link(self, entry: _Entry, destination: str) -> bool:
@@ -4894,6 +5337,7 @@ class RestorePlan(_Record):
     destinations: Mapping[str, str] = dataclasses.field(default_factory=dict)
     refusals: Tuple[Notice, ...] = ()
     kind: str = "manual"
+    materialize: bool = False  # verify-only: copy into staging first, as before (default: read in place)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5105,19 +5549,24 @@ def _refuse_unsafe_restore(target_config: UnifiedConfig, *, ignore_workspace_loc
 
 
 def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target_workspace: Any = None,
-                 verify_only: bool = False) -> RestorePlan:
+                 verify_only: bool = False, materialize: bool = False) -> RestorePlan:
     """Open and validate a backup and say what a restore would replace, keep and lose.  Changes nothing.
 
     ``backup_ref`` is a ref under the backup root, ``latest``, a label, a
     unique prefix of a ref, or a path to a backup; None picks the newest
-    complete backup that is not a safety backup.
+    complete backup that is not a safety backup.  A verify-only restore reads
+    the backup in place (nothing is written, nothing replaced or lost), or,
+    with ``materialize``, copies it into staging first.
     """
     target = _resolve_path(target_workspace) if target_workspace is not None else config.workspace.root_path
+    materialize = materialize and verify_only
     if not verify_only:
         _refuse_unsafe_target(target)
     backup = _open_backup(config, backup_ref)
     warnings: List[Notice] = []
     notes = ["verify_only" if verify_only else "apply_restore"]
+    if verify_only:
+        notes.append("materialized_in_staging" if materialize else "read_in_place")
     if backup_ref is None or backup_ref == "latest":
         notes.append("newest_complete_backup:%s" % backup.backup_ref)
     if backup.location is not None and _is_within(target, backup.location):
@@ -5127,7 +5576,7 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         warnings.append(Notice("backup_inside_target", "%s is inside %s; it is kept through the restore, "
                                "but copy backups off this disk" % (backup.location, target)))
     staging_root = config.recovery.restore_staging_root
-    if verify_only and _is_within(staging_root, target):
+    if materialize and _is_within(staging_root, target):
         staging_root = Path(tempfile.gettempdir())
         warnings.append(Notice("staging_root_inside_target", "staging in %s instead of %s (set --staging-root)"
                                % (staging_root, config.recovery.restore_staging_root)))
@@ -5151,7 +5600,8 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
     if not verify_only:
         refusals += _protected_inside(config, backup, units, replaced_inside, target)
         refusals += [notice for notice, _held in _unsafe_for_restore(target_config)]
-    replaced_count, lost_count, lost = _count_lost(target, replaced_inside, units[1:], backup_paths)
+    replaced_count, lost_count, lost = (0, 0, []) if verify_only else _count_lost(target, replaced_inside, units[1:],
+                                                                                  backup_paths)
     safety = bool(config.recovery.create_backup_before_restore) and not verify_only
     return RestorePlan(
         backup_ref=backup.backup_ref, source_root=backup.location or Path(ARCHIVE_STDOUT), target_workspace=target,
@@ -5160,7 +5610,7 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         kept=tuple(_kept_roots(target, replaced_inside)) if target.is_dir() else (), lost=tuple(lost),
         lost_count=lost_count, replaced_file_count=replaced_count, backup_file_count=backup_paths.count,
         warnings=tuple(warnings), destinations=destinations, refusals=tuple(refusals),
-        kind=_backup_kind(backup))
+        kind=_backup_kind(backup), materialize=materialize)
 
 
 def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequence[_Unit],
@@ -5273,7 +5723,7 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
     os.chmod(str(stage), stat.S_IMODE(os.stat(str(stage)).st_mode) & _RESTORABLE_MODE_BITS)
     progress = _Progress(label, int(backup.manifest.get("total_bytes") or 0))
     directories: List[Tuple[str, int, int]] = []
-    copier = _Copier()
+    copier = _Batches()
     made: Set[str] = set()
     bodies = layout.artifacts_root + "/objects/"
 
@@ -5294,21 +5744,23 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
                                             else listed.mode)
         mtime_ns = member.mtime_ns if listed is None or listed.mtime_ns is None else listed.mtime_ns
 
-        def place(size: int, digest: str, _changed: bool = False) -> None:
+        def place(result: Tuple[int, str, bool]) -> Tuple[int, str]:
+            size, digest = result[0], result[1]
             if ws_rel.startswith(bodies):
                 verification.digests[ws_rel] = (size, digest)
             progress.advance(size)
+            return size, digest
 
         if member.on_disk is not None:  # a directory backup's file: copied on the workers
-            return copier.copy(place, member.on_disk, destination, (member.size, member.mtime_ns), mode, mtime_ns)
+            return copier.later(place, member.size, _copy_file, member.on_disk, destination,
+                                (member.size, member.mtime_ns), mode, mtime_ns)
         with member.open() as handle:
             size, digest = _copy_stream_hashed(_BoundedReader(handle, declared), destination)
         if size > declared:  # a lying member's first bytes are never left where a forced restore would keep them
             os.unlink(destination)
             return size, digest
         _set_file_times_and_mode(destination, mode, mtime_ns)
-        place(size, digest)
-        return size, digest
+        return place((size, digest, False))
 
     def members_making_directories() -> Iterator[_Member]:
         """Create directories as the walk meets them, so empty ones survive too."""
@@ -5338,41 +5790,50 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
 
 
 def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, has_metadata: bool,
-                  digests: Optional[Mapping[str, Tuple[int, str]]] = None, check_indexes: bool = False) -> None:
-    """Records, artifacts and metadata of a workspace-shaped tree, into plane_results (Contexta's shape).
+                  digests: Optional[Mapping[str, Tuple[int, str]]] = None) -> None:
+    """Records (index pointers too), artifacts and metadata of a workspace-shaped tree, into plane_results.
 
-    Verify-only runs this on a staged backup, `check` on a live workspace.
+    A restore runs this on the tree it builds, `check` on a live workspace;
+    verify-only feeds the same checks from the backup's bytes (:class:`_PlaneFeed`).
     """
-    records = scan_records(verification.path_in(tree, layout.records_root), check_indexes=check_indexes,
+    records = scan_records(verification.path_in(tree, layout.records_root), check_indexes=True,
                            display=verification.display(layout.records_root))
-    verification.plane_results["records"] = records.plane_result()
-    verification.problems += records.problems
-    if not records.present:
-        verification.plane_notes.append("records_absent")
-
     artifact_digests = None
     if digests is not None:
         prefix = layout.artifacts_root + "/"
         artifact_digests = {rel[len(prefix):]: value for rel, value in digests.items() if rel.startswith(prefix)}
     artifacts = scan_artifact_bindings(verification.path_in(tree, layout.artifacts_root), digests=artifact_digests,
                                        display=verification.display(layout.artifacts_root))
-    verification.plane_results["artifacts"] = artifacts.plane_result()
-    verification.problems += artifacts.problems
-
-    metadata_dir = os.path.dirname(layout.metadata_db)
+    metadata = None
     database = verification.path_in(tree, layout.metadata_db)
     if has_metadata or database.exists():
-        metadata = check_metadata_file(database, display=lambda _name: verification.display(metadata_dir)(
-            os.path.basename(layout.metadata_db)))
+        metadata = check_metadata_file(database, display=lambda _name: _ledger_shown(layout, verification))
+    _record_planes(verification, records, artifacts, metadata)
+
+
+def _ledger_shown(layout: _Layout, verification: _Verification) -> str:
+    return verification.display(os.path.dirname(layout.metadata_db))(os.path.basename(layout.metadata_db))
+
+
+def _record_planes(verification: _Verification, records: RecordsReport, artifacts: ArtifactsReport,
+                   metadata: Optional[MetadataReport]) -> None:
+    """The planes' reports into plane_results (Contexta's shape, keys sorted), problems and notes."""
+    verification.plane_results["records"] = records.plane_result()
+    verification.problems += records.problems
+    if not records.present:
+        verification.plane_notes.append("records_absent")
+    verification.plane_results["artifacts"] = artifacts.plane_result()
+    verification.problems += artifacts.problems
+    if metadata is None:
+        verification.plane_results["metadata"] = {"run_count": None, "check": "absent"}
+        verification.plane_notes.append("metadata_absent")
+    else:
         verification.plane_results["metadata"] = metadata.plane_result()
         verification.problems += metadata.problems
         if metadata.run_count is not None:
             verification.plane_notes.append("metadata_runs:%d" % metadata.run_count)
         else:
             verification.plane_notes.append("metadata_file_level:%s" % ("ok" if not metadata.problems else "failed"))
-    else:
-        verification.plane_results["metadata"] = {"run_count": None, "check": "absent"}
-        verification.plane_notes.append("metadata_absent")
     verification.plane_notes += ["record_replay:%d" % records.record_count,
                                  "artifact_count:%d" % artifacts.artifact_count]
     verification.plane_results = {key: verification.plane_results[key] for key in _PLANES}
@@ -5416,6 +5877,399 @@ def _verification_notes(backup: _BackupSource, verification: _Verification) -> T
     if backup.kind == "zip":
         notes.append("zip_crc32_checked:%d" % verification.files)
     return tuple(notes)
+
+
+# -- verify-only, in place ---------------------------------------------------------
+#
+# Verify-only reads the backup where it lies (a directory, a tar, a tar.gz, a
+# zip: streaming, never extracting) and writes nothing.  Every member is
+# hashed against the list as it is read, and the same bytes feed the plane
+# checks: record segments and indexes and capture files line by line, the
+# records manifest, bindings against the bodies' digests, the ledger's header.
+# A directory backup is read in parallel: record, index and capture files by
+# worker processes (parsing JSON lines is CPU work; each worker reads its file
+# in place and hashes it on the way), the rest by two hashing threads.
+
+_KEPT_WHOLE = ("records_manifest", "binding")  # members whose bytes a plane check parses
+
+
+def _digest_member(reader: Any, role: str, declared: int) -> Tuple[int, str, Any]:
+    """(size, sha256, what the plane check of ``role`` needs) of a member read to its end (at most declared+1)."""
+    scan = _SCANNERS[role]() if role in _SCANNERS else None
+    keep = role in _KEPT_WHOLE and declared <= _JSON_FILE_LIMIT
+    kept: List[bytes] = []
+    digest = hashlib.sha256()
+    size = 0
+    buffer, view = _chunk_buffer()
+    while True:
+        count = reader.readinto(buffer)
+        if not count:
+            break
+        chunk = view[:count]
+        digest.update(chunk)
+        if scan is not None:
+            scan.feed(chunk)
+        if keep or (role == "ledger" and size < _LEDGER_HEADER):
+            kept.append(bytes(chunk if keep else chunk[:_LEDGER_HEADER - size]))
+        size += count
+    payload = scan.finish() if scan is not None else (b"".join(kept) if kept or keep else None)
+    return size, digest.hexdigest(), payload
+
+
+def _digest_backup_file(path: str, role: str, declared: int) -> Tuple[int, str, Any]:
+    """:func:`_digest_member` of a directory backup's file, read in place (a worker's job, thread or process)."""
+    fd, _opened = _open_source_file(path)
+    try:
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
+            return _digest_member(_BoundedReader(handle, declared), role, declared)
+    finally:
+        os.close(fd)
+
+
+# A store file larger than this is checked in line-aligned pieces of about this size, on every worker at once.
+_PIECE = 8 << 20
+
+
+def _scan_piece(path: str, role: str, start: int, end: int, limit: int) -> _LineScan:
+    """A worker process's job: check the lines of a store file that start in [start, end), read in place.
+
+    Nothing is read at or past ``limit``.  Pieces cut at the same offsets
+    cover every line exactly once, so their scans join (``absorb``) into the
+    whole file's.
+    """
+    scan = _SCANNERS[role]()
+    fd, _opened = _open_source_file(path)
+    try:
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
+            position = _line_start_from(handle, start, limit)
+            at_line_start = True
+            while position < min(end, limit):
+                data = handle.read(min(_CHUNK, min(end, limit) - position))
+                if not data:
+                    return scan.finish()
+                scan.feed(data)
+                position += len(data)
+                at_line_start = data.endswith(b"\n")
+            while not at_line_start and position < limit:  # the line under way at ``end`` is this piece's too
+                data = handle.read(min(1 << 16, limit - position))
+                newline = data.find(b"\n")
+                scan.feed(data if newline < 0 else data[:newline + 1])
+                position += len(data)
+                if not data or newline >= 0:
+                    break
+    finally:
+        os.close(fd)
+    return scan.finish()
+
+
+def _line_start_from(handle: Any, start: int, limit: int) -> int:
+    """Position ``handle`` at the first line starting at or after ``start``; return that offset."""
+    if start <= 0:
+        return 0
+    handle.seek(start - 1)
+    position = start - 1
+    while position < limit:
+        data = handle.read(min(1 << 16, limit - position))
+        if not data:
+            break
+        newline = data.find(b"\n")
+        if newline >= 0:
+            position += newline + 1
+            handle.seek(position)
+            return position
+        position += len(data)
+    return limit
+
+
+def _quiet_worker() -> None:
+    """A worker process leaves Ctrl-C to its parent, which stops it (and says so once)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _StoreWorkers:
+    """Processes that check store files line by line, one per processor (at most four).
+
+    Forked before any thread of this process starts (so no lock is copied
+    held); where fork is missing, or one processor is all there is, jobs run in
+    the caller and the hashing threads.
+    """
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+        try:
+            processors = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            processors = os.cpu_count() or 1
+        import multiprocessing
+        if processors > 1 and "fork" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("fork")
+            self.pool = context.Pool(min(processors, 4), initializer=_quiet_worker)
+
+    def start(self, job: Callable[..., Any], *args: Any) -> Any:
+        """``job(*args)`` on a worker; its ``get()`` gives the result (or raises the worker's exception)."""
+        assert self.pool is not None
+        return self.pool.apply_async(job, args)
+
+    def close(self, failed: bool) -> None:
+        if self.pool is not None:
+            if failed:
+                self.pool.terminate()
+            else:
+                self.pool.close()
+            self.pool.join()
+
+
+class _StoreJobs:
+    """The segment, index and capture files of a directory backup, sent to the workers before the walk reaches
+    them (in path order they come after the artifacts, which the hashing threads read meanwhile).
+
+    A small file is one job (read, hashed and checked by one worker); a large
+    one is checked in pieces on every worker while a hashing thread proves it.
+    A member is taken only if it is what was sent (same size): anything else
+    is read again in its turn.
+    """
+
+    def __init__(self, workers: _StoreWorkers, batches: _Batches) -> None:
+        self.workers = workers
+        self.batches = batches
+        self.sent: Dict[str, Tuple[int, List[Any], Optional[_Later]]] = {}
+
+    def send(self, backup: _BackupSource, planes: "_PlaneFeed", budget: Optional[int]) -> None:
+        assert backup.location is not None
+        for ws_root in planes.store_roots():
+            member_root = planes.layout.member_path(ws_root)
+            for rel, entry_stat, kind in _walk_tree(backup.location / member_root):
+                member = member_root + "/" + rel
+                role = planes.role(planes.layout.workspace_path(member))[0]
+                size = entry_stat.st_size
+                if kind == "file" and role in _SCANNERS and (budget is None or size <= budget):
+                    self.sent[member] = (size,) + self._send(str(backup.location / member), role, size)
+
+    def _send(self, path: str, role: str, size: int) -> Tuple[List[Any], Optional[_Later]]:
+        if size <= _PIECE:
+            return [self.workers.start(_digest_backup_file, path, role, size)], None
+        pieces = [self.workers.start(_scan_piece, path, role, start, start + _PIECE, size + 1)
+                  for start in range(0, size, _PIECE)]
+        return pieces, self.batches.later(lambda result: result, size, _digest_backup_file, path, "", size)
+
+    def take(self, member: _Member, declared: int, then: Callable[[Any], Any]) -> Optional["_Sent"]:
+        sent = self.sent.pop(member.path, None)
+        if sent is None or sent[0] != declared:
+            return None
+        return _Sent(sent[1], sent[2], then)
+
+
+class _Sent:
+    """A store file's result from the workers, taken (and passed through ``then``) in its member's turn."""
+
+    __slots__ = ("pieces", "hashing", "then")
+
+    def __init__(self, pieces: List[Any], hashing: Optional[_Later], then: Callable[[Any], Any]) -> None:
+        self.pieces = pieces
+        self.hashing = hashing
+        self.then = then
+
+    def result(self) -> Any:
+        if self.hashing is None:
+            return self.then(self.pieces[0].get())  # raises the worker's exception (an unreadable file, say) here
+        size, digest, _payload = self.hashing.result()
+        whole = self.pieces[0].get()
+        for piece in self.pieces[1:]:
+            whole.absorb(piece.get())
+        return self.then((size, digest, whole))
+
+
+class _PlaneFeed:
+    """The plane checks of a backup being read: which member feeds which check, and the checks themselves."""
+
+    def __init__(self, layout: _Layout, verification: _Verification) -> None:
+        self.layout = layout
+        self.verification = verification
+        self.records = _RecordsCheck(verification.display(layout.records_root))
+        self.artifacts = _ArtifactsCheck(verification.display(layout.artifacts_root))
+        self.roots = [(layout.records_root, "records"), (layout.artifacts_root, "artifacts")] + [
+            (rel, "capture") for rel, part in layout.part_roots if part == "capture"]
+        self.captures: Dict[str, Dict[str, Any]] = {}
+        self.ledger: Optional[Tuple[int, bytes, Optional[str]]] = None  # size, header, path in place
+        self.wal = False
+
+    def store_roots(self) -> List[str]:
+        """Where the files checked line by line live (workspace-relative)."""
+        return [root for root, plane in self.roots if plane != "artifacts"]
+
+    def role(self, ws_rel: Optional[str]) -> Tuple[str, str]:
+        """(role, path within its store) of a member file: what it feeds, if anything."""
+        layout = self.layout
+        if ws_rel is None:
+            return "", ""
+        if ws_rel == layout.metadata_db:
+            return "ledger", ""
+        if ws_rel == layout.metadata_db + ".wal":
+            return "wal", ""
+        for root, plane in self.roots:
+            if not ws_rel.startswith(root + "/"):
+                continue
+            rel = ws_rel[len(root) + 1:]
+            if plane == "capture":
+                return "capture", root + "\0" + rel
+            if plane == "records":
+                return _records_role(rel), rel
+            if rel.startswith("bindings/") and rel.endswith(".binding.json") and rel.count("/") == 1:
+                return "binding", rel[len("bindings/"):]
+            return ("body", rel) if rel.startswith("objects/") else ("", "")
+        return "", ""
+
+    def watch(self, members: Iterable[_Member]) -> Iterator[_Member]:
+        """The members, passed on; a store is present when the backup holds its directory (or anything below)."""
+        for member in members:
+            ws_rel = self.layout.workspace_path(member.path)
+            if ws_rel is not None and member.kind == "dir":
+                self.verification.restorable_mode(member.path, member.mode)  # what a restore would mask, said
+            if ws_rel is not None:
+                for root, plane in self.roots:
+                    if ws_rel == root or ws_rel.startswith(root + "/"):
+                        if plane == "records":
+                            self.records.present()
+                        elif plane == "artifacts":
+                            self.artifacts.present()
+                        else:
+                            self.captures.setdefault(root, _capture_result(True))
+            yield member
+
+    def feed(self, role: str, rel: str, member: _Member, size: int, digest: str, payload: Any) -> None:
+        """One member's bytes, as read and hashed (only members within their declared size come here)."""
+        if role == "segment":
+            self.records.segment(rel, payload)
+        elif role == "index":
+            self.records.index(rel, payload)
+        elif role == "records_manifest":
+            self.records.manifest(payload)
+        elif role == "segment_unnamed":
+            self.records.segment(rel, None)
+        elif role == "binding":
+            try:
+                self.artifacts.binding(rel, _parse_binding(payload), None)
+            except (ValueError, UnicodeDecodeError) as exc:
+                self.artifacts.binding(rel, None, str(exc))
+        elif role == "body":
+            self.artifacts.body(rel, size, digest)
+        elif role == "ledger":
+            self.ledger = (size, payload or b"", member.on_disk)
+        elif role == "wal":
+            self.wal = True
+        elif role == "capture":
+            root, _sep, within = rel.partition("\0")
+            _count_capture(self.captures.setdefault(root, _capture_result(True)), payload,
+                           self.layout.member_path(root + "/" + within), self.verification.problems)
+
+    def finish(self, has_metadata: bool) -> None:
+        """Decide every plane (index pointers need every segment, bodies every binding) into the verification."""
+        verification = self.verification
+        metadata = None
+        if has_metadata or self.ledger is not None:
+            metadata = MetadataReport(database_file=_ledger_shown(self.layout, verification), wal_present=self.wal)
+            if self.ledger is None:
+                metadata.problems.append(Problem("metadata_missing", metadata.database_file,
+                                                 "metadata ledger is missing"))
+            elif _judge_ledger_header(metadata, self.ledger[0], self.ledger[1]) and self.ledger[2] is not None:
+                path = Path(self.ledger[2])  # DuckDB reads the ledger where it lies, read-only
+                if _posix_lock_is_held(path):
+                    metadata.check = "file_level_in_use"
+                else:
+                    _count_runs_with_duckdb(path, metadata, metadata.database_file)
+        _record_planes(verification, self.records.finish(), self.artifacts.finish(), metadata)
+        for root in sorted(self.captures):
+            verification.plane_notes.append("capture_lines:%d" % self.captures[root]["line_count"])
+
+
+def _records_role(rel: str) -> str:
+    """What a file of a record store is to its check (as the live check globs them)."""
+    if rel == "manifest.json":
+        return "records_manifest"
+    if rel.startswith("segments/segment-") and rel.endswith(".jsonl") and rel.count("/") == 1:
+        return "segment" if _segment_id(rel) is not None else "segment_unnamed"
+    if rel.startswith("indexes/") and rel.endswith(".jsonl") and rel.count("/") == 2:
+        return "index"
+    return ""
+
+
+def _verify_in_place(backup: _BackupSource, layout: _Layout, plan: "RestorePlan") -> RestoreResult:
+    """Prove a backup where it lies: every byte hashed against its list, every plane checked, nothing written."""
+    verification = _Verification(layout=layout)
+    planes = _PlaneFeed(layout, verification)
+    progress = _Progress("verify %s: hashing and checking, in place" % backup.backup_ref,
+                         int(backup.declared_bytes or 0))
+    workers = _StoreWorkers() if backup.kind == "directory" else None  # forked before the threads start
+    batches = _Batches()
+    jobs = _StoreJobs(workers, batches) if workers is not None and workers.pool is not None else None
+
+    def on_file(member: _Member, listed: Optional[_Listed]) -> Any:
+        declared = _declared_size(member, listed)
+        ws_rel = layout.workspace_path(member.path)
+        role, rel = planes.role(ws_rel)
+        if ws_rel is not None:
+            verification.restorable_mode(member.path, member.mode if listed is None or listed.mode is None
+                                         else listed.mode)
+
+        def then(result: Tuple[int, str, Any]) -> Tuple[int, str]:
+            size, digest, payload = result
+            if size <= declared:  # a lying member is a problem, never a plane's input
+                planes.feed(role, rel, member, size, digest, payload)
+            progress.advance(size)
+            return size, digest
+
+        if member.on_disk is None:  # an archive's member: read here, as the archive streams
+            with member.open() as handle:
+                return then(_digest_member(_BoundedReader(handle, declared), role, declared))
+        sent = jobs.take(member, declared, then) if jobs is not None else None
+        if sent is not None:
+            return sent
+        return batches.later(then, member.size, _digest_backup_file, member.on_disk, role, declared)
+
+    failed = True
+    try:
+        if jobs is not None:
+            jobs.send(backup, planes, backup.budget)
+        files, total = _check_members(planes.watch(backup.members()), backup.expected(), on_file,
+                                      verification.problems, backup.budget)
+        failed = False
+    finally:
+        batches.close()
+        if workers is not None:
+            workers.close(failed)
+        progress.finish()
+    verification.files, verification.bytes = files, total
+    verification.problems += _own_format_problems(backup)
+    if not any(problem.code == "archive_corrupt" for problem in verification.problems):
+        verification.problems += backup.manifest_problems()
+    _Progress.phase("verify %s: index pointers, bodies against bindings, orphans, the ledger" % backup.backup_ref)
+    planes.finish(has_metadata="metadata" in backup.manifest.get("included_sections", []))
+    space_note, space_warning = _target_space(plan, backup.declared_bytes or verification.bytes)
+    return RestoreResult(
+        status="FAILURE" if verification.problems else "SUCCESS", notes=plan.notes + (space_note,),
+        warnings=plan.warnings + tuple(verification.notices()) + space_warning,
+        details={"made_by": backup.made_by, "read": "in_place", "verified_files": verification.files,
+                 "verified_bytes": verification.bytes},
+        backup_ref=backup.backup_ref, target_workspace=plan.target_workspace, applied=False,
+        plane_results=verification.plane_results, verification_notes=_verification_notes(backup, verification),
+        problems=tuple(verification.problems), source_root=backup.location)
+
+
+def _target_space(plan: "RestorePlan", needed: int) -> Tuple[str, Tuple[Notice, ...]]:
+    """Whether the restore target's filesystem has room for what the backup holds (statvfs): a note, and a
+    warning when it has not."""
+    place = Path(plan.target_workspace).parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    fs = os.statvfs(str(place))
+    free = fs.f_bavail * fs.f_frsize
+    note = "target_space:%d bytes needed, %d free on the filesystem of %s" % (needed, free, place)
+    if needed <= free:
+        return note, ()
+    return note, (Notice("target_space_short", "a restore into %s needs %s (what the backup declares), but the "
+                         "filesystem of %s has %s free; free space there or restore elsewhere (--target)"
+                         % (plan.target_workspace, _human_bytes(needed), place, _human_bytes(free))),)
 
 
 def _stale_dirs(parent: Path, prefix: str, files: bool = False) -> List[Path]:
@@ -5477,6 +6331,13 @@ def _restore(config: UnifiedConfig, plan: RestorePlan, force: bool) -> RestoreRe
 
 
 def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> RestoreResult:
+    if not plan.materialize:
+        return _verify_in_place(backup, layout, plan)
+    return _verify_materialized(backup, layout, plan)
+
+
+def _verify_materialized(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> RestoreResult:
+    """The old verify-only (``--materialize``): copy the backup into staging, check it there, remove staging."""
     staging_root = Path(plan.staging_root)
     staging_root.mkdir(parents=True, exist_ok=True)
     prefix = ".contexta-ops-verify-"
@@ -7798,7 +8659,7 @@ def check_workspace(config: UnifiedConfig, planes: Optional[Sequence[str]] = Non
     if set(selected) & set(_PLANES):
         # A workspace used only through contexta's facade never made a ledger: absent, not missing.
         has_metadata = config.workspace.metadata_path.exists() or os.path.lexists(str(config.metadata.database_path))
-        _check_planes(Path("/"), layout, verification, has_metadata=has_metadata, check_indexes=True)
+        _check_planes(Path("/"), layout, verification, has_metadata=has_metadata)
         verification.plane_results = {key: value for key, value in verification.plane_results.items()
                                       if key in selected}
         verification.problems = [problem for problem in verification.problems
@@ -7828,7 +8689,7 @@ def check_workspace(config: UnifiedConfig, planes: Optional[Sequence[str]] = Non
 
 def _check_capture(capture_root: Path, show: Callable[[str], str], problems: List[Problem]) -> Dict[str, Any]:
     """Every line of the capture sink's files is a JSON object: contexta's facade keeps its only copy there."""
-    result = {"present": capture_root.is_dir(), "file_count": 0, "line_count": 0, "invalid_count": 0}
+    result = _capture_result(capture_root.is_dir())
     for rel, _entry_stat, kind in _walk_tree(capture_root) if capture_root.is_dir() else ():
         path = capture_root / rel
         if kind == "dir":
@@ -7836,32 +8697,30 @@ def _check_capture(capture_root: Path, show: Callable[[str], str], problems: Lis
         if kind != "file":
             problems.append(Problem("special_file", show(str(path)), "a %s where capture files are kept" % kind))
             continue
-        result["file_count"] += 1
-        reported = 0
         try:
             with open_regular(path) as handle:
-                for line_number, raw in enumerate(handle, start=1):
-                    if not raw.strip():
-                        continue
-                    result["line_count"] += 1
-                    try:
-                        valid = isinstance(json_loads(raw), dict)
-                        why = "is not a JSON object"
-                    except ValueError as exc:
-                        valid, why = False, str(exc)
-                    if not valid:
-                        result["invalid_count"] += 1
-                        if not raw.endswith(b"\n"):
-                            why = "is cut off (no newline) and " + why
-                        if reported < _PROBLEMS_PER_FILE:
-                            reported += 1
-                            problems.append(Problem("capture_line_invalid", show(str(path)),
-                                                    "line %d %s" % (line_number, why)))
+                scan = _scan_stream(handle, "capture")
         except OSError as exc:
+            result["file_count"] += 1
             result["invalid_count"] += 1
             problems.append(Problem("capture_unreadable", show(str(path)), "cannot be read: %s"
                                     % (exc.strerror or exc)))
+            continue
+        _count_capture(result, scan, show(str(path)), problems)
     return result
+
+
+def _capture_result(present: bool) -> Dict[str, Any]:
+    return {"present": present, "file_count": 0, "line_count": 0, "invalid_count": 0}
+
+
+def _count_capture(result: Dict[str, Any], scan: "_CaptureScan", shown: str, problems: List[Problem]) -> None:
+    """One capture file's scan into the plane's counts and problems."""
+    result["present"] = True
+    result["file_count"] += 1
+    result["line_count"] += scan.line_count
+    result["invalid_count"] += scan.invalid_count
+    problems += [Problem(code, shown, "line %d%s" % (line, text)) for code, line, text, _e, _a in scan.problems]
 
 
 def _plane_of(problem: Problem, config: UnifiedConfig) -> str:
@@ -8417,7 +9276,9 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("backup", nargs="?", metavar="BACKUP",
                          help="backup ref, a backup directory or archive, a Contexta CLI zip, or - (stdin)")
         sub.add_argument("--verify-only", action="store_true",
-                         help="materialize and verify in staging; never touch the target")
+                         help="prove the backup restorable, reading it in place; never touch the target")
+        sub.add_argument("--materialize", action="store_true",
+                         help="with --verify-only: copy the backup into --staging-root first, and check it there")
         sub.add_argument("--target", "--target-workspace", dest="target", metavar="DIR",
                          help="workspace to restore into (default: --workspace; --target-workspace is Contexta's "
                               "spelling)")
@@ -8714,7 +9575,9 @@ def _cmd_restore_plan(args: argparse.Namespace, out: _Output) -> int:
     if args.backup is None:
         raise UsageError("restore plan needs a BACKUP")
     config = _config_from_args(args)
-    plan = plan_restore(config, args.backup, args.target, verify_only=bool(args.verify_only))
+    _check_materialize(args)
+    plan = plan_restore(config, args.backup, args.target, verify_only=bool(args.verify_only),
+                        materialize=args.materialize)
     out.say("Restore plan: %s (made by %s%s) -> %s" % (plan.backup_ref, plan.made_by,
                                                        "" if plan.has_checksums else ", no checksums",
                                                        plan.target_workspace))
@@ -8736,11 +9599,17 @@ def _cmd_restore_plan(args: argparse.Namespace, out: _Output) -> int:
     return EXIT_PROBLEMS if refused else EXIT_OK
 
 
+def _check_materialize(args: argparse.Namespace) -> None:
+    if args.materialize and not args.verify_only:
+        raise UsageError("--materialize goes with --verify-only (a restore always builds the new tree)")
+
+
 def _cmd_restore_run(args: argparse.Namespace, out: _Output) -> int:
     if args.backup is None and not args.verify_only:
         raise UsageError("restore needs a BACKUP to apply; `restore --verify-only` alone checks the newest")
     config = _config_from_args(args)
-    plan = plan_restore(config, args.backup, args.target, verify_only=args.verify_only)
+    _check_materialize(args)
+    plan = plan_restore(config, args.backup, args.target, verify_only=args.verify_only, materialize=args.materialize)
     if args.backup is None:
         out.note("using the newest complete backup: %s" % plan.backup_ref)
     result = restore_workspace_forced(config, plan) if args.force else restore_workspace(config, plan)

@@ -132,13 +132,16 @@ def listed(location):
     return entries
 
 
-def reseal(location, change_manifest=None):
-    """Re-hash every listed file into SHA256SUMS, then make the manifest's file_list, total_bytes and digest match
-    (after ``change_manifest(manifest)``, if given): only the edited bytes differ, so only the planes can object."""
+def reseal(location, change_manifest=None, add=()):
+    """Re-hash every listed file that is still there (and the members ``add`` names) into SHA256SUMS, then make
+    the manifest's file_list, total_bytes and digest match (after ``change_manifest(manifest)``, if given): only
+    the edited bytes differ, so only the planes can object."""
     location = Path(location)
     lines = []
     total = 0
-    for path in listed(location):
+    for path in sorted((set(listed(location)) | set(add))):
+        if not (location / path).is_file():
+            continue
         data = (location / path).read_bytes()
         total += len(data)
         assert "\\" not in path and "\n" not in path

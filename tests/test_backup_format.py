@@ -55,7 +55,7 @@ def test_a_v1_backup_still_verifies_and_restores_byte_for_byte(cli, fixture_dir,
     assert json.loads((v1 / "bk" / V1_REF / "manifest.json").read_text())["format"] == "contexta-ops-backup-v1"
     verified = cli(*_args(fixture_dir, "backup", "verify", source, "--json"))
     assert verified.returncode == 0 and verified.json["checked_files"] == 24, verified
-    for extra in ((),):
+    for extra in ((), ("--materialize",)):
         only = cli(*_args(fixture_dir, "restore", source, "--verify-only", "--json", *extra))
         assert only.returncode == 0, only
         assert "checksums_verified:24" in only.json["verification_notes"]
@@ -178,7 +178,8 @@ def test_a_file_larger_than_the_manifest_total_is_never_read(cli, fixture_dir):
     member = "workspace/cache/outbox/failed_deliveries.jsonl"
     with open(str(location / member), "ab") as handle:
         handle.write(b"x" * 4 * created["bytes_written"])
-    for command in (("backup", "verify", created["backup_ref"]), ("restore", created["backup_ref"], "--verify-only")):
+    for command in (("backup", "verify", created["backup_ref"]), ("restore", created["backup_ref"], "--verify-only"),
+                    ("restore", created["backup_ref"], "--verify-only", "--materialize")):
         result = cli(*_args(fixture_dir, *command, "--json"))
         assert result.returncode == 1, result
         assert ("size_mismatch", member) in [(p["code"], p["path"]) for p in result.json["problems"]], result

@@ -69,10 +69,14 @@ def test_a_zip_bomb_is_refused_before_anything_is_inflated(cli, fixture_dir, tmp
     bomb = make_corpus.write_zip_bomb(tmp_path, size=64 << 20)
     assert bomb.stat().st_size < 1 << 20
     with small_disk(fixture_dir / "staging", "16m") as staging:
-        result = cli(*_args(fixture_dir, "restore", bomb, "--verify-only", "--json"))
+        result = cli(*_args(fixture_dir, "restore", bomb, "--verify-only", "--materialize", "--json"))
         _one_line(result, 3, "insufficient_space")
         needed = re.search(r"\((\d+) bytes\)", result.stderr)
         assert str(staging) in result.stderr and int(needed.group(1)) > 64 << 20, result  # where, how much
+        assert os.listdir(str(staging)) == []
+        in_place = cli(*_args(fixture_dir, "restore", bomb, "--verify-only", "--target", staging / "ws", "--json"))
+        assert in_place.returncode == 0, in_place  # inflated as it streams, up to what the zip declares; not kept
+        assert "target_space_short" in [w["code"] for w in in_place.json["warnings"]]
         assert os.listdir(str(staging)) == []
     with small_disk(fixture_dir / "disk", "16m") as disk:
         target = disk / ".contexta"

@@ -394,14 +394,36 @@ def test_verify_only_and_apply_check_free_space_before_writing(cli, fixture_dir,
     staging = tmp_path / "small"
     _tiny_filesystem(staging, "64k")
     try:
-        result = cli("--workspace", _ws(fixture_dir), "--backup-root", fixture_dir / "bk", "--staging-root", staging,
-                     "restore", "--verify-only", created["backup_ref"], "--json")
+        args = ("--workspace", _ws(fixture_dir), "--backup-root", fixture_dir / "bk", "--staging-root", staging,
+                "restore", "--verify-only", created["backup_ref"], "--json")
+        result = cli(*args, "--materialize")
         assert result.returncode == 3, result
         assert result.json["error"]["code"] == "insufficient_space"
         assert str(staging) in result.stderr and "needed" in result.stderr
         assert list(staging.iterdir()) == []
+        in_place = cli(*args)  # reads the backup where it lies: staging's size does not matter
+        assert in_place.returncode == 0, in_place
+        assert list(staging.iterdir()) == []
     finally:
         subprocess.run(["umount", str(staging)])
+
+
+def test_verify_only_says_whether_the_target_has_room(cli, fixture_dir, tmp_path):
+    created = _backup(cli, fixture_dir)
+    disk = tmp_path / "small"
+    _tiny_filesystem(disk, "1m")
+    try:
+        result = _run(cli, fixture_dir, "restore", "--verify-only", created["backup_ref"], "--target",
+                      disk / ".contexta", "--json")
+        assert result.returncode == 0, result  # the backup is sound; the restore would not fit there
+        short = [w["message"] for w in result.json["warnings"] if w["code"] == "target_space_short"]
+        assert len(short) == 1 and str(disk) in short[0], result
+        assert [note for note in result.json["notes"] if note.startswith("target_space:") and str(disk) in note]
+        roomy = _run(cli, fixture_dir, "restore", "--verify-only", created["backup_ref"], "--json")
+        assert not [w for w in roomy.json["warnings"] if w["code"] == "target_space_short"]
+        assert os.listdir(str(disk)) == []
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 # -- cache/capture is primary data ------------------------------------------------------------------------
