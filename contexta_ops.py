@@ -450,16 +450,22 @@ def _chunk_buffer() -> Tuple[bytearray, memoryview]:
     return buffer, _BUFFERS.view
 
 
+def _chunks(reader: Any) -> Iterator[memoryview]:
+    """A reader's bytes, a buffer at a time (each chunk is valid until the next one is asked for)."""
+    buffer, view = _chunk_buffer()
+    while True:
+        count = reader.readinto(buffer)
+        if not count:
+            return
+        yield view[:count]
+
+
 def _hash_stream(handle: Any) -> Tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    buffer, view = _chunk_buffer()
-    while True:
-        count = handle.readinto(buffer)
-        if not count:
-            break
-        digest.update(view[:count])
-        size += count
+    for chunk in _chunks(handle):
+        digest.update(chunk)
+        size += len(chunk)
     return size, digest.hexdigest()
 
 
@@ -536,16 +542,11 @@ def _copy_stream_hashed(reader: Any, destination: Any, durable: bool = False) ->
     """Copy a readable stream (an archive member, a body being ingested) to a new file, hashing on the way."""
     digest = hashlib.sha256()
     size = 0
-    buffer, view = _chunk_buffer()
     with _naming(destination), open(destination, "xb") as out:
-        while True:
-            count = reader.readinto(buffer)
-            if not count:
-                break
-            chunk = view[:count]
+        for chunk in _chunks(reader):
             digest.update(chunk)
             out.write(chunk)
-            size += count
+            size += len(chunk)
         if durable:
             out.flush()
             os.fsync(out.fileno())
@@ -805,6 +806,10 @@ def _libc_function(name: str) -> Any:
     if not sys.platform.startswith("linux"):
         return None
     import ctypes  # only here: importing it costs every command's start-up
+    try:  # the process's own symbols hold libc's; find_library would run ldconfig in a subprocess to say so
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        pass
     import ctypes.util
     try:
         return getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), name)
@@ -3030,37 +3035,39 @@ class _SectionWalk:
                 continue
             key, node = item
             name = key[:-1] if key.endswith("/") else key
-            member = prefix + name
-            if node is None or node.kind == "virtual":
-                path = (real_dir or "") + name if real_dir is not None else None
-                try:
-                    entry_stat = os.lstat(path) if path is not None else None
-                except FileNotFoundError:
-                    entry_stat = None
-                kind = _kind_of(entry_stat.st_mode) if entry_stat is not None else "virtual"
-                if node is not None and kind != "dir":  # a directory on the way to a section, made by the backup
-                    path, entry_stat, kind = None, None, "dir"
-                if kind == "file" or kind == "dir":
-                    if kind == "file" and member <= last_file:
-                        self.warnings.append(Notice("changed_during_backup", "%s changed while the walk passed it "
-                                                    "and was not copied" % path))
-                        continue
-                    if kind == "file":
-                        last_file = member
-                    yield _Entry(kind, member, path, entry_stat)
-                    if kind == "dir":
-                        stack.append((member + "/", path + "/" if path is not None else None,
-                                      self._items(node, path)))
-                elif kind != "virtual":
-                    self.warnings.append(Notice("skipped_special_file" if kind == "special" else "skipped_symlink",
-                                                "%s is a %s and was not copied" % (path, kind)))
+            entry = self._entry(prefix + name, real_dir, name, node)
+            if entry is None:
                 continue
-            if node.kind == "dir":
-                yield _Entry("dir", member, node.source, node.stat)
-                stack.append((member + "/", (node.source or "") + "/", self._items(node, node.source)))
-                continue
-            last_file = max(last_file, member)
-            yield _Entry("file", member, node.source, node.stat, node.data)
+            if entry.kind == "file":
+                if entry.member <= last_file:  # a directory turned file (or back) while it was listed
+                    self.warnings.append(Notice("changed_during_backup", "%s changed while the walk passed it "
+                                                "and was not copied" % entry.source))
+                    continue
+                last_file = entry.member
+            yield entry
+            if entry.kind == "dir":
+                stack.append((entry.member + "/", entry.source + "/" if entry.source is not None else None,
+                              self._items(node, entry.source)))
+
+    def _entry(self, member: str, real_dir: Optional[str], name: str,
+               node: Optional[_MountNode]) -> Optional[_Entry]:
+        """What one name of the tree is: a mounted section, a real entry, or a directory the backup makes."""
+        if node is not None and node.kind != "virtual":
+            return _Entry("dir" if node.kind == "dir" else "file", member, node.source, node.stat, node.data)
+        path = real_dir + name if real_dir is not None else None
+        try:
+            entry_stat = os.lstat(path) if path is not None else None
+        except FileNotFoundError:
+            entry_stat = None
+        kind = _kind_of(entry_stat.st_mode) if entry_stat is not None else "gone"
+        if node is not None and kind != "dir":  # on the way to a section: a directory the backup makes
+            return _Entry("dir", member, None, None)
+        if kind in ("file", "dir"):
+            return _Entry(kind, member, path, entry_stat)
+        if kind != "gone":
+            self.warnings.append(Notice("skipped_special_file" if kind == "special" else "skipped_symlink",
+                                        "%s is a %s and was not copied" % (path, kind)))
+        return None
 
 
 def _list_line(member: str, sha256: str) -> bytes:
@@ -5900,18 +5907,13 @@ def _digest_member(reader: Any, role: str, declared: int) -> Tuple[int, str, Any
     kept: List[bytes] = []
     digest = hashlib.sha256()
     size = 0
-    buffer, view = _chunk_buffer()
-    while True:
-        count = reader.readinto(buffer)
-        if not count:
-            break
-        chunk = view[:count]
+    for chunk in _chunks(reader):
         digest.update(chunk)
         if scan is not None:
             scan.feed(chunk)
         if keep or (role == "ledger" and size < _LEDGER_HEADER):
             kept.append(bytes(chunk if keep else chunk[:_LEDGER_HEADER - size]))
-        size += count
+        size += len(chunk)
     payload = scan.finish() if scan is not None else (b"".join(kept) if kept or keep else None)
     return size, digest.hexdigest(), payload
 

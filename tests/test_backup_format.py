@@ -203,6 +203,26 @@ def test_an_archive_holds_manifest_list_then_members_in_list_order(cli, fixture_
     assert manifest["file_list"]["sha256"] == hashlib.sha256(sums).hexdigest()
 
 
+def test_sections_inside_one_another_are_walked_once_in_path_order(cli, fixture_dir, tmp_path):
+    """--include-cache holds the outbox and capture sections; an outbox relocated elsewhere takes the place of a
+    stale cache/outbox (said, not copied twice); the list stays in path order and verifies."""
+    ws = _ws(fixture_dir)
+    elsewhere = tmp_path / "outbox"
+    shutil.copytree(str(ws / "cache/outbox"), str(elsewhere))
+    (elsewhere / "failed_deliveries.jsonl").write_text('{"replay_ref": "relocated"}\n')
+    (ws / "cache/other.txt").write_text("kept in the cache")
+    created = cli("--workspace", ws, "--backup-root", fixture_dir / "bk", "--outbox-root", elsewhere, "backup",
+                  "create", "--include-cache", "--json")
+    assert created.returncode == 1, created  # DEGRADED: the stale cache/outbox was not copied, and it says so
+    assert [w["code"] for w in created.json["warnings"]] == ["section_shadowed"]
+    location = Path(created.json["location"])
+    entries = listed(location)
+    assert list(entries) == sorted(entries)
+    assert (location / "workspace/cache/outbox/failed_deliveries.jsonl").read_text() == '{"replay_ref": "relocated"}\n'
+    assert (location / "workspace/cache/other.txt").is_file()
+    assert cli("--backup-root", fixture_dir / "bk", "backup", "verify", location).returncode == 0
+
+
 # -- the streaming iterator the comparison commands use -------------------------------------------------------
 
 def test_iter_listed_files_for_every_kind(cli, fixture_dir, v1, expected):

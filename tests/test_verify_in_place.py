@@ -151,21 +151,6 @@ def test_many_segments_are_checked_across_processes_exactly(cli, fixture_dir):
     assert result.json["plane_results"]["records"]["segment_count"] == 40
 
 
-def test_duckdb_counts_runs_in_place_and_leaves_the_backup_as_it_was(pyz, fixture_dir, expected, contexta_ref):
-    backup = fixture_dir / "backups" / FIXTURE_BACKUP_REF
-    before = snapshot(backup)
-    completed = subprocess.run(
-        [contexta_ref, str(pyz), "--backup-root", str(fixture_dir / "backups"), "--staging-root",
-         str(fixture_dir / "staging"), "restore", "--verify-only", FIXTURE_BACKUP_REF, "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-        env={key: value for key, value in os.environ.items() if not key.startswith("CONTEXTA_")})
-    assert completed.returncode == 0, completed.stderr
-    payload = json.loads(completed.stdout)
-    assert payload["plane_results"]["metadata"]["check"] == "duckdb"
-    assert payload["plane_results"]["metadata"]["run_count"] == expected["runs"]
-    assert snapshot(backup) == before and not (fixture_dir / "staging").exists()
-
-
 def test_materialize_goes_only_with_verify_only(cli, fixture_dir):
     result = cli(*_args(fixture_dir, "restore", FIXTURE_BACKUP_REF, "--materialize", "--json"))
     assert result.returncode == 2 and result.json["error"]["code"] == "usage"
