@@ -5928,8 +5928,10 @@ def _digest_backup_file(path: str, role: str, declared: int) -> Tuple[int, str, 
         os.close(fd)
 
 
-# A store file larger than this is checked in line-aligned pieces of about this size, on every worker at once.
+# A store file larger than this is checked in line-aligned pieces of about this size, on every worker at once;
+# one smaller than _ALONE is checked by a hashing thread in its turn (a worker's round trip would cost more).
 _PIECE = 8 << 20
+_ALONE = 64 << 10
 
 
 def _scan_piece(path: str, role: str, start: int, end: int, limit: int) -> _LineScan:
@@ -6045,7 +6047,7 @@ class _StoreJobs:
                 member = member_root + "/" + rel
                 role = planes.role(planes.layout.workspace_path(member))[0]
                 size = entry_stat.st_size
-                if kind == "file" and role in _SCANNERS and (budget is None or size <= budget):
+                if kind == "file" and role in _SCANNERS and _ALONE <= size and (budget is None or size <= budget):
                     self.sent[member] = (size,) + self._send(str(backup.location / member), role, size)
 
     def _send(self, path: str, role: str, size: int) -> Tuple[List[Any], Optional[_Later]]:

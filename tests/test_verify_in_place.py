@@ -116,39 +116,46 @@ def test_in_place_agrees_with_materializing_for_every_kind(cli, fixture_dir, exp
     assert in_place.returncode == 0 and _verdict(in_place) == _verdict(staged), (in_place, staged)
 
 
-def test_many_segments_are_checked_across_processes_exactly(cli, fixture_dir):
-    """Forty segments, with a gap between two of them and a bad line in another: found, named, in order."""
+def _write_segments(segments, sizes, late, bad):
+    """Segments of the given line counts, the sequences in ``late`` skipped, a non-JSON line after ``bad``."""
+    sequence = 0
+    padding = "x" * 400
+    for number, count in enumerate(sizes, start=1):
+        with open(str(segments / ("segment-%06d.jsonl" % number)), "wb") as handle:
+            for line in range(count):
+                sequence += 2 if sequence + 1 in late else 1
+                handle.write(json.dumps({"appended_at": "2026-01-01T00:00:00Z", "record": {"pad": padding},
+                                         "sequence": sequence}, separators=(",", ":")).encode() + b"\n")
+                if sequence == bad:
+                    handle.write(b"not json\n")
+    return sequence
+
+
+def test_segments_and_pieces_on_worker_processes_are_stitched_exactly(cli, fixture_dir):
+    """Forty segments of ~460 KB (a worker each) and one of ~19 MB (checked in pieces on every worker), with a
+    gap at a segment's start, one inside the big one and a bad line near a piece boundary: verify-only finds
+    exactly what `check` finds reading them whole, named by member and line."""
     ws = _ws(fixture_dir)
     segments = ws / "records" / "segments"
-    lines = (segments / "segment-000001.jsonl").read_bytes().splitlines(keepends=True)
     shutil.rmtree(str(segments))
     segments.mkdir()
-    sequence = 0
-    for number in range(1, 41):
-        with open(str(segments / ("segment-%06d.jsonl" % number)), "wb") as handle:
-            for line in range(25):
-                sequence += 2 if (number, line) == (20, 0) else 1  # segment 20 starts one sequence late
-                handle.write(json.dumps({"appended_at": "2026-01-01T00:00:00Z", "record": {"n": sequence},
-                                         "sequence": sequence}).encode() + b"\n")
-            if number == 33:
-                handle.write(b"not json\n")
+    sizes = [1000] * 40 + [40000]
+    last = _write_segments(segments, sizes, late={20001, 58000}, bad=58500)
     manifest = json.loads((ws / "records/manifest.json").read_text())
-    manifest["last_committed_sequence"] = sequence
+    manifest["last_committed_sequence"] = last
     (ws / "records/manifest.json").write_text(json.dumps(manifest))
     shutil.rmtree(str(ws / "records/indexes"))
-    assert lines  # (the fixture's records were replaced)
     check = cli("--workspace", ws, "check", "--plane", "records", "--json")
     created = cli(*_args(fixture_dir, "backup", "create", "--json"))
     result = cli(*_args(fixture_dir, "restore", created.json["backup_ref"], "--verify-only", "--json"))
     assert result.returncode == 1
-    found = [(p["code"], p["path"], p["message"]) for p in result.json["problems"]]
-    assert found == [("sequence_gap", "workspace/records/segments/segment-000020.jsonl",
-                      "line 1: sequence 477 follows 475"),
-                     ("invalid_json_line", "workspace/records/segments/segment-000033.jsonl", "line 26 is not JSON")]
-    assert [(p["code"], p["message"]) for p in check.json["problems"]] == [(code, message) for code, _path, message
-                                                                            in found]
-    assert result.json["plane_results"]["records"]["record_count"] == 1000
-    assert result.json["plane_results"]["records"]["segment_count"] == 40
+    found = [(p["code"], p["path"].rsplit("/", 1)[1], p["message"]) for p in result.json["problems"]]
+    assert found == [("sequence_gap", "segment-000021.jsonl", "line 1: sequence 20002 follows 20000"),
+                     ("sequence_gap", "segment-000041.jsonl", "line 17999: sequence 58001 follows 57999"),
+                     ("invalid_json_line", "segment-000041.jsonl", "line 18499 is not JSON")]
+    assert found == [(p["code"], p["path"].rsplit("/", 1)[1], p["message"]) for p in check.json["problems"]]
+    records = result.json["plane_results"]["records"]
+    assert (records["record_count"], records["segment_count"], records["highest_sequence"]) == (80000, 41, last)
 
 
 def test_materialize_goes_only_with_verify_only(cli, fixture_dir):
