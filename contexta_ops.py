@@ -4355,13 +4355,6 @@ class _Window:
         self.left -= len(line)
         return line
 
-    def read(self, size: int = -1) -> bytes:
-        if self.left <= 0:
-            return b""
-        data: bytes = self.handle.read(self.left if size < 0 else min(size, self.left))
-        self.left -= len(data)
-        return data
-
     def __enter__(self) -> "_Window":
         return self
 
@@ -4540,10 +4533,6 @@ class _Unclosed:
     def readline(self, limit: int = -1) -> bytes:
         line: bytes = self.handle.readline(limit)
         return line
-
-    def read(self, size: int = -1) -> bytes:
-        data: bytes = self.handle.read(size)
-        return data
 
     def close(self) -> None:
         pass

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from run import CONTEXTA_VERIFY, REF_SCRIPT, measure_io as measure  # noqa: E402
+from run import CONTEXTA_VERIFY, REF_SCRIPT, generated_workspace, measure_io as measure  # noqa: E402
 
 SHAPES = {"300mb": ["--artifact-mb", "330", "--segments", "100"], "1gb": []}
 
@@ -47,12 +47,7 @@ def main():
     parser.add_argument("--no-materialize", action="store_true", help="skip the --materialize rows")
     args = parser.parse_args()
     base = Path(args.dir)
-    source = base / ("source-%s" % args.shape)
-    if not (source / ".contexta").is_dir():
-        shutil.rmtree(str(source), ignore_errors=True)
-        subprocess.run([sys.executable, str(HERE / "make_workspace.py"), str(source)] + SHAPES[args.shape],
-                       check=True, stdout=subprocess.DEVNULL)
-    workspace = source / ".contexta"
+    workspace = generated_workspace(base / ("source-%s" % args.shape), SHAPES[args.shape])
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONTEXTA_")}
     pyz = [sys.executable, args.pyz]
     backups = base / ("backups-%s" % args.shape)
