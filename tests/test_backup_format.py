@@ -6,6 +6,7 @@ work, `backup create` and `backup create --archive --gzip`).
 """
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -221,6 +222,33 @@ def test_sections_inside_one_another_are_walked_once_in_path_order(cli, fixture_
     assert (location / "workspace/cache/outbox/failed_deliveries.jsonl").read_text() == '{"replay_ref": "relocated"}\n'
     assert (location / "workspace/cache/other.txt").is_file()
     assert cli("--backup-root", fixture_dir / "bk", "backup", "verify", location).returncode == 0
+
+
+def _rewrite_tar(source, destination, change):
+    """Copy a tar with its members (TarInfo, bytes) passed through ``change(members)``."""
+    with tarfile.open(str(source)) as tar:
+        members = [(info, tar.extractfile(info).read() if info.isreg() else None) for info in tar]
+    with tarfile.open(str(destination), "w", format=tarfile.PAX_FORMAT) as out:
+        for info, data in change(members):
+            out.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+@pytest.mark.parametrize("change, exit_code, code", [
+    (lambda members: members[:2] + [members[3], members[2]] + members[4:], 3, "archive_unsafe"),
+    (lambda members: members[:3] + [members[3]] + members[3:], 3, "archive_unsafe"),
+    (lambda members: members[:1] + members[2:], 1, "archive_corrupt"),
+], ids=["out-of-order", "twice", "no-list"])
+def test_a_v2_archive_must_hold_its_list_then_members_in_its_order(cli, fixture_dir, change, exit_code, code):
+    archive = fixture_dir / "b.tar"
+    assert cli(*_args(fixture_dir, "backup", "create", "--archive", archive)).returncode == 0
+    _rewrite_tar(archive, fixture_dir / "bad.tar", change)
+    before = snapshot(_ws(fixture_dir))
+    bad = fixture_dir / "bad.tar"
+    for command in (("backup", "verify", bad), ("restore", bad, "--verify-only"), ("restore", bad)):
+        result = cli(*_args(fixture_dir, *command, "--json"))
+        assert result.returncode == exit_code, (command, result)
+        assert result.json["error"]["code"] == code, (command, result)
+        assert snapshot(_ws(fixture_dir)) == before
 
 
 # -- the streaming iterator the comparison commands use -------------------------------------------------------
