@@ -9,20 +9,23 @@ Contexta's format notes instead of repeating them.
 Commands (each also a public function a rescue script can import)::
 
     status                              which workspace, from where, in what state
-    check                               verify the live workspace, plane by plane
-    backup plan | create | list | verify BACKUP | prune
-    restore [BACKUP] --verify-only      prove a backup restorable, change nothing
-    restore plan BACKUP                 what would be replaced, kept and lost
+    check [--against BACKUP]            verify the live workspace, plane by plane, or file by file
+    backup plan | create | list | verify BACKUP | diff A [B] | prune
+    restore [BACKUP] --verify-only      prove a backup restorable in place, write nothing
+    restore plan BACKUP                 what would be replaced, kept and lost, and where it goes
     restore BACKUP [--target DIR]       verify, safety-backup, switch over atomically
+    restore BACKUP --only P | --path G  the same for some parts or files; the rest stays as it is
     replay [status | requeue]           re-deliver failed outbox entries, exactly once
     recover replay                      Contexta's read-only replay of stored records
     artifact inspect | verify | export | import | put
     repair plan | repair [--plane P]    fix what check finds: torn tails, indexes, strays, bad lines
     demo | self-check                   a sample workspace; the archive's own digests
 
-Sections, in order: errors; primitives; configuration; reading Contexta's
-stores; backup (directories, archives, retention); restore; outbox replay;
-artifacts; status and check; repair; demo and self-check; the command line.
+Sections, in order: deviations from Contexta; errors; primitives;
+configuration; reading Contexta's stores; backup (directories, archives,
+retention); restore (verify in place, apply, partial); comparisons; outbox
+replay; artifacts; status and check; repair; demo and self-check; the command
+line.
 
 Every command takes the global flags ``--workspace --config --backup-root
 --staging-root --outbox-root --json --quiet`` before or after its name.
@@ -33,7 +36,10 @@ Every command takes the global flags ``--workspace --config --backup-root
 from __future__ import annotations
 
 import argparse
+import array
 import base64
+import bisect
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -44,6 +50,7 @@ import gzip
 import hashlib
 import io
 import json
+import marshal
 import os
 import re
 import shutil
@@ -62,12 +69,14 @@ from pathlib import Path
 from typing import (
     Any,
     Callable,
+    Deque,
     Dict,
     FrozenSet,
     Iterable,
     Iterator,
     List,
     Mapping,
+    NamedTuple,
     NoReturn,
     Optional,
     Pattern,
@@ -100,10 +109,10 @@ __all__ = [
     # reading Contexta's stores
     "scan_records", "RecordsReport", "replay_records", "ScanFilter", "RecordReplayResult", "RecordReplayError",
     "check_metadata_file", "MetadataReport",
-    "scan_artifact_bindings", "ArtifactsReport", "artifact_object_relpath", "sanitize_component",
+    "scan_artifact_bindings", "ArtifactsReport", "ArtifactCheck", "artifact_object_relpath", "sanitize_component",
     "RecoveryResult", "ImportResult",
     # backup
-    "BackupPlan", "BackupResult", "BackupVerifyResult", "BackupListEntry", "PruneResult",
+    "BackupPlan", "BackupSection", "BackupResult", "BackupVerifyResult", "BackupListEntry", "PruneResult",
     "plan_workspace_backup", "create_workspace_backup", "create_backup_archive", "create_cli_zip", "list_backups",
     "verify_backup", "prune_backups",
     # restore
@@ -287,35 +296,6 @@ _COMPACT_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensur
 _COMPACT_ASCII_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
-def _write_pretty_json(handle: Any, payload: Any) -> Tuple[int, str]:
-    """Write P-JSON to a binary file as it is encoded; (bytes, sha256) of what was written.
-
-    A backup manifest lists every file: encoding it to one string first would
-    hold hundreds of thousands of pieces at once.
-    """
-    start = handle.tell()
-    for ensure_ascii in (False, True):  # names that are not UTF-8 fall back to \u escapes
-        digest = hashlib.sha256()
-        encoder = json.JSONEncoder(indent=2, sort_keys=True, ensure_ascii=ensure_ascii, default=str)
-        try:
-            pending: List[str] = []
-            for piece in encoder.iterencode(payload):
-                pending.append(piece)
-                if len(pending) >= 4096:
-                    data = "".join(pending).encode("utf-8")
-                    handle.write(data)
-                    digest.update(data)
-                    pending = []
-            data = ("".join(pending) + "\n").encode("utf-8")
-            handle.write(data)
-            digest.update(data)
-            return handle.tell() - start, digest.hexdigest()
-        except UnicodeEncodeError:
-            handle.seek(start)
-            handle.truncate()
-    raise AssertionError("unreachable: ensure_ascii output is ASCII")
-
-
 # Limits every reader of untrusted JSON shares (outbox lines, manifests, config, packages, bindings, records).
 # Contexta's own documents nest a handful of levels; 64 leaves room and stays far below the interpreter's
 # recursion limit, which a deeper value would hit later in whatever walks it (json.dumps, ==).
@@ -495,16 +475,22 @@ def _chunk_buffer() -> Tuple[bytearray, memoryview]:
     return buffer, _BUFFERS.view
 
 
+def _chunks(reader: Any) -> Iterator[memoryview]:
+    """A reader's bytes, a buffer at a time (each chunk is valid until the next one is asked for)."""
+    buffer, view = _chunk_buffer()
+    while True:
+        count = reader.readinto(buffer)
+        if not count:
+            return
+        yield view[:count]
+
+
 def _hash_stream(handle: Any) -> Tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    buffer, view = _chunk_buffer()
-    while True:
-        count = handle.readinto(buffer)
-        if not count:
-            break
-        digest.update(view[:count])
-        size += count
+    for chunk in _chunks(handle):
+        digest.update(chunk)
+        size += len(chunk)
     return size, digest.hexdigest()
 
 
@@ -581,16 +567,11 @@ def _copy_stream_hashed(reader: Any, destination: Any, durable: bool = False) ->
     """Copy a readable stream (an archive member, a body being ingested) to a new file, hashing on the way."""
     digest = hashlib.sha256()
     size = 0
-    buffer, view = _chunk_buffer()
     with _naming(destination), open(destination, "xb") as out:
-        while True:
-            count = reader.readinto(buffer)
-            if not count:
-                break
-            chunk = view[:count]
+        for chunk in _chunks(reader):
             digest.update(chunk)
             out.write(chunk)
-            size += count
+            size += len(chunk)
         if durable:
             out.flush()
             os.fsync(out.fileno())
@@ -618,70 +599,212 @@ def _kernel_copy(source_fd: int, destination_fd: int) -> int:
         total += len(chunk)
 
 
-def _copy_then_hash(source: str, destination: str, mode: Optional[int] = None,
-                    mtime_ns: Optional[int] = None) -> Tuple[int, str]:
-    """Copy a file to a new one, then hash the copy: the digest proves the bytes that were written.
+# Files up to this size are read with one call and copied in batches: one worker round trip per file
+# costs more than copying it (a workspace may hold a million small files).
+_SMALL_FILE = 256 << 10
+_COPY_BATCH_FILES = 128
+_COPY_BATCH_BYTES = 8 << 20
+_SOURCE_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_NOFOLLOW", 0))
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
-    The copy is still in the page cache, so proving it costs a memory read - the
-    same work as `cp` followed by `openssl dgst` on the copy.  With ``mode`` and
-    ``mtime_ns``, the copy gets them (here, on the worker, off the main thread).
-    """
-    source_fd = open_regular_fd(source)
+
+def _open_source_file(source: str) -> Tuple[int, os.stat_result]:
+    """A file a walk saw as regular, opened without following a link or blocking on a FIFO put there since."""
     try:
-        destination_fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(source, _SOURCE_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SpecialFileError(errno.ELOOP, "became a symbolic link while it was read", source)
+        raise
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise SpecialFileError(errno.EINVAL, "is a %s, not a regular file" % _special_kind(opened.st_mode), source)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, opened
+
+
+def _read_all(fd: int, expected: int) -> bytes:
+    """A small file's bytes: one read when its size is what the walk saw (the usual case)."""
+    data = os.read(fd, expected + 1)
+    if len(data) == expected + 1 or 0 < len(data) < expected:  # grew, or a short read: read on to the end
+        chunks = [data]
+        while True:
+            more = os.read(fd, _CHUNK)
+            if not more:
+                break
+            chunks.append(more)
+        data = b"".join(chunks)
+    return data
+
+
+def _stamp(fd: int, path: str, mode: int, mtime_ns: int) -> None:
+    """Give a file we just created its mode (exactly, whatever the umask) and its mtime."""
+    if mode & _umask() or mode & ~0o777:
+        os.fchmod(fd, mode)
+    if os.utime in os.supports_fd:
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    else:  # pragma: no cover - every Linux has futimens
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def _write_new_file(destination: str, data: bytes, mode: int, mtime_ns: int) -> None:
+    """Create ``destination`` (never overwriting) holding ``data``, with ``mode`` and ``mtime_ns``."""
+    try:
+        fd = os.open(destination, _NEW_FILE_FLAGS, mode & 0o777)
+        try:
+            written = os.write(fd, data)
+            if written < len(data):  # a short write (a disk filling up): finish it, or fail naming the file
+                view = memoryview(data)[written:]
+                while view:
+                    view = view[os.write(fd, view):]
+            _stamp(fd, destination, mode, mtime_ns)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _named(exc, destination)
+
+
+def _changed(seen: Tuple[int, int], size_read: int, after: os.stat_result) -> bool:
+    """A concurrent writer: the bytes read, or the file's size or mtime after reading, differ from what was seen."""
+    return size_read != seen[0] or after.st_size != seen[0] or after.st_mtime_ns != seen[1]
+
+
+def _copy_file(source: str, destination: str, seen: Tuple[int, int], mode: int,
+               mtime_ns: int) -> Tuple[int, str, bool]:
+    """Copy a file to a new one and prove the bytes written: (size, sha256, changed while it was read).
+
+    ``seen`` is the (size, mtime_ns) the source had when it was walked.  A
+    small file is read with one call, written with one and hashed in memory.
+    A large one is copied inside the kernel (copy_file_range), then the copy is
+    hashed: it is still in the page cache, so proving it costs a memory read -
+    the same work as `cp` followed by `openssl dgst` on the copy.  The copy gets
+    ``mode`` and ``mtime_ns``, set through its descriptor.
+    """
+    fd, _opened = _open_source_file(source)
+    try:
+        if seen[0] <= _SMALL_FILE:
+            data = _read_all(fd, seen[0])
+            after = os.fstat(fd)
+            _write_new_file(destination, data, mode, mtime_ns)
+            return len(data), hashlib.sha256(data).hexdigest(), _changed(seen, len(data), after)
+        out = os.open(destination, (_NEW_FILE_FLAGS & ~os.O_WRONLY) | os.O_RDWR, mode & 0o777)
         try:
             with _naming(destination):
-                _kernel_copy(source_fd, destination_fd)
+                _kernel_copy(fd, out)
+                after = os.fstat(fd)
+                os.lseek(out, 0, os.SEEK_SET)
+                with os.fdopen(os.dup(out), "rb", buffering=0) as written:
+                    size, digest = _hash_stream(written)
+                _stamp(out, destination, mode, mtime_ns)
         finally:
-            os.close(destination_fd)
+            os.close(out)
     finally:
-        os.close(source_fd)
-    result = sha256_file(destination)
-    if mode is not None and mtime_ns is not None:
-        _set_file_times_and_mode(destination, mode, mtime_ns)
-    return result
+        os.close(fd)
+    return size, digest, _changed(seen, size, after)
 
 
-def _backup_one_file(source: str, destination: str, source_stat: os.stat_result) -> Tuple[int, str, bool]:
-    """A worker's whole job for one file of a backup: copy, prove, stamp, and notice a concurrent writer."""
-    size, digest = _copy_then_hash(source, destination, source_stat.st_mode, source_stat.st_mtime_ns)
-    return size, digest, _changed_while_read(source, source_stat, size)
+def _run_jobs(jobs: Sequence[Tuple[Callable[..., Any], Tuple[Any, ...]]]) -> List[Any]:
+    """A worker thread's task: a batch of jobs, results in the same order."""
+    return [job(*args) for job, args in jobs]
 
 
-class _Copier:
-    """Copies files on two threads while the caller walks on; results come back in submission order.
+class _Batches:
+    """Runs file jobs (copies, hashes) on two threads while the caller walks on; results come back in order.
 
-    Copying and hashing release the GIL, so one file is hashed while the next
-    is copied.  At most ``window`` copies are in flight, which bounds memory.
+    Jobs on small files travel in batches, large ones one by one (one worker
+    round trip per file would cost more than the job); reading, copying and
+    hashing release the GIL, so the walk and the jobs overlap.  Callbacks run
+    on the caller's thread, in submission order.  At most ``window`` tasks are
+    in flight, which bounds memory.
     """
 
-    def __init__(self, window: int = 64) -> None:
+    def __init__(self, window: int = 16) -> None:
         import concurrent.futures
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
         self.window = window
-        self.pending: List[Tuple[Any, Callable[[int, str], None]]] = []
+        self.batch: List[Tuple[Callable[..., Any], Tuple[Any, ...]]] = []
+        self.batch_done: List[Callable[[Any], None]] = []
+        self.batch_bytes = 0
+        self.pending: List[Tuple[Any, List[Callable[[Any], None]]]] = []
 
-    def submit(self, on_done: Callable[..., None], job: Callable[..., Any], *args: Any) -> None:
-        self.pending.append((self.pool.submit(job, *args), on_done))
+    def submit(self, on_done: Callable[[Any], None], size: int, job: Callable[..., Any], *args: Any) -> None:
+        """Run ``job(*args)`` on a file of ``size`` bytes; ``on_done(result)`` runs on this thread."""
+        if size > _SMALL_FILE:
+            self._flush()
+            self._send([(job, args)], [on_done])
+            return
+        self.batch.append((job, args))
+        self.batch_done.append(on_done)
+        self.batch_bytes += size
+        if len(self.batch) >= _COPY_BATCH_FILES or self.batch_bytes >= _COPY_BATCH_BYTES:
+            self._flush()
+
+    def later(self, then: Callable[[Any], Any], size: int, job: Callable[..., Any], *args: Any) -> "_Later":
+        """:meth:`submit`, returning what to wait for: its ``result()`` is ``then(job's result)``, run here."""
+        waiting = _Later(self, then)
+        self.submit(waiting.settle, size, job, *args)
+        return waiting
+
+    def _flush(self) -> None:
+        if self.batch:
+            self._send(self.batch, self.batch_done)
+            self.batch, self.batch_done, self.batch_bytes = [], [], 0
+
+    def _send(self, jobs: List[Tuple[Callable[..., Any], Tuple[Any, ...]]],
+              callbacks: List[Callable[[Any], None]]) -> None:
+        self.pending.append((self.pool.submit(_run_jobs, jobs), callbacks))
         while len(self.pending) > self.window:
-            self._settle_oldest()
+            self.settle_oldest()
 
-    def _settle_oldest(self) -> None:
-        future, on_done = self.pending.pop(0)
-        on_done(*future.result())  # raises the worker's exception, if any, here
+    def settle_oldest(self) -> bool:
+        """Wait for the oldest task and run its callbacks; False when nothing is in flight."""
+        if not self.pending:
+            self._flush()
+            if not self.pending:
+                return False
+        future, callbacks = self.pending.pop(0)
+        for on_done, result in zip(callbacks, future.result()):  # raises the worker's exception, if any, here
+            on_done(result)
+        return True
 
     def finish(self) -> None:
         try:
-            while self.pending:
-                self._settle_oldest()
+            while self.settle_oldest():
+                pass
         finally:
             self.close()
 
     def close(self) -> None:
-        for future, _on_done in self.pending:
+        for future, _callbacks in self.pending:
             future.cancel()
         self.pool.shutdown(wait=True)
         self.pending = []
+        self.batch, self.batch_done = [], []
+
+
+class _Later:
+    """One job's result, waited for by settling the oldest tasks until it is in."""
+
+    __slots__ = ("batches", "then", "value", "done")
+
+    def __init__(self, batches: _Batches, then: Callable[[Any], Any]) -> None:
+        self.batches = batches
+        self.then = then
+        self.value: Any = None
+        self.done = False
+
+    def settle(self, value: Any) -> None:
+        self.value, self.done = self.then(value), True
+
+    def result(self) -> Any:
+        while not self.done:
+            if not self.batches.settle_oldest():
+                raise AssertionError("a job was lost")
+        return self.value
 
 
 def _sync_filesystem(path: Any) -> None:
@@ -708,6 +831,10 @@ def _libc_function(name: str) -> Any:
     if not sys.platform.startswith("linux"):
         return None
     import ctypes  # only here: importing it costs every command's start-up
+    try:  # the process's own symbols hold libc's; find_library would run ldconfig in a subprocess to say so
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        pass
     import ctypes.util
     try:
         return getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), name)
@@ -783,40 +910,69 @@ def _tree_size(root: Any, excludes: Sequence[Path] = (), skip: Optional[Pattern[
     return count, total
 
 
+def _kind_of(mode: int) -> str:
+    """``dir``, ``file``, ``symlink`` or ``special`` for an lstat mode."""
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "symlink" if stat.S_ISLNK(mode) else "special"
+
+
+def _sorted_names(directory: str, excluded: Set[str], skip: Optional[Pattern[str]]) -> List[str]:
+    """A directory's entry names in walk order: each directory's name carries a trailing ``/``.
+
+    Sorting ``name/`` rather than ``name`` puts a directory exactly where the
+    paths below it sort (``a.txt`` < ``a/x`` < ``a0``), so a depth-first walk
+    yields every path in plain string order.  Only names are held, one string
+    per entry: the stat comes when the entry is yielded.
+    """
+    try:
+        with os.scandir(directory) as handle:
+            names = [entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
+                     for entry in handle
+                     if not (skip is not None and skip.match(entry.name))
+                     and not (excluded and entry.path in excluded)]
+    except FileNotFoundError:
+        return []
+    names.sort()
+    return names
+
+
 def _walk_tree(root: Path, excludes: Sequence[Path] = (),
                skip: Optional[Pattern[str]] = None) -> Iterator[Tuple[str, os.stat_result, str]]:
-    """Yield ``(relative posix path, lstat, kind)`` for everything below ``root``, sorted.
+    """Yield ``(relative posix path, lstat, kind)`` for everything below ``root``, depth first.
 
+    A directory comes right before what it holds, and paths come out in plain
+    string order (what backup lists are sorted by, so two walks can be merged).
     ``kind`` is ``dir``, ``file``, ``symlink`` or ``special``.  Symlinks are never
     followed; paths in ``excludes`` and names matching ``skip`` (and everything
     below them) are skipped.
     """
     excluded = {os.path.normpath(str(path)) for path in excludes}
-    stack: List[Tuple[str, str]] = [(str(root), "")]
+    top = os.path.normpath(str(root))  # so every path below it is normalized too, and compares with `excluded`
+    stack: List[Tuple[str, Iterator[str]]] = [(top.rstrip("/") + "/", iter(_sorted_names(top, excluded, skip)))]
+    prefixes = [""]
     while stack:
-        directory, prefix = stack.pop()
-        try:
-            with os.scandir(directory) as handle:
-                entries = sorted(handle, key=lambda item: item.name)
-        except FileNotFoundError:
+        directory, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            prefixes.pop()
             continue
-        subdirs: List[Tuple[str, str]] = []
-        for entry in entries:
-            if os.path.normpath(entry.path) in excluded or (skip is not None and skip.match(entry.name)):
-                continue
-            relative = prefix + entry.name
-            entry_stat = entry.stat(follow_symlinks=False)
-            mode = entry_stat.st_mode
-            if stat.S_ISDIR(mode):
-                yield relative, entry_stat, "dir"
-                subdirs.append((entry.path, relative + "/"))
-            elif stat.S_ISREG(mode):
-                yield relative, entry_stat, "file"
-            elif stat.S_ISLNK(mode):
-                yield relative, entry_stat, "symlink"
-            else:
-                yield relative, entry_stat, "special"
-        stack.extend(reversed(subdirs))
+        if name.endswith("/"):
+            name = name[:-1]
+        path = directory + name
+        try:
+            entry_stat = os.lstat(path)
+        except FileNotFoundError:
+            continue  # removed since the directory was listed
+        relative = prefixes[-1] + name
+        kind = _kind_of(entry_stat.st_mode)
+        yield relative, entry_stat, kind
+        if kind == "dir":
+            stack.append((path + "/", iter(_sorted_names(path, excluded, skip))))
+            prefixes.append(relative + "/")
 
 
 class _Lock:
@@ -912,6 +1068,8 @@ def _crash_point(name: str) -> None:
     fsync that matters, deterministically, with a real SIGKILL.
     ``CONTEXTA_OPS_CRASH_TRACE=FILE`` appends the name of every step reached.
     """
+    if not _CRASH_HOOKED:  # read once: the hot loops pass here for every file
+        return
     target = os.environ.get("CONTEXTA_OPS_CRASH_AT")
     trace = os.environ.get("CONTEXTA_OPS_CRASH_TRACE")
     if not target and not trace:
@@ -925,6 +1083,7 @@ def _crash_point(name: str) -> None:
 
 
 _crash_point.count = 0  # type: ignore[attr-defined]
+_CRASH_HOOKED = bool(os.environ.get("CONTEXTA_OPS_CRASH_AT") or os.environ.get("CONTEXTA_OPS_CRASH_TRACE"))
 
 
 def _write_quietly(stream: Any, text: str) -> None:
@@ -983,6 +1142,13 @@ class _Progress:
     def finish(self) -> None:
         if _Progress.enabled and (self.bytes or self.files):
             _write_quietly(sys.stderr, "\r%s, done.   \n" % self._line(time.monotonic()))
+
+    @staticmethod
+    def phase(text: str) -> None:
+        """One line saying what a long command does next (on a terminal only)."""
+        if _Progress.enabled:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
 
 
 def _human_bytes(count: int) -> str:
@@ -1543,125 +1709,133 @@ def scan_records(records_root: Any, *, check_indexes: bool = False,
     the unterminated last line), a non-contiguous sequence is ``sequence_gap``,
     and the manifest must agree with the highest sequence.  With
     ``check_indexes`` every index pointer must name a real line whose sequence
-    matches.
+    matches.  The rules live in :class:`_RecordsCheck`, which verification
+    also feeds straight from a backup's bytes.
     """
     root = Path(records_root)
-    show = _display_under(root, display)
-    report = RecordsReport()
+    check = _RecordsCheck(_display_under(root, display))
     if not root.is_dir():
-        return report
-    report.present = True
-    sink = _ProblemSink(report.problems)
-
-    manifest_rel = "manifest.json"
-    manifest_path = root / manifest_rel
-    manifest_present = os.path.lexists(str(manifest_path))
-    odd_manifest = _not_regular_mode(manifest_path)
-    if odd_manifest is not None:
-        sink.add(_special_problem(show(manifest_rel), odd_manifest))
-    elif manifest_present:
-        try:
-            manifest = json_loads(read_regular(manifest_path))
-        except (OSError, ValueError):
-            manifest = None
-        if not isinstance(manifest, dict):
-            sink.add(Problem("records_manifest_invalid", show(manifest_rel), "record manifest is not a JSON object"))
+        return check.report
+    check.present()
+    manifest_path = root / "manifest.json"
+    if os.path.lexists(str(manifest_path)):
+        odd = _not_regular_mode(manifest_path)
+        if odd is not None:
+            check.special("manifest.json", odd)
         else:
-            if manifest.get("layout_mode") != "jsonl_segments" or str(manifest.get("layout_version")) != "1":
-                sink.add(Problem("record_store_layout_mismatch", show(manifest_rel),
-                                 "record manifest layout is not jsonl_segments version 1",
-                                 expected="jsonl_segments/1",
-                                 actual="%s/%s" % (manifest.get("layout_mode"), manifest.get("layout_version"))))
-            committed = manifest.get("last_committed_sequence")
-            if isinstance(committed, int) and not isinstance(committed, bool):
-                report.last_committed_sequence = committed
-            else:
-                sink.add(Problem("records_manifest_invalid", show(manifest_rel),
-                                 "last_committed_sequence is not an integer"))
-
-    segment_sequences: Dict[int, List[int]] = {}
-    expected_sequence: Optional[int] = None
+            try:
+                check.manifest(read_regular(manifest_path))
+            except (OSError, ValueError):
+                check.manifest(None)
     segments_dir = root / "segments"
-    segment_paths = sorted(segments_dir.glob("segment-*.jsonl")) if segments_dir.is_dir() else []
-    report.segment_count = len(segment_paths)
-    for segment_path in segment_paths:
-        rel = "segments/" + segment_path.name
-        try:
-            segment_id = int(segment_path.stem[len("segment-"):])
-        except ValueError:
-            sink.add(Problem("segment_name_invalid", show(rel), "segment file name has no number"))
-            continue
-        # Kept only for index checks: one int per line, never the lines themselves.
-        line_sequences: List[int] = []
-        segment_sequences[segment_id] = line_sequences
-        handle = _open_store_file(segment_path, show(rel), sink)
-        if handle is None:
-            continue
-        with handle:
-            for line_number, raw in enumerate(_lines_within(handle), start=1):
-                sequence = _parse_segment_line(raw, line_number, show(rel), sink)
-                if check_indexes:
-                    line_sequences.append(-1 if sequence is None else sequence)
-                if sequence is None:
-                    continue
-                if expected_sequence is not None and sequence != expected_sequence:
-                    sink.add(Problem("sequence_gap", show(rel),
-                                     "line %d: sequence %d follows %d" % (line_number, sequence, expected_sequence - 1),
-                                     expected=expected_sequence, actual=sequence))
-                expected_sequence = sequence + 1
-                report.highest_sequence = max(report.highest_sequence, sequence)
-                report.record_count += 1
-
-    if manifest_present:
-        committed = report.last_committed_sequence
-        if committed is not None and committed != report.highest_sequence:
-            sink.add(Problem("manifest_sequence_mismatch", show(manifest_rel),
-                             "last_committed_sequence %d but the segments end at %d"
-                             % (committed, report.highest_sequence),
-                             expected=committed, actual=report.highest_sequence))
-    elif report.record_count:
-        sink.add(Problem("records_manifest_missing", show(manifest_rel), "record manifest is missing"))
-
-    if check_indexes:
-        _check_record_indexes(root, segment_sequences, report, sink, show)
-
-    codes = {problem.code for problem in report.problems}
-    if codes & _CORRUPTING_RECORD_CODES:
-        report.integrity_state = "CORRUPTED"
-    elif codes:
-        report.integrity_state = "DEGRADED"
-    return report
+    for path in sorted(segments_dir.glob("segment-*.jsonl")) if segments_dir.is_dir() else []:
+        _feed_store_file(check, path, "segments/" + path.name, "segment")
+    indexes_dir = root / "indexes"
+    for path in sorted(indexes_dir.glob("*/*.jsonl")) if check_indexes and indexes_dir.is_dir() else []:
+        _feed_store_file(check, path, _relative_posix(path, root), "index")
+    return check.finish()
 
 
-def _open_store_file(path: Path, shown: str, sink: _ProblemSink) -> Optional[Any]:
-    """A segment or index file opened for reading, or None (and a problem) when it is not a regular file."""
+def _feed_store_file(check: "_RecordsCheck", path: Path, rel: str, role: str) -> None:
+    """A segment or index file of a live store, scanned here (a FIFO is named, never opened)."""
+    if role == "segment" and _segment_id(rel) is None:
+        check.segment(rel, None)
+        return
     try:
-        return open_regular(path)
+        handle = open_regular(path)
     except SpecialFileError:
-        sink.add(_special_problem(shown, os.stat(str(path)).st_mode))
+        check.special(rel, os.stat(str(path)).st_mode)
+        if role == "segment":
+            check.segment(rel, _SegmentScan())  # present, with no lines
+        return
+    with handle:
+        scan = _scan_stream(handle, role)
+    if role == "segment":
+        check.segment(rel, scan)
+    else:
+        check.index(rel, scan)
+
+
+def _segment_id(rel: str) -> Optional[int]:
+    """The number of ``segments/segment-NNNNNN.jsonl``, or None when its name has none."""
+    try:
+        return int(rel[len("segments/segment-"):-len(".jsonl")])
+    except ValueError:
         return None
 
 
-def _lines_within(handle: Any, limit: int = _JSON_FILE_LIMIT) -> Iterator[Optional[bytes]]:
-    """Each line of a store file, or None for one longer than ``limit`` bytes (read past, never held whole)."""
-    while True:
-        raw = handle.readline(limit + 1)
-        if not raw:
-            return
-        if len(raw) <= limit or raw.endswith(b"\n"):
-            yield raw
-            continue
-        while raw and not raw.endswith(b"\n"):
-            raw = handle.readline(_CHUNK)
-        yield None
+# -- line scanners: a store file checked line by line as its bytes come -------------------------------------
+#
+# Each scanner is fed a file's bytes in chunks (from a live file, a backup
+# member as it is hashed, or a worker process reading a backup in place) and
+# keeps, per line, only what a later check needs: a segment's sequence of each
+# line (8 bytes), an index's pointers (32 bytes each).  Problems carry their
+# line number within what was fed, so a file scanned in pieces is stitched
+# together exactly.  At most _PROBLEMS_PER_FILE + 1 are kept per piece.
+
+_LINE_LIMIT = _JSON_FILE_LIMIT  # a line longer than this is a problem, read past and never held whole
+_AN_OBJECT = object()  # what the record decoder makes of a nested object it need not keep
 
 
-def _parse_segment_line(raw: Optional[bytes], line_number: int, where: str, sink: _ProblemSink) -> Optional[int]:
-    """The sequence of one segment line, or None (blank lines silently, bad ones with a problem)."""
-    _payload, sequence, problem = _decode_segment_line(raw, line_number, where)
-    if problem is not None:
-        sink.add(problem)
-    return sequence
+def _record_object(value: Dict[str, Any]) -> Any:
+    """Keep only the objects that can be the record line itself (it holds ``sequence``)."""
+    return value if "sequence" in value else _AN_OBJECT
+
+
+# The record lines' decoder: nested objects are dropped as soon as they are parsed (a third of the cost of
+# json.loads, which builds and frees every one); NaN and Infinity are refused as json_loads refuses them.
+_RECORD_DECODER = json.JSONDecoder(object_hook=_record_object, parse_constant=_refuse_constant)
+_INDEX_LINE = re.compile(rb'\{"offset":(\d{1,18}),"segment_id":(\d{1,18}),"sequence":(-?\d{1,18})\}\n?')
+_CAPTURE_DECODER = json.JSONDecoder(object_pairs_hook=len, parse_constant=_refuse_constant)
+
+
+def _needs_strict_parse(text: str) -> bool:
+    """A line json_loads must read: deeply nested, or long enough to hide a huge integer."""
+    return len(text) > _JSON_MAX_INT_DIGITS or text.count("[") + text.count("{") > _JSON_MAX_DEPTH
+
+
+_RECORD_SCAN: Callable[[str, int], Tuple[Any, int]] = getattr(_RECORD_DECODER, "scan_once")
+_INDEX_LINES = re.compile(rb'^\{"offset":(\d{1,18}),"segment_id":(\d{1,18}),"sequence":(-?\d{1,18})\}\n', re.MULTILINE)
+
+
+class _LineFault(NamedTuple):
+    """A problem of one line of a store file: its code, the line, the message after ``line N``."""
+
+    code: str
+    line: int = 0
+    text: str = ""
+    expected: Any = None
+    actual: Any = None
+
+
+def _record_sequence(raw: Optional[bytes]) -> Tuple[Optional[int], Optional[_LineFault]]:
+    """(sequence, fault) of one segment line: (n, None) for a record line, (None, None) for a blank one."""
+    if raw is None:
+        return None, _LineFault(code="invalid_json_line", text=" is longer than %d bytes" % _LINE_LIMIT)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, _LineFault(code="invalid_json_line", text=" is not valid UTF-8")
+    if not text.strip():
+        return None, None
+    try:  # as Contexta reads them (json, nested as deep as the interpreter allows); long ones by json_loads' rules
+        line = json_loads(text) if len(text) > _JSON_MAX_INT_DIGITS else _RECORD_DECODER.decode(text)
+    except (ValueError, RecursionError):
+        if not raw.endswith(b"\n"):
+            return None, _LineFault(code="truncated_line", text=" is cut off (no newline, not JSON)")
+        return None, _LineFault(code="invalid_json_line", text=" is not JSON")
+    try:
+        sequence = int(line["sequence"])
+        record = line["record"]
+        if not (isinstance(record, dict) or record is _AN_OBJECT) or "appended_at" not in line:
+            raise ValueError
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None, _LineFault(code="invalid_json_line", text=" is not a record line (sequence, appended_at, record)")
+    return sequence, None
+
+
+# Whole record lines for the readers that keep them (recover replay, repair), judged by the same rules.
+_WHOLE_RECORD_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _segment_line_json(raw: bytes) -> Tuple[Any, str]:
@@ -1677,8 +1851,8 @@ def _segment_line_json(raw: bytes) -> Tuple[Any, str]:
     if not text.strip():
         return None, "blank"
     try:
-        return json_loads(text), ""
-    except ValueError:
+        return (json_loads(text) if len(text) > _JSON_MAX_INT_DIGITS else _WHOLE_RECORD_DECODER.decode(text)), ""
+    except (ValueError, RecursionError):
         return None, "invalid_json_line" if raw.endswith(b"\n") else "truncated_line"
 
 
@@ -1687,21 +1861,17 @@ def _decode_segment_line(raw: Optional[bytes], line_number: int,
     """``(line, sequence, None)`` for a record line, ``(None, None, None)`` for a blank one, else the problem."""
     if raw is None:
         return None, None, Problem("invalid_json_line", where, "line %d is longer than %d bytes"
-                                   % (line_number, _JSON_FILE_LIMIT))
+                                   % (line_number, _LINE_LIMIT))
     payload, fault = _segment_line_json(raw)
     if fault == "blank":
         return None, None, None
-    if fault == "not_utf8":
-        return None, None, Problem("invalid_json_line", where, "line %d is not valid UTF-8" % line_number)
-    if fault == "truncated_line":
-        return None, None, Problem("truncated_line", where, "line %d is cut off (no newline, not JSON)"
-                                   % line_number)
     if fault:
-        return None, None, Problem("invalid_json_line", where, "line %d is not JSON" % line_number)
+        text = {"not_utf8": " is not valid UTF-8", "truncated_line": " is cut off (no newline, not JSON)"}
+        return None, None, Problem("truncated_line" if fault == "truncated_line" else "invalid_json_line", where,
+                                   "line %d%s" % (line_number, text.get(fault, " is not JSON")))
     try:
         sequence = int(payload["sequence"])
-        record = payload["record"]
-        if not isinstance(record, dict) or "appended_at" not in payload:
+        if not isinstance(payload["record"], dict) or "appended_at" not in payload:
             raise ValueError
     except (KeyError, TypeError, ValueError, OverflowError):
         return None, None, Problem("invalid_json_line", where,
@@ -1709,45 +1879,428 @@ def _decode_segment_line(raw: Optional[bytes], line_number: int,
     return payload, sequence, None
 
 
-def _check_record_indexes(root: Path, segment_sequences: Mapping[int, List[int]], report: RecordsReport,
-                          sink: _ProblemSink, show: Callable[[str], str]) -> None:
-    indexes_dir = root / "indexes"
-    if not indexes_dir.is_dir():
-        return
-    for index_path in sorted(indexes_dir.glob("*/*.jsonl")):
-        rel = _relative_posix(index_path, root)
-        handle = _open_store_file(index_path, show(rel), sink)
-        if handle is None:
+def _lines_within(handle: Any, limit: int = _LINE_LIMIT) -> Iterator[Optional[bytes]]:
+    """Each line of a store file, or None for one longer than ``limit`` bytes (read past, never held whole)."""
+    while True:
+        raw = handle.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
             continue
-        with handle:
-            for line_number, raw in enumerate(_lines_within(handle), start=1):
-                if raw is not None and not raw.strip():
-                    continue
-                report.index_pointer_count += 1
-                try:
-                    if raw is None:
-                        raise ValueError("longer than %d bytes" % _JSON_FILE_LIMIT)
-                    pointer = json_loads(raw)
-                    offset = int(pointer["offset"])
-                    segment_id = int(pointer["segment_id"])
-                    sequence = int(pointer["sequence"])
-                except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError):
-                    sink.add(Problem("index_line_invalid", show(rel), "line %d is not an index pointer" % line_number))
-                    continue
-                lines = segment_sequences.get(segment_id)
-                if lines is None:
-                    sink.add(Problem("index_pointer_invalid", show(rel),
-                                     "line %d points into segment %d, which does not exist" % (line_number, segment_id)))
-                elif not 1 <= offset <= len(lines):
-                    sink.add(Problem("index_pointer_invalid", show(rel),
-                                     "line %d points at line %d of segment %d, which has %d lines"
-                                     % (line_number, offset, segment_id, len(lines))))
-                elif lines[offset - 1] != sequence:
-                    sink.add(Problem("index_pointer_invalid", show(rel),
-                                     "line %d expects sequence %d at segment %d line %d, found %s"
-                                     % (line_number, sequence, segment_id, offset,
-                                        lines[offset - 1] if lines[offset - 1] >= 0 else "no record"),
-                                     expected=sequence, actual=lines[offset - 1]))
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(_CHUNK)
+        yield None
+
+
+def _index_pointer(raw: Optional[bytes]) -> Optional[Tuple[int, int, int]]:
+    """(offset, segment_id, sequence) of one index line, or None when it is not an index pointer."""
+    if raw is None:
+        return None
+    match = _INDEX_LINE.fullmatch(raw)
+    if match is not None:
+        return int(match.group(1)), int(match.group(2)), int(match.group(3))
+    try:
+        pointer = json_loads(raw)
+        values = (int(pointer["offset"]), int(pointer["segment_id"]), int(pointer["sequence"]))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError):
+        return None
+    return values if all(_INT63_MIN <= value <= _INT63_MAX for value in values) else None
+
+
+class _LineScan:
+    """Splits a file's bytes into lines as they come; a subclass checks each line."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self.tail: List[bytes] = []  # the start of a line still coming, in pieces (joined once it ends)
+        self.tail_size = 0
+        self.overlong = False
+        self.problems: List[_LineFault] = []
+        self.more = False
+
+    def feed(self, data: Any) -> None:
+        pieces = bytes(data).split(b"\n")
+        last = pieces.pop()
+        first = 0
+        if pieces and (self.tail or self.overlong):  # the line carried over from the chunk before ends here
+            self._extend(pieces[0])
+            self._end_line(b"\n")
+            first = 1
+        self.ended(pieces, first)
+        self._extend(last)
+
+    def ended(self, pieces: List[bytes], first: int) -> None:
+        """Whole lines (their newlines split off), from ``pieces[first]`` on."""
+        for index in range(first, len(pieces)):
+            self.lines += 1
+            self.line(pieces[index] + b"\n")
+
+    def finish(self) -> "_LineScan":
+        if self.tail or self.overlong:
+            self._end_line(b"")
+        return self
+
+    def _extend(self, piece: bytes) -> None:
+        if self.overlong or not piece:
+            return
+        self.tail.append(piece)
+        self.tail_size += len(piece)
+        if self.tail_size > _LINE_LIMIT:  # never held whole: the rest of it, up to its newline, is skipped
+            self.overlong = True
+            self.tail, self.tail_size = [], 0
+
+    def _end_line(self, newline: bytes) -> None:
+        self.lines += 1
+        if self.overlong:
+            self.overlong = False
+            self.line(None)
+            return
+        raw = b"".join(self.tail) + newline
+        self.tail, self.tail_size = [], 0
+        self.line(raw)
+
+    def line(self, raw: Optional[bytes]) -> None:
+        raise NotImplementedError
+
+    def problem(self, fault: _LineFault) -> None:
+        """A fault of the line just read (its number is filled in here)."""
+        if len(self.problems) <= _PROBLEMS_PER_FILE:
+            self.problems.append(fault._replace(line=self.lines))
+        else:
+            self.more = True
+
+    def absorb(self, piece: "_LineScan") -> None:
+        """Append the scan of the lines that follow (a file scanned in pieces, joined in order)."""
+        self._absorb_problems(piece, [])
+        self.lines += piece.lines
+
+    def _absorb_problems(self, piece: "_LineScan", extra: List[_LineFault]) -> None:
+        shifted = [fault._replace(line=self.lines + fault.line) for fault in piece.problems] + extra
+        merged = self.problems + sorted(shifted, key=lambda fault: fault.line)
+        self.more = self.more or piece.more or len(merged) > _PROBLEMS_PER_FILE + 1
+        self.problems = merged[:_PROBLEMS_PER_FILE + 1]
+
+
+class _SegmentScan(_LineScan):
+    """A record segment (or a run of whole lines of one): its records, their sequences, its problems."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records = 0
+        self.first: Optional[int] = None
+        self.first_line = 0
+        self.last: Optional[int] = None
+        self.highest = 0
+        self.sequences = array.array("q")  # each line's sequence, -1 where it holds none (for index checks)
+
+    def ended(self, pieces: List[bytes], first: int) -> None:
+        """The common case, fast: a compact record line, parsed once with no Python call per value."""
+        scan = _RECORD_SCAN
+        append = self.sequences.append
+        for index in range(first, len(pieces)):
+            raw = pieces[index]
+            self.lines += 1
+            try:
+                text = raw.decode("utf-8")
+                if len(text) > _JSON_MAX_INT_DIGITS:
+                    raise ValueError
+                value, end = scan(text, 0)
+                if end != len(text) and text[end:].strip():
+                    raise ValueError
+                sequence = value["sequence"]
+                record = value["record"]
+                if type(sequence) is not int or "appended_at" not in value or not (
+                        type(record) is dict or record is _AN_OBJECT):
+                    raise ValueError
+            except Exception:  # anything unusual: the general path says exactly what is wrong
+                self.line(raw + b"\n")
+                continue
+            append(sequence)
+            last = self.last
+            if last is not None and sequence != last + 1:
+                self.problem(_LineFault(code="sequence_gap", text=": sequence %d follows %d" % (sequence, last),
+                                        expected=last + 1, actual=sequence))
+            if self.first is None:
+                self.first, self.first_line = sequence, self.lines
+            self.last = sequence
+            if sequence > self.highest:
+                self.highest = sequence
+            self.records += 1
+
+    def line(self, raw: Optional[bytes]) -> None:
+        sequence, fault = _record_sequence(raw)
+        self.sequences.append(-1 if sequence is None else sequence)
+        if fault is not None:
+            self.problem(fault)
+        if sequence is None:
+            return
+        if self.last is not None and sequence != self.last + 1:
+            self.problem(_LineFault(code="sequence_gap", text=": sequence %d follows %d" % (sequence, self.last),
+                                    expected=self.last + 1, actual=sequence))
+        if self.first is None:
+            self.first, self.first_line = sequence, self.lines
+        self.last = sequence
+        self.highest = max(self.highest, sequence)
+        self.records += 1
+
+    def absorb(self, piece: "_LineScan") -> None:
+        assert isinstance(piece, _SegmentScan)
+        gap = []
+        if self.last is not None and piece.first is not None and piece.first != self.last + 1:
+            gap = [_LineFault(code="sequence_gap", line=self.lines + piece.first_line, text=": sequence %d follows %d"
+                              % (piece.first, self.last), expected=self.last + 1, actual=piece.first)]
+        self._absorb_problems(piece, gap)
+        if self.first is None and piece.first is not None:
+            self.first, self.first_line = piece.first, self.lines + piece.first_line
+        if piece.last is not None:
+            self.last = piece.last
+        self.highest = max(self.highest, piece.highest)
+        self.records += piece.records
+        self.sequences.extend(piece.sequences)
+        self.lines += piece.lines
+
+
+class _IndexScan(_LineScan):
+    """An index file: its pointers (line, offset, segment, sequence), checked once every segment is known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pointer_count = 0
+        self.pointers = array.array("q")
+
+    def ended(self, pieces: List[bytes], first: int) -> None:
+        """The common case, fast: every line a compact pointer, matched in one pass over the chunk."""
+        region = b"\n".join(pieces[first:]) + b"\n" if len(pieces) > first else b""
+        found = _INDEX_LINES.findall(region)
+        if len(found) != len(pieces) - first:
+            _LineScan.ended(self, pieces, first)
+            return
+        base = self.lines
+        self.pointers.extend(value for number, (offset, segment_id, sequence) in enumerate(found, start=base + 1)
+                             for value in (number, int(offset), int(segment_id), int(sequence)))
+        self.lines += len(found)
+        self.pointer_count += len(found)
+
+    def line(self, raw: Optional[bytes]) -> None:
+        if raw is not None and not raw.strip():
+            return
+        self.pointer_count += 1
+        pointer = _index_pointer(raw)
+        if pointer is None:
+            self.problem(_LineFault(code="index_line_invalid", text=" is not an index pointer"))
+        else:
+            self.pointers.extend((self.lines,) + pointer)
+
+    def absorb(self, piece: "_LineScan") -> None:
+        assert isinstance(piece, _IndexScan)
+        self._absorb_problems(piece, [])
+        self.pointer_count += piece.pointer_count
+        pointers = piece.pointers
+        for start in range(0, len(pointers), 4):
+            pointers[start] += self.lines
+        self.pointers.extend(pointers)
+        self.lines += piece.lines
+
+
+class _CaptureScan(_LineScan):
+    """A capture sink file: every line a JSON object."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.line_count = 0
+        self.invalid_count = 0
+
+    def line(self, raw: Optional[bytes]) -> None:
+        if raw is not None and not raw.strip():
+            return
+        self.line_count += 1
+        try:
+            if raw is None:
+                raise JsonInputError("is longer than %d bytes" % _LINE_LIMIT)
+            text = raw.decode("utf-8")
+            if _needs_strict_parse(text):
+                valid = isinstance(json_loads(text), dict)
+            else:
+                valid = text.lstrip().startswith("{") and _CAPTURE_DECODER.decode(text) is not None
+            why = "is not a JSON object"
+        except (ValueError, RecursionError) as exc:
+            valid, why = False, str(exc) if isinstance(exc, JsonInputError) else "is not valid JSON (%s)" % exc
+        if not valid:
+            self.invalid_count += 1
+            if raw is not None and not raw.endswith(b"\n"):
+                why = "is cut off (no newline) and " + why
+            if len(self.problems) < _PROBLEMS_PER_FILE:
+                self.problems.append(_LineFault(code="capture_line_invalid", line=self.lines, text=" " + why))
+
+    def absorb(self, piece: "_LineScan") -> None:
+        assert isinstance(piece, _CaptureScan)
+        self.problems = (self.problems + [fault._replace(line=self.lines + fault.line)
+                                          for fault in piece.problems])[:_PROBLEMS_PER_FILE]
+        self.line_count += piece.line_count
+        self.invalid_count += piece.invalid_count
+        self.lines += piece.lines
+
+
+_SCANNERS: Dict[str, Callable[[], _LineScan]] = {"segment": _SegmentScan, "index": _IndexScan,
+                                                  "capture": _CaptureScan}
+
+
+def _scan_stream(handle: Any, role: str) -> Any:
+    """A whole file scanned from an open handle."""
+    scan = _SCANNERS[role]()
+    while True:
+        data = handle.read(_CHUNK)
+        if not data:
+            return scan.finish()
+        scan.feed(data)
+
+
+class _RecordsCheck:
+    """Contexta's integrity rules for a record store, fed its files in any order and decided at the end."""
+
+    def __init__(self, show: Callable[[str], str]) -> None:
+        self.show = show
+        self.report = RecordsReport()
+        self.sink = _ProblemSink(self.report.problems)
+        self.early: List[Problem] = []  # the manifest's and special files' problems, reported first
+        self.manifest_present = False
+        self.segments: Dict[str, Optional[List[_SegmentScan]]] = {}
+        self.indexes: Dict[str, _IndexScan] = {}
+
+    def present(self) -> None:
+        self.report.present = True
+
+    def special(self, rel: str, mode: int) -> None:
+        self.present()
+        self.early.append(_special_problem(self.show(rel), mode))
+        if rel == "manifest.json":
+            self.manifest_present = True
+
+    def manifest(self, data: Optional[bytes]) -> None:
+        """records/manifest.json's bytes (None when it could not be read)."""
+        self.present()
+        self.manifest_present = True
+        shown = self.show("manifest.json")
+        try:
+            manifest = json_loads(data) if data is not None else None
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict):
+            self.early.append(Problem("records_manifest_invalid", shown, "record manifest is not a JSON object"))
+            return
+        if manifest.get("layout_mode") != "jsonl_segments" or str(manifest.get("layout_version")) != "1":
+            self.early.append(Problem("record_store_layout_mismatch", shown,
+                                      "record manifest layout is not jsonl_segments version 1",
+                                      expected="jsonl_segments/1", actual="%s/%s" % (
+                                          manifest.get("layout_mode"), manifest.get("layout_version"))))
+        committed = manifest.get("last_committed_sequence")
+        if isinstance(committed, int) and not isinstance(committed, bool):
+            self.report.last_committed_sequence = committed
+        else:
+            self.early.append(Problem("records_manifest_invalid", shown, "last_committed_sequence is not an integer"))
+
+    def segment(self, rel: str, scan: Optional[_SegmentScan]) -> None:
+        """A segment, whole or one more run of its lines (in order); None: its name has no number."""
+        self.present()
+        pieces = self.segments.setdefault(rel, [] if scan is not None else None)
+        if pieces is not None and scan is not None:
+            pieces.append(scan)
+
+    def index(self, rel: str, scan: _IndexScan) -> None:
+        self.present()
+        self.indexes[rel] = scan
+
+    def finish(self) -> RecordsReport:
+        report = self.report
+        for problem in self.early:
+            self.sink.add(problem)
+        sequences: Dict[int, "array.array[int]"] = {}
+        expected: Optional[int] = None
+        report.segment_count = len(self.segments)
+        for rel in sorted(self.segments):
+            pieces = self.segments[rel]
+            segment_id = _segment_id(rel)
+            if pieces is None or segment_id is None:
+                self.sink.add(Problem("segment_name_invalid", self.show(rel), "segment file name has no number"))
+                continue
+            sequences[segment_id], expected = self._stitch(rel, pieces, expected)
+        if self.manifest_present:
+            committed = report.last_committed_sequence
+            if committed is not None and committed != report.highest_sequence:
+                self.sink.add(Problem("manifest_sequence_mismatch", self.show("manifest.json"),
+                                      "last_committed_sequence %d but the segments end at %d"
+                                      % (committed, report.highest_sequence),
+                                      expected=committed, actual=report.highest_sequence))
+        elif report.record_count:
+            self.sink.add(Problem("records_manifest_missing", self.show("manifest.json"),
+                                  "record manifest is missing"))
+        for rel in sorted(self.indexes):
+            self._check_index(rel, self.indexes[rel], sequences)
+        codes = {problem.code for problem in report.problems}
+        if codes & _CORRUPTING_RECORD_CODES:
+            report.integrity_state = "CORRUPTED"
+        elif codes:
+            report.integrity_state = "DEGRADED"
+        return report
+
+    def _stitch(self, rel: str, pieces: Sequence[_SegmentScan],
+                expected: Optional[int]) -> Tuple["array.array[int]", Optional[int]]:
+        """One segment's pieces in order: continuity across them and from the segment before, problems by line."""
+        shown = self.show(rel)
+        found: List[Tuple[int, int, Problem]] = []
+        offset = 0
+        joined = array.array("q")
+        for order, scan in enumerate(pieces):
+            if expected is not None and scan.first is not None and scan.first != expected:
+                line = offset + scan.first_line
+                found.append((line, -1, Problem("sequence_gap", shown, "line %d: sequence %d follows %d"
+                                                % (line, scan.first, expected - 1), expected=expected,
+                                                actual=scan.first)))
+            found += [(offset + line, order, Problem(code, shown, "line %d%s" % (offset + line, text),
+                                                     expected=exp, actual=act))
+                      for code, line, text, exp, act in scan.problems]
+            if scan.last is not None:
+                expected = scan.last + 1
+            offset += scan.lines
+            self.report.record_count += scan.records
+            self.report.highest_sequence = max(self.report.highest_sequence, scan.highest)
+            joined.extend(scan.sequences)
+        for _line, _order, problem in sorted(found, key=lambda item: (item[0], item[1])):
+            self.sink.add(problem)  # each piece kept one more than the sink shows: it says when there are more
+        return joined, expected
+
+    def _check_index(self, rel: str, scan: _IndexScan, sequences: Mapping[int, "array.array[int]"]) -> None:
+        shown = self.show(rel)
+        self.report.index_pointer_count += scan.pointer_count
+        found = [(line, Problem(code, shown, "line %d%s" % (line, text))) for code, line, text, _e, _a in scan.problems]
+        fields = iter(scan.pointers)
+        current: Optional[int] = None
+        lines: Optional["array.array[int]"] = None
+        count = 0
+        for line, offset, segment_id, sequence in zip(fields, fields, fields, fields):
+            if segment_id != current:
+                current, lines = segment_id, sequences.get(segment_id)
+                count = len(lines) if lines is not None else 0
+            if lines is not None and 0 < offset <= count and lines[offset - 1] == sequence:
+                continue  # the common case, decided with as little as possible
+            if len(found) > 2 * _PROBLEMS_PER_FILE + 1:
+                break  # more than the sink shows already, whichever come first by line
+            if lines is None:
+                problem = Problem("index_pointer_invalid", shown, "line %d points into segment %d, which does "
+                                  "not exist" % (line, segment_id))
+            elif not 0 < offset <= count:
+                problem = Problem("index_pointer_invalid", shown, "line %d points at line %d of segment %d, which "
+                                  "has %d lines" % (line, offset, segment_id, count))
+            else:
+                found_sequence = lines[offset - 1]
+                problem = Problem("index_pointer_invalid", shown, "line %d expects sequence %d at segment %d line "
+                                  "%d, found %s" % (line, sequence, segment_id, offset, found_sequence
+                                                    if found_sequence >= 0 else "no record"),
+                                  expected=sequence, actual=found_sequence)
+            found.append((line, problem))
+        for _line, problem in sorted(found, key=lambda item: item[0]):
+            self.sink.add(problem)
 
 
 # -- Contexta's record replay (`recover replay`) -------------------------------------
@@ -2032,26 +2585,37 @@ def check_metadata_file(database_path: Any, *, display: Optional[Callable[[str],
     if not path.is_file():
         report.problems.append(Problem("metadata_missing", shown, "metadata ledger is missing"))
         return report
-    report.present = True
-    report.size_bytes = path.stat().st_size
     with open_regular(path) as handle:
-        header = handle.read(128)
-    if len(header) < 20 or header[8:12] != _DUCKDB_MAGIC:
-        report.problems.append(Problem("metadata_not_duckdb", shown, "not a DuckDB file (no DUCK magic at byte 8)",
-                                       expected="DUCK", actual=header[8:12].hex() if len(header) >= 12 else None))
-        return report
-    report.storage_version = struct.unpack("<Q", header[12:20])[0]
-    creator = header[52:84].split(b"\x00", 1)[0]
-    report.creator_version = creator.decode("ascii", "replace") or None
-    if report.size_bytes < _DUCKDB_MIN_SIZE:
-        report.problems.append(Problem("metadata_truncated", shown, "ledger is %d bytes, shorter than its headers"
-                                       % report.size_bytes, expected=_DUCKDB_MIN_SIZE, actual=report.size_bytes))
+        header = handle.read(_LEDGER_HEADER)
+    if not _judge_ledger_header(report, path.stat().st_size, header):
         return report
     if use_duckdb and _posix_lock_is_held(path):
         report.check = "file_level_in_use"  # a writer holds it; DuckDB would refuse a second opener
     elif use_duckdb:
         _count_runs_with_duckdb(path, report, shown)
     return report
+
+
+_LEDGER_HEADER = 128  # the bytes of a ledger its file-level check reads
+
+
+def _judge_ledger_header(report: MetadataReport, size: int, header: bytes) -> bool:
+    """What a ledger's size and first bytes prove (DUCK magic, storage version, creator); True when sound."""
+    shown = report.database_file
+    report.present = True
+    report.size_bytes = size
+    if len(header) < 20 or header[8:12] != _DUCKDB_MAGIC:
+        report.problems.append(Problem("metadata_not_duckdb", shown, "not a DuckDB file (no DUCK magic at byte 8)",
+                                       expected="DUCK", actual=header[8:12].hex() if len(header) >= 12 else None))
+        return False
+    report.storage_version = struct.unpack("<Q", header[12:20])[0]
+    creator = header[52:84].split(b"\x00", 1)[0]
+    report.creator_version = creator.decode("ascii", "replace") or None
+    if size < _DUCKDB_MIN_SIZE:
+        report.problems.append(Problem("metadata_truncated", shown, "ledger is %d bytes, shorter than its headers"
+                                       % size, expected=_DUCKDB_MIN_SIZE, actual=size))
+        return False
+    return True
 
 
 def _count_runs_with_duckdb(path: Path, report: MetadataReport, shown: str) -> None:
@@ -2195,7 +2759,11 @@ def _read_json_document(path: Path) -> Any:
 
 def _read_binding(path: Path) -> Dict[str, Any]:
     """A binding file's object, checked for the keys verification needs (ValueError if not)."""
-    binding = _read_json_document(path)
+    return _parse_binding(_read_json_document(path))
+
+
+def _parse_binding(binding: Any) -> Dict[str, Any]:
+    """:func:`_read_binding` of a binding's parsed JSON (ValueError when it is not one)."""
     if not isinstance(binding, dict):
         raise ValueError("binding is not a JSON object")
     snapshot = binding.get("manifest_snapshot")
@@ -2223,34 +2791,45 @@ def _expected_claims(binding: Mapping[str, Any]) -> Tuple[Optional[int], Optiona
             digest if digest is not None else binding.get("hash_value"))
 
 
-def _evaluate_body(root: Path, binding: Mapping[str, Any],
-                   digests: Optional[Mapping[str, Tuple[int, str]]] = None) -> ArtifactCheck:
+def _unchecked_body(binding: Mapping[str, Any]) -> ArtifactCheck:
+    """A bound body's check before its file is looked at: where it belongs, what it must hold; status missing."""
     snapshot = binding["manifest_snapshot"]
     rel = artifact_object_relpath(snapshot["artifact_ref"], snapshot["artifact_kind"], snapshot.get("location_ref"))
     expected_size, expected_hash = _expected_claims(binding)
-    check = ArtifactCheck(artifact_ref=binding["artifact_ref"], artifact_kind=binding["artifact_kind"], path=rel,
-                          status="missing", expected_size_bytes=expected_size, actual_size_bytes=None,
-                          expected_hash_value=expected_hash, actual_hash_value=None,
-                          binding_size_bytes=binding["size_bytes"])
-    body = root / rel
-    check.body_kind = _path_kind(body)
-    if check.body_kind != "file":
-        return check
-    if digests is not None and rel in digests:
-        check.actual_size_bytes, check.actual_hash_value = digests[rel]
-    else:
-        try:
-            check.actual_size_bytes, check.actual_hash_value = sha256_file(body, follow_symlinks=False)
-        except SpecialFileError:  # replaced since the lstat
-            check.body_kind = _path_kind(body)
-            return check
-    if expected_size is not None and check.actual_size_bytes != expected_size:
+    return ArtifactCheck(artifact_ref=binding["artifact_ref"], artifact_kind=binding["artifact_kind"], path=rel,
+                         status="missing", expected_size_bytes=expected_size, actual_size_bytes=None,
+                         expected_hash_value=expected_hash, actual_hash_value=None,
+                         binding_size_bytes=binding["size_bytes"])
+
+
+def _judge_body(check: ArtifactCheck, size: int, digest: str) -> ArtifactCheck:
+    """The body's size and sha256 against what its binding claims."""
+    check.body_kind = "file"
+    check.actual_size_bytes, check.actual_hash_value = size, digest
+    if check.expected_size_bytes is not None and size != check.expected_size_bytes:
         check.status = "size_mismatch"
-    elif expected_hash is not None and check.actual_hash_value != expected_hash:
+    elif check.expected_hash_value is not None and digest != check.expected_hash_value:
         check.status = "hash_mismatch"
     else:
         check.status = "verified"
     return check
+
+
+def _evaluate_body(root: Path, binding: Mapping[str, Any],
+                   digests: Optional[Mapping[str, Tuple[int, str]]] = None) -> ArtifactCheck:
+    """One binding's body in a live store, judged (a link or special file at its place is named, never opened)."""
+    check = _unchecked_body(binding)
+    body = root / check.path
+    check.body_kind = _path_kind(body)
+    if check.body_kind != "file":
+        return check
+    if digests is not None and check.path in digests:
+        return _judge_body(check, *digests[check.path])
+    try:
+        return _judge_body(check, *sha256_file(body, follow_symlinks=False))
+    except SpecialFileError:  # replaced since the lstat
+        check.body_kind = _path_kind(body)
+        return check
 
 
 def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tuple[int, str]]] = None,
@@ -2260,57 +2839,147 @@ def scan_artifact_bindings(store_root: Any, *, digests: Optional[Mapping[str, Tu
     Bodies are hashed in chunks; ``digests`` (store-relative path -> (size,
     sha256)) lets a caller that has just hashed the files skip a second read.
     An orphan is any file under ``objects/`` that no binding points at; stray
-    ``*.tmp`` files are orphans too and are also listed as temp files.
+    ``*.tmp`` files are orphans too and are also listed as temp files.  The
+    rules live in :class:`_ArtifactsCheck`, which verification also feeds
+    straight from a backup's bytes.
     """
     root = Path(store_root)
-    show = _display_under(root, display)
-    report = ArtifactsReport()
+    check = _ArtifactsCheck(_display_under(root, display))
     if not root.is_dir():
-        return report
-    report.present = True
-    known: Set[str] = set()  # store-relative paths already judged: bindings and bodies
-    refs: Set[str] = set()
+        return check.report
+    check.present()
     bindings_dir = root / "bindings"
-    binding_paths = sorted(bindings_dir.glob("*.binding.json")) if bindings_dir.is_dir() else []
-    for binding_path in binding_paths:
-        rel = "bindings/" + binding_path.name
-        known.add(rel)
-        report.artifact_count += 1
-        kind = _path_kind(binding_path)
+    seen: Set[str] = set()  # the bindings judged by name, so the walk below does not name them again
+    for path in sorted(bindings_dir.glob("*.binding.json")) if bindings_dir.is_dir() else []:
+        seen.add("bindings/" + path.name)
+        kind = _path_kind(path)
         if kind != "file":
-            report.problems.append(_irregular_problem(show(rel), kind, "binding"))
+            check.binding(path.name, None, None, kind=kind)
             continue
         try:
-            binding = _read_binding(binding_path)
-        except (OSError, ValueError) as exc:
-            report.problems.append(Problem("binding_invalid", show(rel), "unreadable binding: %s" % exc))
+            check.binding(path.name, _read_binding(path), None)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            check.binding(path.name, None, str(exc))
+    for rel, kind in _store_entries(str(root)):
+        if rel in seen:
             continue
+        if kind == "file" and rel.startswith("objects/") and check.expects(rel):
+            try:
+                found = digests[rel] if digests is not None and rel in digests else \
+                    sha256_file(root / rel, follow_symlinks=False)
+            except SpecialFileError:  # replaced since it was listed
+                check.other_entry(rel, _path_kind(root / rel))
+                continue
+            check.body(rel, *found)
+        else:
+            check.other_entry(rel, kind)
+    return check.finish()
+
+
+class _ArtifactsCheck:
+    """Contexta's rules for an artifact store, fed its bindings and entries and decided at the end.
+
+    Bindings come before bodies in path order (``bindings/`` < ``objects/``);
+    a body met before its binding (an archive in another order) waits, by
+    path, until the end.  Problems come out in binding order, then orphans,
+    then links and special files, which are named and never opened.
+    """
+
+    def __init__(self, show: Callable[[str], str]) -> None:
+        self.show = show
+        self.report = ArtifactsReport()
+        self.expected: Dict[str, List[ArtifactCheck]] = {}  # body path -> the checks of the bindings naming it
+        self.refs: Set[str] = set()
+        # per binding, in order: its problems and whether it has a check (whose verdict comes later)
+        self.binding_problems: List[Tuple[List[Problem], bool]] = []
+        self.objects: List[Tuple[str, Optional[Tuple[int, str]]]] = []  # unbound (so far) object files
+        self.irregular: List[Tuple[str, str]] = []  # (path, kind) of links and special files no binding names
+
+    def present(self) -> None:
+        self.report.present = True
+
+    def expects(self, rel: str) -> bool:
+        return rel in self.expected
+
+    def binding(self, name: str, binding: Optional[Dict[str, Any]], error: Optional[str],
+                kind: str = "file") -> None:
+        """``bindings/<name>``, parsed by :func:`_read_binding` (or why it could not be, or what it is instead)."""
+        self.present()
+        report = self.report
+        report.artifact_count += 1
+        shown = self.show("bindings/" + name)
+        problems: List[Problem] = []
+        if binding is None:
+            problems.append(Problem("binding_invalid", shown, "unreadable binding: %s" % error) if kind == "file"
+                            else _irregular_problem(shown, kind, "binding"))
+            self.binding_problems.append((problems, False))
+            return
+        self.binding_problems.append((problems, True))
         expected_name = "%s.binding.json" % sanitize_component(binding["artifact_ref"])
-        if binding_path.name != expected_name or binding["artifact_ref"] in refs:
-            report.problems.append(Problem("binding_misplaced", show(rel), "binds %s, whose binding belongs in "
-                                           "bindings/%s%s" % (binding["artifact_ref"], expected_name,
-                                                              " (bound twice)" if binding["artifact_ref"] in refs
-                                                              else "")))
-        refs.add(binding["artifact_ref"])
+        if name != expected_name or binding["artifact_ref"] in self.refs:
+            problems.append(Problem("binding_misplaced", shown, "binds %s, whose binding belongs in bindings/%s%s"
+                                    % (binding["artifact_ref"], expected_name,
+                                       " (bound twice)" if binding["artifact_ref"] in self.refs else "")))
+        self.refs.add(binding["artifact_ref"])
         report.kinds[binding["artifact_kind"]] = report.kinds.get(binding["artifact_kind"], 0) + 1
         report.total_size_bytes += binding["size_bytes"]
-        check = _evaluate_body(root, binding, digests)
-        known.add(check.path)
+        check = _unchecked_body(binding)
         report.checks.append(check)
-        _count_artifact_check(report, check, show)
-    report.kinds = dict(sorted(report.kinds.items()))
-    orphans, irregular = _find_orphans(root, known)
-    for rel in orphans:
-        report.orphan_paths.append(show(rel))
-        is_temp = rel.endswith(".tmp")
-        if is_temp:
-            report.stray_temp_paths.append(show(rel))
-        report.problems.append(Problem("artifact_stray_temp" if is_temp else "artifact_orphan", show(rel),
-                                       "interrupted write left a temp file" if is_temp
-                                       else "body that no binding points at"))
-    report.orphan_count = len(report.orphan_paths)
-    report.problems.extend(_irregular_problem(show(rel), kind, "store entry") for rel, kind in irregular)
-    return report
+        self.expected.setdefault(check.path, []).append(check)
+
+    def body(self, rel: str, size: int, digest: str) -> None:
+        """A regular file under objects/: a bound body (judged) or, so far, an orphan."""
+        self.present()
+        if rel not in self.expected:
+            self.objects.append((rel, (size, digest)))
+        for check in self.expected.get(rel, ()):
+            _judge_body(check, size, digest)
+
+    def other_entry(self, rel: str, kind: str) -> None:
+        """Any other store entry: an unhashed file (an orphan under objects/), a link or a special file.
+
+        A link or special file at a bound body's place leaves that body
+        missing, said as what it is; elsewhere a special file, or a link where
+        bodies and bindings live, is a problem of its own.
+        """
+        self.present()
+        if kind == "file":
+            if rel.startswith("objects/"):
+                self.objects.append((rel, None))
+            return
+        if rel in self.expected:
+            for check in self.expected[rel]:
+                check.body_kind = kind
+        elif kind != "symbolic link" or rel.split("/", 1)[0] in ("objects", "bindings"):
+            self.irregular.append((rel, kind))
+
+    def finish(self) -> ArtifactsReport:
+        report = self.report
+        orphans = []
+        for rel, found in self.objects:
+            if rel not in self.expected:
+                orphans.append(rel)
+            elif found is not None:  # a body whose binding came after it
+                for check in self.expected[rel]:
+                    _judge_body(check, *found)
+        checks = iter(report.checks)
+        for problems, has_check in self.binding_problems:
+            report.problems += problems
+            if has_check:
+                _count_artifact_check(report, next(checks), self.show)
+        report.kinds = dict(sorted(report.kinds.items()))
+        for rel in sorted(orphans):
+            report.orphan_paths.append(self.show(rel))
+            is_temp = rel.endswith(".tmp")
+            if is_temp:
+                report.stray_temp_paths.append(self.show(rel))
+            report.problems.append(Problem("artifact_stray_temp" if is_temp else "artifact_orphan", self.show(rel),
+                                           "interrupted write left a temp file" if is_temp
+                                           else "body that no binding points at"))
+        report.orphan_count = len(report.orphan_paths)
+        report.problems.extend(_irregular_problem(self.show(rel), kind, "store entry")
+                               for rel, kind in sorted(self.irregular))
+        return report
 
 
 def _count_artifact_check(report: ArtifactsReport, check: ArtifactCheck, show: Callable[[str], str]) -> None:
@@ -2335,27 +3004,6 @@ def _count_artifact_check(report: ArtifactsReport, check: ArtifactCheck, show: C
                                        "body of %s has sha256 %s, bound as %s" % (
                                            check.artifact_ref, check.actual_hash_value, check.expected_hash_value),
                                        expected=check.expected_hash_value, actual=check.actual_hash_value))
-
-
-def _find_orphans(root: Path, known: Set[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
-    """Orphan bodies, and entries no reader may open: ``(orphans, [(path, kind), ...])``, store-relative.
-
-    An orphan is a regular file under ``objects/`` whose path is not in ``known``.
-    A FIFO, socket or device anywhere in the store is never opened, only named;
-    so is a symbolic link where bodies and bindings live.  Nothing is followed.
-    """
-    orphans: List[str] = []
-    irregular: List[Tuple[str, str]] = []
-    for rel, kind in _store_entries(str(root)):
-        if rel in known:
-            continue
-        top = rel.split("/", 1)[0]
-        if kind == "file":
-            if top == "objects":
-                orphans.append(rel)
-        elif kind != "symbolic link" or top in ("objects", "bindings"):
-            irregular.append((rel, kind))
-    return sorted(orphans), sorted(irregular)
 
 
 # Folders below this depth are read whole rather than held open, so a hostile nesting cannot use up descriptors.
@@ -2450,13 +3098,26 @@ class ImportResult(RecoveryResult):
 #
 # Unlike Contexta, the outbox is stored where it lives (``cache/outbox``), not
 # as the whole parent directory; relocated stores are stored at their default
-# place; the manifest lists every file with size and sha256.  A backup is
-# built as ``.<ref>.partial`` beside its final name and renamed into place
-# only when complete, so an interrupted one never looks like a backup.
+# place.  A backup is built as ``.<ref>.partial`` beside its final name and
+# renamed into place only when complete, so an interrupted one never looks
+# like a backup.
+#
+# Format v2 lists every file in ``SHA256SUMS`` beside the manifest, one line
+# per file in plain string order of paths (``<sha256>  workspace/<path>``,
+# GNU escaping for names holding ``\``, a newline or a carriage return), so
+# ``sha256sum -c SHA256SUMS`` checks a backup by hand.  The list is written
+# while the files are copied and read while they are verified, never held
+# whole; the manifest records its sha256, line count and the bytes it lists.
+# Sizes, modes and mtimes come from the copies themselves (which carry the
+# source's) or from archive headers.  Format v1 listed every file, with size,
+# mode and mtime, inside manifest.json: still read, never written.
 
-BACKUP_FORMAT = "contexta-ops-backup-v1"
+BACKUP_FORMAT = "contexta-ops-backup-v2"
+_FORMAT_V1 = "contexta-ops-backup-v1"  # listed every file inside manifest.json; still read, never written
+_OUR_FORMATS = (BACKUP_FORMAT, _FORMAT_V1)
 _MANIFEST_NAME = "manifest.json"
 _MANIFEST_DIGEST_NAME = "manifest.json.sha256"  # sha256sum format; proves the manifest itself
+_LIST_NAME = "SHA256SUMS"  # every file's sha256, `sha256sum -c` format, sorted; its digest is in the manifest
 _PARTIAL_SUFFIX = ".partial"
 _BACKUP_REF_PATTERN = re.compile(r"^(?P<label>.+)-(?P<ts>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:_\d{6})?Z)$")
 _SAFETY_LABEL = "pre-restore-safety"
@@ -2684,11 +3345,13 @@ def _metadata_in_use_warnings(config: UnifiedConfig) -> Tuple[List[Notice], List
 
 
 def plan_workspace_backup(config: UnifiedConfig, *, label: Optional[str] = None, include_cache: bool = False,
-                          include_exports: bool = False, kind: str = "manual") -> BackupPlan:
+                          include_exports: bool = False, kind: str = "manual", estimate: bool = True) -> BackupPlan:
     """Plan a backup of the configured workspace.  Reads sizes only; creates nothing.
 
     The plan is the one record of what is copied (``sections``: every source
     and where it goes) and what is not (``excluded``), and the backup follows it.
+    ``estimate=False`` skips sizing the sources (a walk of every file): an
+    incremental backup links what it can, so the estimate would go unused.
     """
     ws = config.workspace.root_path
     if not ws.is_dir():
@@ -2709,12 +3372,20 @@ def plan_workspace_backup(config: UnifiedConfig, *, label: Optional[str] = None,
         if _is_within(root, ws):
             notes.append("%s_inside_workspace_excluded" % root_name)
             excluded.append(root)
+    notes += ["relocated:%s:%s" % (section.name, section.source) for section in sections if section.relocated]
+    files, total = _size_sources(config, sections) if estimate else (0, 0)
+    return BackupPlan(backup_ref=_build_backup_ref(label), workspace_root=ws, backup_root=config.recovery.backup_root,
+                      included_sections=tuple(names), estimated_bytes=total, notes=tuple(notes),
+                      sections=tuple(sections), excluded_paths=tuple(excluded), warnings=tuple(warnings),
+                      estimated_files=files, kind=kind, label=_clean_label(label))
+
+
+def _size_sources(config: UnifiedConfig, sections: Sequence[BackupSection]) -> Tuple[int, int]:
+    """(files, bytes) the sections hold: what a full backup of them copies."""
     files = 0
     total = 0
     seen: Set[str] = set()
     for section in sections:
-        if section.relocated:
-            notes.append("relocated:%s:%s" % (section.name, section.source))
         if str(section.source) in seen:
             continue
         seen.add(str(section.source))
@@ -2726,10 +3397,7 @@ def plan_workspace_backup(config: UnifiedConfig, *, label: Optional[str] = None,
             count, size = _tree_size(section.source, _section_excludes(config, sections, section), _NEVER_COPIED)
             files += count
             total += size
-    return BackupPlan(backup_ref=_build_backup_ref(label), workspace_root=ws, backup_root=config.recovery.backup_root,
-                      included_sections=tuple(names), estimated_bytes=total, notes=tuple(notes),
-                      sections=tuple(sections), excluded_paths=tuple(excluded), warnings=tuple(warnings),
-                      estimated_files=files, kind=kind, label=_clean_label(label))
+    return files, total
 
 
 def _resolved_config_mapping(config: UnifiedConfig) -> Dict[str, Any]:
@@ -2746,25 +3414,55 @@ def _resolved_config_mapping(config: UnifiedConfig) -> Dict[str, Any]:
     return mapping
 
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     """One directory or file a backup holds: its member path and where it comes from."""
 
-    kind: str
+    kind: str                       # "dir" or "file"
     member: str
-    source: Any  # a path, as text in the hot walk
-    stat: os.stat_result
+    source: Optional[str]           # None: a directory the backup makes itself, or a file given as ``data``
+    stat: Optional[os.stat_result]  # None with ``source``
+    data: Optional[bytes] = None    # a file the backup writes itself (resolved.config.json)
+
+
+class _MountNode:
+    """A place in a backup's ``workspace/`` tree: a section mounted there, or a directory on the way to one."""
+
+    __slots__ = ("kind", "source", "stat", "data", "children")
+
+    def __init__(self, kind: str, source: Optional[str] = None, source_stat: Optional[os.stat_result] = None,
+                 data: Optional[bytes] = None) -> None:
+        self.kind = kind  # "dir" or "file" (a section), "bytes" (written by the backup) or "virtual"
+        self.source = source
+        self.stat = source_stat
+        self.data = data
+        self.children: Dict[str, "_MountNode"] = {}
 
 
 class _SectionWalk:
-    """Everything the planned sections hold, in backup order; what it skipped, and which sections it found."""
+    """Everything the planned sections hold, in plain string order of member paths; what it skipped.
 
-    def __init__(self, config: UnifiedConfig, plan: BackupPlan, extra_excludes: Sequence[Path] = ()) -> None:
+    Sections are mounted in one tree at the paths they have in the backup
+    (``workspace/records``, ``workspace/cache/outbox``, ...) and the tree is
+    walked depth first, real directories and mounted sections merged, so the
+    files come out in the order of the backup's list whatever the sections.
+    A section mounted inside another one (the outbox inside an included cache)
+    takes its place there; sources of other sections, the backup and staging
+    roots are never walked into.
+    """
+
+    def __init__(self, config: UnifiedConfig, plan: BackupPlan, extra_excludes: Sequence[Path] = (),
+                 config_bytes: Optional[bytes] = None) -> None:
         self.config = config
         self.plan = plan
-        self.extra_excludes = list(extra_excludes)
         self.warnings: List[Notice] = []
         self.copied_sections: List[BackupSection] = []
+        self.excluded = {os.path.normpath(str(path)) for path in
+                         [config.recovery.backup_root, config.recovery.restore_staging_root] + list(extra_excludes)
+                         + [section.source for section in plan.sections]}
+        self.root = _MountNode("virtual")
+        if config_bytes is not None:
+            self._mount(_CONFIG_MEMBER, _MountNode("bytes", data=config_bytes))
+        self._mount_sections()
 
     @property
     def copied(self) -> List[str]:
@@ -2775,166 +3473,352 @@ class _SectionWalk:
             names.add("recovery")
         return [name for name in _CONTEXTA_SECTIONS if name == "config" or name in names]
 
-    def entries(self) -> Iterator[_Entry]:
-        done_sources: Set[str] = set()
+    def _mount_sections(self) -> None:
+        done: Set[str] = set()
         for section in self.plan.sections:
-            if str(section.source) in done_sources:
+            if str(section.source) in done:
                 continue
-            done_sources.add(str(section.source))
+            done.add(str(section.source))
             try:
                 source_stat = os.lstat(str(section.source))
             except FileNotFoundError:
                 continue
-            if section.kind == "file" and stat.S_ISREG(source_stat.st_mode):
-                yield _Entry("file", section.path, section.source, source_stat)
-            elif section.kind == "dir" and stat.S_ISDIR(source_stat.st_mode):
-                yield _Entry("dir", section.path, section.source, source_stat)
-                excludes = _section_excludes(self.config, self.plan.sections, section, self.extra_excludes)
-                source_text = str(section.source)
-                for rel, entry_stat, kind in _walk_tree(section.source, excludes, _NEVER_COPIED):
-                    if kind in ("dir", "file"):
-                        yield _Entry(kind, section.path + "/" + rel, source_text + "/" + rel, entry_stat)
-                    else:
-                        self.warnings.append(Notice("skipped_special_file" if kind == "special" else "skipped_symlink",
-                                                    "%s is a %s and was not copied" % (section.source / rel, kind)))
-            else:
+            if _kind_of(source_stat.st_mode) != section.kind:
                 self.warnings.append(Notice("skipped_section", "%s (%s) is not a %s" % (
                     section.name, section.source, section.kind)))
+            elif not self._mount(section.path, _MountNode(section.kind, str(section.source), source_stat)):
+                self.warnings.append(Notice("skipped_section", "%s (%s) would land on %s, where another section "
+                                            "already is" % (section.name, section.source, section.path)))
+            else:
+                self.copied_sections.append(section)
+
+    def _mount(self, member: str, node: _MountNode) -> bool:
+        parts = member.split("/")[1:]  # below workspace/
+        here = self.root
+        for part in parts[:-1]:
+            child = here.children.get(part)
+            if child is None:
+                child = here.children[part] = _MountNode("virtual")
+            elif child.kind in ("file", "bytes"):
+                return False
+            here = child
+        existing = here.children.get(parts[-1])
+        if existing is not None:
+            if existing.kind != "virtual" or node.kind != "dir":
+                return False
+            node.children = existing.children  # a section mounted above one placed before it
+        here.children[parts[-1]] = node
+        return True
+
+    def _items(self, node: Optional[_MountNode], real_dir: Optional[str]) -> Iterator[Tuple[str, Optional[_MountNode]]]:
+        """(sort key, mounted node or None for a real entry) of one directory of the tree, in walk order."""
+        names = _sorted_names(real_dir, self.excluded, _NEVER_COPIED) if real_dir is not None else []
+        if node is None or not node.children:
+            return ((name, None) for name in names)
+        items: List[Tuple[str, Optional[_MountNode]]] = []
+        for key in names:
+            name = key[:-1] if key.endswith("/") else key
+            child = node.children.get(name)
+            if child is None:
+                items.append((key, None))
+            elif child.source is not None and os.path.normpath(child.source) != os.path.join(real_dir or "", name):
+                self.warnings.append(Notice("section_shadowed", "%s%s was not copied: the backup keeps a section "
+                                            "from %s in its place" % (real_dir, name, child.source)))
+        items += [(name if child.kind in ("file", "bytes") else name + "/", child)
+                  for name, child in node.children.items()]
+        items.sort(key=lambda item: item[0])
+        return iter(items)
+
+    def entries(self) -> Iterator[_Entry]:
+        yield _Entry("dir", "workspace", None, None)
+        stack: List[Tuple[str, Optional[str], Iterator[Tuple[str, Optional[_MountNode]]]]] = [
+            ("workspace/", None, self._items(self.root, None))]
+        last_file = ""
+        while stack:
+            prefix, real_dir, items = stack[-1]
+            item = next(items, None)
+            if item is None:
+                stack.pop()
                 continue
-            self.copied_sections.append(section)
+            key, node = item
+            name = key[:-1] if key.endswith("/") else key
+            entry = self._entry(prefix + name, real_dir, name, node)
+            if entry is None:
+                continue
+            if entry.kind == "file":
+                if entry.member <= last_file:  # a directory turned file (or back) while it was listed
+                    self.warnings.append(Notice("changed_during_backup", "%s changed while the walk passed it "
+                                                "and was not copied" % entry.source))
+                    continue
+                last_file = entry.member
+            yield entry
+            if entry.kind == "dir":
+                stack.append((entry.member + "/", entry.source + "/" if entry.source is not None else None,
+                              self._items(node, entry.source)))
+
+    def _entry(self, member: str, real_dir: Optional[str], name: str,
+               node: Optional[_MountNode]) -> Optional[_Entry]:
+        """What one name of the tree is: a mounted section, a real entry, or a directory the backup makes."""
+        if node is not None and node.kind != "virtual":
+            return _Entry("dir" if node.kind == "dir" else "file", member, node.source, node.stat, node.data)
+        path = real_dir + name if real_dir is not None else None
+        try:
+            entry_stat = os.lstat(path) if path is not None else None
+        except FileNotFoundError:
+            entry_stat = None
+        kind = _kind_of(entry_stat.st_mode) if entry_stat is not None else "gone"
+        if node is not None and kind != "dir":  # on the way to a section: a directory the backup makes
+            return _Entry("dir", member, None, None)
+        if kind in ("file", "dir"):
+            return _Entry(kind, member, path, entry_stat)
+        if kind != "gone":
+            self.warnings.append(Notice("skipped_special_file" if kind == "special" else "skipped_symlink",
+                                        "%s is a %s and was not copied" % (path, kind)))
+        return None
 
 
-def _changed_while_read(source: Any, before: os.stat_result, size_read: int) -> bool:
-    after = os.lstat(source)
-    return size_read != before.st_size or after.st_size != before.st_size or after.st_mtime_ns != before.st_mtime_ns
+def _list_line(member: str, sha256: str) -> bytes:
+    """One line of SHA256SUMS, as GNU sha256sum writes it (names holding \\, newline or CR escaped)."""
+    if "\\" in member or "\n" in member or "\r" in member:
+        return ("\\%s  %s\n" % (sha256, member.translate(_LIST_ESCAPES))).encode("utf-8", "surrogateescape")
+    return ("%s  %s\n" % (sha256, member)).encode("utf-8", "surrogateescape")
 
 
-def _file_record(member: str, size: int, digest: str, source_stat: os.stat_result) -> Dict[str, Any]:
-    return {"path": member, "size": size, "sha256": digest, "mode": stat.S_IMODE(source_stat.st_mode),
-            "mtime_ns": source_stat.st_mtime_ns}
+_LIST_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r"})
+
+
+class _ListWriter:
+    """Writes SHA256SUMS as files are proven, in walk order; counts and hashes what it writes."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.count = 0
+        self.total_bytes = 0
+        self.size = 0
+        self.lines: List[bytes] = []
+
+    def add(self, member: str, size: int, sha256: str) -> None:
+        self.lines.append(_list_line(member, sha256))
+        self.count += 1
+        self.total_bytes += size
+        if len(self.lines) >= 1024:
+            self._flush()
+
+    def _flush(self) -> None:
+        data = b"".join(self.lines)
+        self.lines = []
+        self.digest.update(data)
+        self.handle.write(data)
+        self.size += len(data)
+
+    def summary(self) -> Dict[str, Any]:
+        """The manifest's ``file_list``: the list's name, sha256, size and line count."""
+        self._flush()
+        return {"name": _LIST_NAME, "sha256": self.digest.hexdigest(), "size": self.size, "count": self.count}
 
 
 class _PreviousBackup:
-    """The newest complete backup, as an incremental backup sees it: files it may hard-link instead of copy."""
+    """The newest complete backup, as an incremental backup sees it: files it may hard-link instead of copy.
 
-    def __init__(self, location: Path, manifest: Mapping[str, Any]) -> None:
-        self.location = location
-        self.backup_ref = manifest.get("backup_ref", location.name)
-        self.files = {entry["path"]: entry for entry in manifest["files"]}
+    Its list and the walk are both in path order, so they are merged: nothing
+    of the base is held but the next line of its list.
+    """
+
+    def __init__(self, backup: "_DirectoryBackup", listing: Iterator["_Listed"]) -> None:
+        self.location = str(backup.location)
+        self.backup_ref = backup.backup_ref
+        self.listing = listing
+        self.head: Optional[_Listed] = None
         self.damaged: List[str] = []
+        self.unreadable: Optional[str] = None
 
-    def reusable(self, entry: _Entry, verify_unchanged: bool) -> Optional[Tuple[str, Mapping[str, Any]]]:
-        """The previous copy of an unchanged file (same size, mtime and mode; sha256 too when asked).
+    def _listed(self, member: str) -> Optional["_Listed"]:
+        """The base's line for ``member``, reading its list forward (the walk asks in path order)."""
+        while True:
+            head = self.head
+            if head is None:
+                try:
+                    head = self.head = next(self.listing, None)
+                except RestoreError as exc:  # a damaged list: nothing more is linked from it
+                    self.unreadable = self.unreadable or str(exc)
+                    self.listing = iter(())
+                if head is None:
+                    return None
+            if head.path >= member:
+                if head.path != member:
+                    return None
+                self.head = None
+                return head
+            self.head = None
+
+    def reusable(self, entry: _Entry, verify_unchanged: bool) -> Optional[Tuple[str, str]]:
+        """(the base's copy, its sha256) for a file unchanged since (same size, mtime and mode; sha256 too
+        when asked), else None.
 
         With ``verify_unchanged`` both the live file and the base copy are
         hashed: a base copy that rotted since it was written is never linked
         (the damage would spread to every later backup); ``damaged`` counts them.
         """
-        previous = self.files.get(entry.member)
-        source_stat = entry.stat
-        if previous is None or (previous["size"], previous.get("mtime_ns"), previous.get("mode")) != (
-                source_stat.st_size, source_stat.st_mtime_ns, stat.S_IMODE(source_stat.st_mode)):
+        listed = self._listed(entry.member)
+        walked = entry.stat
+        if listed is None or walked is None or entry.source is None:
             return None
-        copy = _safe_join_text(str(self.location), entry.member)
+        unchanged = (walked.st_size, walked.st_mtime_ns, stat.S_IMODE(walked.st_mode))
+        if listed.size is not None and (listed.size, listed.mtime_ns, listed.mode) != unchanged:
+            return None  # a v1 base recorded them
+        copy = self.location + "/" + entry.member
         try:
             copy_stat = os.lstat(copy)
         except FileNotFoundError:
             return None
-        if not stat.S_ISREG(copy_stat.st_mode) or copy_stat.st_size != previous["size"]:
+        same = stat.S_ISREG(copy_stat.st_mode) and (
+            copy_stat.st_size, copy_stat.st_mtime_ns, stat.S_IMODE(copy_stat.st_mode)) == unchanged
+        if not verify_unchanged:
+            return (copy, listed.sha256) if same else None
+        recorded = (walked.st_size, listed.sha256)
+        if sha256_file(entry.source) != recorded:
+            return None  # the file changed since the base was taken
+        if not same or sha256_file(copy) != recorded:  # unchanged here, so the base's copy is what changed
+            self.damaged.append(copy)
             return None
-        if verify_unchanged:
-            recorded = (previous["size"], previous["sha256"])
-            if sha256_file(entry.source) != recorded:
-                return None
-            if sha256_file(copy) != recorded:
-                self.damaged.append(copy)
-                return None
-        return copy, previous
+        return copy, listed.sha256
 
 
-def _newest_previous_backup(backup_root: Path) -> Optional[_PreviousBackup]:
-    """The newest complete backup with checksums, opening manifests newest first (each lists every file)."""
+def _newest_previous_backup(backup_root: Path) -> Tuple[Optional[_PreviousBackup], List[Notice]]:
+    """The newest complete backup with checksums whose list is intact, opening manifests newest first."""
     names = [name for name in os.listdir(str(backup_root)) if _BACKUP_REF_PATTERN.match(name)]
+    skipped: List[Notice] = []
     for name in sorted(names, key=_ref_timestamp, reverse=True):
         try:
             backup = _DirectoryBackup(backup_root / name)
         except RestoreError:
             continue
-        if backup.expected_files is not None:
-            return _PreviousBackup(backup.location, backup.manifest)
-    return None
+        if not backup.has_checksums:
+            continue
+        fault = backup.list_fault()
+        if fault is None:
+            return _PreviousBackup(backup, iter(backup.listing())), skipped
+        skipped.append(Notice("incremental_base_damaged", "%s was not used as a base: %s" % (name, fault)))
+    return None, skipped
 
 
 class _BackupWriter:
-    """Copies what a walk yields into a partial backup directory, hashing every byte it writes.
+    """Copies what a walk yields into a partial backup directory, proving every byte it writes.
 
-    With a previous backup, an unchanged file is hard-linked from it instead
-    (copied where links are impossible), and keeps its recorded digest.
+    Each file's line goes into SHA256SUMS in walk order, once its copy is
+    proven (copies finish out of order on the workers).  With a previous
+    backup, an unchanged file is hard-linked from it instead (copied where
+    links are impossible), and keeps its recorded digest.
     """
 
     def __init__(self, partial: Path, progress: _Progress, previous: Optional[_PreviousBackup] = None,
                  verify_unchanged: bool = False) -> None:
+        self.root = str(partial) + "/"
         self.partial = partial
         self.progress = progress
         self.previous = previous
         self.verify_unchanged = verify_unchanged
-        self.files: List[Dict[str, Any]] = []
-        self.directories: List[Tuple[Path, os.stat_result]] = []
+        self.list_handle = open(str(partial / _LIST_NAME), "xb")
+        self.listing = _ListWriter(self.list_handle)
+        self.slots: Deque[List[Any]] = collections.deque()  # [member, size, sha256]: None until proven
+        self.directories: List[Tuple[str, int, int]] = []
         self.bytes_written = 0
         self.bytes_linked = 0
         self.links_failed = 0
         self.linked = 0
         self.warnings: List[Notice] = []
-        self.copier = _Copier()
-
-    def add_bytes(self, member: str, data: bytes) -> None:
-        destination = safe_join(self.partial, member)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        self.directories.append((destination.parent, os.stat(str(self.partial))))
-        with _naming(destination), open(destination, "xb") as handle:
-            handle.write(data)
-        self.files.append(_file_record(member, len(data), hashlib.sha256(data).hexdigest(), destination.stat()))
-        self.bytes_written += len(data)
+        self.copier = _Batches()
 
     def add(self, entry: _Entry) -> None:
-        destination = os.path.join(str(self.partial), entry.member)  # our own walk: already safe
+        destination = self.root + entry.member  # our own walk: already safe
         if entry.kind == "dir":
-            os.makedirs(destination, exist_ok=True)
-            self.directories.append((Path(destination), entry.stat))
-            return
-        reusable = self.previous.reusable(entry, self.verify_unchanged) if self.previous is not None else None
-        if reusable is not None:
             try:
-                os.link(str(reusable[0]), destination)
-            except OSError:
-                self.links_failed += 1
-            else:
-                self.files.append(dict(reusable[1]))
-                self.linked += 1
-                self.bytes_linked += entry.stat.st_size
-                self.progress.advance(entry.stat.st_size)
-                _crash_point("backup:file-linked")
-                return
-        record = _file_record(entry.member, 0, "", entry.stat)
-        self.files.append(record)  # a place kept in walk order; filled in when the copy is proven
+                os.mkdir(destination)
+            except FileNotFoundError:
+                os.makedirs(destination)
+            except FileExistsError:
+                pass
+            if entry.stat is not None:
+                self.directories.append((destination, entry.stat.st_mode, entry.stat.st_mtime_ns))
+            return
+        if entry.data is not None:
+            _write_new_file(destination, entry.data, 0o644, time.time_ns())
+            self.bytes_written += len(entry.data)
+            self._done(entry.member, len(entry.data), hashlib.sha256(entry.data).hexdigest())
+            return
+        assert entry.source is not None and entry.stat is not None
+        if self.previous is not None and self._link(entry, destination):
+            return
+        slot: List[Any] = [entry.member, None, None]
+        self.slots.append(slot)
+        source = entry.source
 
-        def copied(size: int, digest: str, changed: bool) -> None:
+        def copied(result: Tuple[int, str, bool]) -> None:
+            size, digest, changed = result
             _crash_point("backup:file-copied")
             if changed:
-                self.warnings.append(Notice("changed_during_backup", "%s changed while it was copied" % entry.source))
-            record.update(size=size, sha256=digest)
+                self.warnings.append(Notice("changed_during_backup", "%s changed while it was copied" % source))
+            slot[1], slot[2] = size, digest
             self.bytes_written += size
             self.progress.advance(size)
 
-        self.copier.submit(copied, _backup_one_file, str(entry.source), destination, entry.stat)
+        walked = entry.stat
+        self.copier.submit(copied, walked.st_size, _copy_file, source, destination,
+                           (walked.st_size, walked.st_mtime_ns), stat.S_IMODE(walked.st_mode), walked.st_mtime_ns)
+        self._drain()
 
-    def finish(self) -> None:
-        """Wait for the copies, give directories their modes and times, then make it all durable."""
+    def _link(self, entry: _Entry, destination: str) -> bool:
+        assert self.previous is not None and entry.stat is not None
+        reusable = self.previous.reusable(entry, self.verify_unchanged)
+        if reusable is None:
+            return False
+        try:
+            os.link(reusable[0], destination)
+        except OSError:
+            self.links_failed += 1
+            return False
+        self.linked += 1
+        self.bytes_linked += entry.stat.st_size
+        self.progress.advance(entry.stat.st_size)
+        self._done(entry.member, entry.stat.st_size, reusable[1])
+        _crash_point("backup:file-linked")
+        return True
+
+    def _done(self, member: str, size: int, digest: str) -> None:
+        if self.slots:  # behind a copy still running: its line comes first
+            self.slots.append([member, size, digest])
+            self._drain()
+        else:
+            self.listing.add(member, size, digest)
+
+    def _drain(self) -> None:
+        """Write the lines of every proven file at the head of the walk order; bound how many wait."""
+        slots = self.slots
+        while True:
+            while slots and slots[0][1] is not None:
+                member, size, digest = slots.popleft()
+                self.listing.add(member, size, digest)
+            if len(slots) <= 8192 or not self.copier.settle_oldest():
+                return
+
+    def finish(self) -> Dict[str, Any]:
+        """Wait for the copies, write the last lines, give directories their modes and times, make it durable."""
         self.copier.finish()
-        for directory, dir_stat in reversed(self.directories):
-            os.chmod(str(directory), stat.S_IMODE(dir_stat.st_mode) | stat.S_IRWXU)
-            os.utime(str(directory), ns=(dir_stat.st_mtime_ns, dir_stat.st_mtime_ns))
+        self._drain()
+        assert not self.slots, "a copy was never proven"
+        summary = self.listing.summary()
+        self.list_handle.close()
+        for directory, mode, mtime_ns in reversed(self.directories):
+            os.chmod(directory, stat.S_IMODE(mode) | stat.S_IRWXU)
+            os.utime(directory, ns=(mtime_ns, mtime_ns))
         _sync_filesystem(self.partial)
+        return summary
+
+    def close(self) -> None:
+        """Stop after a failure: no copy left running, the list closed."""
+        self.copier.close()
+        self.list_handle.close()
 
 
 def _clean_stale_partials(backup_root: Path) -> List[str]:
@@ -2984,9 +3868,11 @@ def _write_backup(config: UnifiedConfig, plan: BackupPlan, incremental: bool = F
     backup_root = Path(plan.backup_root)
     backup_root.mkdir(parents=True, exist_ok=True)
     cleaned = _clean_stale_partials(backup_root)
-    previous = _newest_previous_backup(backup_root) if incremental else None
+    previous, skipped_bases = _newest_previous_backup(backup_root) if incremental else (None, [])
     if incremental and previous is None:
-        plan = dataclasses.replace(plan, notes=plan.notes + ("incremental_without_base:full copy",))
+        files, total = _size_sources(config, plan.sections)
+        plan = dataclasses.replace(plan, notes=plan.notes + ("incremental_without_base:full copy",),
+                                   estimated_files=files, estimated_bytes=total)
     elif incremental:
         plan = dataclasses.replace(plan, kind="incremental")
     final = backup_root / plan.backup_ref
@@ -2999,7 +3885,8 @@ def _write_backup(config: UnifiedConfig, plan: BackupPlan, incremental: bool = F
     progress = _Progress("backup %s" % plan.backup_ref, plan.estimated_bytes)
     try:
         with _Lock(partial, what="partial backup %s" % partial, directory=True):
-            result = _fill_backup(config, plan, partial, final, progress, previous, verify_unchanged)
+            result = _fill_backup(config, plan, partial, final, progress, previous, verify_unchanged,
+                                  skipped_bases)
     except BaseException:
         _remove_tree(partial)
         raise
@@ -3015,8 +3902,13 @@ _CONFIG_MEMBER = "workspace/config/resolved.config.json"
 
 
 def _backup_manifest(config: UnifiedConfig, plan: BackupPlan, created_at: str, walk: _SectionWalk,
-                     files: List[Dict[str, Any]], warnings: List[Notice]) -> Dict[str, Any]:
-    """Contexta's manifest keys, then ours: tool, sections with their sources, every file's digest."""
+                     file_list: Mapping[str, Any], total_bytes: int, warnings: List[Notice]) -> Dict[str, Any]:
+    """Contexta's manifest keys, then ours: tool, sections with their sources, and the list of files.
+
+    ``file_list`` proves SHA256SUMS (its sha256, size and line count);
+    ``total_bytes`` (what the listed files add up to) bounds what a reader
+    stages or reads while it streams them.
+    """
     return {
         "backup_ref": plan.backup_ref,
         "created_at": created_at,
@@ -3031,9 +3923,9 @@ def _backup_manifest(config: UnifiedConfig, plan: BackupPlan, created_at: str, w
         "kind": plan.kind,
         "label": plan.label,
         "sections": [section.to_dict() for section in walk.copied_sections],
-        "files": files,
-        "file_count": len(files),
-        "total_bytes": sum(entry["size"] for entry in files),
+        "file_list": dict(file_list),
+        "file_count": file_list["count"],
+        "total_bytes": total_bytes,
         "warnings": [warning.to_dict() for warning in warnings],
     }
 
@@ -3057,19 +3949,20 @@ def _manifest_digest_problems(manifest_bytes: bytes, digest_bytes: Optional[byte
 
 
 def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: Path, progress: _Progress,
-                 previous: Optional[_PreviousBackup] = None, verify_unchanged: bool = False) -> BackupResult:
-    writer = _BackupWriter(partial, progress, previous, verify_unchanged)
+                 previous: Optional[_PreviousBackup] = None, verify_unchanged: bool = False,
+                 base_notices: Sequence[Notice] = ()) -> BackupResult:
     warnings, notes = _metadata_in_use_warnings(config)
     warnings += _unsafe_workspace_notices(config)
-    writer.add_bytes(_CONFIG_MEMBER, _pretty_json(_resolved_config_mapping(config)))
-    walk = _SectionWalk(config, plan, extra_excludes=[partial])
+    walk = _SectionWalk(config, plan, extra_excludes=[partial],
+                        config_bytes=_pretty_json(_resolved_config_mapping(config)))
+    writer = _BackupWriter(partial, progress, previous, verify_unchanged)
     try:
         for entry in walk.entries():
             writer.add(entry)
+        file_list = writer.finish()
     except BaseException:
-        writer.copier.close()
+        writer.close()
         raise
-    writer.finish()
     _crash_point("backup:files-durable")
     details: Dict[str, Any] = {"format": BACKUP_FORMAT, "bytes_linked": writer.bytes_linked,
                                "sections": [section.to_dict() for section in walk.copied_sections]}
@@ -3083,21 +3976,23 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
                          "hashes them)" % (writer.linked, previous.backup_ref))
         if previous.damaged:
             warnings.append(Notice("incremental_base_damaged", "%d file(s) of the base backup %s no longer match "
-                                   "its manifest (first: %s); they were copied fresh - verify that backup"
+                                   "its list (first: %s); they were copied fresh - verify that backup"
                                    % (len(previous.damaged), previous.backup_ref, previous.damaged[0])))
+        if previous.unreadable:
+            warnings.append(Notice("incremental_base_damaged", "the list of the base backup %s could not be read "
+                                   "to its end (%s); the rest was copied fresh" % (previous.backup_ref,
+                                                                                   previous.unreadable)))
     if writer.links_failed:
         notes.append("hardlinks_unavailable:%d files copied instead" % writer.links_failed)
     created_at = _utc_timestamp()
-    warnings += walk.warnings + writer.warnings
-    manifest = _backup_manifest(config, plan, created_at, walk, writer.files, warnings)
-    with _naming(partial / _MANIFEST_NAME), open(partial / _MANIFEST_NAME, "wb") as handle:
-        manifest_size, manifest_sha256 = _write_pretty_json(handle, manifest)
-        handle.flush()
-        os.fsync(handle.fileno())
-    with _naming(partial / _MANIFEST_DIGEST_NAME), open(partial / _MANIFEST_DIGEST_NAME, "wb") as handle:
-        handle.write(_digest_line(manifest_sha256))
-        handle.flush()
-        os.fsync(handle.fileno())
+    warnings += list(base_notices) + walk.warnings + writer.warnings
+    manifest_bytes = _pretty_json(_backup_manifest(config, plan, created_at, walk, file_list,
+                                                   writer.listing.total_bytes, warnings))
+    for name, data in ((_MANIFEST_NAME, manifest_bytes), (_MANIFEST_DIGEST_NAME, _manifest_digest(manifest_bytes))):
+        with _naming(partial / name), open(str(partial / name), "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
     _fsync_dir(partial)
     _crash_point("backup:manifest-written")
     os.rename(str(partial), str(final))
@@ -3113,9 +4008,9 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
         created_at=created_at,
         location=final,
         included_sections=tuple(walk.copied),
-        bytes_written=writer.bytes_written + manifest_size,
-        verification_notes=("manifest_written", "checksums_recorded:%d" % len(writer.files)),
-        file_count=len(writer.files),
+        bytes_written=writer.bytes_written + len(manifest_bytes) + file_list["size"],
+        verification_notes=("manifest_written", "checksums_recorded:%d" % file_list["count"]),
+        file_count=file_list["count"],
         kind=plan.kind,
     )
 
@@ -3123,9 +4018,11 @@ def _fill_backup(config: UnifiedConfig, plan: BackupPlan, partial: Path, final: 
 # -- one-file backups ----------------------------------------------------------
 #
 # The same backup as one tar (optionally gzipped): manifest.json first, then
-# every directory and file under workspace/.  The manifest leads, so files are
-# read twice: once to hash them, once to write them (checked against the
-# first read; a file that changed in between aborts the archive).
+# SHA256SUMS, then every directory and file under workspace/ in the list's
+# order.  The manifest leads, so files are read twice: once to hash them (the
+# list and the walk are spooled to unlinked temp files beside the archive),
+# once to write them (checked against the first read; a file that changed in
+# between aborts the archive).
 
 ARCHIVE_STDOUT = "-"
 
@@ -3199,57 +4096,129 @@ def create_backup_archive(config: UnifiedConfig, plan: BackupPlan, destination: 
         return dataclasses.replace(result, location=final)
 
 
+class _Spool:
+    """Records of a first pass kept on disk for the second (an unlinked temp file): a million cost no memory."""
+
+    def __init__(self, directory: Optional[str]) -> None:
+        self.handle = tempfile.TemporaryFile(dir=directory)
+        self.batch: List[Tuple[Any, ...]] = []
+
+    def add(self, record: Tuple[Any, ...]) -> None:
+        self.batch.append(record)
+        if len(self.batch) >= 1024:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.batch:
+            data = marshal.dumps(self.batch)
+            self.handle.write(struct.pack("<I", len(data)) + data)
+            self.batch = []
+
+    def __iter__(self) -> Iterator[Tuple[Any, ...]]:
+        self._flush()
+        self.handle.seek(0)
+        while True:
+            head = self.handle.read(4)
+            if not head:
+                return
+            yield from marshal.loads(self.handle.read(struct.unpack("<I", head)[0]))
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _hash_file(source: str, seen: Tuple[int, int]) -> Tuple[int, str, bool]:
+    """(size, sha256, changed while read) of a file a walk saw as regular with ``seen`` (size, mtime_ns)."""
+    fd, _opened = _open_source_file(source)
+    try:
+        if seen[0] <= _SMALL_FILE:
+            data = _read_all(fd, seen[0])
+            return len(data), hashlib.sha256(data).hexdigest(), _changed(seen, len(data), os.fstat(fd))
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
+            size, digest = _hash_stream(handle)
+        return size, digest, _changed(seen, size, os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
 def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Optional[Path], compress: bool,
                    exclude: Sequence[Path] = ()) -> BackupResult:
+    """Hash every file into SHA256SUMS (spooled beside the archive), then write manifest, list and members."""
     warnings, notes = _metadata_in_use_warnings(config)
     warnings += _unsafe_workspace_notices(config)
-    walk = _SectionWalk(config, plan, extra_excludes=list(exclude) + ([final] if final else []))
-    entries = list(walk.entries())
     config_bytes = _pretty_json(_resolved_config_mapping(config))
+    walk = _SectionWalk(config, plan, extra_excludes=list(exclude) + ([final] if final else []),
+                        config_bytes=config_bytes)
+    scratch = str(final.parent) if final is not None else None
     now_ns = time.time_ns()
-    files: List[Dict[str, Any]] = [{"path": _CONFIG_MEMBER, "size": len(config_bytes), "mode": 0o644,
-                                    "sha256": hashlib.sha256(config_bytes).hexdigest(), "mtime_ns": now_ns}]
-    hashing = _Progress("hash %s" % plan.backup_ref, plan.estimated_bytes)
-    for entry in entries:
-        if entry.kind == "file":
-            size, digest = sha256_file(entry.source)
-            hashing.advance(size)
-            if _changed_while_read(entry.source, entry.stat, size):
+    entries = _Spool(scratch)
+    list_spool = tempfile.TemporaryFile(dir=scratch)
+    try:
+        listing = _ListWriter(list_spool)
+        hashing = _Progress("hash %s" % plan.backup_ref, plan.estimated_bytes)
+        for entry in walk.entries():
+            if entry.kind == "dir":
+                entries.add(("dir", entry.member, "", 0) + (
+                    (stat.S_IMODE(entry.stat.st_mode), entry.stat.st_mtime_ns) if entry.stat else (0o755, now_ns)))
+                continue
+            if entry.data is not None:
+                size, digest, changed = len(entry.data), hashlib.sha256(entry.data).hexdigest(), False
+                entries.add(("data", entry.member, "", size, 0o644, now_ns, digest))
+            else:
+                assert entry.source is not None and entry.stat is not None
+                size, digest, changed = _hash_file(entry.source, (entry.stat.st_size, entry.stat.st_mtime_ns))
+                entries.add(("file", entry.member, entry.source, size, stat.S_IMODE(entry.stat.st_mode),
+                             entry.stat.st_mtime_ns, digest))
+            if changed:
                 warnings.append(Notice("changed_during_backup", "%s changed while it was read" % entry.source))
-            files.append(_file_record(entry.member, size, digest, entry.stat))
-    hashing.finish()
-    created_at = _utc_timestamp()
-    warnings += walk.warnings
-    manifest = _backup_manifest(config, plan, created_at, walk, files, warnings)
-    manifest["archive"] = {"compression": "gzip" if compress else None}
-    encoded = io.BytesIO()
-    _write_pretty_json(encoded, manifest)
-    manifest_bytes = encoded.getvalue()
-    del encoded
+            listing.add(entry.member, size, digest)
+            hashing.advance(size)
+        hashing.finish()
+        file_list = listing.summary()
+        created_at = _utc_timestamp()
+        warnings += walk.warnings
+        manifest = _backup_manifest(config, plan, created_at, walk, file_list, listing.total_bytes, warnings)
+        manifest["archive"] = {"compression": "gzip" if compress else None}
+        manifest_bytes = _pretty_json(manifest)
+        list_spool.seek(0)
+        _write_tar(out, compress, manifest_bytes, list_spool, file_list["size"], entries, config_bytes,
+                   _Progress("write %s" % plan.backup_ref, listing.total_bytes), now_ns)
+    finally:
+        entries.close()
+        list_spool.close()
+    return BackupResult(
+        status="DEGRADED" if warnings else "SUCCESS", warnings=tuple(warnings),
+        notes=tuple(plan.notes) + tuple(note for note in notes if note not in plan.notes),
+        details={"format": BACKUP_FORMAT, "archive": "tar+gzip" if compress else "tar"},
+        backup_ref=plan.backup_ref, created_at=created_at, location=final,
+        included_sections=tuple(walk.copied),
+        bytes_written=listing.total_bytes + len(manifest_bytes) + file_list["size"],
+        verification_notes=("manifest_written", "checksums_recorded:%d" % file_list["count"]),
+        file_count=file_list["count"])
 
-    writing = _Progress("write %s" % plan.backup_ref, manifest["total_bytes"])
+
+def _write_tar(out: Any, compress: bool, manifest_bytes: bytes, list_spool: Any, list_size: int, entries: _Spool,
+               config_bytes: bytes, writing: _Progress, now_ns: int) -> None:
+    """manifest.json, SHA256SUMS, every member in the list's order (each checked against its first read),
+    and the manifest's digest last."""
     compressor = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) if compress else None
     stream: Any = compressor if compressor is not None else out
-    by_member = {entry["path"]: entry for entry in files}
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(_tar_info(_MANIFEST_NAME, "file", len(manifest_bytes), 0o644, now_ns), io.BytesIO(manifest_bytes))
-        tar.addfile(_tar_info("workspace", "dir", 0, 0o755, now_ns))
-        tar.addfile(_tar_info("workspace/config", "dir", 0, 0o755, now_ns))
-        tar.addfile(_tar_info(_CONFIG_MEMBER, "file", len(config_bytes), 0o644, now_ns), io.BytesIO(config_bytes))
-        for entry in entries:
-            record = by_member.get(entry.member)
-            if entry.kind == "dir":
-                tar.addfile(_tar_info(entry.member, "dir", 0, entry.stat.st_mode, entry.stat.st_mtime_ns))
+        tar.addfile(_tar_info(_LIST_NAME, "file", list_size, 0o644, now_ns), list_spool)
+        for kind, member, source, size, mode, mtime_ns, *digest in entries:
+            if kind == "dir":
+                tar.addfile(_tar_info(member, "dir", 0, mode, mtime_ns))
                 continue
-            assert record is not None
-            with open(entry.source, "rb") as handle:
+            if kind == "data":
+                tar.addfile(_tar_info(member, "file", size, mode, mtime_ns), io.BytesIO(config_bytes))
+                continue
+            with open_regular(source, follow_symlinks=False) as handle:
                 reader = _HashingReader(handle, writing)
-                tar.addfile(_tar_info(entry.member, "file", record["size"], record["mode"], record["mtime_ns"]),
-                            reader)
-            if (reader.size, reader.digest.hexdigest()) != (record["size"], record["sha256"]):
+                tar.addfile(_tar_info(member, "file", size, mode, mtime_ns), reader)
+            if (reader.size, reader.digest.hexdigest()) != (size, digest[0]):
                 raise BackupError("%s changed between hashing and archiving; the archive is abandoned - quiet "
-                                  "the workspace and run again" % entry.source, code="source_changed",
-                                  path=entry.source)
+                                  "the workspace and run again" % source, code="source_changed", path=source)
             _crash_point("archive:member-written")
         digest_line = _manifest_digest(manifest_bytes)
         tar.addfile(_tar_info(_MANIFEST_DIGEST_NAME, "file", len(digest_line), 0o644, now_ns),
@@ -3257,13 +4226,7 @@ def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Opt
     if compressor is not None:
         compressor.close()
     writing.finish()
-    return BackupResult(
-        status="DEGRADED" if warnings else "SUCCESS", warnings=tuple(warnings),
-        notes=tuple(plan.notes) + tuple(note for note in notes if note not in plan.notes),
-        details={"format": BACKUP_FORMAT, "archive": "tar+gzip" if compress else "tar"},
-        backup_ref=plan.backup_ref, created_at=created_at, location=final,
-        included_sections=tuple(walk.copied), bytes_written=manifest["total_bytes"] + len(manifest_bytes),
-        verification_notes=("manifest_written", "checksums_recorded:%d" % len(files)), file_count=len(files))
+
 
 # -- Contexta's CLI zip ---------------------------------------------------------
 #
@@ -3351,8 +4314,13 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _INT63_MAX = (1 << 63) - 1  # sizes and nanosecond times: what a signed 64-bit field (stat, tar, zip) holds
 _INT63_MIN = -(1 << 63)  # a file from before 1970 has a negative mtime
 _MANIFEST_LIMIT = 256 << 20
-# Each listed file costs ~2 KB in memory once parsed; past this a manifest is refused before it is parsed.
+# A v1 manifest lists its files itself, ~2 KB each in memory once parsed; past this it is refused before it is
+# parsed.  A v2 list (SHA256SUMS) is streamed: it needs no cap on its lines, only on each line's length.
 _MANIFEST_MAX_FILES = 1000000
+_LIST_LINE_LIMIT = 32 << 10  # a digest and one path (PATH_MAX is 4096 bytes; escaping at most doubles it)
+_LIST_LINE = re.compile(rb"(\\?)([0-9a-f]{64})  ([^\n]*)\n")
+_LIST_UNESCAPE = re.compile(r"\\(.?)", re.DOTALL)
+_LIST_UNESCAPED = {"\\": "\\", "n": "\n", "r": "\r"}
 # One path component a directory may be named by: no separator, no control character, not . or ..
 _BACKUP_REF_TEXT = re.compile(r"(?!\.\.?$)[^/\\\x00-\x1f\x7f]{1,255}")
 
@@ -3372,6 +4340,117 @@ class _Member:
     def open(self) -> Any:
         assert self.opener is not None
         return self.opener()
+
+
+class _Listed(NamedTuple):
+    """One file a backup's list names: its member path and sha256; v1 manifests also recorded the rest."""
+
+    path: str
+    sha256: str
+    size: Optional[int] = None
+    mode: Optional[int] = None
+    mtime_ns: Optional[int] = None
+
+
+# An empty, ``.`` or ``..`` component (a leading separator makes an empty one), with either separator.
+_UNSAFE_COMPONENTS = re.compile(r"(?:^|[/\\])\.{0,2}(?:[/\\]|$)")
+
+
+def _member_path_fault(path: Any) -> Optional[str]:
+    """Why a listed path cannot name a backup member (absolute, ``..``, empty parts, outside workspace/), or None.
+
+    The rules of :func:`safe_join`, without building a path (a list may name a million).
+    """
+    if not isinstance(path, str) or "\x00" in path or path[1:2] == ":" or _UNSAFE_COMPONENTS.search(path):
+        return "%s is not a safe relative path" % _shown(path)
+    if not path.startswith("workspace/"):
+        return "%s is outside workspace/" % _shown(path)
+    return None
+
+
+def _unescape_list_name(name: str) -> Optional[str]:
+    """A GNU-escaped name (``\\\\``, ``\\n``, ``\\r``) as it is, or None when it holds another escape."""
+    try:
+        return _LIST_UNESCAPE.sub(lambda match: _LIST_UNESCAPED[match.group(1)], name)
+    except KeyError:
+        return None
+
+
+class _ListReader:
+    """A v2 backup's SHA256SUMS, read a line at a time: every line checked as it comes, the whole at the end.
+
+    Each line is ``<sha256>  <member path>`` (GNU escaping when it starts
+    with a backslash), at most 32 KiB, naming a safe path below workspace/,
+    after the line before it in string order (so no path twice).  A line that
+    is not is refused (``recovery_manifest_invalid``), like a bad manifest.
+    Once read to its end, ``problems`` says whether the list matches the
+    sha256, size and line count the manifest recorded for it.
+    """
+
+    def __init__(self, opener: Callable[[], Any], file_list: Mapping[str, Any], shown: str) -> None:
+        self.opener = opener
+        self.expected = file_list
+        self.shown = shown
+        self.problems: List[Problem] = []
+
+    def _invalid(self, message: str) -> RestoreError:
+        return RestoreError("backup list %s: %s" % (self.shown, message), code="recovery_manifest_invalid",
+                            path=self.shown)
+
+    def __iter__(self) -> Iterator[_Listed]:
+        limit = self.expected["size"]
+        digest = hashlib.sha256()
+        count = size = 0
+        last = ""
+        with self.opener() as handle:
+            while True:
+                raw = handle.readline(_LIST_LINE_LIMIT + 1)
+                if not raw:
+                    break
+                digest.update(raw)
+                count += 1
+                size += len(raw)
+                if size > limit:
+                    raise self._invalid("is longer than the %d bytes the manifest records" % limit)
+                match = _LIST_LINE.fullmatch(raw)
+                if match is None:
+                    raise self._invalid("line %d is not `<sha256>  workspace/<path>` ending in a newline%s" % (
+                        count, " (longer than %d bytes)" % _LIST_LINE_LIMIT if len(raw) > _LIST_LINE_LIMIT else ""))
+                escaped, hex_digest, name = match.groups()
+                path: Optional[str] = name.decode("utf-8", "surrogateescape")
+                if escaped and path is not None:
+                    path = _unescape_list_name(path)
+                fault = "holds an unknown escape" if path is None else _member_path_fault(path)
+                if fault is None and path is not None and path <= last:
+                    fault = "%s is not after %s (the list is sorted, each path once)" % (_shown(path), _shown(last))
+                if fault is not None or path is None:
+                    raise self._invalid("line %d: %s" % (count, fault))
+                last = path
+                yield _Listed(path, hex_digest.decode("ascii"))
+        self.problems = self._end_problems(digest.hexdigest(), size, count)
+
+    def _end_problems(self, actual: str, size: int, count: int) -> List[Problem]:
+        if actual != self.expected["sha256"] or size != self.expected["size"]:
+            return [Problem("checksum_mismatch", _LIST_NAME, "%s does not match the sha256 and size the manifest "
+                            "records for it" % _LIST_NAME, expected=self.expected["sha256"], actual=actual)]
+        if count != self.expected["count"]:
+            return [Problem("checksum_mismatch", _MANIFEST_NAME, "the manifest says %s holds %d lines, it holds %d"
+                            % (_LIST_NAME, self.expected["count"], count), expected=self.expected["count"],
+                            actual=count)]
+        return []
+
+
+class _ManifestListing:
+    """A v1 manifest's own list of files, sorted by path (it is in memory anyway)."""
+
+    problems: List[Problem] = []
+
+    def __init__(self, files: Sequence[Mapping[str, Any]]) -> None:
+        self.files = files
+
+    def __iter__(self) -> Iterator[_Listed]:
+        for entry in sorted(self.files, key=lambda item: item["path"]):
+            yield _Listed(entry["path"], entry["sha256"], entry["size"], entry.get("mode"), entry.get("mtime_ns"))
 
 
 def _manifest_error(location: Any, message: str) -> RestoreError:
@@ -3398,7 +4477,8 @@ def _validate_manifest(manifest: Any, location: Any) -> Dict[str, Any]:
     """
     if not isinstance(manifest, dict):
         raise _manifest_error(location, "is not a JSON object")
-    wrong = _manifest_header_fault(manifest) or _manifest_files_fault(manifest) or _manifest_sections_fault(manifest)
+    wrong = (_manifest_header_fault(manifest) or _manifest_files_fault(manifest) or _manifest_list_fault(manifest)
+             or _manifest_sections_fault(manifest))
     if wrong:
         raise _manifest_error(location, wrong)
     return manifest
@@ -3440,16 +4520,31 @@ def _manifest_files_fault(manifest: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _manifest_list_fault(manifest: Dict[str, Any]) -> Optional[str]:
+    """A v2 manifest's ``file_list``: what proves SHA256SUMS; ``total_bytes`` bounds what its files may hold."""
+    if "file_list" not in manifest:
+        return None
+    file_list = manifest["file_list"]
+    if not isinstance(file_list, dict) or file_list.get("name") != _LIST_NAME:
+        return "file_list is not an object naming %s" % _LIST_NAME
+    if not isinstance(file_list.get("sha256"), str) or not _SHA256_HEX.fullmatch(file_list["sha256"]):
+        return "file_list.sha256 is not a sha256 hex digest"
+    for key in ("size", "count"):
+        if not _is_int_in(file_list.get(key), 0, _INT63_MAX):
+            return "file_list.%s is not a non-negative integer below 2**63" % key
+    if "files" in manifest:
+        return "lists its files twice (files and file_list)"
+    if "total_bytes" not in manifest:
+        return "has a file_list but no total_bytes"
+    return None
+
+
 def _manifest_file_fault(entry: Any) -> Optional[str]:
     if not isinstance(entry, dict):
         return " is not an object"
-    path: Any = entry.get("path")
-    try:
-        safe_join("/", path)
-    except OpsError:
-        return ".path %s is not a safe relative path" % _shown(path)
-    if not path.startswith("workspace/"):
-        return ".path %s is outside workspace/" % _shown(path)
+    path_fault = _member_path_fault(entry.get("path"))
+    if path_fault:
+        return ".path " + path_fault
     if not _is_int_in(entry.get("size"), 0, _INT63_MAX):
         return ".size is not a non-negative integer below 2**63"
     if not isinstance(entry.get("sha256"), str) or not _SHA256_HEX.fullmatch(entry["sha256"]):
@@ -3507,6 +4602,63 @@ def _read_manifest_file(path: Path, location: Path) -> bytes:
                            code="recovery_manifest_unreadable", path=path)
 
 
+class _Expected:
+    """A backup's list matched against its members as they come, holding as little as the format allows.
+
+    A v2 list and the members of a v2 backup are both in path order: they are
+    merged, holding one line.  A v1 manifest's list is in memory anyway, and the
+    members of its archives came in an older order: matched by lookup.
+    Listed paths passed over without a member collect in ``missing`` (the
+    caller drains it); :meth:`rest` gives those never reached.
+    """
+
+    def __init__(self, listing: Any, ordered: bool) -> None:
+        self.listing = listing
+        self.ordered = ordered
+        self.missing: List[str] = []
+        self.head: Optional[_Listed] = None
+        self.last = ""
+        self.iterator: Iterator[_Listed] = iter(listing) if ordered else iter(())
+        self.by_path: Dict[str, _Listed] = {} if ordered else {entry.path: entry for entry in listing}
+
+    def take(self, path: str) -> Optional[_Listed]:
+        """The list's entry for a member file, or None when the list does not name it (here)."""
+        if not self.ordered:
+            return self.by_path.pop(path, None)
+        if path <= self.last:
+            return None  # out of the list's order (or twice): never matched
+        self.last = path
+        while True:
+            head = self.head
+            if head is None:
+                head = next(self.iterator, None)
+            self.head = None
+            if head is None:
+                return None
+            if head.path == path:
+                return head
+            if head.path > path:
+                self.head = head
+                return None
+            self.missing.append(head.path)
+
+    def rest(self) -> Iterator[str]:
+        """Listed paths no member matched, after the last member (reads the list to its end)."""
+        if not self.ordered:
+            yield from sorted(self.by_path)
+            return
+        if self.head is not None:
+            yield self.head.path
+            self.head = None
+        for entry in self.iterator:
+            yield entry.path
+
+    @property
+    def problems(self) -> List[Problem]:
+        """What the list itself holds against the manifest, once read to its end."""
+        return list(self.listing.problems)
+
+
 class _BackupSource:
     """What verify and restore read, whatever holds the backup: a directory, a tar archive or a zip."""
 
@@ -3515,24 +4667,53 @@ class _BackupSource:
     manifest: Dict[str, Any]
     manifest_bytes = b""
     backup_ref = ""
+    shown = ""
 
     @property
     def made_by(self) -> str:
-        return TOOL_NAME if self.manifest.get("format") == BACKUP_FORMAT else "contexta"
+        return TOOL_NAME if self.manifest.get("format") in _OUR_FORMATS else "contexta"
 
     @property
-    def expected_files(self) -> Optional[Dict[str, Dict[str, Any]]]:
-        """The manifest's file list by path, or None for a backup without checksums."""
-        if not hasattr(self, "_expected_files"):
-            files = self.manifest.get("files")
-            self._expected_files = None if files is None else {entry["path"]: entry for entry in files}
-        return self._expected_files
+    def has_checksums(self) -> bool:
+        """Whether the backup lists every file's sha256: ours do (v2 in SHA256SUMS, v1 in the manifest)."""
+        return "file_list" in self.manifest or "files" in self.manifest
+
+    @property
+    def list_streams(self) -> bool:
+        """A v2 list: read as a stream, in the members' order."""
+        return "file_list" in self.manifest
+
+    def listing(self) -> Any:
+        """The files the backup lists, in path order: an iterable of :class:`_Listed` whose ``problems``
+        say, once it is read to its end, whether it matches what the manifest records for it."""
+        if "files" in self.manifest:
+            return _ManifestListing(self.manifest["files"])
+        return _ListReader(self._list_opener(), self.manifest["file_list"], self._list_shown())
+
+    def _list_opener(self) -> Callable[[], Any]:
+        raise NotImplementedError
+
+    def _list_shown(self) -> str:
+        return "%s/%s" % (self.shown, _LIST_NAME)
+
+    def expected(self) -> Optional[_Expected]:
+        """The list, ready to be matched against the members; None for a backup without checksums."""
+        return _Expected(self.listing(), ordered=self.list_streams) if self.has_checksums else None
 
     @property
     def declared_bytes(self) -> Optional[int]:
         """What the backup says its files add up to (what a restore will write), when it says so."""
-        expected = self.expected_files
-        return None if expected is None else sum(entry["size"] for entry in expected.values())
+        if "file_list" in self.manifest:
+            total: int = self.manifest["total_bytes"]
+            return total
+        if "files" in self.manifest:
+            return sum(entry["size"] for entry in self.manifest["files"])
+        return None
+
+    @property
+    def budget(self) -> Optional[int]:
+        """What members may hold in all (a v2 list records no sizes: its total bounds every read)."""
+        return self.declared_bytes if self.list_streams else None
 
     def members(self) -> Iterator[_Member]:
         raise NotImplementedError
@@ -3558,6 +4739,7 @@ class _DirectoryBackup(_BackupSource):
 
     def __init__(self, location: Path) -> None:
         self.location = location
+        self.shown = str(location)
         manifest_path = location / _MANIFEST_NAME
         if not os.path.lexists(str(manifest_path)):
             raise RestoreError("backup %s has no manifest.json (incomplete or not a backup)" % location,
@@ -3572,7 +4754,25 @@ class _DirectoryBackup(_BackupSource):
         if not workspace.is_dir():
             raise RestoreError("backup %s has no workspace/ directory" % location,
                                code="recovery_backup_workspace_missing", path=workspace)
+        if self.list_streams and not os.path.lexists(str(location / _LIST_NAME)):
+            raise RestoreError("backup %s has no %s, where its manifest says its files are listed" % (
+                location, _LIST_NAME), code="recovery_manifest_invalid", path=location / _LIST_NAME)
         self.backup_ref = self.manifest.get("backup_ref") or location.name
+
+    def _list_opener(self) -> Callable[[], Any]:
+        return functools.partial(open_regular, self.location / _LIST_NAME, follow_symlinks=False)
+
+    def list_fault(self) -> Optional[str]:
+        """Why the list does not match what the manifest records for it (hashed whole, in place), or None."""
+        if not self.list_streams:
+            return None
+        expected = self.manifest["file_list"]
+        try:
+            if sha256_file(self.location / _LIST_NAME) == (expected["size"], expected["sha256"]):
+                return None
+        except OSError as exc:
+            return "%s cannot be read: %s" % (_LIST_NAME, exc.strerror or exc)
+        return "%s does not match the sha256 its manifest records" % _LIST_NAME
 
     def members(self) -> Iterator[_Member]:
         root = self.location / "workspace"
@@ -3643,10 +4843,39 @@ def _checked_member_name(location: Any, name: str) -> str:
     return name
 
 
+def _walk_key(name: str, kind: str) -> str:
+    """Where a member sorts in walk order: a directory as ``name/``, where what it holds sorts."""
+    return name + "/" if kind == "dir" else name
+
+
+class _Window:
+    """``size`` bytes of a stream from where it stands: what a reader of one archive member may see."""
+
+    def __init__(self, handle: Any, size: int) -> None:
+        self.handle = handle
+        self.left = size
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        line: bytes = self.handle.readline(self.left if limit < 0 else min(limit, self.left))
+        self.left -= len(line)
+        return line
+
+    def __enter__(self) -> "_Window":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.handle.close()
+
+
 class _TarBackup(_BackupSource):
     """A one-file backup (tar, or tar.gz), read as a stream: manifest.json first, then members in order.
 
-    From a file it can be read several times; from stdin exactly once.
+    In a v2 archive SHA256SUMS comes second, then the members in its order
+    (which is enforced: a member out of order is refused).  From a file the
+    list is read again through a second handle; from stdin, which is read
+    exactly once, it is spooled to a temporary file.
     """
 
     kind = "archive"
@@ -3655,6 +4884,8 @@ class _TarBackup(_BackupSource):
         self.location = location
         self.stream = stream
         self.shown = str(location) if location is not None else "stdin"
+        self.list_offset = 0
+        self.spool: Optional[Any] = None
         self._ready: Optional[tarfile.TarFile] = None
         self._ready, self.manifest = self._open()
         self.backup_ref = self.manifest.get("backup_ref") or (location.name if location else "stdin")
@@ -3689,9 +4920,42 @@ class _TarBackup(_BackupSource):
         self.manifest_bytes = raw
         self.manifest_digest: Optional[bytes] = None
         manifest = _validate_manifest(manifest, self.shown)
-        if "files" not in manifest:  # every archive we write lists them; without them no size is bounded
+        if "file_list" in manifest:
+            self._find_list(tar, manifest["file_list"]["size"])
+        elif "files" not in manifest:  # every archive we write lists them; without them no size is bounded
             raise _manifest_error(self.shown, "lists no files, which an archive backup must")
         return tar, manifest
+
+    def _find_list(self, tar: tarfile.TarFile, size: int) -> None:
+        """SHA256SUMS, right after the manifest: its place noted (a file) or its bytes spooled (stdin)."""
+        try:
+            info = tar.next()
+            if info is None or info.name != _LIST_NAME or not info.isreg() or info.size != size:
+                raise tarfile.TarError("%s does not follow manifest.json with the %d bytes the manifest records"
+                                       % (_LIST_NAME, size))
+            self.list_offset = info.offset_data
+            if self.location is None and self.spool is None:
+                self.spool = tempfile.TemporaryFile()
+                member = tar.extractfile(info)
+                assert member is not None
+                shutil.copyfileobj(member, self.spool, _CHUNK)
+        except _ARCHIVE_DAMAGE as exc:
+            raise ArchiveDamagedError("archive %s: %s" % (self.shown, exc), path=self.location)
+
+    def _list_opener(self) -> Callable[[], Any]:
+        return self._open_list
+
+    def _open_list(self) -> Any:
+        size = self.manifest["file_list"]["size"]
+        if self.spool is not None:
+            self.spool.seek(0)
+            return _Window(_Unclosed(self.spool), size)
+        assert self.location is not None
+        handle = open_regular(self.location)
+        if handle.peek(2)[:2] == b"\x1f\x8b":
+            handle = gzip.GzipFile(fileobj=handle, mode="rb")  # the list is near the start: little to inflate
+        handle.seek(self.list_offset)
+        return _Window(handle, size)
 
     def members(self) -> Iterator[_Member]:
         if self._ready is not None:
@@ -3700,7 +4964,9 @@ class _TarBackup(_BackupSource):
             tar = self._open()[0]
         else:
             raise RestoreError("a backup read from stdin can be read only once", code="archive_stream_consumed")
+        ordered = self.list_streams
         seen: Set[str] = set()
+        last_key = ""
         with contextlib.closing(tar):
             while True:
                 info = tar.next()
@@ -3710,15 +4976,22 @@ class _TarBackup(_BackupSource):
                     self.manifest_digest = tar.extractfile(info).read()  # type: ignore[union-attr]
                     continue
                 name = _checked_member_name(self.shown, info.name)
-                if name in seen:
-                    raise _unsafe_member(self.shown, name, "it appears twice")
-                seen.add(name)
                 if info.isdir():
                     kind = "dir"
                 elif info.isreg():
                     kind = "file"
                 else:
                     raise _unsafe_member(self.shown, name, "links, devices and fifos are never restored")
+                if ordered:  # v2: in the list's order, so duplicates are found without holding every name
+                    key = _walk_key(name, kind)
+                    if key <= last_key:
+                        raise _unsafe_member(self.shown, name, "it appears twice" if key == last_key else
+                                             "it is out of order (a v2 archive holds its members in path order)")
+                    last_key = key
+                elif name in seen:
+                    raise _unsafe_member(self.shown, name, "it appears twice")
+                else:
+                    seen.add(name)
                 mtime_ns = _member_mtime_ns(info.mtime)
                 if mtime_ns is None:
                     raise _unsafe_member(self.shown, name, "its mtime %s is not a time from 1677 to 2262"
@@ -3730,16 +5003,23 @@ class _TarBackup(_BackupSource):
         if self.location is None:
             return []  # a stream is checked member by member as it is written into staging
         problems: List[Problem] = []
-        expected = self.expected_files or {}
+        by_path = {entry["path"]: entry for entry in self.manifest.get("files", ())}
+        left = self.budget
         last = "the archive's start"
         try:
             for member in self.members():
                 last = member.path
-                entry = expected.get(member.path)
-                if member.kind == "file" and entry is not None and entry["size"] != member.size:
+                if member.kind != "file":
+                    continue
+                entry = by_path.get(member.path)
+                if entry is not None and entry["size"] != member.size:
                     problems.append(Problem("size_mismatch", member.path, "archive says %d bytes, manifest says %d"
                                             % (member.size, entry["size"]), expected=entry["size"],
                                             actual=member.size))
+                if left is not None:
+                    if member.size > left:
+                        problems.append(_over_budget(member, left))
+                    left -= member.size
         except _ARCHIVE_DAMAGE as exc:
             problems.append(Problem("archive_corrupt", last, "archive is damaged at or after this member: %s"
                                     % (exc or type(exc).__name__)))
@@ -3751,8 +5031,31 @@ class _TarBackup(_BackupSource):
                                          required=self.made_by == TOOL_NAME)
 
 
+class _Unclosed:
+    """A file that a ``with`` block may read but must not close (a spool read more than once)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def readline(self, limit: int = -1) -> bytes:
+        line: bytes = self.handle.readline(limit)
+        return line
+
+    def close(self) -> None:
+        pass
+
+
+def _over_budget(member: _Member, left: int) -> Problem:
+    return Problem("size_mismatch", member.path, "%d bytes, more than the %d the manifest's total_bytes leaves "
+                   "for it; not read" % (member.size, max(left, 0)), expected=max(left, 0), actual=member.size)
+
+
 class _ZipBackup(_BackupSource):
-    """Contexta's CLI zip backup: the whole workspace under one top folder, no manifest, no checksums."""
+    """Contexta's CLI zip backup: the whole workspace under one top folder, no manifest, no checksums.
+
+    Its members are read in walk order (a zip reads in any order), so every
+    reader sees every kind of backup in the same order.
+    """
 
     kind = "zip"
     location: Path
@@ -3762,11 +5065,12 @@ class _ZipBackup(_BackupSource):
         return "contexta-cli-zip"
 
     @property
-    def expected_files(self) -> Optional[Dict[str, Dict[str, Any]]]:
-        return None
+    def has_checksums(self) -> bool:
+        return False
 
     def __init__(self, location: Path) -> None:
         self.location = location
+        self.shown = str(location)
         try:
             self.zip = zipfile.ZipFile(open_regular(location))
             infos = self.zip.infolist()
@@ -3794,6 +5098,7 @@ class _ZipBackup(_BackupSource):
         if len(tops) != 1:
             raise RestoreError("zip %s must hold exactly one top folder (the workspace), not %d"
                                % (location, len(tops)), code="recovery_backup_invalid", path=location)
+        self.entries.sort(key=lambda entry: _walk_key(entry[0], entry[1]))
         self.top = tops.pop()
         sections = sorted({name.split("/")[1] for name, _kind, _info in self.entries if "/" in name})
         self.manifest = {"backup_ref": location.stem, "included_sections": sections, "format": "contexta-cli-zip",
@@ -4038,7 +5343,7 @@ def list_backups(config: UnifiedConfig) -> List[BackupListEntry]:
         label = manifest.get("label")
         entries.append(BackupListEntry(
             backup.backup_ref, location, manifest.get("created_at"), True, False, size, count,
-            tuple(manifest.get("included_sections", [])), "files" in manifest, backup.made_by,
+            tuple(manifest.get("included_sections", [])), backup.has_checksums, backup.made_by,
             kind=_backup_kind(backup), label=label if isinstance(label, str) else _ref_label(name),
             last_verified_clean_at=events.get("verified_clean"), last_restored_at=events.get("restored_from")))
     entries.sort(key=lambda entry: (entry.created_at or "", _ref_timestamp(entry.location.name), entry.location.name))
@@ -4061,9 +5366,9 @@ class BackupVerifyResult(_Record):
     warnings: Tuple[Notice, ...] = ()
 
 
-def _declared_size(member: _Member, entry: Optional[Mapping[str, Any]]) -> int:
-    """The most bytes a member may hold: the manifest's size, else its archive header's."""
-    return member.size if entry is None else int(entry["size"])
+def _declared_size(member: _Member, listed: Optional[_Listed]) -> int:
+    """The most bytes a member may hold: the size its list records (v1), else its header's (or its stat's)."""
+    return member.size if listed is None or listed.size is None else listed.size
 
 
 class _BoundedReader:
@@ -4081,41 +5386,72 @@ class _BoundedReader:
         return count
 
 
-def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, Mapping[str, Any]]],
-                   on_file: Callable[[_Member, Optional[Mapping[str, Any]]], Any],
-                   problems: List[Problem]) -> Tuple[int, int, Set[str]]:
-    """Walk a backup's members once, hashing each file through ``on_file`` and comparing to the manifest.
+def _compare_member(member: _Member, listed: Optional[_Listed], size: int, digest: str,
+                    problems: List[Problem]) -> None:
+    """A member's bytes, as read, against its header and its list."""
+    declared = _declared_size(member, listed)
+    if size > declared:
+        problems.append(Problem("size_mismatch", member.path, "holds more than the %d bytes declared; "
+                                "reading stopped there" % declared, expected=declared, actual=size))
+        return
+    if size != member.size:
+        problems.append(Problem("size_mismatch", member.path, "%d bytes, the archive said %d"
+                                % (size, member.size), expected=member.size, actual=size))
+    if listed is None:
+        return
+    if listed.size is not None and size != listed.size:
+        problems.append(Problem("checksum_mismatch", member.path, "size %d, manifest says %d"
+                                % (size, listed.size), expected=listed.size, actual=size))
+    elif digest != listed.sha256:
+        problems.append(Problem("checksum_mismatch", member.path, "sha256 %s, the list says %s"
+                                % (digest, listed.sha256), expected=listed.sha256, actual=digest))
+
+
+def _admit_member(member: _Member, expected: Optional[_Expected], left: Optional[int],
+                  problems: List[Problem]) -> Tuple[bool, Optional[_Listed]]:
+    """Whether a member file is to be read, and its list entry: listed, within its size, within the budget."""
+    listed = None
+    if expected is not None:
+        listed = expected.take(member.path)
+        if expected.missing:
+            problems += [Problem("missing_file", path, "file listed in the backup is missing")
+                         for path in expected.missing]
+            del expected.missing[:]
+        if listed is None:
+            problems.append(Problem("unexpected_file", member.path, "file is not in the backup's list of files"))
+            return False, None
+    if listed is not None and listed.size is not None and member.size > listed.size:
+        problems.append(Problem("size_mismatch", member.path, "%d bytes, more than the %d the manifest says; not "
+                                "read" % (member.size, listed.size), expected=listed.size, actual=member.size))
+        return False, listed
+    if left is not None and member.size > left:
+        problems.append(_over_budget(member, left))
+        return False, listed
+    return True, listed
+
+
+def _check_members(members: Iterable[_Member], expected: Optional[_Expected],
+                   on_file: Callable[[_Member, Optional[_Listed]], Any], problems: List[Problem],
+                   budget: Optional[int] = None) -> Tuple[int, int]:
+    """Walk a backup's members once, hashing each file through ``on_file`` and comparing it to the list.
 
     ``on_file`` returns ``(size, sha256)`` or a future of it (copies running on
     worker threads); results are compared in member order.  Records missing,
-    extra and changed files as problems; returns (files, bytes, paths seen).
+    extra and changed files as problems; returns (files, bytes).  Nothing is
+    read past what the list (v1), the header, or - for a v2 list, which records
+    no sizes - the manifest's ``budget`` of total bytes allows.
     """
-    seen: Set[str] = set()
     counted = [0, 0]
-    pending: List[Tuple[_Member, Optional[Mapping[str, Any]], Any]] = []
+    pending: Deque[Tuple[_Member, Optional[_Listed], Any]] = collections.deque()
+    left = budget
 
     def settle(keep: int) -> None:
         while len(pending) > keep:
-            member, entry, result = pending.pop(0)
+            member, listed, result = pending.popleft()
             size, digest = result.result() if hasattr(result, "result") else result
             counted[0] += 1
             counted[1] += size
-            declared = _declared_size(member, entry)
-            if size > declared:
-                problems.append(Problem("size_mismatch", member.path, "holds more than the %d bytes declared; "
-                                        "reading stopped there" % declared, expected=declared, actual=size))
-                continue
-            if size != member.size:
-                problems.append(Problem("size_mismatch", member.path, "%d bytes, the archive said %d"
-                                        % (size, member.size), expected=member.size, actual=size))
-            if entry is None:
-                continue
-            if size != entry["size"]:
-                problems.append(Problem("checksum_mismatch", member.path, "size %d, manifest says %d"
-                                        % (size, entry["size"]), expected=entry["size"], actual=size))
-            elif digest != entry["sha256"]:
-                problems.append(Problem("checksum_mismatch", member.path, "sha256 %s, manifest says %s"
-                                        % (digest, entry["sha256"]), expected=entry["sha256"], actual=digest))
+            _compare_member(member, listed, size, digest, problems)
 
     last = "the archive's start"
     iterator = iter(members)
@@ -4132,51 +5468,94 @@ def _check_members(members: Iterable[_Member], expected: Optional[Mapping[str, M
                                         member.path, "a backup holds only files and directories; this is a %s"
                                         % member.kind))
                 continue
-            entry = None if expected is None else expected.get(member.path)
-            if expected is not None and entry is None:
-                problems.append(Problem("unexpected_file", member.path, "file is not listed in the manifest"))
+            admitted, listed = _admit_member(member, expected, left, problems)
+            if not admitted:
                 continue
-            seen.add(member.path)
-            if entry is not None and member.size > entry["size"]:
-                problems.append(Problem("size_mismatch", member.path, "%d bytes, more than the %d the manifest "
-                                        "says; not read" % (member.size, entry["size"]), expected=entry["size"],
-                                        actual=member.size))
-                continue
-            pending.append((member, entry, on_file(member, entry)))
-            settle(keep=64)
+            if left is not None:
+                left -= member.size
+            pending.append((member, listed, on_file(member, listed)))
+            settle(keep=512)
         settle(keep=0)
     except _ARCHIVE_DAMAGE as exc:
         problems.append(Problem("archive_corrupt", last, "archive is damaged at or after this member: %s"
                                 % (exc or type(exc).__name__)))
-        return counted[0], counted[1], seen  # nothing after the damage can be trusted or counted missing
-    for path in sorted(set(expected or ()) - seen):
-        problems.append(Problem("missing_file", path, "file listed in the manifest is missing"))
-    return counted[0], counted[1], seen
+        return counted[0], counted[1]  # nothing after the damage can be trusted or counted missing
+    if expected is not None:
+        problems += [Problem("missing_file", path, "file listed in the backup is missing") for path in expected.rest()]
+        problems += expected.problems
+    return counted[0], counted[1]
+
+
+def _iter_listed_files(backup: Any) -> Iterator[Tuple[str, Optional[int], Optional[str]]]:
+    """Every file a backup holds, as ``(member path, size, sha256)``, in plain string order of paths.
+
+    For the comparison commands (backup diff, check --against): two backups,
+    or a backup and a workspace walk, are compared by merging two such streams,
+    in memory that does not grow with them.  ``backup`` is a location (as the
+    commands take it: a backup directory, a tar or tar.gz, a Contexta CLI zip)
+    or an opened source.  What each yields:
+
+    - ours, v2 (directory or archive): the list's sha256; the size of the
+      member (its stat, or its tar header: the archive is read through, its
+      data skipped), None when the member is missing.
+    - ours, v1: the manifest's recorded size and sha256 (sorted in memory,
+      where a v1 manifest is anyway).
+    - Contexta's directory backup (no checksums): each file's size, sha256 None.
+    - Contexta's CLI zip: the central directory's size, and ``crc32:<8 hex>``
+      instead of a sha256 (that is all a zip records; never compare it to one).
+
+    The list is checked line by line as it streams (a bad line raises
+    :class:`RestoreError`, exit 3); a list that does not match its manifest's
+    digest shows up only once read to its end - run ``backup verify`` to prove
+    a backup, this only reports what it lists.  A directory backup is held
+    under a shared lock, so prune leaves it alone meanwhile.
+    """
+    source = backup if isinstance(backup, _BackupSource) else _open_source(backup)
+    with _source_lock(source):
+        if isinstance(source, _ZipBackup):
+            for member in source.members():
+                if member.kind == "file":
+                    info = source.zip.getinfo(source.top + member.path[len("workspace"):])
+                    yield member.path, member.size, "crc32:%08x" % info.CRC
+        elif not source.has_checksums:
+            for member in source.members():
+                if member.kind == "file":
+                    yield member.path, member.size, None
+        elif not source.list_streams:
+            for listed in source.listing():
+                yield listed.path, listed.size, listed.sha256
+        else:
+            files = (member for member in source.members() if member.kind == "file")
+            current: Optional[_Member] = next(files, None)
+            for listed in source.listing():
+                while current is not None and current.path < listed.path:
+                    current = next(files, None)
+                size = current.size if current is not None and current.path == listed.path else None
+                yield listed.path, size, listed.sha256
 
 
 def verify_backup(config: UnifiedConfig, backup: Optional[str]) -> BackupVerifyResult:
-    """Re-hash every file of a backup against its manifest: missing, extra, changed.  Changes nothing."""
+    """Re-hash every file of a backup against its list: missing, extra, changed.  Changes nothing."""
     source = _open_backup(config, backup)
     progress = _Progress("verify %s" % source.backup_ref, int(source.manifest.get("total_bytes") or 0))
     problems: List[Problem] = _own_format_problems(source)
     warnings: List[Notice] = []
-    expected = source.expected_files
-    if expected is None and not problems:
+    if not source.has_checksums and not problems:
         warnings.append(Notice("checksums_absent", "this backup was made by %s and records no checksums; "
                                "`restore --verify-only` checks it by planes instead" % source.made_by))
 
-    def hash_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Tuple[int, str]:
+    def hash_member(member: _Member, listed: Optional[_Listed]) -> Tuple[int, str]:
         with member.open() as handle:
-            size, digest = _hash_stream(_BoundedReader(handle, _declared_size(member, entry)))
+            size, digest = _hash_stream(_BoundedReader(handle, _declared_size(member, listed)))
         progress.advance(size)
         return size, digest
 
     with _source_lock(source):
-        files, total, _seen = _check_members(source.members(), expected, hash_member, problems)
+        files, total = _check_members(source.members(), source.expected(), hash_member, problems, source.budget)
         if not any(problem.code == "archive_corrupt" for problem in problems):
             problems += source.manifest_problems()
     progress.finish()
-    status = "FAILURE" if problems else ("DEGRADED" if expected is None else "SUCCESS")
+    status = "FAILURE" if problems else ("SUCCESS" if source.has_checksums else "DEGRADED")
     return BackupVerifyResult(
         status=status, backup_ref=source.backup_ref, location=source.location, checked_files=files,
         checked_bytes=total,
@@ -4290,10 +5669,11 @@ def _delete_backup(location: Path) -> bool:
 # Restore
 # ---------------------------------------------------------------------------
 #
-# Verify-only copies the backup into a staging directory outside the target,
-# hashing every byte against the manifest, then checks each plane there
-# (records, artifacts, metadata) and removes the staging.  Apply builds the
-# new workspace beside the target (same filesystem), verified the same way,
+# Verify-only reads the backup where it lies and writes nothing (below, "in
+# place"); --materialize copies it into a staging directory outside the
+# target first.  Apply builds the new workspace beside the target (same
+# filesystem), hashing every byte against the backup's list as it is written
+# and checking each plane there (records, artifacts, metadata, capture),
 # hard-links in what the backup does not hold (exports/, reports/, the rest
 # of cache/), writes a journal, and swaps the two directories - atomically
 # with renameat2(RENAME_EXCHANGE) where the kernel has it, else with two
@@ -4520,6 +5900,7 @@ class RestorePlan(_Record):
     kind: str = "manual"
     only: Tuple[str, ...] = ()   # a partial restore: these parts (--only) ...
     paths: Tuple[str, ...] = ()  # ... and the files matching these patterns (--path)
+    materialize: bool = False  # verify-only: copy into staging first, as before (default: read in place)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4573,13 +5954,19 @@ class _Routes:
         self.rules = sorted(((rel, part, _part_location(config, part)) for rel, part in roots),
                             key=lambda rule: -len(rule[0]))
 
+        self.texts = [(rel, rel + "/", str(location)) for rel, _part, location in self.rules]
+
     def destination(self, ws_rel: str) -> Path:
-        for rel, _part, location in self.rules:
+        return Path(self.destination_text(ws_rel))
+
+    def destination_text(self, ws_rel: str) -> str:
+        """:meth:`destination` as text, for the loops that route every file of a backup."""
+        for rel, below, location in self.texts:
             if ws_rel == rel:
                 return location
-            if ws_rel.startswith(rel + "/"):
-                return safe_join(location, ws_rel[len(rel) + 1:])
-        return safe_join(self.target, ws_rel) if ws_rel else self.target
+            if ws_rel.startswith(below):
+                return _safe_join_text(location, ws_rel[len(below):])
+        return _safe_join_text(str(self.target), ws_rel) if ws_rel else str(self.target)
 
     def source_of(self, path: Path) -> Optional[str]:
         """The inverse: the backup-shaped workspace-relative path that lands at ``path``, if any."""
@@ -4589,14 +5976,55 @@ class _Routes:
                 return rel if rest == "." else rel + "/" + rest
         return _relative_posix(path, self.target) if _is_within(path, self.target) else None
 
-    def held(self, replaced: Sequence[str], backup_files: Set[str]) -> Dict[str, Path]:
+    def held(self, replaced: Sequence[str], paths: "_BackupPaths") -> Dict[str, Path]:
         """Each part the backup holds, and where it goes."""
         held: Dict[str, Path] = {}
         for rel, part, location in sorted(self.rules, key=lambda rule: rule[0]):
             inside = any(rel == outer or rel.startswith(outer + "/") for outer in replaced)
-            if inside and any(path == rel or path.startswith(rel + "/") for path in backup_files):
+            if inside and rel in paths.held_rules:
                 held.setdefault(part, location)
         return held
+
+
+class _BackupPaths:
+    """Every file a restore puts back, known in memory that grows by 8 bytes a file, not by its path.
+
+    One pass over the backup's list (or, without one, its members) counts the
+    files, notes which route rules hold any, and keeps a 64-bit hash of each
+    destination, sorted in 256 buckets: enough to tell whether a file of the
+    target is one the restore brings back (a false "yes" needs two of a
+    million paths to share a 64-bit hash).
+    """
+
+    def __init__(self, backup: _BackupSource, layout: "_Layout", routes: _Routes) -> None:
+        self.count = 0
+        self.held_rules: Set[str] = set()
+        rules = [(rel, rel + "/") for rel, _part, _location in routes.rules]
+        buckets = [array.array("q") for _ in range(256)]
+        for member_path in _backup_file_paths(backup):
+            ws_rel = layout.workspace_path(member_path)
+            if not ws_rel:
+                continue
+            self.count += 1
+            for rel, below in rules:
+                if rel not in self.held_rules and (ws_rel == rel or ws_rel.startswith(below)):
+                    self.held_rules.add(rel)
+            key = hash(routes.destination_text(ws_rel))
+            buckets[key & 0xFF].append(key)
+        self.buckets = [array.array("q", sorted(bucket)) for bucket in buckets]
+
+    def __contains__(self, destination: object) -> bool:
+        key = hash(destination)
+        bucket = self.buckets[key & 0xFF]
+        index = bisect.bisect_left(bucket, key)
+        return index < len(bucket) and bucket[index] == key
+
+
+def _backup_file_paths(backup: _BackupSource) -> Iterator[str]:
+    """The member path of every file a backup holds: from its list, else (no checksums) from its members."""
+    if backup.has_checksums:
+        return (listed.path for listed in backup.listing())
+    return (member.path for member in backup.members() if member.kind == "file")
 
 
 @dataclasses.dataclass
@@ -4611,9 +6039,9 @@ class _Unit:
         return _is_within(path, self.root)
 
 
-def _restore_units(routes: _Routes, layout: _Layout, backup_files: Set[str], target: Path) -> List[_Unit]:
+def _restore_units(routes: _Routes, layout: _Layout, paths: _BackupPaths, target: Path) -> List[_Unit]:
     """The workspace, then every relocated store the backup holds, each replaced whole."""
-    held = routes.held(layout.replaced, backup_files)
+    held = routes.held(layout.replaced, paths)
     units = [_Unit(target, "workspace")]
     for part, location in sorted(held.items()):
         if _is_within(location, target):
@@ -4694,23 +6122,29 @@ def _refuse_signals(workspace: Path, signals: Sequence[Tuple[Notice, bool]], err
 
 
 def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target_workspace: Any = None,
-                 verify_only: bool = False, *, only: Sequence[str] = (), paths: Sequence[str] = ()) -> RestorePlan:
+                 verify_only: bool = False, materialize: bool = False, *, only: Sequence[str] = (),
+                 paths: Sequence[str] = ()) -> RestorePlan:
     """Open and validate a backup and say what a restore would replace, keep and lose.  Changes nothing.
 
     ``backup_ref`` is a ref under the backup root, ``latest``, a label, a
     unique prefix of a ref, or a path to a backup; None picks the newest
-    complete backup that is not a safety backup.  ``only`` (parts of
+    complete backup that is not a safety backup.  A verify-only restore reads
+    the backup in place (nothing is written, nothing replaced or lost), or,
+    with ``materialize``, copies it into staging first.  ``only`` (parts of
     RESTORE_PARTS) and ``paths`` (patterns of backup-shaped workspace paths,
     ``artifacts/objects/checkpoint/*``) make it partial: everything else stays
     as it is, byte for byte.
     """
     selection = _Selection.of(only, paths)
     target = _resolve_path(target_workspace) if target_workspace is not None else config.workspace.root_path
+    materialize = materialize and verify_only
     if not verify_only:
         _refuse_unsafe_target(target)
     backup = _open_backup(config, backup_ref)
     warnings: List[Notice] = []
     notes = ["verify_only" if verify_only else "apply_restore"]
+    if verify_only:
+        notes.append("materialized_in_staging" if materialize else "read_in_place")
     if backup_ref is None or backup_ref == "latest":
         notes.append("newest_complete_backup:%s" % backup.backup_ref)
     if backup.location is not None and _is_within(target, backup.location):
@@ -4720,11 +6154,11 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         warnings.append(Notice("backup_inside_target", "%s is inside %s; it is kept through the restore, "
                                "but copy backups off this disk" % (backup.location, target)))
     staging_root = config.recovery.restore_staging_root
-    if verify_only and _is_within(staging_root, target):
+    if materialize and _is_within(staging_root, target):
         staging_root = Path(tempfile.gettempdir())
         warnings.append(Notice("staging_root_inside_target", "staging in %s instead of %s (set --staging-root)"
                                % (staging_root, config.recovery.restore_staging_root)))
-    if backup.expected_files is None:
+    if not backup.has_checksums:
         warnings.append(Notice("checksums_absent", "backup made by %s carries no checksums; it is verified "
                                "structurally%s and by planes" % (backup.made_by,
                                                                  " (zip CRC-32)" if backup.kind == "zip" else "")))
@@ -4738,7 +6172,7 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         notes += ["only:%s" % part for part in only] + ["path:%s" % pattern for pattern in paths]
     target_config = _config_for_target(config, target)
     routes = _Routes(layout, target_config, target)
-    backup_paths = _backup_workspace_files(backup, layout)
+    backup_paths = _BackupPaths(backup, layout, routes)
     units = _restore_units(routes, layout, backup_paths, target)
     replaced_inside = _replaced_inside(routes, layout, target)
     destinations = {part: str(location) for part, location in sorted(routes.held(layout.replaced,
@@ -4749,19 +6183,19 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         refusals += [notice for notice, _held in _unsafe_for_restore(target_config)]
     if not verify_only:
         warnings += _already_delivered_notices(backup, layout, target_config)
-    restored = {str(routes.destination(path)) for path in backup_paths}
     chosen = None if selection is None or not selection.patterns else (
         lambda path: selection.matches(routes.source_of(Path(path))))
-    replaced_count, lost_count, lost = _count_lost(target, replaced_inside, units[1:], restored, chosen)
+    replaced_count, lost_count, lost = (0, 0, []) if verify_only else _count_lost(target, replaced_inside, units[1:],
+                                                                                  backup_paths, chosen)
     safety = bool(config.recovery.create_backup_before_restore) and not verify_only
     return RestorePlan(
         backup_ref=backup.backup_ref, source_root=backup.location or Path(ARCHIVE_STDOUT), target_workspace=target,
         staging_root=staging_root, create_safety_backup=safety, verify_only=verify_only, notes=tuple(notes),
-        made_by=backup.made_by, has_checksums=backup.expected_files is not None, replaced=replaced_inside,
+        made_by=backup.made_by, has_checksums=backup.has_checksums, replaced=replaced_inside,
         kept=tuple(_kept_roots(target, replaced_inside)) if target.is_dir() else (), lost=tuple(lost),
-        lost_count=lost_count, replaced_file_count=replaced_count, backup_file_count=len(backup_paths),
+        lost_count=lost_count, replaced_file_count=replaced_count, backup_file_count=backup_paths.count,
         warnings=tuple(warnings), destinations=destinations, refusals=tuple(refusals),
-        kind=_backup_kind(backup), only=tuple(only), paths=tuple(paths))
+        kind=_backup_kind(backup), only=tuple(only), paths=tuple(paths), materialize=materialize)
 
 
 def _already_delivered_notices(backup: _BackupSource, layout: _Layout, target_config: UnifiedConfig) -> List[Notice]:
@@ -4788,7 +6222,7 @@ def _already_delivered_notices(backup: _BackupSource, layout: _Layout, target_co
                    % (count, Path(target_config.workspace.exports_path) / "replayed"))]
 
 
-def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequence[_Unit], restored: Set[str],
+def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequence[_Unit], restored: _BackupPaths,
                 chosen: Optional[Callable[[str], bool]] = None) -> Tuple[int, int, List[str]]:
     """(files replaced, files replaced that the backup does not have, the first of those).
 
@@ -4813,17 +6247,6 @@ def _count_lost(target: Path, replaced_inside: Sequence[str], relocated: Sequenc
                 if len(lost) < _LOST_LISTED:
                     lost.append(_relative_posix(path, target) if _is_within(path, target) else path)
     return replaced_count, lost_count, lost
-
-
-def _backup_workspace_files(backup: _BackupSource, layout: _Layout) -> Set[str]:
-    expected = backup.expected_files
-    member_paths: Iterable[str]
-    if expected is not None:
-        member_paths = expected.keys()
-    else:
-        member_paths = (member.path for member in backup.members() if member.kind == "file")
-    mapped = (layout.workspace_path(path) for path in member_paths)
-    return {path for path in mapped if path}
 
 
 def _kept_roots(target: Path, replaced: Sequence[str], prefix: str = "") -> List[str]:
@@ -4902,25 +6325,23 @@ class _Verification:
 
 def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verification: _Verification,
                  label: str) -> None:
-    """Copy the backup into ``stage`` as a workspace tree, hashing each file against the manifest.
+    """Copy the backup into ``stage`` as a workspace tree, hashing each file against the list.
 
-    Nothing is read past what the manifest (or an archive header) declares; the
-    callers have checked that what the backup declares fits (``_require_space``).
+    Nothing is read past what the list, an archive header or the manifest's
+    total declares; the callers have checked that what the backup declares
+    fits (``_require_space``).  A directory backup's small files are copied in
+    batches on two threads, large ones inside the kernel.
     """
     # Whatever the umask, no directory of a restored tree is world-writable (a workspace member may narrow it).
     os.chmod(str(stage), stat.S_IMODE(os.stat(str(stage)).st_mode) & _RESTORABLE_MODE_BITS)
     progress = _Progress(label, int(backup.manifest.get("total_bytes") or 0))
-    directories: List[Tuple[Path, int, int]] = []
-    expected = backup.expected_files
-
-    import concurrent.futures
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-    in_flight: Set[Any] = set()
+    directories: List[Tuple[str, int, int]] = []
+    copier = _Batches()
     made: Set[str] = set()
     bodies = layout.artifacts_root + "/objects/"
 
-    def copy_member(member: _Member, entry: Optional[Mapping[str, Any]]) -> Any:
-        declared = _declared_size(member, entry)
+    def copy_member(member: _Member, listed: Optional[_Listed]) -> Any:
+        declared = _declared_size(member, listed)
         ws_rel = layout.workspace_path(member.path)
         if ws_rel is None:
             with member.open() as handle:
@@ -4932,28 +6353,27 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
         if parent not in made:
             os.makedirs(parent, 0o755, exist_ok=True)
             made.add(parent)
-        mode = verification.restorable_mode(member.path, entry.get("mode", member.mode) if entry else member.mode)
-        mtime_ns = entry.get("mtime_ns", member.mtime_ns) if entry else member.mtime_ns
+        mode = verification.restorable_mode(member.path, member.mode if listed is None or listed.mode is None
+                                            else listed.mode)
+        mtime_ns = member.mtime_ns if listed is None or listed.mtime_ns is None else listed.mtime_ns
 
-        def place(size: int, digest: str) -> Tuple[int, str]:
+        def place(result: Tuple[int, str, bool]) -> Tuple[int, str]:
+            size, digest = result[0], result[1]
             if ws_rel.startswith(bodies):
                 verification.digests[ws_rel] = (size, digest)
             progress.advance(size)
             return size, digest
 
-        on_disk = member.on_disk
-        if on_disk is not None:  # copied in the kernel on a worker, then the copy is hashed
-            future = pool.submit(lambda: place(*_copy_then_hash(on_disk, destination, mode, mtime_ns)))
-            in_flight.add(future)
-            future.add_done_callback(in_flight.discard)
-            return future
+        if member.on_disk is not None:  # a directory backup's file: copied on the workers
+            return copier.later(place, member.size, _copy_file, member.on_disk, destination,
+                                (member.size, member.mtime_ns), mode, mtime_ns)
         with member.open() as handle:
             size, digest = _copy_stream_hashed(_BoundedReader(handle, declared), destination)
         if size > declared:  # a lying member's first bytes are never left where a forced restore would keep them
             os.unlink(destination)
             return size, digest
         _set_file_times_and_mode(destination, mode, mtime_ns)
-        return place(size, digest)
+        return place((size, digest, False))
 
     def members_making_directories() -> Iterator[_Member]:
         """Create directories as the walk meets them, so empty ones survive too."""
@@ -4965,61 +6385,68 @@ def _materialize(backup: _BackupSource, layout: _Layout, stage: Path, verificati
                     if directory not in made:
                         os.makedirs(directory, 0o755, exist_ok=True)
                         made.add(directory)
-                    directories.append((Path(directory), verification.restorable_mode(member.path, member.mode),
+                    directories.append((directory, verification.restorable_mode(member.path, member.mode),
                                         member.mtime_ns))
             yield member
 
     try:
-        files, total, _seen = _check_members(members_making_directories(), expected, copy_member,
-                                             verification.problems)
+        files, total = _check_members(members_making_directories(), backup.expected(), copy_member,
+                                      verification.problems, backup.budget)
     finally:
-        for future in list(in_flight):  # an interrupted run waits for the copies running, not for the queue
-            future.cancel()
-        pool.shutdown(wait=True)
+        copier.close()  # an interrupted run waits for the copies running, not for the queue
         progress.finish()
     verification.files += files
     verification.bytes += total
     for directory, mode, mtime_ns in reversed(directories):
-        os.chmod(str(directory), mode | stat.S_IRWXU)
-        os.utime(str(directory), ns=(mtime_ns, mtime_ns))
+        os.chmod(directory, mode | stat.S_IRWXU)
+        os.utime(directory, ns=(mtime_ns, mtime_ns))
 
 
 def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, has_metadata: bool,
-                  digests: Optional[Mapping[str, Tuple[int, str]]] = None, check_indexes: bool = False) -> None:
-    """Records, artifacts and metadata of a workspace-shaped tree, into plane_results (Contexta's shape).
+                  digests: Optional[Mapping[str, Tuple[int, str]]] = None) -> None:
+    """Records (index pointers too), artifacts and metadata of a workspace-shaped tree, into plane_results.
 
-    Verify-only runs this on a staged backup, `check` on a live workspace.
+    A restore runs this on the tree it builds, `check` on a live workspace;
+    verify-only feeds the same checks from the backup's bytes (:class:`_PlaneFeed`).
     """
-    records = scan_records(verification.path_in(tree, layout.records_root), check_indexes=check_indexes,
+    records = scan_records(verification.path_in(tree, layout.records_root), check_indexes=True,
                            display=verification.display(layout.records_root))
-    verification.plane_results["records"] = records.plane_result()
-    verification.problems += records.problems
-    if not records.present:
-        verification.plane_notes.append("records_absent")
-
     artifact_digests = None
     if digests is not None:
         prefix = layout.artifacts_root + "/"
         artifact_digests = {rel[len(prefix):]: value for rel, value in digests.items() if rel.startswith(prefix)}
     artifacts = scan_artifact_bindings(verification.path_in(tree, layout.artifacts_root), digests=artifact_digests,
                                        display=verification.display(layout.artifacts_root))
-    verification.plane_results["artifacts"] = artifacts.plane_result()
-    verification.problems += artifacts.problems
-
-    metadata_dir = os.path.dirname(layout.metadata_db)
+    metadata = None
     database = verification.path_in(tree, layout.metadata_db)
     if has_metadata or database.exists():
-        metadata = check_metadata_file(database, display=lambda _name: verification.display(metadata_dir)(
-            os.path.basename(layout.metadata_db)))
+        metadata = check_metadata_file(database, display=lambda _name: _ledger_shown(layout, verification))
+    _record_planes(verification, records, artifacts, metadata)
+
+
+def _ledger_shown(layout: _Layout, verification: _Verification) -> str:
+    return verification.display(os.path.dirname(layout.metadata_db))(os.path.basename(layout.metadata_db))
+
+
+def _record_planes(verification: _Verification, records: RecordsReport, artifacts: ArtifactsReport,
+                   metadata: Optional[MetadataReport]) -> None:
+    """The planes' reports into plane_results (Contexta's shape, keys sorted), problems and notes."""
+    verification.plane_results["records"] = records.plane_result()
+    verification.problems += records.problems
+    if not records.present:
+        verification.plane_notes.append("records_absent")
+    verification.plane_results["artifacts"] = artifacts.plane_result()
+    verification.problems += artifacts.problems
+    if metadata is None:
+        verification.plane_results["metadata"] = {"run_count": None, "check": "absent"}
+        verification.plane_notes.append("metadata_absent")
+    else:
         verification.plane_results["metadata"] = metadata.plane_result()
         verification.problems += metadata.problems
         if metadata.run_count is not None:
             verification.plane_notes.append("metadata_runs:%d" % metadata.run_count)
         else:
             verification.plane_notes.append("metadata_file_level:%s" % ("ok" if not metadata.problems else "failed"))
-    else:
-        verification.plane_results["metadata"] = {"run_count": None, "check": "absent"}
-        verification.plane_notes.append("metadata_absent")
     verification.plane_notes += ["record_replay:%d" % records.record_count,
                                  "artifact_count:%d" % artifacts.artifact_count]
     verification.plane_results = {key: verification.plane_results[key] for key in _PLANES}
@@ -5028,9 +6455,10 @@ def _check_planes(tree: Path, layout: _Layout, verification: _Verification, *, h
 def _own_format_problems(backup: _BackupSource) -> List[Problem]:
     """Our own manifest must carry its checksums: without them nothing proves the copy (only Contexta's
     backups, which never had any, are verified structurally)."""
-    if backup.made_by == TOOL_NAME and backup.expected_files is None:
-        return [Problem("checksums_missing", _MANIFEST_NAME, "a %s manifest without its `files` list: the "
-                        "backup's checksums are lost, so its content cannot be proven" % BACKUP_FORMAT)]
+    if backup.made_by == TOOL_NAME and not backup.has_checksums:
+        return [Problem("checksums_missing", _MANIFEST_NAME, "a %s manifest that lists no files (`file_list` or "
+                        "`files`): the backup's checksums are lost, so its content cannot be proven"
+                        % backup.manifest.get("format"))]
     return []
 
 
@@ -5062,13 +6490,405 @@ def _check_backup_planes(backup: _BackupSource, layout: _Layout, stage: Path, ve
 def _verification_notes(backup: _BackupSource, verification: _Verification) -> Tuple[str, ...]:
     notes = list(verification.plane_notes)
     notes.append("manifest:%s" % backup.backup_ref)
-    if backup.expected_files is not None:
+    if backup.has_checksums:
         notes.append("checksums_verified:%d" % verification.files)
     else:
         notes.append("checksums_absent")
     if backup.kind == "zip":
         notes.append("zip_crc32_checked:%d" % verification.files)
     return tuple(notes)
+
+
+# -- verify-only, in place ---------------------------------------------------------
+#
+# Verify-only reads the backup where it lies (a directory, a tar, a tar.gz, a
+# zip: streaming, never extracting) and writes nothing.  Every member is
+# hashed against the list as it is read, and the same bytes feed the plane
+# checks: record segments and indexes and capture files line by line, the
+# records manifest, bindings against the bodies' digests, the ledger's header.
+# A directory backup is read in parallel: record, index and capture files by
+# worker processes (parsing JSON lines is CPU work; each worker reads its file
+# in place and hashes it on the way), the rest by two hashing threads.
+
+_KEPT_WHOLE = ("records_manifest", "binding")  # members whose bytes a plane check parses
+
+
+def _digest_member(reader: Any, role: str, declared: int) -> Tuple[int, str, Any]:
+    """(size, sha256, what the plane check of ``role`` needs) of a member read to its end (at most declared+1)."""
+    scan = _SCANNERS[role]() if role in _SCANNERS else None
+    keep = role in _KEPT_WHOLE and declared <= _JSON_FILE_LIMIT
+    kept: List[bytes] = []
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in _chunks(reader):
+        digest.update(chunk)
+        if scan is not None:
+            scan.feed(chunk)
+        if keep or (role == "ledger" and size < _LEDGER_HEADER):
+            kept.append(bytes(chunk if keep else chunk[:_LEDGER_HEADER - size]))
+        size += len(chunk)
+    payload = scan.finish() if scan is not None else (b"".join(kept) if kept or keep else None)
+    return size, digest.hexdigest(), payload
+
+
+def _digest_backup_file(path: str, role: str, declared: int) -> Tuple[int, str, Any]:
+    """:func:`_digest_member` of a directory backup's file, read in place (a worker's job, thread or process)."""
+    fd, _opened = _open_source_file(path)
+    try:
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
+            return _digest_member(_BoundedReader(handle, declared), role, declared)
+    finally:
+        os.close(fd)
+
+
+# A store file larger than this is checked in line-aligned pieces of about this size, on every worker at once;
+# one smaller than _ALONE is checked by a hashing thread in its turn (a worker's round trip would cost more).
+_PIECE = 8 << 20
+_ALONE = 64 << 10
+
+
+def _scan_piece(path: str, role: str, start: int, end: int, limit: int) -> _LineScan:
+    """A worker process's job: check the lines of a store file that start in [start, end), read in place.
+
+    Nothing is read at or past ``limit``.  Pieces cut at the same offsets
+    cover every line exactly once, so their scans join (``absorb``) into the
+    whole file's.
+    """
+    scan = _SCANNERS[role]()
+    fd, _opened = _open_source_file(path)
+    try:
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
+            position = _line_start_from(handle, start, limit)
+            at_line_start = True
+            while position < min(end, limit):
+                data = handle.read(min(_CHUNK, min(end, limit) - position))
+                if not data:
+                    return scan.finish()
+                scan.feed(data)
+                position += len(data)
+                at_line_start = data.endswith(b"\n")
+            while not at_line_start and position < limit:  # the line under way at ``end`` is this piece's too
+                data = handle.read(min(1 << 16, limit - position))
+                newline = data.find(b"\n")
+                scan.feed(data if newline < 0 else data[:newline + 1])
+                position += len(data)
+                if not data or newline >= 0:
+                    break
+    finally:
+        os.close(fd)
+    return scan.finish()
+
+
+def _line_start_from(handle: Any, start: int, limit: int) -> int:
+    """Position ``handle`` at the first line starting at or after ``start``; return that offset."""
+    if start <= 0:
+        return 0
+    handle.seek(start - 1)
+    position = start - 1
+    while position < limit:
+        data = handle.read(min(1 << 16, limit - position))
+        if not data:
+            break
+        newline = data.find(b"\n")
+        if newline >= 0:
+            position += newline + 1
+            handle.seek(position)
+            return position
+        position += len(data)
+    return limit
+
+
+def _quiet_worker() -> None:
+    """A worker process leaves Ctrl-C to its parent, which stops it (and says so once)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _StoreWorkers:
+    """Processes that check store files line by line, one per processor (at most four).
+
+    Forked before any thread of this process starts (so no lock is copied
+    held); where fork is missing, or one processor is all there is, jobs run in
+    the caller and the hashing threads.
+    """
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+        try:
+            processors = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            processors = os.cpu_count() or 1
+        import multiprocessing
+        if processors > 1 and "fork" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("fork")
+            self.pool = context.Pool(min(processors, 4), initializer=_quiet_worker)
+
+    def start(self, job: Callable[..., Any], *args: Any) -> Any:
+        """``job(*args)`` on a worker; its ``get()`` gives the result (or raises the worker's exception)."""
+        assert self.pool is not None
+        return self.pool.apply_async(job, args)
+
+    def close(self, failed: bool) -> None:
+        if self.pool is not None:
+            if failed:
+                self.pool.terminate()
+            else:
+                self.pool.close()
+            self.pool.join()
+
+
+class _StoreJobs:
+    """The segment, index and capture files of a directory backup, sent to the workers before the walk reaches
+    them (in path order they come after the artifacts, which the hashing threads read meanwhile).
+
+    A small file is one job (read, hashed and checked by one worker); a large
+    one is checked in pieces on every worker while a hashing thread proves it.
+    A member is taken only if it is what was sent (same size): anything else
+    is read again in its turn.
+    """
+
+    def __init__(self, workers: _StoreWorkers, batches: _Batches) -> None:
+        self.workers = workers
+        self.batches = batches
+        self.sent: Dict[str, Tuple[int, List[Any], Optional[_Later]]] = {}
+
+    def send(self, backup: _BackupSource, planes: "_PlaneFeed", budget: Optional[int]) -> None:
+        assert backup.location is not None
+        for ws_root in planes.store_roots():
+            member_root = planes.layout.member_path(ws_root)
+            for rel, entry_stat, kind in _walk_tree(backup.location / member_root):
+                member = member_root + "/" + rel
+                role = planes.role(planes.layout.workspace_path(member))[0]
+                size = entry_stat.st_size
+                if kind == "file" and role in _SCANNERS and _ALONE <= size and (budget is None or size <= budget):
+                    self.sent[member] = (size,) + self._send(str(backup.location / member), role, size)
+
+    def _send(self, path: str, role: str, size: int) -> Tuple[List[Any], Optional[_Later]]:
+        if size <= _PIECE:
+            return [self.workers.start(_digest_backup_file, path, role, size)], None
+        pieces = [self.workers.start(_scan_piece, path, role, start, start + _PIECE, size + 1)
+                  for start in range(0, size, _PIECE)]
+        return pieces, self.batches.later(lambda result: result, size, _digest_backup_file, path, "", size)
+
+    def take(self, member: _Member, declared: int, then: Callable[[Any], Any]) -> Optional["_Sent"]:
+        sent = self.sent.pop(member.path, None)
+        if sent is None or sent[0] != declared:
+            return None
+        return _Sent(sent[1], sent[2], then)
+
+
+class _Sent:
+    """A store file's result from the workers, taken (and passed through ``then``) in its member's turn."""
+
+    __slots__ = ("pieces", "hashing", "then")
+
+    def __init__(self, pieces: List[Any], hashing: Optional[_Later], then: Callable[[Any], Any]) -> None:
+        self.pieces = pieces
+        self.hashing = hashing
+        self.then = then
+
+    def result(self) -> Any:
+        if self.hashing is None:
+            return self.then(self.pieces[0].get())  # raises the worker's exception (an unreadable file, say) here
+        size, digest, _payload = self.hashing.result()
+        whole = self.pieces[0].get()
+        for piece in self.pieces[1:]:
+            whole.absorb(piece.get())
+        return self.then((size, digest, whole))
+
+
+class _PlaneFeed:
+    """The plane checks of a backup being read: which member feeds which check, and the checks themselves."""
+
+    def __init__(self, layout: _Layout, verification: _Verification) -> None:
+        self.layout = layout
+        self.verification = verification
+        self.records = _RecordsCheck(verification.display(layout.records_root))
+        self.artifacts = _ArtifactsCheck(verification.display(layout.artifacts_root))
+        self.roots = [(layout.records_root, "records"), (layout.artifacts_root, "artifacts")] + [
+            (rel, "capture") for rel, part in layout.part_roots if part == "capture"]
+        self.captures: Dict[str, Dict[str, Any]] = {}
+        self.ledger: Optional[Tuple[int, bytes, Optional[str]]] = None  # size, header, path in place
+        self.wal = False
+
+    def store_roots(self) -> List[str]:
+        """Where the files checked line by line live (workspace-relative)."""
+        return [root for root, plane in self.roots if plane != "artifacts"]
+
+    def role(self, ws_rel: Optional[str]) -> Tuple[str, str]:
+        """(role, path within its store) of a member file: what it feeds, if anything."""
+        layout = self.layout
+        if ws_rel is None:
+            return "", ""
+        if ws_rel == layout.metadata_db:
+            return "ledger", ""
+        if ws_rel == layout.metadata_db + ".wal":
+            return "wal", ""
+        for root, plane in self.roots:
+            if not ws_rel.startswith(root + "/"):
+                continue
+            rel = ws_rel[len(root) + 1:]
+            if plane == "capture":
+                return "capture", root + "\0" + rel
+            if plane == "records":
+                return _records_role(rel), rel
+            if rel.startswith("bindings/") and rel.endswith(".binding.json") and rel.count("/") == 1:
+                return "binding", rel[len("bindings/"):]
+            return ("body", rel) if rel.startswith("objects/") else ("", "")
+        return "", ""
+
+    def watch(self, members: Iterable[_Member]) -> Iterator[_Member]:
+        """The members, passed on; a store is present when the backup holds its directory (or anything below)."""
+        for member in members:
+            ws_rel = self.layout.workspace_path(member.path)
+            if ws_rel is not None and member.kind == "dir":
+                self.verification.restorable_mode(member.path, member.mode)  # what a restore would mask, said
+            if ws_rel is not None:
+                for root, plane in self.roots:
+                    if ws_rel == root or ws_rel.startswith(root + "/"):
+                        if plane == "records":
+                            self.records.present()
+                        elif plane == "artifacts":
+                            self.artifacts.present()
+                        else:
+                            self.captures.setdefault(root, _capture_result(True))
+            yield member
+
+    def feed(self, role: str, rel: str, member: _Member, size: int, digest: str, payload: Any) -> None:
+        """One member's bytes, as read and hashed (only members within their declared size come here)."""
+        if role == "segment":
+            self.records.segment(rel, payload)
+        elif role == "index":
+            self.records.index(rel, payload)
+        elif role == "records_manifest":
+            self.records.manifest(payload)
+        elif role == "segment_unnamed":
+            self.records.segment(rel, None)
+        elif role == "binding":
+            try:
+                if payload is None:
+                    raise InputRefusedError("is larger than %d bytes" % _JSON_FILE_LIMIT)
+                self.artifacts.binding(rel, _parse_binding(json_loads(payload)), None)
+            except (ValueError, UnicodeDecodeError) as exc:
+                self.artifacts.binding(rel, None, str(exc))
+        elif role == "body":
+            self.artifacts.body(rel, size, digest)
+        elif role == "ledger":
+            self.ledger = (size, payload or b"", member.on_disk)
+        elif role == "wal":
+            self.wal = True
+        elif role == "capture":
+            root, _sep, within = rel.partition("\0")
+            _count_capture(self.captures.setdefault(root, _capture_result(True)), payload,
+                           self.layout.member_path(root + "/" + within), self.verification.problems)
+
+    def finish(self, has_metadata: bool) -> None:
+        """Decide every plane (index pointers need every segment, bodies every binding) into the verification."""
+        verification = self.verification
+        metadata = None
+        if has_metadata or self.ledger is not None:
+            metadata = MetadataReport(database_file=_ledger_shown(self.layout, verification), wal_present=self.wal)
+            if self.ledger is None:
+                metadata.problems.append(Problem("metadata_missing", metadata.database_file,
+                                                 "metadata ledger is missing"))
+            elif _judge_ledger_header(metadata, self.ledger[0], self.ledger[1]) and self.ledger[2] is not None:
+                path = Path(self.ledger[2])  # DuckDB reads the ledger where it lies, read-only
+                if _posix_lock_is_held(path):
+                    metadata.check = "file_level_in_use"
+                else:
+                    _count_runs_with_duckdb(path, metadata, metadata.database_file)
+        _record_planes(verification, self.records.finish(), self.artifacts.finish(), metadata)
+        for root in sorted(self.captures):
+            verification.plane_notes.append("capture_lines:%d" % self.captures[root]["line_count"])
+
+
+def _records_role(rel: str) -> str:
+    """What a file of a record store is to its check (as the live check globs them)."""
+    if rel == "manifest.json":
+        return "records_manifest"
+    if rel.startswith("segments/segment-") and rel.endswith(".jsonl") and rel.count("/") == 1:
+        return "segment" if _segment_id(rel) is not None else "segment_unnamed"
+    if rel.startswith("indexes/") and rel.endswith(".jsonl") and rel.count("/") == 2:
+        return "index"
+    return ""
+
+
+def _verify_in_place(backup: _BackupSource, layout: _Layout, plan: "RestorePlan") -> RestoreResult:
+    """Prove a backup where it lies: every byte hashed against its list, every plane checked, nothing written."""
+    verification = _Verification(layout=layout)
+    planes = _PlaneFeed(layout, verification)
+    progress = _Progress("verify %s: hashing and checking, in place" % backup.backup_ref,
+                         int(backup.declared_bytes or 0))
+    workers = _StoreWorkers() if backup.kind == "directory" else None  # forked before the threads start
+    batches = _Batches()
+    jobs = _StoreJobs(workers, batches) if workers is not None and workers.pool is not None else None
+
+    def on_file(member: _Member, listed: Optional[_Listed]) -> Any:
+        declared = _declared_size(member, listed)
+        ws_rel = layout.workspace_path(member.path)
+        role, rel = planes.role(ws_rel)
+        if ws_rel is not None:
+            verification.restorable_mode(member.path, member.mode if listed is None or listed.mode is None
+                                         else listed.mode)
+
+        def then(result: Tuple[int, str, Any]) -> Tuple[int, str]:
+            size, digest, payload = result
+            if size <= declared:  # a lying member is a problem, never a plane's input
+                planes.feed(role, rel, member, size, digest, payload)
+            progress.advance(size)
+            return size, digest
+
+        if member.on_disk is None:  # an archive's member: read here, as the archive streams
+            with member.open() as handle:
+                return then(_digest_member(_BoundedReader(handle, declared), role, declared))
+        sent = jobs.take(member, declared, then) if jobs is not None else None
+        if sent is not None:
+            return sent
+        return batches.later(then, member.size, _digest_backup_file, member.on_disk, role, declared)
+
+    failed = True
+    try:
+        if jobs is not None:
+            jobs.send(backup, planes, backup.budget)
+        files, total = _check_members(planes.watch(backup.members()), backup.expected(), on_file,
+                                      verification.problems, backup.budget)
+        failed = False
+    finally:
+        batches.close()
+        if workers is not None:
+            workers.close(failed)
+        progress.finish()
+    verification.files, verification.bytes = files, total
+    verification.problems += _own_format_problems(backup)
+    if not any(problem.code == "archive_corrupt" for problem in verification.problems):
+        verification.problems += backup.manifest_problems()
+    _Progress.phase("verify %s: index pointers, bodies against bindings, orphans, the ledger" % backup.backup_ref)
+    planes.finish(has_metadata="metadata" in backup.manifest.get("included_sections", []))
+    space_note, space_warning = _target_space(plan, backup.declared_bytes or verification.bytes)
+    return RestoreResult(
+        status="FAILURE" if verification.problems else "SUCCESS", notes=plan.notes + (space_note,),
+        warnings=plan.warnings + tuple(verification.notices()) + space_warning,
+        details={"made_by": backup.made_by, "read": "in_place", "verified_files": verification.files,
+                 "verified_bytes": verification.bytes},
+        backup_ref=backup.backup_ref, target_workspace=plan.target_workspace, applied=False,
+        plane_results=verification.plane_results, verification_notes=_verification_notes(backup, verification),
+        problems=tuple(verification.problems), source_root=backup.location)
+
+
+def _target_space(plan: "RestorePlan", needed: int) -> Tuple[str, Tuple[Notice, ...]]:
+    """Whether the restore target's filesystem has room for what the backup holds (statvfs): a note, and a
+    warning when it has not."""
+    place = Path(plan.target_workspace).parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    fs = os.statvfs(str(place))
+    free = fs.f_bavail * fs.f_frsize
+    note = "target_space:%d bytes needed, %d free on the filesystem of %s" % (needed, free, place)
+    if needed <= free:
+        return note, ()
+    return note, (Notice("target_space_short", "a restore into %s needs %s (what the backup declares), but the "
+                         "filesystem of %s has %s free; free space there or restore elsewhere (--target)"
+                         % (plan.target_workspace, _human_bytes(needed), place, _human_bytes(free))),)
 
 
 def _stale_dirs(parent: Path, prefix: str, files: bool = False) -> List[Path]:
@@ -5133,6 +6953,13 @@ def _restore(config: UnifiedConfig, plan: RestorePlan, force: bool) -> RestoreRe
 
 
 def _verify_only(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> RestoreResult:
+    if not plan.materialize:
+        return _verify_in_place(backup, layout, plan)
+    return _verify_materialized(backup, layout, plan)
+
+
+def _verify_materialized(backup: _BackupSource, layout: _Layout, plan: RestorePlan) -> RestoreResult:
+    """The old verify-only (``--materialize``): copy the backup into staging, check it there, remove staging."""
     staging_root = Path(plan.staging_root)
     staging_root.mkdir(parents=True, exist_ok=True)
     prefix = ".contexta-ops-verify-"
@@ -5210,8 +7037,7 @@ def _apply(config: UnifiedConfig, backup: _BackupSource, layout: _Layout, plan: 
     notes = list(plan.notes)
     target_config = _config_for_target(config, target)
     routes = _Routes(layout, target_config, target)
-    backup_files = _backup_workspace_files(backup, layout)
-    units = _restore_units(routes, layout, backup_files, target)
+    units = _restore_units(routes, layout, _BackupPaths(backup, layout, routes), target)
     replaced_inside = _replaced_inside(routes, layout, target)
     deleting = _protected_inside(config, backup, units, replaced_inside, target)
     if deleting:
@@ -5578,15 +7404,13 @@ class DiffResult(_Record):
 
 
 # (path inside the backup's workspace/, size, sha256 - or a callable that computes it only when needed)
-_ListedFile = Tuple[str, int, Any]
+_ListedFile = Tuple[str, Optional[int], Any]
 
 
 def _backup_files(backup: _BackupSource) -> Iterator[_ListedFile]:
     """A backup's files as its list records them; without a list (Contexta's backups), hashed as they are read."""
-    listed = backup.expected_files
-    if listed is not None:
-        for path, entry in listed.items():
-            yield path, entry["size"], entry["sha256"]
+    if backup.has_checksums:
+        yield from _iter_listed_files(backup)
         return
     for member in backup.members():
         if member.kind == "file":
@@ -5599,8 +7423,8 @@ def _live_files(config: UnifiedConfig) -> Iterator[_ListedFile]:
     """The live workspace as a backup of it would list it, each digest computed only when asked for."""
     plan = plan_workspace_backup(config)
     for entry in _SectionWalk(config, plan).entries():
-        if entry.kind == "file":
-            source = str(entry.source)
+        if entry.kind == "file" and entry.source is not None and entry.stat is not None:  # not written by a backup
+            source = entry.source
             yield entry.member, entry.stat.st_size, functools.partial(lambda path: sha256_file(path)[1], source)
 
 
@@ -8695,7 +10519,7 @@ def check_workspace(config: UnifiedConfig, planes: Optional[Sequence[str]] = Non
     if set(selected) & set(_PLANES):
         # A workspace used only through contexta's facade never made a ledger: absent, not missing.
         has_metadata = config.workspace.metadata_path.exists() or os.path.lexists(str(config.metadata.database_path))
-        _check_planes(Path("/"), layout, verification, has_metadata=has_metadata, check_indexes=True)
+        _check_planes(Path("/"), layout, verification, has_metadata=has_metadata)
         verification.plane_results = {key: value for key, value in verification.plane_results.items()
                                       if key in selected}
         verification.problems = [problem for problem in verification.problems
@@ -8731,7 +10555,7 @@ def check_workspace(config: UnifiedConfig, planes: Optional[Sequence[str]] = Non
 
 def _check_capture(capture_root: Path, show: Callable[[str], str], problems: List[Problem]) -> Dict[str, Any]:
     """Every line of the capture sink's files is a JSON object: contexta's facade keeps its only copy there."""
-    result = {"present": capture_root.is_dir(), "file_count": 0, "line_count": 0, "invalid_count": 0}
+    result = _capture_result(capture_root.is_dir())
     for rel, _entry_stat, kind in _walk_tree(capture_root) if capture_root.is_dir() else ():
         path = capture_root / rel
         if kind == "dir":
@@ -8739,32 +10563,30 @@ def _check_capture(capture_root: Path, show: Callable[[str], str], problems: Lis
         if kind != "file":
             problems.append(Problem("special_file", show(str(path)), "a %s where capture files are kept" % kind))
             continue
-        result["file_count"] += 1
-        reported = 0
         try:
             with open_regular(path) as handle:
-                for line_number, raw in enumerate(handle, start=1):
-                    if not raw.strip():
-                        continue
-                    result["line_count"] += 1
-                    try:
-                        valid = isinstance(json_loads(raw), dict)
-                        why = "is not a JSON object"
-                    except ValueError as exc:
-                        valid, why = False, str(exc)
-                    if not valid:
-                        result["invalid_count"] += 1
-                        if not raw.endswith(b"\n"):
-                            why = "is cut off (no newline) and " + why
-                        if reported < _PROBLEMS_PER_FILE:
-                            reported += 1
-                            problems.append(Problem("capture_line_invalid", show(str(path)),
-                                                    "line %d %s" % (line_number, why)))
+                scan = _scan_stream(handle, "capture")
         except OSError as exc:
+            result["file_count"] += 1
             result["invalid_count"] += 1
             problems.append(Problem("capture_unreadable", show(str(path)), "cannot be read: %s"
                                     % (exc.strerror or exc)))
+            continue
+        _count_capture(result, scan, show(str(path)), problems)
     return result
+
+
+def _capture_result(present: bool) -> Dict[str, Any]:
+    return {"present": present, "file_count": 0, "line_count": 0, "invalid_count": 0}
+
+
+def _count_capture(result: Dict[str, Any], scan: "_CaptureScan", shown: str, problems: List[Problem]) -> None:
+    """One capture file's scan into the plane's counts and problems."""
+    result["present"] = True
+    result["file_count"] += 1
+    result["line_count"] += scan.line_count
+    result["invalid_count"] += scan.invalid_count
+    problems += [Problem(code, shown, "line %d%s" % (line, text)) for code, line, text, _e, _a in scan.problems]
 
 
 def _plane_of(problem: Problem, config: UnifiedConfig) -> str:
@@ -9251,7 +11073,8 @@ def _tail_job(root: Path, segment: _SegmentPass) -> _Job:
 
     def prepare(scratch: Path) -> List[Dict[str, Any]]:
         copy = scratch / (path.name + ".whole")
-        _copy_then_hash(str(path), str(copy), found.st_mode, found.st_mtime_ns)
+        _copy_file(str(path), str(copy), (found.st_size, found.st_mtime_ns), stat.S_IMODE(found.st_mode),
+                   found.st_mtime_ns)
         cut = scratch / path.name
         _copy_prefix(path, cut, keep)
         os.chmod(str(cut), stat.S_IMODE(found.st_mode))
@@ -10322,7 +12145,9 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("backup", nargs="?", metavar="BACKUP",
                          help="backup ref, a backup directory or archive, a Contexta CLI zip, or - (stdin)")
         sub.add_argument("--verify-only", action="store_true",
-                         help="materialize and verify in staging; never touch the target")
+                         help="prove the backup restorable, reading it in place; never touch the target")
+        sub.add_argument("--materialize", action="store_true",
+                         help="with --verify-only: copy the backup into --staging-root first, and check it there")
         sub.add_argument("--target", "--target-workspace", dest="target", metavar="DIR",
                          help="workspace to restore into (default: --workspace; --target-workspace is Contexta's "
                               "spelling)")
@@ -10630,7 +12455,7 @@ def _cmd_backup_create(args: argparse.Namespace, out: _Output) -> int:
         _say_list(out, "Warnings:", result.warnings)
         return out.finish(result, _status_exit(result.status))
     plan = plan_workspace_backup(config, label=args.label, include_cache=args.include_cache,
-                                 include_exports=args.include_exports)
+                                 include_exports=args.include_exports, estimate=not args.incremental)
     if args.archive is not None:
         if args.archive == ARCHIVE_STDOUT:
             out.to_stderr()  # stdout carries the archive
@@ -10750,7 +12575,9 @@ def _cmd_restore_plan(args: argparse.Namespace, out: _Output) -> int:
     if args.backup is None:
         raise UsageError("restore plan needs a BACKUP")
     config = _config_from_args(args)
-    plan = plan_restore(config, args.backup, args.target, verify_only=bool(args.verify_only), **_partial(args))
+    _check_materialize(args)
+    plan = plan_restore(config, args.backup, args.target, verify_only=bool(args.verify_only),
+                        materialize=args.materialize, **_partial(args))
     out.say("Restore plan: %s (made by %s%s) -> %s" % (plan.backup_ref, plan.made_by,
                                                        "" if plan.has_checksums else ", no checksums",
                                                        plan.target_workspace))
@@ -10773,11 +12600,18 @@ def _cmd_restore_plan(args: argparse.Namespace, out: _Output) -> int:
     return out.finish(plan, EXIT_PROBLEMS if refused else EXIT_OK, next_step)
 
 
+def _check_materialize(args: argparse.Namespace) -> None:
+    if args.materialize and not args.verify_only:
+        raise UsageError("--materialize goes with --verify-only (a restore always builds the new tree)")
+
+
 def _cmd_restore_run(args: argparse.Namespace, out: _Output) -> int:
     if args.backup is None and not args.verify_only:
         raise UsageError("restore needs a BACKUP to apply; `restore --verify-only` alone checks the newest")
     config = _config_from_args(args)
-    plan = plan_restore(config, args.backup, args.target, verify_only=args.verify_only, **_partial(args))
+    _check_materialize(args)
+    plan = plan_restore(config, args.backup, args.target, verify_only=args.verify_only, materialize=args.materialize,
+                        **_partial(args))
     if args.backup is None:
         out.note("using the newest complete backup: %s" % plan.backup_ref)
     result = restore_workspace_forced(config, plan) if args.force else restore_workspace(config, plan)

@@ -203,3 +203,41 @@ def reseal_package(source_package, destination, body_bytes):
     binding.update(size_bytes=size, hash_value=digest)
     binding_path.write_text(json.dumps(binding))
     return Path(destination), size, digest
+
+
+def listed(location):
+    """path -> sha256 of every file a v2 backup directory lists in SHA256SUMS, in its order (escapes undone)."""
+    entries = {}
+    for line in (Path(location) / "SHA256SUMS").read_bytes().splitlines():
+        name = line[66:].decode("utf-8", "surrogateescape")
+        if line.startswith(b"\\"):
+            name = line[67:].decode("utf-8", "surrogateescape")
+            name = name.replace("\\\\", "\0").replace("\\n", "\n").replace("\\r", "\r").replace("\0", "\\")
+        entries[name] = line[1:65].decode() if line.startswith(b"\\") else line[:64].decode()
+    return entries
+
+
+def reseal(location, change_manifest=None, add=()):
+    """Re-hash every listed file that is still there (and the members ``add`` names) into SHA256SUMS, then make
+    the manifest's file_list, total_bytes and digest match (after ``change_manifest(manifest)``, if given): only
+    the edited bytes differ, so only the planes can object."""
+    location = Path(location)
+    lines = []
+    total = 0
+    for path in sorted((set(listed(location)) | set(add))):
+        if not (location / path).is_file():
+            continue
+        data = (location / path).read_bytes()
+        total += len(data)
+        assert "\\" not in path and "\n" not in path
+        lines.append("%s  %s\n" % (hashlib.sha256(data).hexdigest(), path))
+    sums = "".join(lines).encode("utf-8", "surrogateescape")
+    (location / "SHA256SUMS").write_bytes(sums)
+    manifest = json.loads((location / "manifest.json").read_text(encoding="utf-8"))
+    manifest["file_list"].update(sha256=hashlib.sha256(sums).hexdigest(), size=len(sums), count=len(lines))
+    manifest["total_bytes"] = total
+    if change_manifest is not None:
+        change_manifest(manifest)
+    raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    (location / "manifest.json").write_bytes(raw)
+    (location / "manifest.json.sha256").write_text("%s  manifest.json\n" % hashlib.sha256(raw).hexdigest())

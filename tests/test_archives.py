@@ -170,7 +170,8 @@ def test_incremental_backup_links_unchanged_files_and_stands_alone(cli, fixture_
     manifest = json.loads((Path(payload["location"]) / "manifest.json").read_text())
     config_size = len((Path(payload["location"]) / "workspace/config/resolved.config.json").read_bytes())
     assert payload["details"]["bytes_linked"] == manifest["total_bytes"] - config_size  # all but the config
-    assert payload["bytes_written"] == config_size + (Path(payload["location"]) / "manifest.json").stat().st_size
+    assert payload["bytes_written"] == config_size + sum((Path(payload["location"]) / name).stat().st_size
+                                                         for name in ("manifest.json", "SHA256SUMS"))
     segment = Path(payload["location"]) / "workspace/records/segments/segment-000001.jsonl"
     assert os.stat(str(segment)).st_ino == os.stat(str(Path(full["location"]) / segment.relative_to(
         payload["location"]))).st_ino

@@ -42,16 +42,22 @@ def test_backup_has_contexta_layout_manifest_and_every_checksum(cli, fixture_dir
     assert manifest["tool"] == {"name": "contexta-ops", "version": ops.__version__}
     sources = {section["name"]: section["source"] for section in manifest["sections"]}
     assert sources["outbox"] == str(_ws(fixture_dir) / "cache" / "outbox")
-    # Every file is listed, with the real size and digest, and nothing else is in the backup.
+    # Every file is listed in SHA256SUMS, sorted, with its real digest, and nothing else is in the backup.
     on_disk = {path.relative_to(location).as_posix() for path in location.rglob("*") if path.is_file()}
-    listed = {entry["path"]: entry for entry in manifest["files"]}
-    assert on_disk - {"manifest.json", "manifest.json.sha256"} == set(listed)
+    listed = _listed(location)
+    assert list(listed) == sorted(listed)
+    assert on_disk - {"manifest.json", "manifest.json.sha256", "SHA256SUMS"} == set(listed)
     manifest_bytes = (location / "manifest.json").read_bytes()
     assert (location / "manifest.json.sha256").read_text() == "%s  manifest.json\n" % hashlib.sha256(
         manifest_bytes).hexdigest()
-    for rel, entry in listed.items():
-        data = (location / rel).read_bytes()
-        assert entry["size"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    for rel, digest in listed.items():
+        assert digest == hashlib.sha256((location / rel).read_bytes()).hexdigest()
+    sums = (location / "SHA256SUMS").read_bytes()
+    assert manifest["format"] == "contexta-ops-backup-v2" and "files" not in manifest
+    assert manifest["file_list"] == {"name": "SHA256SUMS", "sha256": hashlib.sha256(sums).hexdigest(),
+                                     "size": len(sums), "count": len(listed)}
+    assert manifest["file_count"] == len(listed)
+    assert manifest["total_bytes"] == sum((location / rel).stat().st_size for rel in listed)
     # The outbox and the capture sink's directory are where they live in the workspace; not the whole cache.
     assert (location / "workspace/cache/outbox/failed_deliveries.jsonl").is_file()
     assert not (location / "workspace/recovery").exists()
@@ -60,6 +66,31 @@ def test_backup_has_contexta_layout_manifest_and_every_checksum(cli, fixture_dir
     # The manifest is Contexta's P-JSON.
     raw = (location / "manifest.json").read_text(encoding="utf-8")
     assert raw == json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _listed(location):
+    """path -> sha256 from a backup's SHA256SUMS, in its order (names here need no escaping)."""
+    lines = (location / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
+    return {line[66:]: line[:64] for line in lines}
+
+
+def test_sha256sum_checks_a_directory_backup_by_hand(cli, fixture_dir):
+    """`sha256sum -c SHA256SUMS` in the backup proves every file, odd names included, and finds a flipped byte."""
+    ws = _ws(fixture_dir)
+    for name in (b"back\\slash.jsonl", b"new\nline.jsonl", b"carriage\rreturn.jsonl", b"not-utf8-\xff.jsonl"):
+        with open(os.fsencode(str(ws / "records" / "quarantine")) + b"/" + name, "wb") as handle:
+            handle.write(b"odd name\n")
+    created = _create(cli, fixture_dir)
+    assert created.returncode == 0, created
+    location = Path(created.json["location"])
+    checked = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=str(location),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert checked.returncode == 0, checked
+    assert checked.stdout.count(b": OK\n") == created.json["file_count"]
+    flip_byte(location / "workspace/records/segments/segment-000001.jsonl")
+    failed = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=str(location),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert failed.returncode == 1 and failed.stdout == b"workspace/records/segments/segment-000001.jsonl: FAILED\n"
 
 
 def test_backup_ref_label_is_cleaned_like_contexta():

@@ -56,9 +56,12 @@ def test_backup_onto_a_full_disk(cli, fixture_dir):
 
 def test_verify_only_with_staging_on_a_full_disk(cli, fixture_dir):
     with small_disk(fixture_dir / "disk") as disk:
-        result = cli("--backup-root", fixture_dir / "backups", "--staging-root", disk / "stage", "restore",
-                     "--verify-only", FIXTURE_BACKUP_REF)
+        args = ("--backup-root", fixture_dir / "backups", "--staging-root", disk / "stage", "restore", "--verify-only",
+                FIXTURE_BACKUP_REF)
+        result = cli(*args, "--materialize")
         assert_could_not_run(result)
+        assert os.listdir(str(disk / "stage")) == []
+        assert cli(*args).returncode == 0  # read in place: staging is never written
         assert os.listdir(str(disk / "stage")) == []
 
 

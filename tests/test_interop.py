@@ -67,7 +67,9 @@ def test_we_and_contexta_agree_on_its_own_backup(cli, fixture_dir, expected, con
 
 
 def test_with_duckdb_importable_verify_only_counts_runs(pyz, fixture_dir, expected, contexta_ref, tmp_path):
-    """The reference interpreter has duckdb: then metadata is read for real, read-only, from staging."""
+    """The reference interpreter has duckdb: then the ledger is read for real, read-only, where it lies."""
+    backup = fixture_dir / "backups" / FIXTURE_BACKUP_REF
+    before = snapshot(backup)
     completed = subprocess.run(
         [contexta_ref, str(pyz), "--backup-root", str(fixture_dir / "backups"), "--staging-root",
          str(tmp_path / "stage"), "restore", "--verify-only", FIXTURE_BACKUP_REF, "--json"],
@@ -78,3 +80,4 @@ def test_with_duckdb_importable_verify_only_counts_runs(pyz, fixture_dir, expect
     assert payload["plane_results"]["metadata"]["check"] == "duckdb"
     assert payload["plane_results"]["metadata"]["run_count"] == expected["runs"]
     assert "metadata_runs:%d" % expected["runs"] in payload["verification_notes"]
+    assert snapshot(backup) == before and not (tmp_path / "stage").exists()  # nothing written, not even a WAL

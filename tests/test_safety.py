@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import contexta_ops as ops
-from helpers import flip_byte, snapshot
+from helpers import flip_byte, listed, snapshot
 
 
 def _ws(fixture_dir):
@@ -303,7 +303,7 @@ def test_a_backup_never_carries_a_journal_and_says_when_the_workspace_was_unsafe
     assert "replay_interrupted" in [warning["code"] for warning in result["warnings"]]
     location = Path(result["location"])
     manifest = json.loads((location / "manifest.json").read_text())
-    names = {Path(entry["path"]).name for entry in manifest["files"]}
+    names = {Path(path).name for path in listed(location)}
     assert not names & {"replay.journal.json", ".replay-kept.tmp", ".replay-dead.tmp", "replay.lock", "tmpab12cd34",
                         "z" + ops._WRITE_JOURNAL_SUFFIX}
     assert "replay_interrupted" in [warning["code"] for warning in manifest["warnings"]]
@@ -342,7 +342,7 @@ def test_our_own_manifest_without_checksums_is_a_failure(cli, fixture_dir):
     created = _backup(cli, fixture_dir)
     location = Path(created["location"])
     manifest = json.loads((location / "manifest.json").read_text())
-    del manifest["files"]
+    del manifest["file_list"]
     data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     (location / "manifest.json").write_bytes(data)
     (location / "manifest.json.sha256").write_bytes(ops._manifest_digest(data))
@@ -394,14 +394,36 @@ def test_verify_only_and_apply_check_free_space_before_writing(cli, fixture_dir,
     staging = tmp_path / "small"
     _tiny_filesystem(staging, "64k")
     try:
-        result = cli("--workspace", _ws(fixture_dir), "--backup-root", fixture_dir / "bk", "--staging-root", staging,
-                     "restore", "--verify-only", created["backup_ref"], "--json")
+        args = ("--workspace", _ws(fixture_dir), "--backup-root", fixture_dir / "bk", "--staging-root", staging,
+                "restore", "--verify-only", created["backup_ref"], "--json")
+        result = cli(*args, "--materialize")
         assert result.returncode == 3, result
         assert result.json["error"]["code"] == "insufficient_space"
         assert str(staging) in result.stderr and "needed" in result.stderr
         assert list(staging.iterdir()) == []
+        in_place = cli(*args)  # reads the backup where it lies: staging's size does not matter
+        assert in_place.returncode == 0, in_place
+        assert list(staging.iterdir()) == []
     finally:
         subprocess.run(["umount", str(staging)])
+
+
+def test_verify_only_says_whether_the_target_has_room(cli, fixture_dir, tmp_path):
+    created = _backup(cli, fixture_dir)
+    disk = tmp_path / "small"
+    _tiny_filesystem(disk, "1m")
+    try:
+        result = _run(cli, fixture_dir, "restore", "--verify-only", created["backup_ref"], "--target",
+                      disk / ".contexta", "--json")
+        assert result.returncode == 0, result  # the backup is sound; the restore would not fit there
+        short = [w["message"] for w in result.json["warnings"] if w["code"] == "target_space_short"]
+        assert len(short) == 1 and str(disk) in short[0], result
+        assert [note for note in result.json["notes"] if note.startswith("target_space:") and str(disk) in note]
+        roomy = _run(cli, fixture_dir, "restore", "--verify-only", created["backup_ref"], "--json")
+        assert not [w for w in roomy.json["warnings"] if w["code"] == "target_space_short"]
+        assert os.listdir(str(disk)) == []
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 # -- cache/capture is primary data ------------------------------------------------------------------------
@@ -467,9 +489,8 @@ def test_cache_capture_is_backed_up_restored_and_checked(cli, tmp_path, contexta
     assert "capture" in [section["name"] for section in plan.json["sections"]]
     created = cli(*args, "backup", "create", "--json")
     assert created.returncode == 0, created
-    listed = {entry["path"] for entry in json.loads((Path(created.json["location"]) / "manifest.json")
-                                                    .read_text())["files"]}
-    assert {"workspace/cache/capture/record.jsonl", "workspace/cache/capture/artifact.jsonl"} <= listed
+    assert {"workspace/cache/capture/record.jsonl", "workspace/cache/capture/artifact.jsonl"} <= set(
+        listed(created.json["location"]))
     # contexta's own backup of the same workspace names the same sections; it verifies and restores ours
     theirs = subprocess.run([contexta_ref_314, "-c", CONTEXTA_BACKUP_AND_RESTORE, str(ws), str(tmp_path / "their-bk"),
                              created.json["location"], str(tmp_path / "scratch" / ".contexta")], env=_clean_env(),
