@@ -5901,6 +5901,7 @@ class RestorePlan(_Record):
     only: Tuple[str, ...] = ()   # a partial restore: these parts (--only) ...
     paths: Tuple[str, ...] = ()  # ... and the files matching these patterns (--path)
     materialize: bool = False  # verify-only: copy into staging first, as before (default: read in place)
+    sample_percent: Optional[float] = None  # verify-only: read this share of the files that are not plane input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6123,21 +6124,24 @@ def _refuse_signals(workspace: Path, signals: Sequence[Tuple[Notice, bool]], err
 
 def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target_workspace: Any = None,
                  verify_only: bool = False, materialize: bool = False, *, only: Sequence[str] = (),
-                 paths: Sequence[str] = ()) -> RestorePlan:
+                 paths: Sequence[str] = (), sample_percent: Optional[float] = None) -> RestorePlan:
     """Open and validate a backup and say what a restore would replace, keep and lose.  Changes nothing.
 
     ``backup_ref`` is a ref under the backup root, ``latest``, a label, a
     unique prefix of a ref, or a path to a backup; None picks the newest
     complete backup that is not a safety backup.  A verify-only restore reads
     the backup in place (nothing is written, nothing replaced or lost), or,
-    with ``materialize``, copies it into staging first.  ``only`` (parts of
-    RESTORE_PARTS) and ``paths`` (patterns of backup-shaped workspace paths,
-    ``artifacts/objects/checkpoint/*``) make it partial: everything else stays
-    as it is, byte for byte.
+    with ``materialize``, copies it into staging first.  ``sample_percent``
+    (verify-only, in place) makes it a spot check: see :func:`_verify_in_place`.
+    ``only`` (parts of RESTORE_PARTS) and ``paths`` (patterns of backup-shaped
+    workspace paths, ``artifacts/objects/checkpoint/*``) make it partial:
+    everything else stays as it is, byte for byte.
     """
     selection = _Selection.of(only, paths)
     target = _resolve_path(target_workspace) if target_workspace is not None else config.workspace.root_path
     materialize = materialize and verify_only
+    if sample_percent is not None:
+        _check_sample(sample_percent, verify_only, materialize)
     if not verify_only:
         _refuse_unsafe_target(target)
     backup = _open_backup(config, backup_ref)
@@ -6145,6 +6149,8 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
     notes = ["verify_only" if verify_only else "apply_restore"]
     if verify_only:
         notes.append("materialized_in_staging" if materialize else "read_in_place")
+    if sample_percent is not None:
+        notes.append("sample:%g%%" % sample_percent)
     if backup_ref is None or backup_ref == "latest":
         notes.append("newest_complete_backup:%s" % backup.backup_ref)
     if backup.location is not None and _is_within(target, backup.location):
@@ -6195,7 +6201,17 @@ def plan_restore(config: UnifiedConfig, backup_ref: Optional[str] = None, target
         kept=tuple(_kept_roots(target, replaced_inside)) if target.is_dir() else (), lost=tuple(lost),
         lost_count=lost_count, replaced_file_count=replaced_count, backup_file_count=backup_paths.count,
         warnings=tuple(warnings), destinations=destinations, refusals=tuple(refusals),
-        kind=_backup_kind(backup), only=tuple(only), paths=tuple(paths), materialize=materialize)
+        kind=_backup_kind(backup), only=tuple(only), paths=tuple(paths), materialize=materialize,
+        sample_percent=sample_percent)
+
+
+def _check_sample(sample_percent: float, verify_only: bool, materialize: bool) -> None:
+    """A spot check reads a backup in place; anything else needs every byte."""
+    if not verify_only or materialize:
+        raise UsageError("--sample goes with --verify-only, read in place (not with --materialize or an apply: "
+                         "a restore writes every byte, so it proves every byte)")
+    if not 0 < sample_percent <= 100:
+        raise UsageError("--sample must be a percentage above 0 and at most 100, not %g" % sample_percent)
 
 
 def _already_delivered_notices(backup: _BackupSource, layout: _Layout, target_config: UnifiedConfig) -> List[Notice]:
@@ -6813,9 +6829,26 @@ def _records_role(rel: str) -> str:
     return ""
 
 
+# A spot check (--sample, restic's --read-data-subset) still reads every file a plane check parses (records,
+# indexes, bindings, capture, the ledger): they are the structure, and partial input would make them cry wolf.
+# Of the other files - artifact bodies above all, most of a backup's bytes - it reads each with this chance and
+# takes the rest at their listed sha256, so bodies are still judged against their bindings, by the list's word.
+_SAMPLED_ROLES = ("", "body")
+
+
 def _verify_in_place(backup: _BackupSource, layout: _Layout, plan: "RestorePlan") -> RestoreResult:
-    """Prove a backup where it lies: every byte hashed against its list, every plane checked, nothing written."""
+    """Prove a backup where it lies: every byte hashed against its list, every plane checked, nothing written.
+
+    With ``plan.sample_percent``, a spot check: only that share of the files
+    no plane parses is read (see _SAMPLED_ROLES); the result says how many
+    were taken on the list's word, warns ``verify_partial``, and is never
+    recorded as a clean verification.
+    """
     verification = _Verification(layout=layout)
+    chance = None if plan.sample_percent is None else plan.sample_percent / 100.0
+    import random  # here: only a spot check needs it, and start-up is paid on every call
+    draw = random.Random(os.urandom(16)).random  # a different sample each run, as restic draws its subset
+    trusted = [0, 0]  # files and bytes taken at their listed sha256
     planes = _PlaneFeed(layout, verification)
     progress = _Progress("verify %s: hashing and checking, in place" % backup.backup_ref,
                          int(backup.declared_bytes or 0))
@@ -6830,6 +6863,13 @@ def _verify_in_place(backup: _BackupSource, layout: _Layout, plan: "RestorePlan"
         if ws_rel is not None:
             verification.restorable_mode(member.path, member.mode if listed is None or listed.mode is None
                                          else listed.mode)
+        if chance is not None and listed is not None and role in _SAMPLED_ROLES and not draw() < chance:
+            trusted[0] += 1
+            trusted[1] += member.size
+            if member.size <= declared:
+                planes.feed(role, rel, member, member.size, listed.sha256, None)
+            progress.advance(member.size)
+            return member.size, listed.sha256
 
         def then(result: Tuple[int, str, Any]) -> Tuple[int, str]:
             size, digest, payload = result
@@ -6865,11 +6905,18 @@ def _verify_in_place(backup: _BackupSource, layout: _Layout, plan: "RestorePlan"
     _Progress.phase("verify %s: index pointers, bodies against bindings, orphans, the ledger" % backup.backup_ref)
     planes.finish(has_metadata="metadata" in backup.manifest.get("included_sections", []))
     space_note, space_warning = _target_space(plan, backup.declared_bytes or verification.bytes)
+    details = {"made_by": backup.made_by, "read": "in_place", "verified_files": verification.files,
+               "verified_bytes": verification.bytes}
+    if chance is not None:
+        details.update(sampled_percent=plan.sample_percent, trusted_files=trusted[0], trusted_bytes=trusted[1])
+        space_warning += (Notice("verify_partial", "a spot check: %d of %d files (%s of %s) were taken at their "
+                                 "listed sha256 without being read; run it without --sample to prove every byte"
+                                 % (trusted[0], verification.files, _human_bytes(trusted[1]),
+                                    _human_bytes(verification.bytes))),)
     return RestoreResult(
         status="FAILURE" if verification.problems else "SUCCESS", notes=plan.notes + (space_note,),
         warnings=plan.warnings + tuple(verification.notices()) + space_warning,
-        details={"made_by": backup.made_by, "read": "in_place", "verified_files": verification.files,
-                 "verified_bytes": verification.bytes},
+        details=details,
         backup_ref=backup.backup_ref, target_workspace=plan.target_workspace, applied=False,
         plane_results=verification.plane_results, verification_notes=_verification_notes(backup, verification),
         problems=tuple(verification.problems), source_root=backup.location)
@@ -6931,7 +6978,7 @@ def _restore(config: UnifiedConfig, plan: RestorePlan, force: bool) -> RestoreRe
     with _source_lock(backup):
         if plan.verify_only:
             result = _verify_only(backup, layout, plan)
-            if result.status == "SUCCESS":
+            if result.status == "SUCCESS" and plan.sample_percent is None:  # a spot check proves less
                 _record_backup_event(config, backup, "verified_clean")
             return result
         target = Path(plan.target_workspace)
@@ -12148,6 +12195,10 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="prove the backup restorable, reading it in place; never touch the target")
         sub.add_argument("--materialize", action="store_true",
                          help="with --verify-only: copy the backup into --staging-root first, and check it there")
+        sub.add_argument("--sample", metavar="PERCENT", type=_percent,
+                         help="with --verify-only: a spot check that reads only PERCENT of the artifact bodies and "
+                              "other files no plane parses (chosen at random), taking the rest at their listed "
+                              "sha256; says it was partial")
         sub.add_argument("--target", "--target-workspace", dest="target", metavar="DIR",
                          help="workspace to restore into (default: --workspace; --target-workspace is Contexta's "
                               "spelling)")
@@ -12577,7 +12628,7 @@ def _cmd_restore_plan(args: argparse.Namespace, out: _Output) -> int:
     config = _config_from_args(args)
     _check_materialize(args)
     plan = plan_restore(config, args.backup, args.target, verify_only=bool(args.verify_only),
-                        materialize=args.materialize, **_partial(args))
+                        materialize=args.materialize, sample_percent=args.sample, **_partial(args))
     out.say("Restore plan: %s (made by %s%s) -> %s" % (plan.backup_ref, plan.made_by,
                                                        "" if plan.has_checksums else ", no checksums",
                                                        plan.target_workspace))
@@ -12600,6 +12651,17 @@ def _cmd_restore_plan(args: argparse.Namespace, out: _Output) -> int:
     return out.finish(plan, EXIT_PROBLEMS if refused else EXIT_OK, next_step)
 
 
+def _percent(text: str) -> float:
+    """--sample's value: 10, 10% or 0.5%."""
+    try:
+        value = float(text[:-1] if text.endswith("%") else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a percentage: %r (say 10 or 10%%)" % text)
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError("%s is not a percentage above 0 and at most 100" % text)
+    return value
+
+
 def _check_materialize(args: argparse.Namespace) -> None:
     if args.materialize and not args.verify_only:
         raise UsageError("--materialize goes with --verify-only (a restore always builds the new tree)")
@@ -12611,7 +12673,7 @@ def _cmd_restore_run(args: argparse.Namespace, out: _Output) -> int:
     config = _config_from_args(args)
     _check_materialize(args)
     plan = plan_restore(config, args.backup, args.target, verify_only=args.verify_only, materialize=args.materialize,
-                        **_partial(args))
+                        sample_percent=args.sample, **_partial(args))
     if args.backup is None:
         out.note("using the newest complete backup: %s" % plan.backup_ref)
     result = restore_workspace_forced(config, plan) if args.force else restore_workspace(config, plan)
