@@ -4197,11 +4197,32 @@ def _write_archive(config: UnifiedConfig, plan: BackupPlan, out: Any, final: Opt
         file_count=file_list["count"])
 
 
+class _GzipWriter:
+    """gzip onto ``out`` with nothing left to flush at finalization.
+
+    Newer Pythons' gzip.GzipFile buffers its writes and flushes again when collected: after a
+    write failed (a full disk) that second flush prints a traceback of its own.
+    Here an abandoned stream is simply dropped, and the header (mtime 0) is
+    zlib's, the same on every Python.
+    """
+
+    def __init__(self, out: Any, level: int = 6) -> None:
+        self._out = out
+        self._deflate = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+
+    def write(self, data: bytes) -> int:
+        self._out.write(self._deflate.compress(data))
+        return len(data)
+
+    def close(self) -> None:
+        self._out.write(self._deflate.flush())
+
+
 def _write_tar(out: Any, compress: bool, manifest_bytes: bytes, list_spool: Any, list_size: int, entries: _Spool,
                config_bytes: bytes, writing: _Progress, now_ns: int) -> None:
     """manifest.json, SHA256SUMS, every member in the list's order (each checked against its first read),
     and the manifest's digest last."""
-    compressor = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) if compress else None
+    compressor = _GzipWriter(out) if compress else None
     stream: Any = compressor if compressor is not None else out
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(_tar_info(_MANIFEST_NAME, "file", len(manifest_bytes), 0o644, now_ns), io.BytesIO(manifest_bytes))
