@@ -68,6 +68,12 @@ def _fail(message, code):
 if sys.version_info < (3, 8):
     _fail("needs Python 3.8 or newer, this is %d.%d" % tuple(sys.version_info[:2]), 3)
 
+# A Ctrl-C that lands inside the imports below can be raised in one of importlib's callbacks,
+# where Python prints it as "Exception ignored" and goes on running.  Held until the module is
+# loaded, it arrives as one KeyboardInterrupt where _run's caller turns it into one line.
+import signal
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
 
 def _read_proven(archive):
     import hashlib
@@ -149,6 +155,7 @@ def _run():
     module.__file__ = filename
     sys.modules["contexta_ops"] = module
     exec(code, module.__dict__)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     return module.main()
 
 
