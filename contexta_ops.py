@@ -6857,6 +6857,11 @@ def _records_role(rel: str) -> str:
 _SAMPLED_ROLES = ("", "body")
 
 
+# Below this many bytes a backup is verified by this process and its hashing threads alone: forking and
+# stopping a pool of workers costs more than they would save.
+_WORKERS_FROM = 16 << 20
+
+
 def _verify_in_place(backup: _BackupSource, layout: _Layout, plan: "RestorePlan") -> RestoreResult:
     """Prove a backup where it lies: every byte hashed against its list, every plane checked, nothing written.
 
@@ -6873,7 +6878,8 @@ def _verify_in_place(backup: _BackupSource, layout: _Layout, plan: "RestorePlan"
     planes = _PlaneFeed(layout, verification)
     progress = _Progress("verify %s: hashing and checking, in place" % backup.backup_ref,
                          int(backup.declared_bytes or 0))
-    workers = _StoreWorkers() if backup.kind == "directory" else None  # forked before the threads start
+    workers = (_StoreWorkers() if backup.kind == "directory" and (backup.declared_bytes or 0) >= _WORKERS_FROM
+               else None)  # forked before the threads start
     batches = _Batches()
     jobs = _StoreJobs(workers, batches) if workers is not None and workers.pool is not None else None
 
