@@ -80,7 +80,9 @@ def _damage(fixture_dir, location, how):
         os.unlink(str(location / "workspace/artifacts/objects/checkpoint/0d/artifact__fixture-proj.tuned.model.bin"))
         reseal(location, add=["workspace/artifacts/objects/stray.bin"])
     elif how == "index-pointer":
-        index = next((location / "workspace/records/indexes").glob("*/*.jsonl"))
+        # the first index with such a pointer (in name order: a directory's own order differs between filesystems)
+        index = next(path for path in sorted((location / "workspace/records/indexes").glob("*/*.jsonl"))
+                     if b'"offset":3,' in path.read_bytes())
         index.write_bytes(index.read_bytes().replace(b'"offset":3,', b'"offset":4,', 1))
         reseal(location)
     elif how == "bad-binding":
