@@ -5,13 +5,42 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import FIXTURE_TARBALL, REF_SCRIPT, REPO, SHARED_REF_SCRIPT, Cli, extract  # noqa: E402
+from helpers import FIXTURE_TARBALL, REF_SCRIPT, REPO, SHARED_REF_SCRIPT, Cli, close_fork_servers, extract  # noqa: E402
+
+_RAM_TREES_NEED = 8 << 30  # the largest tests' trees, two sessions at once (run_all.sh), with room to spare
+
+
+def pytest_configure(config):
+    """The tests' trees on a RAM-backed filesystem (/dev/shm) where there is one with room.
+
+    The suite writes and fsyncs a few GB in small files; on a virtual disk the
+    waiting alone made the fast loop half as slow again.  The files, renames,
+    locks and kill -9s are as real there.  An explicit --basetemp, or
+    OPS_TEST_ON_DISK=1 (run_all.sh sets it for one interpreter), keeps them where
+    pytest puts them, on the disk that holds the system's temp directory.
+    """
+    if config.option.basetemp or os.environ.get("OPS_TEST_ON_DISK") == "1":
+        return
+    try:
+        shm = os.statvfs("/dev/shm")
+    except OSError:
+        return
+    if shm.f_bavail * shm.f_frsize >= _RAM_TREES_NEED and os.access("/dev/shm", os.W_OK):
+        config.option.basetemp = config.ops_ram_trees = tempfile.mkdtemp(prefix="contexta-ops-tests-", dir="/dev/shm")
+
+
+def pytest_unconfigure(config):
+    close_fork_servers()
+    ram_trees = getattr(config, "ops_ram_trees", None)
+    if ram_trees:  # RAM is not a place to leave them; a failure's message carries what it found
+        shutil.rmtree(ram_trees, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -39,9 +39,12 @@ else
   fi
 fi
 
-# The newest interpreter runs the full crash campaign (every durable step a kill point) and starts
-# first, since it takes longest.  The others run every fifth kill point, each from its own offset
-# (CONTEXTA_OPS_CAMPAIGN_OFFSET), so that together they cover every point as well.
+# The newest interpreter - 3.14, our users' - runs the full crash campaign (every durable step a kill
+# point) and the scale test, with every command started as `python contexta.pyz` (OPS_TEST_EXEC=1)
+# in trees on disk (OPS_TEST_ON_DISK=1); it starts first, since it takes longest.  The others run
+# every fifth kill point, each from its own offset (CONTEXTA_OPS_CAMPAIGN_OFFSET), so that together
+# they cover every point as well, with commands forked from a loaded module (tests/forkserver.py)
+# in trees on /dev/shm where it has room (tests/conftest.py).
 pythons=("${pythons[@]: -1}" "${pythons[@]:0:${#pythons[@]}-1}")
 
 bash build.sh "$BUILD/contexta.pyz" || { echo "run_all: build failed" >&2; exit 3; }
@@ -62,11 +65,14 @@ run_one() {
       { echo "FAIL  $version  (could not install pytest; see $log)"; return 1; }
   fi
   local start=$SECONDS
+  local faithful=0
+  [[ $campaign == full ]] && faithful=1
   if (cd "$REPO" && CONTEXTA_OPS_CAMPAIGN=$campaign CONTEXTA_OPS_CAMPAIGN_OFFSET=$offset \
-      "$venv/bin/python" -m pytest -q -p no:cacheprovider --junitxml="$LOGS/junit-$version.xml" "${@:4}") \
+      OPS_TEST_EXEC=$faithful OPS_TEST_ON_DISK=$faithful "$venv/bin/python" -m pytest -q -p no:cacheprovider --junitxml="$LOGS/junit-$version.xml" "${@:4}") \
       >"$log" 2>&1; then
     echo "ok    $version  $(tail -n 1 "$log")  [$((SECONDS - start))s, $campaign crash campaign$(
-      [[ $campaign == sampled ]] && echo " from offset $offset")]"
+      [[ $campaign == sampled ]] && echo " from offset $offset"), $(
+      [[ $faithful == 1 ]] && echo "python contexta.pyz, on disk" || echo "forked, in RAM where it fits")]"
   else
     echo "FAIL  $version  $(tail -n 1 "$log")  [$((SECONDS - start))s]"
     tail -n 25 "$log" | sed "s/^/  $version| /"

@@ -281,6 +281,8 @@ def test_iter_listed_files_for_every_kind(cli, fixture_dir, v1, expected):
 # -- scale ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CONTEXTA_OPS_CAMPAIGN") == "sampled",
+                    reason="scale: run_all.sh runs it once, on the full-campaign interpreter (on disk, through the pyz)")
 def test_a_hundred_thousand_files_round_trip(cli, fixture_dir):
     ws = _ws(fixture_dir)
     history = ws / "artifacts" / "history" / "bindings"

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from helpers import FIXTURE_BACKUP_REF, snapshot
-from hostile_cases import ALL_CASES, CASES, CORPUS, GENERATED, by_kind as _by_kind, corpus_file
+from hostile_cases import ALL_CASES, CASES, CORPUS, FAST, GENERATED, by_kind as _by_kind, corpus_file
 
 
 def test_the_corpus_is_large_and_complete():
@@ -24,6 +24,12 @@ def _one_line_error(result, code):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     if code is not None:
         assert result.json["error"]["code"] == code
+
+
+def test_the_fast_loop_keeps_cases_that_exist():
+    """A renamed case must not drop out of the fast loop unnoticed."""
+    for kind, names in FAST.items():
+        assert names <= {name for name, case in ALL_CASES.items() if case["kind"] == kind}, kind
 
 
 @pytest.mark.parametrize("name", _by_kind("manifest"))
