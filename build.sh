@@ -156,7 +156,11 @@ def _run():
     sys.modules["contexta_ops"] = module
     exec(code, module.__dict__)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    return module.main()
+    exit_code = module.main()
+    # Done: a Ctrl-C now would only turn the verdict into a bare "KeyboardInterrupt" from the
+    # interpreter's own exit (Python 3.14 prints one there).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    return exit_code
 
 
 try:

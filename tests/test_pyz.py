@@ -215,9 +215,8 @@ def test_ctrl_c_while_starting_is_one_line(pyz, tmp_path):
         if process.returncode == 130:
             assert err == "contexta-ops: error: interrupted\n", err
             ours += 1
-        else:  # finished first; a Ctrl-C during the interpreter's own exit kills it by SIGINT (a shell's 130)
-            assert process.returncode in (0, -signal.SIGINT) and err in ("", "contexta-ops: error: interrupted\n"), (
-                delay, process.returncode, err)
+        else:  # finished first: the launcher holds a Ctrl-C that comes after, so the verdict stands, unadorned
+            assert (process.returncode, err) == (0, ""), (delay, process.returncode, err)
     assert ours, "no try landed while the tool was starting"
 
 
