@@ -81,17 +81,20 @@ run_one() {
 }
 
 status=0
-pids=()
+running=0
 for index in "${!pythons[@]}"; do
   campaign=sampled
   (( index == 0 )) && campaign=full
   run_one "${pythons[$index]}" "$campaign" "$(( index > 0 ? (index - 1) % 5 : 0 ))" "$@" &  # 5: the campaign's stride
-  pids+=($!)
-  if (( ${#pids[@]} >= ${CONTEXTA_OPS_JOBS:-2} )); then
-    wait "${pids[0]}" || status=1
-    pids=("${pids[@]:1}")
+  running=$((running + 1))
+  if (( running >= ${CONTEXTA_OPS_JOBS:-2} )); then
+    wait -n || status=1  # whichever ends first frees its place (3.14 takes as long as three others)
+    running=$((running - 1))
   fi
 done
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+while (( running > 0 )); do
+  wait -n || status=1
+  running=$((running - 1))
+done
 "${PYTHON:-python3}" tests/run_summary.py "$LOGS"/junit-*.xml
 exit $status
