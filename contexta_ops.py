@@ -13089,8 +13089,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OpsError as exc:
         return _report_error(out, exc.code, str(exc), exc.exit_code, exc.path)
     except OSError as exc:
-        message = "%s%s" % (exc.strerror or exc, ": %s" % exc.filename if exc.filename else "")
-        return _report_error(out, "os_error", message, EXIT_CANNOT_RUN, exc.filename)
+        return _report_error(out, "os_error", _os_error_message(exc), EXIT_CANNOT_RUN, exc.filename)
     except KeyboardInterrupt:
         return _report_error(out, "interrupted", "interrupted", 130)
     except Exception as exc:  # a bug: still one line, with a way to see the traceback
@@ -13098,6 +13097,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         return _report_error(out, "internal_error", "%s: %s (CONTEXTA_OPS_DEBUG=1 shows the traceback)"
                              % (type(exc).__name__, exc), EXIT_CANNOT_RUN)
+
+
+def _os_error_message(exc: OSError) -> str:
+    """The one line for an OSError: its reason and the path, or both paths of a rename or a link."""
+    reason = exc.strerror or str(exc)
+    if not exc.filename:
+        return reason
+    if exc.filename2:
+        return "%s: %s -> %s" % (reason, exc.filename, exc.filename2)
+    return "%s: %s" % (reason, exc.filename)
 
 
 def _release_startup_memory() -> None:

@@ -139,3 +139,13 @@ def test_compact_json_line():
 ])
 def test_human_bytes(count, text):
     assert ops._human_bytes(count) == text
+
+
+def test_an_os_error_names_both_paths_when_it_has_two():
+    """A failed rename or link has a source and a destination: the one line names both."""
+    import errno
+    moved = OSError(errno.EXDEV, "Invalid cross-device link", "/backups/a", None, "/workspace/b")
+    assert ops._os_error_message(moved) == "Invalid cross-device link: /backups/a -> /workspace/b"
+    opened = OSError(errno.ENOENT, "No such file or directory", "/workspace/x")
+    assert ops._os_error_message(opened) == "No such file or directory: /workspace/x"
+    assert ops._os_error_message(OSError("no errno at all")) == "no errno at all"
