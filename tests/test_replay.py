@@ -447,12 +447,8 @@ def test_lines_appended_by_a_writer_during_replay_are_kept(cli, fixture_dir, pyz
     assert sorted(late) == sorted("late-%d" % i for i in range(400))
 
 
-@pytest.mark.parametrize("step", ["replay:committing", "replay:dead-letters-appended", "replay:new-outbox-written",
-                                  "replay:outbox-replaced"])
-def test_kill_9_while_committing_dead_letters_each_land_once(cli, fixture_dir, step):
-    ws = _ws(fixture_dir)
-    outbox_root = _outbox(fixture_dir)
-    _write_outbox(outbox_root, [_entry(1), b"bad one\n", _entry(2), b"[]\n", _entry(3)])
+def _kill_replay_at(cli, fixture_dir, ws, outbox_root, step):
+    """Kill `replay` at its durable step ``step``, learnt from a traced rehearsal on a copy of the outbox."""
     trace = fixture_dir / "trace"
     rehearsal = fixture_dir / "rehearsal"
     shutil.copytree(str(outbox_root), str(rehearsal / "outbox"))
@@ -462,6 +458,15 @@ def test_kill_9_while_committing_dead_letters_each_land_once(cli, fixture_dir, s
     crash_at = trace.read_text().split().index(step) + 1
     killed = cli("--workspace", ws, "replay", env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
     assert killed.returncode == -9
+
+
+@pytest.mark.parametrize("step", ["replay:committing", "replay:dead-letters-appended", "replay:new-outbox-written",
+                                  "replay:outbox-replaced"])
+def test_kill_9_while_committing_dead_letters_each_land_once(cli, fixture_dir, step):
+    ws = _ws(fixture_dir)
+    outbox_root = _outbox(fixture_dir)
+    _write_outbox(outbox_root, [_entry(1), b"bad one\n", _entry(2), b"[]\n", _entry(3)])
+    _kill_replay_at(cli, fixture_dir, ws, outbox_root, step)
     again = cli("--workspace", ws, "replay", "--json")
     assert again.returncode == 0, again
     dead = (outbox_root / ops.DEAD_LETTER_FILE).read_text().splitlines()
@@ -475,15 +480,7 @@ def test_lines_appended_to_the_old_outbox_survive_a_kill_right_after_the_swap(cl
     those lines over leaves the old file under a second name, and the next run carries them."""
     ws = _ws(fixture_dir)
     outbox_root = _outbox(fixture_dir)
-    trace = fixture_dir / "trace"
-    rehearsal = fixture_dir / "rehearsal"
-    shutil.copytree(str(outbox_root), str(rehearsal / "outbox"))
-    (rehearsal / "ws").mkdir()
-    cli("--workspace", rehearsal / "ws", "--outbox-root", rehearsal / "outbox", "replay",
-        env={"CONTEXTA_OPS_CRASH_TRACE": str(trace)})
-    crash_at = trace.read_text().split().index("replay:outbox-replaced") + 1
-    killed = cli("--workspace", ws, "replay", env={"CONTEXTA_OPS_CRASH_AT": str(crash_at)})
-    assert killed.returncode == -9
+    _kill_replay_at(cli, fixture_dir, ws, outbox_root, "replay:outbox-replaced")
     previous = outbox_root / ".replay-previous.jsonl"
     late = b'{"replay_ref": "late-writer", "family": "RECORD", "payload": {"n": 1}}\n'
     with open(str(previous), "ab") as writer:  # the old file, as the late writer still holds it
