@@ -1082,8 +1082,12 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), 9)
 
 
+def _crash_hook_wanted() -> bool:
+    return bool(os.environ.get("CONTEXTA_OPS_CRASH_AT") or os.environ.get("CONTEXTA_OPS_CRASH_TRACE"))
+
+
 _crash_point.count = 0  # type: ignore[attr-defined]
-_CRASH_HOOKED = bool(os.environ.get("CONTEXTA_OPS_CRASH_AT") or os.environ.get("CONTEXTA_OPS_CRASH_TRACE"))
+_CRASH_HOOKED = _crash_hook_wanted()
 
 
 def _write_quietly(stream: Any, text: str) -> None:

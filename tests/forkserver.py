@@ -44,7 +44,7 @@ def _run_child(module, pyz, request, streams):
     os.environ.clear()
     os.environ.update(request["env"])
     # read at import, so set again from this command's environment (the server's has no crash hook)
-    module._CRASH_HOOKED = bool(os.environ.get("CONTEXTA_OPS_CRASH_AT") or os.environ.get("CONTEXTA_OPS_CRASH_TRACE"))
+    module._CRASH_HOOKED = module._crash_hook_wanted()
     for fd, path, flags in ((0, request["stdin"] or os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY),
                             (2, request["stderr"], os.O_WRONLY)):
         opened = os.open(path, flags)
